@@ -1,0 +1,88 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/*
+ * The asynchronous I/O backend: libaio with completions signalled on an
+ * eventfd watched by the event loop.
+ *
+ * Requests are queued and submitted in one io_submit() per loop iteration
+ * (a prepare hook), so a burst of guest requests costs one system call.  When
+ * the kernel ring is full, the rest wait in a software queue.  The callback
+ * receives the byte count or a negative errno; short transfers are reported
+ * as they are (the caller decides whether a short read at EOF is zeroes).
+ *
+ * Fault injection (for crash-safety tests): after N successful writes
+ * (pwrite, pwritev, fdsync count), the next one either fails with -EIO or
+ * the process is killed with SIGKILL.  Set with tdr_io_set_fault() or the
+ * environment variable TDR_FAULT_WRITES="N:fail" / "N:kill".
+ */
+#ifndef TDR_IO_H
+#define TDR_IO_H
+
+#include <libaio.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include "tdr/loop.h"
+
+struct tdr_io_ctx;
+struct tdr_iocb;
+
+typedef void (*tdr_io_cb)(struct tdr_iocb *io, ssize_t res, void *arg);
+
+/* Embedded in the caller's per-request structure. */
+struct tdr_iocb {
+	struct iocb iocb;
+	struct tdr_iocb *next;
+	tdr_io_cb cb;
+	void *arg;
+};
+
+enum tdr_io_fault_mode {
+	TDR_FAULT_NONE = 0,
+	TDR_FAULT_FAIL,	/* the (N+1)th write completes with -EIO, and every later one too */
+	TDR_FAULT_KILL,	/* the process dies with SIGKILL instead of submitting it */
+};
+
+/* The alignment every O_DIRECT buffer, offset and length must have. */
+#define TDR_IO_ALIGN 4096
+
+struct tdr_io_ctx *tdr_io_ctx_new(struct tdr_loop *loop, unsigned depth);
+void tdr_io_ctx_free(struct tdr_io_ctx *ctx);
+
+/*
+ * Opens path with O_DIRECT, falling back to buffered I/O when the filesystem
+ * refuses O_DIRECT (tmpfs).  *direct tells which one was used.  Returns the fd
+ * or -errno.
+ */
+int tdr_io_open(const char *path, int flags, mode_t mode, bool *direct);
+
+void tdr_io_pread(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd, void *buf,
+		  size_t len, uint64_t off, tdr_io_cb cb, void *arg);
+void tdr_io_pwrite(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd, const void *buf,
+		   size_t len, uint64_t off, tdr_io_cb cb, void *arg);
+/* Like tdr_io_pwrite, but durable when it completes (RWF_DSYNC: a file's FUA). */
+void tdr_io_pwrite_dsync(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd, const void *buf,
+			 size_t len, uint64_t off, tdr_io_cb cb, void *arg);
+void tdr_io_preadv(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd,
+		   const struct iovec *iov, int iovcnt, uint64_t off, tdr_io_cb cb, void *arg);
+void tdr_io_pwritev(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd,
+		    const struct iovec *iov, int iovcnt, uint64_t off, tdr_io_cb cb, void *arg);
+/* Durability barrier for everything written to fd before (IOCB_CMD_FDSYNC). */
+void tdr_io_fdsync(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd, tdr_io_cb cb, void *arg);
+
+/* Submits the queued batch now (normally done before each loop wait). */
+void tdr_io_flush_queue(struct tdr_io_ctx *ctx);
+
+/* Number of requests queued or in the kernel. */
+unsigned tdr_io_inflight(const struct tdr_io_ctx *ctx);
+
+void tdr_io_set_fault(struct tdr_io_ctx *ctx, enum tdr_io_fault_mode mode, uint64_t after_writes);
+/* Successful writes counted so far (for tests). */
+uint64_t tdr_io_writes_done(const struct tdr_io_ctx *ctx);
+
+/* Allocates len bytes aligned for O_DIRECT; NULL on failure. */
+void *tdr_io_alloc(size_t len);
+
+#endif

@@ -1,0 +1,360 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/*
+ * libaio backend.  Requests are queued in software and submitted in one
+ * io_submit() per loop iteration from a prepare hook; the kernel signals
+ * completions on an eventfd watched by the loop.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "tdr/io.h"
+#include "tdr/log.h"
+
+#define IO_BATCH 64
+
+struct tdr_io_ctx {
+	struct tdr_loop *loop;
+	io_context_t aio;
+	unsigned depth;
+	unsigned in_kernel;
+	int efd;
+	struct tdr_fd_watch efd_watch;
+	struct tdr_prepare prepare;
+
+	/* FIFO of requests not yet handed to the kernel. */
+	struct tdr_iocb *q_head, *q_tail;
+	unsigned queued;
+
+	/* Requests failed before submission, completed from a deferred call. */
+	struct tdr_iocb *failed_head, *failed_tail;
+	struct tdr_defer failed_defer;
+
+	enum tdr_io_fault_mode fault_mode;
+	uint64_t fault_after;
+	uint64_t writes_issued;
+	uint64_t writes_done;
+};
+
+static void io_enqueue(struct tdr_iocb **head, struct tdr_iocb **tail, struct tdr_iocb *io)
+{
+	io->next = NULL;
+	if (*tail)
+		(*tail)->next = io;
+	else
+		*head = io;
+	*tail = io;
+}
+
+static bool io_is_write(const struct tdr_iocb *io)
+{
+	switch (io->iocb.aio_lio_opcode) {
+	case IO_CMD_PWRITE:
+	case IO_CMD_PWRITEV:
+	case IO_CMD_FDSYNC:
+	case IO_CMD_FSYNC:
+		return true;
+	default:
+		return false;
+	}
+}
+
+static void io_complete(struct tdr_io_ctx *ctx, struct tdr_iocb *io, ssize_t res)
+{
+	if (res >= 0 && io_is_write(io))
+		ctx->writes_done++;
+	io->cb(io, res, io->arg);
+}
+
+static void io_run_failed(void *arg)
+{
+	struct tdr_io_ctx *ctx = arg;
+	struct tdr_iocb *io = ctx->failed_head;
+
+	ctx->failed_head = ctx->failed_tail = NULL;
+	while (io) {
+		struct tdr_iocb *next = io->next;
+
+		io_complete(ctx, io, -EIO);
+		io = next;
+	}
+}
+
+void tdr_io_flush_queue(struct tdr_io_ctx *ctx)
+{
+	struct iocb *batch[IO_BATCH];
+
+	while (ctx->q_head && ctx->in_kernel < ctx->depth) {
+		unsigned room = ctx->depth - ctx->in_kernel, n = 0;
+		struct tdr_iocb *io = ctx->q_head;
+
+		if (room > IO_BATCH)
+			room = IO_BATCH;
+		for (; io && n < room; io = io->next)
+			batch[n++] = &io->iocb;
+
+		int r = io_submit(ctx->aio, (long)n, batch);
+
+		if (r == -EAGAIN || r == 0)
+			return;	/* kernel ring full: retry after completions */
+		if (r < 0) {
+			/* The first request is bad (e.g. EBADF); fail it alone. */
+			io = ctx->q_head;
+			ctx->q_head = io->next;
+			if (!ctx->q_head)
+				ctx->q_tail = NULL;
+			ctx->queued--;
+			io_complete(ctx, io, r);
+			continue;
+		}
+		for (int i = 0; i < r; i++) {
+			io = ctx->q_head;
+			ctx->q_head = io->next;
+		}
+		if (!ctx->q_head)
+			ctx->q_tail = NULL;
+		ctx->queued -= (unsigned)r;
+		ctx->in_kernel += (unsigned)r;
+	}
+}
+
+static void io_prepare(void *arg)
+{
+	tdr_io_flush_queue(arg);
+}
+
+static void io_reap(struct tdr_fd_watch *w, uint32_t events, void *arg)
+{
+	struct tdr_io_ctx *ctx = arg;
+	struct io_event evs[IO_BATCH];
+	struct timespec zero = { 0, 0 };
+	uint64_t cnt;
+
+	if (read(ctx->efd, &cnt, sizeof(cnt)) < 0 && errno != EAGAIN)
+		TDR_WARN("aio eventfd read failed: %s", strerror(errno));
+
+	for (;;) {
+		int n = io_getevents(ctx->aio, 0, IO_BATCH, evs, &zero);
+
+		if (n <= 0) {
+			if (n < 0 && n != -EINTR)
+				TDR_ERR("io_getevents failed: %s", strerror(-n));
+			break;
+		}
+		ctx->in_kernel -= (unsigned)n;
+		for (int i = 0; i < n; i++) {
+			struct tdr_iocb *io = evs[i].data;
+
+			io_complete(ctx, io, (ssize_t)(long)evs[i].res);
+		}
+		if (n < IO_BATCH)
+			break;
+	}
+	/* Completions made room: submit what waited, without waiting a loop turn. */
+	if (ctx->q_head)
+		tdr_io_flush_queue(ctx);
+}
+
+static void io_parse_fault_env(struct tdr_io_ctx *ctx)
+{
+	const char *env = getenv("TDR_FAULT_WRITES");
+	char *end;
+	unsigned long long n;
+
+	if (!env || !*env)
+		return;
+	errno = 0;
+	n = strtoull(env, &end, 10);
+	if (errno || end == env || (*end != ':' && *end != '\0')) {
+		TDR_WARN("ignoring TDR_FAULT_WRITES=%s: expected N:fail or N:kill", env);
+		return;
+	}
+	if (*end == '\0' || strcmp(end, ":fail") == 0)
+		tdr_io_set_fault(ctx, TDR_FAULT_FAIL, n);
+	else if (strcmp(end, ":kill") == 0)
+		tdr_io_set_fault(ctx, TDR_FAULT_KILL, n);
+	else
+		TDR_WARN("ignoring TDR_FAULT_WRITES=%s: expected N:fail or N:kill", env);
+}
+
+struct tdr_io_ctx *tdr_io_ctx_new(struct tdr_loop *loop, unsigned depth)
+{
+	struct tdr_io_ctx *ctx = calloc(1, sizeof(*ctx));
+	int r;
+
+	if (!ctx) {
+		errno = ENOMEM;
+		return NULL;
+	}
+	ctx->loop = loop;
+	ctx->depth = depth ? depth : 256;
+	ctx->efd = -1;
+	r = io_setup((int)ctx->depth, &ctx->aio);
+	if (r < 0) {
+		tdr_set_error("io_setup(%u) failed: %s; raise /proc/sys/fs/aio-max-nr",
+			      ctx->depth, strerror(-r));
+		free(ctx);
+		errno = -r;
+		return NULL;
+	}
+	ctx->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (ctx->efd < 0) {
+		r = -errno;
+		goto fail;
+	}
+	r = tdr_loop_watch_fd(loop, &ctx->efd_watch, ctx->efd, EPOLLIN, io_reap, ctx);
+	if (r < 0)
+		goto fail;
+	tdr_loop_add_prepare(loop, &ctx->prepare, io_prepare, ctx);
+	tdr_defer_init(&ctx->failed_defer, io_run_failed, ctx);
+	io_parse_fault_env(ctx);
+	return ctx;
+
+fail:
+	tdr_set_error("aio backend setup failed: %s", strerror(-r));
+	if (ctx->efd >= 0)
+		close(ctx->efd);
+	io_destroy(ctx->aio);
+	free(ctx);
+	errno = -r;
+	return NULL;
+}
+
+void tdr_io_ctx_free(struct tdr_io_ctx *ctx)
+{
+	if (!ctx)
+		return;
+	/* Wait for requests in the kernel: their buffers belong to the callers. */
+	while (ctx->in_kernel) {
+		struct io_event evs[IO_BATCH];
+		int n = io_getevents(ctx->aio, 1, IO_BATCH, evs, NULL);
+
+		if (n < 0 && n != -EINTR)
+			break;
+		if (n > 0)
+			ctx->in_kernel -= (unsigned)n;
+	}
+	tdr_loop_cancel_defer(ctx->loop, &ctx->failed_defer);
+	tdr_loop_remove_prepare(ctx->loop, &ctx->prepare);
+	tdr_loop_unwatch_fd(&ctx->efd_watch);
+	close(ctx->efd);
+	io_destroy(ctx->aio);
+	free(ctx);
+}
+
+int tdr_io_open(const char *path, int flags, mode_t mode, bool *direct)
+{
+	int fd = open(path, flags | O_DIRECT | O_CLOEXEC, mode);
+
+	if (fd >= 0) {
+		if (direct)
+			*direct = true;
+		return fd;
+	}
+	if (errno != EINVAL)
+		return -errno;
+	/* tmpfs and some FUSE filesystems refuse O_DIRECT: go buffered. */
+	fd = open(path, flags | O_CLOEXEC, mode);
+	if (fd < 0)
+		return -errno;
+	if (direct)
+		*direct = false;
+	return fd;
+}
+
+static void io_queue(struct tdr_io_ctx *ctx, struct tdr_iocb *io, tdr_io_cb cb, void *arg)
+{
+	io->cb = cb;
+	io->arg = arg;
+	io->iocb.data = io;
+	io_set_eventfd(&io->iocb, ctx->efd);
+
+	if (ctx->fault_mode != TDR_FAULT_NONE && io_is_write(io)) {
+		if (ctx->writes_issued >= ctx->fault_after) {
+			if (ctx->fault_mode == TDR_FAULT_KILL) {
+				/* Everything issued before this write reaches the kernel. */
+				tdr_io_flush_queue(ctx);
+				kill(getpid(), SIGKILL);
+			}
+			io_enqueue(&ctx->failed_head, &ctx->failed_tail, io);
+			tdr_loop_defer(ctx->loop, &ctx->failed_defer);
+			return;
+		}
+		ctx->writes_issued++;
+	}
+	io_enqueue(&ctx->q_head, &ctx->q_tail, io);
+	ctx->queued++;
+}
+
+void tdr_io_pread(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd, void *buf,
+		  size_t len, uint64_t off, tdr_io_cb cb, void *arg)
+{
+	io_prep_pread(&io->iocb, fd, buf, len, (long long)off);
+	io_queue(ctx, io, cb, arg);
+}
+
+void tdr_io_pwrite(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd, const void *buf,
+		   size_t len, uint64_t off, tdr_io_cb cb, void *arg)
+{
+	io_prep_pwrite(&io->iocb, fd, (void *)buf, len, (long long)off);
+	io_queue(ctx, io, cb, arg);
+}
+
+void tdr_io_pwrite_dsync(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd, const void *buf,
+			 size_t len, uint64_t off, tdr_io_cb cb, void *arg)
+{
+	io_prep_pwrite(&io->iocb, fd, (void *)buf, len, (long long)off);
+	io->iocb.aio_rw_flags = RWF_DSYNC;
+	io_queue(ctx, io, cb, arg);
+}
+
+void tdr_io_preadv(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd,
+		   const struct iovec *iov, int iovcnt, uint64_t off, tdr_io_cb cb, void *arg)
+{
+	io_prep_preadv(&io->iocb, fd, iov, iovcnt, (long long)off);
+	io_queue(ctx, io, cb, arg);
+}
+
+void tdr_io_pwritev(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd,
+		    const struct iovec *iov, int iovcnt, uint64_t off, tdr_io_cb cb, void *arg)
+{
+	io_prep_pwritev(&io->iocb, fd, iov, iovcnt, (long long)off);
+	io_queue(ctx, io, cb, arg);
+}
+
+void tdr_io_fdsync(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd, tdr_io_cb cb, void *arg)
+{
+	io_prep_fdsync(&io->iocb, fd);
+	io_queue(ctx, io, cb, arg);
+}
+
+unsigned tdr_io_inflight(const struct tdr_io_ctx *ctx)
+{
+	return ctx->queued + ctx->in_kernel;
+}
+
+void tdr_io_set_fault(struct tdr_io_ctx *ctx, enum tdr_io_fault_mode mode, uint64_t after_writes)
+{
+	ctx->fault_mode = mode;
+	ctx->fault_after = after_writes;
+	ctx->writes_issued = 0;
+}
+
+uint64_t tdr_io_writes_done(const struct tdr_io_ctx *ctx)
+{
+	return ctx->writes_done;
+}
+
+void *tdr_io_alloc(size_t len)
+{
+	void *p = NULL;
+
+	if (posix_memalign(&p, TDR_IO_ALIGN, len ? len : TDR_IO_ALIGN))
+		return NULL;
+	return p;
+}

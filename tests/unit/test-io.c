@@ -1,0 +1,308 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* Unit tests of the libaio backend: data, concurrency, errors, fault injection. */
+#include <check.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "tdr/io.h"
+
+static struct tdr_loop *loop;
+static struct tdr_io_ctx *ctx;
+static char path[] = "/var/tmp/tdr-test-io-XXXXXX";
+static int fd = -1;
+
+static void setup(void)
+{
+	int tmp;
+
+	unsetenv("TDR_FAULT_WRITES");
+	loop = tdr_loop_new();
+	ck_assert_ptr_nonnull(loop);
+	ctx = tdr_io_ctx_new(loop, 32);
+	ck_assert_ptr_nonnull(ctx);
+	strcpy(path, "/var/tmp/tdr-test-io-XXXXXX");
+	tmp = mkstemp(path);
+	ck_assert_int_ge(tmp, 0);
+	ck_assert_int_eq(ftruncate(tmp, 16 << 20), 0);
+	close(tmp);
+	fd = tdr_io_open(path, O_RDWR, 0, NULL);
+	ck_assert_int_ge(fd, 0);
+}
+
+static void teardown(void)
+{
+	close(fd);
+	unlink(path);
+	tdr_io_ctx_free(ctx);
+	tdr_loop_free(loop);
+}
+
+struct op {
+	struct tdr_iocb io;
+	ssize_t res;
+	bool done;
+	int seq;
+};
+
+static int completions;
+
+static void op_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct op *op = arg;
+
+	ck_assert_ptr_eq(&op->io, io);
+	ck_assert(!op->done);	/* exactly once */
+	op->res = res;
+	op->done = true;
+	op->seq = completions++;
+}
+
+static void wait_for(struct op *ops, int n)
+{
+	for (int guard = 0; guard < 100000; guard++) {
+		int pending = 0;
+
+		for (int i = 0; i < n; i++)
+			pending += !ops[i].done;
+		if (!pending)
+			return;
+		ck_assert_int_ge(tdr_loop_run_once(loop, 1000), 0);
+	}
+	ck_abort_msg("requests never completed");
+}
+
+START_TEST(write_read_roundtrip)
+{
+	char *w = tdr_io_alloc(65536), *r = tdr_io_alloc(65536);
+	struct op ops[2] = { 0 };
+
+	for (int i = 0; i < 65536; i++)
+		w[i] = (char)(i * 7 + 3);
+	memset(r, 0, 65536);
+	tdr_io_pwrite(ctx, &ops[0].io, fd, w, 65536, 1 << 20, op_done, &ops[0]);
+	ck_assert_uint_eq(tdr_io_inflight(ctx), 1);
+	wait_for(ops, 1);
+	ck_assert_int_eq(ops[0].res, 65536);
+	tdr_io_pread(ctx, &ops[1].io, fd, r, 65536, 1 << 20, op_done, &ops[1]);
+	wait_for(ops + 1, 1);
+	ck_assert_int_eq(ops[1].res, 65536);
+	ck_assert_mem_eq(w, r, 65536);
+	ck_assert_uint_eq(tdr_io_inflight(ctx), 0);
+	ck_assert_uint_eq(tdr_io_writes_done(ctx), 1);
+	free(w);
+	free(r);
+}
+END_TEST
+
+/* More requests than the kernel ring holds: the software queue takes the rest. */
+START_TEST(many_in_flight)
+{
+	enum { N = 300, SZ = 4096 };
+	char *buf = tdr_io_alloc((size_t)N * SZ), *back = tdr_io_alloc((size_t)N * SZ);
+	struct op *ops = calloc(N, sizeof(*ops));
+
+	for (int i = 0; i < N * SZ; i++)
+		buf[i] = (char)(i / SZ + i);
+	for (int i = 0; i < N; i++)
+		tdr_io_pwrite(ctx, &ops[i].io, fd, buf + (size_t)i * SZ, SZ,
+			      (uint64_t)(N - 1 - i) * SZ, op_done, &ops[i]);
+	ck_assert_uint_eq(tdr_io_inflight(ctx), N);
+	wait_for(ops, N);
+	for (int i = 0; i < N; i++)
+		ck_assert_int_eq(ops[i].res, SZ);
+	memset(ops, 0, N * sizeof(*ops));
+	for (int i = 0; i < N; i++)
+		tdr_io_pread(ctx, &ops[i].io, fd, back + (size_t)(N - 1 - i) * SZ, SZ,
+			     (uint64_t)i * SZ, op_done, &ops[i]);
+	wait_for(ops, N);
+	for (int i = 0; i < N; i++)
+		ck_assert_mem_eq(back + (size_t)(N - 1 - i) * SZ, buf + (size_t)(N - 1 - i) * SZ, SZ);
+	free(ops);
+	free(buf);
+	free(back);
+}
+END_TEST
+
+START_TEST(vectored_and_dsync)
+{
+	char *a = tdr_io_alloc(4096), *b = tdr_io_alloc(4096), *r = tdr_io_alloc(8192);
+	struct iovec iov[2] = { { a, 4096 }, { b, 4096 } };
+	struct op ops[3] = { 0 };
+
+	memset(a, 'a', 4096);
+	memset(b, 'b', 4096);
+	tdr_io_pwritev(ctx, &ops[0].io, fd, iov, 2, 8192, op_done, &ops[0]);
+	tdr_io_pwrite_dsync(ctx, &ops[1].io, fd, a, 4096, 0, op_done, &ops[1]);
+	tdr_io_fdsync(ctx, &ops[2].io, fd, op_done, &ops[2]);
+	wait_for(ops, 3);
+	ck_assert_int_eq(ops[0].res, 8192);
+	ck_assert_int_eq(ops[1].res, 4096);
+	ck_assert_int_eq(ops[2].res, 0);
+	memset(ops, 0, sizeof(ops));
+	iov[0].iov_base = r;
+	iov[1].iov_base = r + 4096;
+	tdr_io_preadv(ctx, &ops[0].io, fd, iov, 2, 8192, op_done, &ops[0]);
+	wait_for(ops, 1);
+	ck_assert_int_eq(ops[0].res, 8192);
+	ck_assert_mem_eq(r, a, 4096);
+	ck_assert_mem_eq(r + 4096, b, 4096);
+	free(a);
+	free(b);
+	free(r);
+}
+END_TEST
+
+/* A read at the end of the file is short, reported as it is. */
+START_TEST(short_read_at_eof)
+{
+	char *r = tdr_io_alloc(8192);
+	struct op op = { 0 };
+
+	tdr_io_pread(ctx, &op.io, fd, r, 8192, (16 << 20) - 4096, op_done, &op);
+	wait_for(&op, 1);
+	ck_assert_int_eq(op.res, 4096);
+	free(r);
+}
+END_TEST
+
+START_TEST(bad_fd_fails_alone)
+{
+	char *r = tdr_io_alloc(4096);
+	struct op ops[3] = { 0 };
+
+	tdr_io_pread(ctx, &ops[0].io, fd, r, 4096, 0, op_done, &ops[0]);
+	tdr_io_pread(ctx, &ops[1].io, 9999, r, 4096, 0, op_done, &ops[1]);
+	tdr_io_pread(ctx, &ops[2].io, fd, r, 4096, 4096, op_done, &ops[2]);
+	wait_for(ops, 3);
+	ck_assert_int_eq(ops[0].res, 4096);
+	ck_assert_int_eq(ops[1].res, -EBADF);
+	ck_assert_int_eq(ops[2].res, 4096);
+	free(r);
+}
+END_TEST
+
+START_TEST(fault_fail_after_n)
+{
+	char *w = tdr_io_alloc(4096), *r = tdr_io_alloc(4096);
+	struct op ops[5] = { 0 };
+
+	memset(w, 0x5a, 4096);
+	tdr_io_set_fault(ctx, TDR_FAULT_FAIL, 2);
+	for (int i = 0; i < 4; i++)
+		tdr_io_pwrite(ctx, &ops[i].io, fd, w, 4096, (uint64_t)i * 4096, op_done, &ops[i]);
+	tdr_io_pread(ctx, &ops[4].io, fd, r, 4096, 3 * 4096, op_done, &ops[4]);
+	wait_for(ops, 5);
+	ck_assert_int_eq(ops[0].res, 4096);
+	ck_assert_int_eq(ops[1].res, 4096);
+	ck_assert_int_eq(ops[2].res, -EIO);
+	ck_assert_int_eq(ops[3].res, -EIO);
+	ck_assert_int_eq(ops[4].res, 4096);	/* reads are not affected */
+	ck_assert_uint_eq(tdr_io_writes_done(ctx), 2);
+	/* The failed writes never reached the file. */
+	for (int i = 0; i < 4096; i++)
+		ck_assert_int_eq(r[i], 0);
+	free(w);
+	free(r);
+}
+END_TEST
+
+START_TEST(fault_kill_after_n)
+{
+	pid_t pid = fork();
+	int status;
+	char got[3];
+
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		/* The child: set the fault through the environment, as tests of daemons do. */
+		struct tdr_loop *l;
+		struct tdr_io_ctx *c;
+		struct op ops[3] = { 0 };
+		char *w = tdr_io_alloc(4096);
+
+		setenv("TDR_FAULT_WRITES", "2:kill", 1);
+		l = tdr_loop_new();
+		c = tdr_io_ctx_new(l, 8);
+		for (int i = 0; i < 3; i++) {
+			memset(w, 'A' + i, 4096);
+			tdr_io_pwrite(c, &ops[i].io, fd, w, 4096, (uint64_t)i * 4096, op_done, &ops[i]);
+			while (!ops[i].done)
+				tdr_loop_run_once(l, 1000);
+		}
+		_exit(0);	/* not reached: the third write kills */
+	}
+	ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+	ck_assert(WIFSIGNALED(status));
+	ck_assert_int_eq(WTERMSIG(status), SIGKILL);
+	int plain = open(path, O_RDONLY);	/* O_DIRECT refuses 1-byte reads */
+
+	ck_assert_int_ge(plain, 0);
+	for (int i = 0; i < 3; i++)
+		ck_assert_int_eq(pread(plain, &got[i], 1, (off_t)i * 4096), 1);
+	close(plain);
+	ck_assert_int_eq(got[0], 'A');
+	ck_assert_int_eq(got[1], 'B');
+	ck_assert_int_eq(got[2], 0);
+}
+END_TEST
+
+START_TEST(open_falls_back_without_o_direct)
+{
+	char p[] = "/dev/shm/tdr-test-io-XXXXXX";
+	int tmp = mkstemp(p), f;
+	bool direct = true;
+	char *w = tdr_io_alloc(4096), *r = tdr_io_alloc(4096);
+	struct op ops[2] = { 0 };
+
+	ck_assert_int_ge(tmp, 0);
+	close(tmp);
+	f = tdr_io_open(p, O_RDWR, 0, &direct);
+	ck_assert_int_ge(f, 0);
+	/* Whichever mode the filesystem allowed, I/O works through the backend. */
+	memset(w, 0x33, 4096);
+	tdr_io_pwrite(ctx, &ops[0].io, f, w, 4096, 0, op_done, &ops[0]);
+	wait_for(ops, 1);
+	tdr_io_pread(ctx, &ops[1].io, f, r, 4096, 0, op_done, &ops[1]);
+	wait_for(ops + 1, 1);
+	ck_assert_int_eq(ops[1].res, 4096);
+	ck_assert_mem_eq(w, r, 4096);
+	ck_assert_int_eq(fcntl(f, F_GETFL) & O_DIRECT ? 1 : 0, direct ? 1 : 0);
+	close(f);
+	unlink(p);
+	ck_assert_int_eq(tdr_io_open("/nonexistent/x", O_RDWR, 0, NULL), -ENOENT);
+	free(w);
+	free(r);
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("io");
+	TCase *tc = tcase_create("aio");
+	SRunner *sr;
+	int failed;
+
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 30);
+	tcase_add_test(tc, write_read_roundtrip);
+	tcase_add_test(tc, many_in_flight);
+	tcase_add_test(tc, vectored_and_dsync);
+	tcase_add_test(tc, short_read_at_eof);
+	tcase_add_test(tc, bad_fd_fails_alone);
+	tcase_add_test(tc, fault_fail_after_n);
+	tcase_add_test(tc, fault_kill_after_n);
+	tcase_add_test(tc, open_falls_back_without_o_direct);
+	suite_add_tcase(s, tc);
+	sr = srunner_create(s);
+	srunner_set_fork_status(sr, CK_NOFORK);
+	srunner_run_all(sr, CK_NORMAL);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? 1 : 0;
+}
