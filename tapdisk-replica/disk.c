@@ -280,11 +280,33 @@ fail:
 	return r;
 }
 
+int td_disk_wrap(struct td_disk **out, struct td_image *top, const char *name)
+{
+	struct td_disk *disk = calloc(1, sizeof(*disk));
+
+	if (!disk || !(disk->spec = strdup(name))) {
+		free(disk);
+		return -ENOMEM;
+	}
+	disk->top = top;
+	for (disk->bottom = top; disk->bottom->parent; disk->bottom = disk->bottom->parent)
+		;
+	disk->size_secs = top->size_secs;
+	disk->flags = top->flags;
+	disk->loop = top->loop;
+	disk->io = top->io;
+	disk->borrowed = true;
+	tdr_list_init(&disk->drain_waiters);
+	*out = disk;
+	return 0;
+}
+
 void td_disk_close(struct td_disk *disk)
 {
 	if (!disk)
 		return;
-	disk_close_images(disk);
+	if (!disk->borrowed)
+		disk_close_images(disk);
 	free(disk->spec);
 	free(disk);
 }

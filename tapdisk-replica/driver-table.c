@@ -7,11 +7,15 @@
 #include "tdr/image.h"
 
 extern const struct td_driver td_drv_aio;
+extern const struct td_driver td_drv_vhd;
+extern const struct td_driver td_drv_replica;
 
 #define MAX_EXTRA_DRIVERS 8
 
 static const struct td_driver *const builtin_drivers[] = {
 	&td_drv_aio,
+	&td_drv_vhd,
+	&td_drv_replica,
 };
 
 static const struct td_driver *extra_drivers[MAX_EXTRA_DRIVERS];

@@ -91,3 +91,34 @@ void tdr_clear_error(void)
 {
 	last_error[0] = '\0';
 }
+
+const char *tdr_errno_name(int err)
+{
+	static char other[16];
+	static const struct {
+		int e;
+		const char *name;
+	} names[] = {
+		{ EPERM, "EPERM" }, { ENOENT, "ENOENT" }, { EIO, "EIO" }, { E2BIG, "E2BIG" },
+		{ EBADF, "EBADF" }, { EAGAIN, "EAGAIN" }, { ENOMEM, "ENOMEM" },
+		{ EACCES, "EACCES" }, { EBUSY, "EBUSY" }, { EEXIST, "EEXIST" },
+		{ ENODEV, "ENODEV" }, { EISDIR, "EISDIR" }, { EINVAL, "EINVAL" },
+		{ ENOSPC, "ENOSPC" }, { EROFS, "EROFS" }, { ERANGE, "ERANGE" },
+		{ ENAMETOOLONG, "ENAMETOOLONG" }, { ENOSYS, "ENOSYS" }, { ELOOP, "ELOOP" },
+		{ ENODATA, "ENODATA" }, { EOVERFLOW, "EOVERFLOW" }, { EPROTO, "EPROTO" },
+		{ ENOTSUP, "ENOTSUP" }, { ECONNREFUSED, "ECONNREFUSED" },
+		{ ECONNRESET, "ECONNRESET" }, { ETIMEDOUT, "ETIMEDOUT" },
+		{ EHOSTUNREACH, "EHOSTUNREACH" }, { ENOTCONN, "ENOTCONN" },
+		{ ESHUTDOWN, "ESHUTDOWN" }, { EALREADY, "EALREADY" }, { EINPROGRESS, "EINPROGRESS" },
+		{ ECANCELED, "ECANCELED" }, { EPIPE, "EPIPE" }, { ESRCH, "ESRCH" },
+		{ ENXIO, "ENXIO" }, { EFBIG, "EFBIG" }, { EMSGSIZE, "EMSGSIZE" },
+	};
+
+	if (err < 0)
+		err = -err;
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+		if (names[i].e == err)
+			return names[i].name;
+	snprintf(other, sizeof(other), "E%d", err);
+	return other;
+}

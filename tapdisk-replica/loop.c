@@ -276,17 +276,25 @@ static int run_deferred(struct tdr_loop *loop)
 	 * fd events.
 	 */
 	for (int round = 0; round < 16 && loop->defer_head; round++) {
-		struct tdr_defer *d = loop->defer_head;
+		unsigned count = 0;
 
-		loop->defer_head = loop->defer_tail = NULL;
-		while (d) {
-			struct tdr_defer *next = d->next;
+		for (struct tdr_defer *d = loop->defer_head; d; d = d->next)
+			count++;
+		/*
+		 * Pop one at a time instead of detaching the batch: a callback
+		 * may cancel (and free) a later entry, and that must take it
+		 * off the list we are walking.
+		 */
+		while (count-- && loop->defer_head) {
+			struct tdr_defer *d = loop->defer_head;
 
+			loop->defer_head = d->next;
+			if (!loop->defer_head)
+				loop->defer_tail = NULL;
 			d->queued = false;
 			d->next = NULL;
 			d->cb(d->arg);
 			n++;
-			d = next;
 		}
 	}
 	return n;

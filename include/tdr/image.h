@@ -241,6 +241,7 @@ struct td_disk {
 
 	/* Requests submitted and not yet completed. */
 	uint64_t inflight;
+	bool borrowed;			/* td_disk_wrap(): images not ours to close */
 	/* Drain waiters, called when inflight drops to 0. */
 	struct tdr_list drain_waiters;
 };
@@ -260,6 +261,12 @@ struct td_drain_waiter {
 int td_disk_open(struct td_disk **out, const char *spec, unsigned flags,
 		 struct tdr_loop *loop, struct tdr_io_ctx *io);
 void td_disk_close(struct td_disk *disk);
+
+/*
+ * A disk around an image someone else owns (a driver's extra export):
+ * requests enter at top; td_disk_close() frees only the disk object.
+ */
+int td_disk_wrap(struct td_disk **out, struct td_image *top, const char *name);
 
 /*
  * Submits a request at the top of the stack.  Requests past the end fail

@@ -43,4 +43,7 @@ void tdr_set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 const char *tdr_last_error(void);
 void tdr_clear_error(void);
 
+/* "EIO" for -EIO or EIO; "E<number>" for values without a name. */
+const char *tdr_errno_name(int err);
+
 #endif

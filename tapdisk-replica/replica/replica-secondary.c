@@ -1,0 +1,1047 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/*
+ * The replica driver in secondary mode.
+ *
+ * The SVM's disk is a chain: active (VHD differencing) over hidden (VHD
+ * differencing) over the secondary disk.  Two doors lead into it:
+ *
+ *   - the SVM's own requests enter the filter and go down the chain from
+ *     active (writes land in active);
+ *   - the primary's writes enter the export (an image of our own, served
+ *     over NBD) and land in the secondary disk; while running, each first
+ *     copies the original content of the chunks it touches into hidden
+ *     (copy-before-write, once per chunk between checkpoints), so the SVM
+ *     keeps seeing the disk as it was at the last checkpoint.
+ *
+ * Ordering.  A primary write holds an exclusive range lock on its chunks
+ * from its copy-before-write until its write to the secondary disk is done;
+ * SVM reads hold a shared lock on their range.  So an SVM read never
+ * overlaps a primary write in flight (it waits for the copy and the write),
+ * and overlapping primary writes run in arrival order.  SVM writes touch
+ * only active and need no lock.
+ *
+ * Checkpoint: hold new requests at both doors, wait for those in flight,
+ * empty active and hidden, clear the copy-before-write map, release.
+ *
+ * Failover: the SVM's view differs from the secondary disk only in the
+ * chunks that active or hidden hold, which we track (svm_written, cbw).
+ * We copy the view of those chunks (a read through active) into the
+ * secondary disk in the background; SVM writes meanwhile still go to
+ * active and mark their chunks for another copy when they complete.  When
+ * nothing is left, new SVM writes are held for the moment it takes to let
+ * the last ones finish and copy them; then the driver serves the secondary
+ * disk directly (done).  Active and hidden are left intact until then, so
+ * a failed copy loses nothing (failover-failed).
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "replica-int.h"
+#include "tdr/log.h"
+#include "tdr/nbd.h"
+#include "tdr/vhd.h"
+
+#define FO_MAX_COPIES   8	/* failover copies in flight */
+#define FO_RUN_CHUNKS   16	/* chunks merged into one failover copy (1 MiB at 64 KiB) */
+
+/* What a held request was, to send it the right way on release. */
+enum sec_door {
+	DOOR_SVM = 1,
+	DOOR_EXPORT,
+};
+
+struct sec {
+	struct replica *r;
+	struct td_image *active, *hidden, *secondary;
+
+	/* The export: an image of ours whose requests go to sec_export_queue(). */
+	struct td_image export_img;
+	struct td_disk *export_disk;
+	struct nbd_server *srv;
+
+	struct replica_rlock lock;
+	struct replica_chunkset cbw;		/* chunks copied into hidden */
+	struct replica_chunkset svm_written;	/* chunks the SVM wrote into active */
+	struct replica_chunkset fo_dirty;	/* failover: chunks still to copy */
+	uint32_t chunk_secs;
+
+	uint64_t svm_inflight, svm_writes_inflight, export_inflight;
+
+	/* Checkpoint/stop: hold everything.  Failover's last phase: hold SVM writes. */
+	bool hold_all, hold_writes;
+	struct tdr_list held;
+	void (*drained)(struct sec *s);	/* called once nothing we wait for is in flight */
+
+	uint64_t op_start_ns;
+	bool stop_after_empty;		/* the emptying belongs to a stop, not a checkpoint */
+	int empty_pending, empty_err;
+	const char *empty_what;
+
+	/* Failover. */
+	unsigned fo_copies;
+	uint64_t fo_cursor;
+	int fo_err;
+	bool fo_final;
+	struct td_request fo_flush;
+};
+
+/* Per request that we pass down and must see complete. */
+struct sec_fwd {
+	struct td_request child;
+	struct td_request *req;
+	struct sec *s;
+	enum sec_door door;
+	bool modifies;
+	bool locked;
+	struct replica_range range;
+	int copies_pending;
+	int copy_err;
+};
+
+struct sec_copy {
+	struct td_request rd, wr;
+	char *buf;
+	struct sec *s;
+	struct sec_fwd *f;	/* copy-before-write: the write waiting for it */
+	uint64_t first_chunk, nchunks;
+};
+
+static bool op_modifies(enum td_op op)
+{
+	return op == TD_OP_WRITE || op == TD_OP_DISCARD || op == TD_OP_WRITE_ZEROES;
+}
+
+static void sec_check_drained(struct sec *s);
+static void export_flush_hidden_done(struct td_request *child, int err, void *arg);
+static void sec_dispatch_svm(struct sec *s, struct td_request *req);
+static void sec_dispatch_export(struct sec *s, struct td_request *req);
+static void fo_pump(struct sec *s);
+
+/* ----------------------------------------------------------- plumbing */
+
+static struct sec_fwd *fwd_new(struct sec *s, struct td_request *req, enum sec_door door,
+			       td_request_cb_t cb)
+{
+	struct sec_fwd *f = calloc(1, sizeof(*f));
+
+	if (!f)
+		return NULL;
+	td_request_init(&f->child, req->op, req->sec, req->secs, req->buf, cb, f);
+	f->child.flags = req->flags;
+	f->req = req;
+	f->s = s;
+	f->door = door;
+	f->modifies = op_modifies(req->op);
+	return f;
+}
+
+/* Completes the original request of f and frees f. */
+static void fwd_finish(struct sec_fwd *f, int err)
+{
+	struct td_request *req = f->req;
+
+	if (req->op == TD_OP_BLOCK_STATUS) {
+		req->bs_secs = f->child.bs_secs;
+		req->bs_flags = f->child.bs_flags;
+	}
+	free(f);
+	td_complete_request(req, err);
+}
+
+static void hold(struct sec *s, struct td_request *req, enum sec_door door)
+{
+	req->drv_u64 = door;
+	tdr_list_add_tail(&req->entry, &s->held);
+}
+
+static void release_held(struct sec *s)
+{
+	struct tdr_list list, *pos, *tmp;
+
+	/* Move them out first: a released request may be held again. */
+	tdr_list_init(&list);
+	tdr_list_for_each_safe(pos, tmp, &s->held) {
+		tdr_list_del(pos);
+		tdr_list_add_tail(pos, &list);
+	}
+	tdr_list_for_each_safe(pos, tmp, &list) {
+		struct td_request *req = tdr_list_entry(pos, struct td_request, entry);
+
+		tdr_list_del(pos);
+		if (req->drv_u64 == DOOR_SVM)
+			sec_dispatch_svm(s, req);
+		else
+			sec_dispatch_export(s, req);
+	}
+}
+
+/* -------------------------------------------------------- SVM door */
+
+static void svm_done(struct td_request *child, int err, void *arg)
+{
+	struct sec_fwd *f = arg;
+	struct sec *s = f->s;
+	uint64_t sec = f->req->sec, secs = f->req->secs;
+	bool modifies = f->modifies;
+
+	if (f->locked)
+		replica_rlock_release(&s->lock, &f->range);
+	if (modifies && s->r->state == REPLICA_STATE_FAILOVER) {
+		/*
+		 * Marked at completion: a failover copy that read the chunk
+		 * before this write landed must copy it again.
+		 */
+		replica_chunkset_set_range(&s->fo_dirty, sec, secs);
+	}
+	fwd_finish(f, err);
+	s->svm_inflight--;
+	if (modifies)
+		s->svm_writes_inflight--;
+	sec_check_drained(s);
+	if (modifies && s->r->state == REPLICA_STATE_FAILOVER)
+		fo_pump(s);
+}
+
+static void svm_read_granted(struct replica_range *rr, void *arg)
+{
+	struct sec_fwd *f = arg;
+
+	td_queue_request(f->s->r->local, &f->child);
+}
+
+/* failover-failed: writes go where the range lives (active/hidden) or to the secondary. */
+static void svm_write_routed(struct sec *s, struct sec_fwd *f)
+{
+	struct td_request *child = &f->child;
+	uint64_t end = child->sec + child->secs;
+
+	td_request_split_begin(child);
+	for (uint64_t sec = child->sec; sec < end;) {
+		uint64_t c = sec / s->chunk_secs;
+		bool upper = replica_chunkset_test(&s->svm_written, c) ||
+			     replica_chunkset_test(&s->cbw, c);
+		uint64_t run_end = sec;
+
+		while (run_end < end) {
+			uint64_t rc = run_end / s->chunk_secs;
+			bool u = replica_chunkset_test(&s->svm_written, rc) ||
+				 replica_chunkset_test(&s->cbw, rc);
+
+			if (u != upper)
+				break;
+			run_end = (rc + 1) * s->chunk_secs;
+		}
+		if (run_end > end)
+			run_end = end;
+		struct td_request *sub = td_request_sub(child, sec, (uint32_t)(run_end - sec));
+
+		if (sub)
+			td_queue_request(upper ? s->active : s->secondary, sub);
+		sec = run_end;
+	}
+	td_request_split_end(child);
+}
+
+static void sec_dispatch_svm(struct sec *s, struct td_request *req)
+{
+	struct replica *r = s->r;
+	struct sec_fwd *f;
+	bool modifies = op_modifies(req->op);
+
+	if (r->state == REPLICA_STATE_NONE) {
+		td_complete_request(req, -EIO);
+		return;
+	}
+	if (s->hold_all || (s->hold_writes && modifies)) {
+		hold(s, req, DOOR_SVM);
+		return;
+	}
+	f = fwd_new(s, req, DOOR_SVM, svm_done);
+	if (!f) {
+		td_complete_request(req, -ENOMEM);
+		return;
+	}
+	s->svm_inflight++;
+	if (modifies) {
+		s->svm_writes_inflight++;
+		/* What active holds (failover-failed routes, and marks, per run). */
+		if (r->state == REPLICA_STATE_RUNNING || r->state == REPLICA_STATE_FAILOVER)
+			replica_chunkset_set_range(&s->svm_written, req->sec, req->secs);
+	}
+
+	switch (r->state) {
+	case REPLICA_STATE_RUNNING:
+		if (!modifies && req->op != TD_OP_FLUSH) {
+			/* Reads wait for primary writes in flight on their range. */
+			f->locked = true;
+			replica_rlock_acquire(&s->lock, &f->range, req->sec, req->sec + req->secs,
+					      false, svm_read_granted, f);
+			return;
+		}
+		break;
+	case REPLICA_STATE_FAILOVER_FAILED:
+		if (modifies) {
+			svm_write_routed(s, f);
+			return;
+		}
+		break;
+	default:
+		break;
+	}
+	td_queue_request(r->local, &f->child);
+}
+
+static void sec_queue_svm(struct replica *r, struct td_request *req)
+{
+	sec_dispatch_svm(r->mode_priv, req);
+}
+
+/* ----------------------------------------------------- export door */
+
+static void export_write_done(struct td_request *child, int err, void *arg)
+{
+	struct sec_fwd *f = arg;
+	struct sec *s = f->s;
+
+	if (f->locked)
+		replica_rlock_release(&s->lock, &f->range);
+	fwd_finish(f, err);
+	s->export_inflight--;
+	sec_check_drained(s);
+}
+
+static void export_apply(struct sec_fwd *f)
+{
+	struct sec *s = f->s;
+
+	if (f->copy_err) {
+		replica_set_error(s->r, f->copy_err,
+				  "copy-before-write into hidden (%s) failed: %s; the primary's write at sector %llu was refused",
+				  s->hidden->params, strerror(-f->copy_err),
+				  (unsigned long long)f->req->sec);
+		export_write_done(&f->child, f->copy_err, f);
+		return;
+	}
+	td_queue_request(s->secondary, &f->child);
+}
+
+static void cbw_wrote(struct td_request *wr, int err, void *arg)
+{
+	struct sec_copy *c = arg;
+	struct sec *s = c->s;
+	struct sec_fwd *f = c->f;
+
+	if (err) {
+		if (!f->copy_err)
+			f->copy_err = err;
+	} else {
+		/* Only now may later writes to the chunk skip the copy. */
+		replica_chunkset_set(&s->cbw, c->first_chunk);
+		s->r->stats.cbw_count++;
+		s->r->stats.cbw_bytes += (uint64_t)c->wr.secs << TD_SECTOR_SHIFT;
+	}
+	free(c->buf);
+	free(c);
+	if (--f->copies_pending == 0)
+		export_apply(f);
+}
+
+static void cbw_read(struct td_request *rd, int err, void *arg)
+{
+	struct sec_copy *c = arg;
+
+	if (err) {
+		cbw_wrote(&c->wr, err, c);
+		return;
+	}
+	td_request_init(&c->wr, TD_OP_WRITE, rd->sec, rd->secs, c->buf, cbw_wrote, c);
+	td_queue_request(c->s->hidden, &c->wr);
+}
+
+/* Copies chunk into hidden before f's write may go on. */
+static void cbw_copy(struct sec *s, struct sec_fwd *f, uint64_t chunk)
+{
+	uint64_t sec = chunk * s->chunk_secs;
+	uint64_t secs = s->chunk_secs;
+	struct sec_copy *c;
+
+	if (sec + secs > s->secondary->size_secs)
+		secs = s->secondary->size_secs - sec;
+	c = calloc(1, sizeof(*c));
+	if (c)
+		c->buf = tdr_io_alloc((size_t)secs << TD_SECTOR_SHIFT);
+	f->copies_pending++;
+	if (!c || !c->buf) {
+		if (c)
+			free(c);
+		if (!f->copy_err)
+			f->copy_err = -ENOMEM;
+		if (--f->copies_pending == 0)
+			export_apply(f);
+		return;
+	}
+	c->s = s;
+	c->f = f;
+	c->first_chunk = chunk;
+	c->nchunks = 1;
+	td_request_init(&c->rd, TD_OP_READ, sec, (uint32_t)secs, c->buf, cbw_read, c);
+	td_queue_request(s->secondary, &c->rd);
+}
+
+static void export_granted(struct replica_range *rr, void *arg)
+{
+	struct sec_fwd *f = arg;
+	struct sec *s = f->s;
+	uint64_t first = f->req->sec / s->chunk_secs;
+	uint64_t last = (f->req->sec + f->req->secs - 1) / s->chunk_secs;
+
+	/* Guard: the write may not start while copies are being issued. */
+	f->copies_pending = 1;
+	for (uint64_t c = first; c <= last; c++)
+		if (!replica_chunkset_test(&s->cbw, c))
+			cbw_copy(s, f, c);
+	if (--f->copies_pending == 0)
+		export_apply(f);
+}
+
+static void sec_dispatch_export(struct sec *s, struct td_request *req)
+{
+	struct replica *r = s->r;
+	struct sec_fwd *f;
+
+	switch (r->state) {
+	case REPLICA_STATE_NONE:
+		/* Before start: the initial sync fills the secondary disk directly. */
+		break;
+	case REPLICA_STATE_RUNNING:
+		if (s->hold_all) {
+			hold(s, req, DOOR_EXPORT);
+			return;
+		}
+		break;
+	default:
+		if (op_modifies(req->op)) {
+			TDR_WARN("replica secondary: refusing a write from the primary in state %s",
+				 replica_state_name(r->state));
+			td_complete_request(req, -EPERM);
+			return;
+		}
+		break;
+	}
+
+	f = fwd_new(s, req, DOOR_EXPORT, export_write_done);
+	if (!f) {
+		td_complete_request(req, -ENOMEM);
+		return;
+	}
+	s->export_inflight++;
+	if (op_modifies(req->op)) {
+		r->stats.export_reqs++;
+		r->stats.export_bytes += (uint64_t)req->secs << TD_SECTOR_SHIFT;
+	}
+	if (r->state == REPLICA_STATE_RUNNING && op_modifies(req->op)) {
+		uint64_t start = req->sec / s->chunk_secs * s->chunk_secs;
+		uint64_t end = (req->sec + req->secs + s->chunk_secs - 1) / s->chunk_secs * s->chunk_secs;
+
+		f->locked = true;
+		replica_rlock_acquire(&s->lock, &f->range, start, end, true, export_granted, f);
+		return;
+	}
+	if (req->op == TD_OP_FLUSH) {
+		/* The primary's flush covers what it wrote and what we copied for it. */
+		f->child.cb = export_flush_hidden_done;
+		td_queue_request(s->hidden, &f->child);
+		return;
+	}
+	td_queue_request(s->secondary, &f->child);
+}
+
+static void export_queue(struct td_image *img, struct td_request *req)
+{
+	sec_dispatch_export(img->priv, req);
+}
+
+static int export_open(struct td_image *img, const char *params, unsigned flags)
+{
+	return -EINVAL;	/* never opened from a spec */
+}
+
+static void export_close(struct td_image *img)
+{
+}
+
+static const struct td_driver sec_export_drv = {
+	.name = "replica-export",
+	.open = export_open,
+	.close = export_close,
+	.queue_read = export_queue,
+	.queue_write = export_queue,
+	.queue_flush = export_queue,
+	.queue_discard = export_queue,
+	.queue_block_status = export_queue,
+};
+
+/* A FLUSH from the primary: hidden first, then the secondary disk. */
+static void export_flush_hidden_done(struct td_request *child, int err, void *arg)
+{
+	struct sec_fwd *f = arg;
+
+	if (err) {
+		export_write_done(child, err, f);
+		return;
+	}
+	f->child.cb = export_write_done;
+	td_queue_request(f->s->secondary, &f->child);
+}
+
+/* ------------------------------------------------------ drain, empty */
+
+static void sec_check_drained(struct sec *s)
+{
+	void (*cb)(struct sec *) = s->drained;
+
+	if (!cb)
+		return;
+	if (s->hold_all && (s->svm_inflight || s->export_inflight))
+		return;
+	if (s->hold_writes && !s->hold_all && s->svm_writes_inflight)
+		return;
+	s->drained = NULL;
+	cb(s);
+}
+
+static void wait_drained(struct sec *s, void (*cb)(struct sec *))
+{
+	s->drained = cb;
+	sec_check_drained(s);
+}
+
+static void record_checkpoint_time(struct sec *s)
+{
+	struct replica_stats *st = &s->r->stats;
+	uint64_t ns = tdr_now_ns() - s->op_start_ns;
+
+	st->checkpoints++;
+	st->ckpt_last_ns = ns;
+	st->ckpt_total_ns += ns;
+	if (ns > st->ckpt_max_ns)
+		st->ckpt_max_ns = ns;
+}
+
+static void empty_finished(struct sec *s)
+{
+	struct replica *r = s->r;
+	int err = s->empty_err;
+
+	replica_chunkset_clear_all(&s->cbw);
+	replica_chunkset_clear_all(&s->svm_written);
+	s->hold_all = false;
+	if (err) {
+		replica_set_error(r, err, "make-empty of %s failed: %s; the SVM's disk may be inconsistent until the next checkpoint",
+				  s->empty_what, strerror(-err));
+	}
+	if (s->stop_after_empty) {
+		replica_set_state(r, REPLICA_STATE_NONE);
+	} else if (r->state == REPLICA_STATE_NONE) {
+		/* start */
+		if (!err)
+			replica_set_state(r, REPLICA_STATE_RUNNING);
+	} else {
+		record_checkpoint_time(s);
+		replica_notify(r);
+	}
+	release_held(s);
+	if (err)
+		replica_op_done(r, err, "make-empty of %s failed: %s", s->empty_what, strerror(-err));
+	else
+		replica_op_done(r, 0, "%s", "");
+}
+
+static void empty_done(struct sec *s, int err, const char *what)
+{
+	if (err && !s->empty_err) {
+		s->empty_err = err;
+		s->empty_what = what;
+	}
+	if (--s->empty_pending == 0)
+		empty_finished(s);
+}
+
+static void empty_active_done(void *arg, int err)
+{
+	struct sec *s = arg;
+
+	empty_done(s, err, s->active->params);
+}
+
+static void empty_hidden_done(void *arg, int err)
+{
+	struct sec *s = arg;
+
+	empty_done(s, err, s->hidden->params);
+}
+
+/* Nothing in flight at either door: empty active and hidden together. */
+static void empty_both(struct sec *s)
+{
+	s->empty_err = 0;
+	s->empty_what = "";
+	s->empty_pending = 2;
+	vhd_image_make_empty(s->active, empty_active_done, s);
+	vhd_image_make_empty(s->hidden, empty_hidden_done, s);
+}
+
+/* ---------------------------------------------------------- failover */
+
+static void fo_release_done(struct sec *s)
+{
+	struct replica *r = s->r;
+
+	s->hold_writes = false;
+	s->fo_final = false;
+	release_held(s);
+	replica_notify(r);
+}
+
+static void fo_flushed(struct td_request *req, int err, void *arg)
+{
+	struct sec *s = arg;
+	struct replica *r = s->r;
+
+	if (err) {
+		s->fo_err = err;
+		replica_set_state(r, REPLICA_STATE_FAILOVER_FAILED);
+		replica_set_error(r, err, "failover: flushing the secondary disk failed: %s; retry with failover",
+				  strerror(-err));
+		fo_release_done(s);
+		return;
+	}
+	/* The secondary disk now is the SVM's view: serve it directly. */
+	r->local = s->secondary;
+	replica_set_progress(r, r->progress_total, r->progress_total);
+	replica_set_state(r, REPLICA_STATE_DONE);
+	TDR_INFO("replica secondary: failover done; serving %s directly", s->secondary->params);
+	/*
+	 * Active and hidden stay as they are: reads issued before the switch
+	 * may still be in flight through them, and nothing reads them later.
+	 */
+	fo_release_done(s);
+}
+
+static void fo_last_writes_done(struct sec *s)
+{
+	/* They marked their chunks; copy those, then finish. */
+	fo_pump(s);
+}
+
+static void fo_copy_wrote(struct td_request *wr, int err, void *arg)
+{
+	struct sec_copy *c = arg;
+	struct sec *s = c->s;
+	struct replica *r = s->r;
+
+	if (err) {
+		if (!s->fo_err)
+			s->fo_err = err;
+		/* Not copied: it must be copied by a retry. */
+		for (uint64_t i = 0; i < c->nchunks; i++)
+			replica_chunkset_set(&s->fo_dirty, c->first_chunk + i);
+	} else {
+		r->progress_done += (uint64_t)c->wr.secs << TD_SECTOR_SHIFT;
+		replica_notify(r);
+	}
+	free(c->buf);
+	free(c);
+	s->fo_copies--;
+	fo_pump(s);
+}
+
+static void fo_copy_read(struct td_request *rd, int err, void *arg)
+{
+	struct sec_copy *c = arg;
+
+	if (err) {
+		fo_copy_wrote(&c->wr, err, c);
+		return;
+	}
+	td_request_init(&c->wr, TD_OP_WRITE, rd->sec, rd->secs, c->buf, fo_copy_wrote, c);
+	td_queue_request(c->s->secondary, &c->wr);
+}
+
+/* Takes the next run of dirty chunks and copies the SVM's view of it. */
+static bool fo_copy_next(struct sec *s)
+{
+	uint64_t first, n = 1, sec, secs;
+	struct sec_copy *c;
+
+	if (!replica_chunkset_next(&s->fo_dirty, s->fo_cursor, &first) &&
+	    !replica_chunkset_next(&s->fo_dirty, 0, &first))
+		return false;
+	while (n < FO_RUN_CHUNKS && replica_chunkset_test(&s->fo_dirty, first + n))
+		n++;
+	sec = first * s->chunk_secs;
+	secs = n * s->chunk_secs;
+	if (sec + secs > s->secondary->size_secs)
+		secs = s->secondary->size_secs - sec;
+	c = calloc(1, sizeof(*c));
+	if (c)
+		c->buf = tdr_io_alloc((size_t)secs << TD_SECTOR_SHIFT);
+	if (!c || !c->buf) {
+		free(c);
+		if (!s->fo_err)
+			s->fo_err = -ENOMEM;
+		return false;
+	}
+	for (uint64_t i = 0; i < n; i++)
+		replica_chunkset_clear(&s->fo_dirty, first + i);
+	s->fo_cursor = first + n;
+	c->s = s;
+	c->first_chunk = first;
+	c->nchunks = n;
+	s->fo_copies++;
+	/* A read through active is the SVM's view: active over hidden over secondary. */
+	td_request_init(&c->rd, TD_OP_READ, sec, (uint32_t)secs, c->buf, fo_copy_read, c);
+	td_queue_request(s->active, &c->rd);
+	return true;
+}
+
+static void fo_pump(struct sec *s)
+{
+	struct replica *r = s->r;
+
+	if (r->state != REPLICA_STATE_FAILOVER)
+		return;
+	while (!s->fo_err && s->fo_copies < FO_MAX_COPIES && fo_copy_next(s))
+		;
+	if (s->fo_copies)
+		return;
+	if (s->fo_err) {
+		replica_set_state(r, REPLICA_STATE_FAILOVER_FAILED);
+		replica_set_error(r, s->fo_err, "failover commit into %s failed: %s; the SVM keeps running on active/hidden, nothing is lost; retry with failover",
+				  s->secondary->params, strerror(-s->fo_err));
+		fo_release_done(s);
+		return;
+	}
+	if (replica_chunkset_count(&s->fo_dirty))
+		return;
+	if (!s->fo_final) {
+		/* Everything copied once: hold new SVM writes, wait for the last ones. */
+		s->fo_final = true;
+		s->hold_writes = true;
+		wait_drained(s, fo_last_writes_done);
+		return;
+	}
+	if (s->svm_writes_inflight || s->drained)
+		return;
+	td_request_init(&s->fo_flush, TD_OP_FLUSH, 0, 0, NULL, fo_flushed, s);
+	td_queue_request(s->secondary, &s->fo_flush);
+}
+
+static int fo_snapshot(struct sec *s)
+{
+	uint64_t c = 0;
+	int err;
+
+	replica_chunkset_clear_all(&s->fo_dirty);
+	for (uint64_t from = 0; replica_chunkset_next(&s->svm_written, from, &c); from = c + 1)
+		if ((err = replica_chunkset_set(&s->fo_dirty, c)) < 0)
+			return err;
+	for (uint64_t from = 0; replica_chunkset_next(&s->cbw, from, &c); from = c + 1)
+		if ((err = replica_chunkset_set(&s->fo_dirty, c)) < 0)
+			return err;
+	return 0;
+}
+
+/* The primary's writes in flight are done: what hidden holds is final. */
+static void fo_begin(struct sec *s)
+{
+	struct replica *r = s->r;
+	int err;
+
+	s->hold_all = false;
+	err = fo_snapshot(s);
+	if (err) {
+		s->fo_err = err;
+		fo_pump(s);
+		return;
+	}
+	s->fo_err = 0;
+	s->fo_cursor = 0;
+	s->fo_final = false;
+	r->progress_done = 0;
+	r->progress_total = replica_chunkset_count(&s->fo_dirty) * ((uint64_t)s->chunk_secs << TD_SECTOR_SHIFT);
+	replica_notify(r);
+	TDR_INFO("replica secondary: failover: committing %llu bytes of active/hidden into %s",
+		 (unsigned long long)r->progress_total, s->secondary->params);
+	release_held(s);
+	fo_pump(s);
+}
+
+/* ---------------------------------------------------------- operations */
+
+static void sec_start(struct replica *r, const struct replica_cmd *cmd)
+{
+	struct sec *s = r->mode_priv;
+
+	switch (r->state) {
+	case REPLICA_STATE_NONE:
+		break;
+	case REPLICA_STATE_DONE:
+		replica_op_done(r, -EINVAL, "start refused: failover is done and this disk serves the secondary disk directly; use 'start mode=primary addr=...' to protect it again");
+		return;
+	default:
+		replica_op_done(r, -EBUSY, "start refused: the secondary is already in state %s",
+				replica_state_name(r->state));
+		return;
+	}
+	if (cmd->addr[0] || cmd->has_export || cmd->timeout_ms || cmd->sync) {
+		replica_op_done(r, -EINVAL, "start refused: a secondary takes no addr/export/timeout/sync at start; they belong in its spec");
+		return;
+	}
+	/* A clean slate: the SVM starts from the PVM's disk, the secondary disk. */
+	s->op_start_ns = tdr_now_ns();
+	s->stop_after_empty = false;
+	s->hold_all = true;
+	wait_drained(s, empty_both);
+}
+
+static void sec_checkpoint(struct replica *r)
+{
+	struct sec *s = r->mode_priv;
+
+	if (r->state != REPLICA_STATE_RUNNING) {
+		replica_op_done(r, r->state == REPLICA_STATE_FAILOVER ? -EBUSY : -EINVAL,
+				"checkpoint refused: the secondary is in state %s%s",
+				replica_state_name(r->state),
+				r->state == REPLICA_STATE_NONE ? "; start it first" : "");
+		return;
+	}
+	s->op_start_ns = tdr_now_ns();
+	s->stop_after_empty = false;
+	s->hold_all = true;
+	wait_drained(s, empty_both);
+}
+
+static void sec_stop(struct replica *r, bool failover)
+{
+	struct sec *s = r->mode_priv;
+
+	if (!failover) {
+		if (r->state != REPLICA_STATE_RUNNING) {
+			replica_op_done(r, r->state == REPLICA_STATE_FAILOVER ? -EBUSY : -EINVAL,
+					"stop refused: the secondary is in state %s%s",
+					replica_state_name(r->state),
+					r->state == REPLICA_STATE_FAILOVER_FAILED ?
+					"; retry with failover" : "");
+			return;
+		}
+		/* Like a checkpoint, then no SVM: the secondary disk is the PVM's. */
+		s->op_start_ns = tdr_now_ns();
+		s->stop_after_empty = true;
+		s->hold_all = true;
+		wait_drained(s, empty_both);
+		return;
+	}
+	if (r->state != REPLICA_STATE_RUNNING && r->state != REPLICA_STATE_FAILOVER_FAILED) {
+		replica_op_done(r, r->state == REPLICA_STATE_FAILOVER ? -EBUSY : -EINVAL,
+				"failover refused: the secondary is in state %s%s",
+				replica_state_name(r->state),
+				r->state == REPLICA_STATE_NONE ? "; nothing to fail over, it never started" :
+				r->state == REPLICA_STATE_DONE ? "; failover is already done" : "");
+		return;
+	}
+	replica_set_state(r, REPLICA_STATE_FAILOVER);
+	replica_op_done(r, 0, "%s", "");
+	/* Let the primary's writes in flight finish (new ones are refused now). */
+	s->hold_all = true;
+	wait_drained(s, fo_begin);
+}
+
+static void sec_debug(struct replica *r, FILE *out)
+{
+	struct sec *s = r->mode_priv;
+
+	fprintf(out, "    secondary: active=%s hidden=%s secondary=%s chunk=%u cbw=%llu svm_written=%llu fo_dirty=%llu in_flight svm=%llu export=%llu\n",
+		s->active->params, s->hidden->params, s->secondary->params, s->chunk_secs * 512,
+		(unsigned long long)replica_chunkset_count(&s->cbw),
+		(unsigned long long)replica_chunkset_count(&s->svm_written),
+		(unsigned long long)replica_chunkset_count(&s->fo_dirty),
+		(unsigned long long)s->svm_inflight, (unsigned long long)s->export_inflight);
+}
+
+/* -------------------------------------------------------- init, fini */
+
+/* active and hidden must be VHDs that make-empty can drop: dynamic or differencing. */
+static int check_emptiable(struct td_image *img, const char *role)
+{
+	struct vhd_file *vf = NULL;
+	struct vhd_error verr;
+	uint32_t type;
+	int err;
+
+	if (strcmp(img->drv->name, "vhd") != 0) {
+		tdr_set_error("replica secondary: %s %s:%s is not a VHD; %s must be a VHD differencing disk (vhd-util snapshot) so that it can be emptied at checkpoints",
+			      role, img->drv->name, img->params, role);
+		return -EINVAL;
+	}
+	memset(&verr, 0, sizeof(verr));
+	err = vhd_file_open(&vf, img->params, VHD_FILE_RDONLY, &verr);
+	if (err < 0) {
+		tdr_set_error("replica secondary: %s %s: cannot read its VHD metadata: %s",
+			      role, img->params, strerror(-err));
+		return err;
+	}
+	type = vf->m.footer.type;
+	vhd_file_close(vf);
+	if (type != VHD_TYPE_DYNAMIC && type != VHD_TYPE_DIFF) {
+		tdr_set_error("replica secondary: %s %s is a fixed VHD and cannot be emptied; make it a differencing disk (vhd-util snapshot)",
+			      role, img->params);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+static int start_export_server(struct sec *s)
+{
+	struct replica *r = s->r;
+	const char *addr = r->opts.addr;
+	char host[REPLICA_ADDR_MAX];
+	const char *port;
+	int err;
+
+	if (!addr[0])
+		return 0;
+	s->srv = nbd_server_new(r->img->loop);
+	if (!s->srv)
+		return -ENOMEM;
+	err = nbd_server_add_export(s->srv, r->opts.export_name,
+				    "tapdisk-replica secondary disk (writes from the primary)",
+				    s->export_disk, false);
+	if (err < 0)
+		return err;
+	if (strncmp(addr, "unix:", 5) == 0)
+		return nbd_server_listen_unix(s->srv, addr + 5);
+	/* tcp:HOST:PORT, HOST may be an IPv6 literal in brackets */
+	snprintf(host, sizeof(host), "%s", addr + 4);
+	char *colon = strrchr(host, ':');
+
+	*colon = '\0';
+	port = colon + 1;
+	if (host[0] == '[' && host[strlen(host) - 1] == ']') {
+		memmove(host, host + 1, strlen(host));
+		host[strlen(host) - 1] = '\0';
+	}
+	return nbd_server_listen_tcp(s->srv, host, port);
+}
+
+static void sec_fini(struct replica *r)
+{
+	struct sec *s = r->mode_priv;
+
+	if (!s)
+		return;
+	if (s->srv)
+		nbd_server_free(s->srv);
+	td_disk_close(s->export_disk);
+	replica_chunkset_free(&s->cbw);
+	replica_chunkset_free(&s->svm_written);
+	replica_chunkset_free(&s->fo_dirty);
+	free(s);
+	r->mode_priv = NULL;
+}
+
+static int sec_init(struct replica *r)
+{
+	struct td_image *img = r->img;
+	struct sec *s;
+	int err;
+
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	r->mode_priv = s;
+	s->r = r;
+	s->chunk_secs = r->opts.cbw_secs;
+	replica_rlock_init(&s->lock);
+	tdr_list_init(&s->held);
+
+	s->active = img->parent;
+	s->hidden = s->active ? s->active->parent : NULL;
+	s->secondary = s->hidden ? s->hidden->parent : NULL;
+	if (!s->hidden || !s->secondary) {
+		tdr_set_error("replica secondary: the chain under the filter is too short (%s%s%s); it must be active over hidden over the secondary disk (vhd-util snapshot twice)",
+			      s->active ? s->active->params : "nothing",
+			      s->hidden ? " over " : "", s->hidden ? s->hidden->params : "");
+		err = -EINVAL;
+		goto fail;
+	}
+	if ((err = check_emptiable(s->active, "active")) < 0 ||
+	    (err = check_emptiable(s->hidden, "hidden")) < 0)
+		goto fail;
+	if (s->active->size_secs != s->hidden->size_secs ||
+	    s->hidden->size_secs != s->secondary->size_secs) {
+		tdr_set_error("replica secondary: virtual sizes differ: active %llu, hidden %llu, secondary %llu bytes; all three must be equal",
+			      (unsigned long long)s->active->size_secs << TD_SECTOR_SHIFT,
+			      (unsigned long long)s->hidden->size_secs << TD_SECTOR_SHIFT,
+			      (unsigned long long)s->secondary->size_secs << TD_SECTOR_SHIFT);
+		err = -EINVAL;
+		goto fail;
+	}
+	if ((err = replica_chunkset_init(&s->cbw, s->secondary->size_secs, s->chunk_secs)) < 0 ||
+	    (err = replica_chunkset_init(&s->svm_written, s->secondary->size_secs, s->chunk_secs)) < 0 ||
+	    (err = replica_chunkset_init(&s->fo_dirty, s->secondary->size_secs, s->chunk_secs)) < 0)
+		goto fail;
+
+	s->export_img.drv = &sec_export_drv;
+	s->export_img.params = s->secondary->params;
+	s->export_img.size_secs = s->secondary->size_secs;
+	s->export_img.loop = img->loop;
+	s->export_img.io = img->io;
+	s->export_img.priv = s;
+	err = td_disk_wrap(&s->export_disk, &s->export_img, r->opts.export_name);
+	if (err < 0)
+		goto fail;
+	err = start_export_server(s);
+	if (err < 0) {
+		if (!*tdr_last_error())
+			tdr_set_error("replica secondary: cannot serve the export at %s: %s",
+				      r->opts.addr, strerror(-err));
+		goto fail;
+	}
+	return 0;
+
+fail:
+	sec_fini(r);
+	return err;
+}
+
+struct td_disk *replica_export_disk(struct td_image *img)
+{
+	struct replica *r = img->priv;
+
+	if (r->opts.mode != REPLICA_MODE_SECONDARY || !r->mode_priv)
+		return NULL;
+	return ((struct sec *)r->mode_priv)->export_disk;
+}
+
+const char *replica_export_name(struct td_image *img)
+{
+	struct replica *r = img->priv;
+
+	return r->opts.export_name;
+}
+
+const struct replica_mode_ops replica_secondary_ops = {
+	.name = "secondary",
+	.init = sec_init,
+	.fini = sec_fini,
+	.queue_read = sec_queue_svm,
+	.queue_write = sec_queue_svm,
+	.queue_other = sec_queue_svm,
+	.start = sec_start,
+	.checkpoint = sec_checkpoint,
+	.stop = sec_stop,
+	.debug = sec_debug,
+};

@@ -1,0 +1,602 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/*
+ * The "replica" filter driver: what both modes share.  Options from the
+ * spec, the request-line parser every control interface uses, the
+ * operation dispatch (one operation at a time), state, last error,
+ * progress and the observer that xenstore publishing hangs on.  The modes
+ * live in replica-primary.c and replica-secondary.c.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "replica-int.h"
+#include "tdr/log.h"
+
+#define DEFAULT_EXPORT     "secondary"
+#define DEFAULT_TIMEOUT_MS 5000u
+#define DEFAULT_CBW_SECS   128u		/* 64 KiB */
+#define MAX_TIMEOUT_MS     3600000u
+
+static const char *const state_names[] = {
+	[REPLICA_STATE_NONE] = "none",
+	[REPLICA_STATE_RUNNING] = "running",
+	[REPLICA_STATE_FAILOVER] = "failover",
+	[REPLICA_STATE_FAILOVER_FAILED] = "failover-failed",
+	[REPLICA_STATE_DONE] = "done",
+	[REPLICA_STATE_BROKEN] = "broken",
+	[REPLICA_STATE_RESYNC] = "resync",
+};
+
+const char *replica_state_name(enum replica_state s)
+{
+	if ((unsigned)s < sizeof(state_names) / sizeof(state_names[0]) && state_names[s])
+		return state_names[s];
+	return "unknown";
+}
+
+const char *replica_mode_name(enum replica_mode m)
+{
+	switch (m) {
+	case REPLICA_MODE_PRIMARY:
+		return "primary";
+	case REPLICA_MODE_SECONDARY:
+		return "secondary";
+	default:
+		return "unset";
+	}
+}
+
+/* ------------------------------------------------------------ parsing */
+
+static int parse_mode(const char *v, enum replica_mode *m)
+{
+	if (strcmp(v, "primary") == 0)
+		*m = REPLICA_MODE_PRIMARY;
+	else if (strcmp(v, "secondary") == 0)
+		*m = REPLICA_MODE_SECONDARY;
+	else
+		return -EINVAL;
+	return 0;
+}
+
+static int parse_u32(const char *v, uint32_t min, uint32_t max, uint32_t *out)
+{
+	char *end;
+	unsigned long long n;
+
+	if (!*v || *v == '-' || *v == '+')
+		return -EINVAL;
+	errno = 0;
+	n = strtoull(v, &end, 10);
+	if (errno || *end || n < min || n > max)
+		return -ERANGE;
+	*out = (uint32_t)n;
+	return 0;
+}
+
+/* tcp:HOST:PORT or unix:/PATH */
+static int check_addr(const char *v)
+{
+	const char *colon;
+	uint32_t port;
+
+	if (strncmp(v, "unix:", 5) == 0)
+		return v[5] ? 0 : -EINVAL;
+	if (strncmp(v, "tcp:", 4) != 0)
+		return -EINVAL;
+	colon = strrchr(v + 4, ':');
+	if (!colon || colon == v + 4)
+		return -EINVAL;
+	return parse_u32(colon + 1, 1, 65535, &port);
+}
+
+static int copy_value(char *dst, size_t len, const char *v)
+{
+	if (strlen(v) >= len)
+		return -ENAMETOOLONG;
+	strcpy(dst, v);
+	return 0;
+}
+
+/* One key=value of a start request or of the spec's options. */
+static int apply_option(const char *key, const char *val, enum replica_mode *mode, char *addr,
+			char *export_name, bool *has_export, uint32_t *timeout_ms,
+			enum replica_sync *sync, uint32_t *cbw_secs, char *msg, size_t msglen)
+{
+	uint32_t n;
+
+	if (strcmp(key, "mode") == 0) {
+		if (parse_mode(val, mode) < 0) {
+			snprintf(msg, msglen, "mode=%s: expected mode=primary or mode=secondary", val);
+			return -EINVAL;
+		}
+	} else if (strcmp(key, "addr") == 0) {
+		if (check_addr(val) < 0 || copy_value(addr, REPLICA_ADDR_MAX, val) < 0) {
+			snprintf(msg, msglen, "addr=%s: expected tcp:HOST:PORT (port 1-65535) or unix:/PATH",
+				 val);
+			return -EINVAL;
+		}
+	} else if (strcmp(key, "export") == 0) {
+		if (copy_value(export_name, REPLICA_NAME_MAX, val) < 0) {
+			snprintf(msg, msglen, "export=: name longer than %d bytes", REPLICA_NAME_MAX - 1);
+			return -EINVAL;
+		}
+		*has_export = true;
+	} else if (strcmp(key, "timeout") == 0) {
+		if (parse_u32(val, 1, MAX_TIMEOUT_MS, timeout_ms) < 0) {
+			snprintf(msg, msglen, "timeout=%s: expected milliseconds from 1 to %u", val,
+				 MAX_TIMEOUT_MS);
+			return -EINVAL;
+		}
+	} else if (strcmp(key, "sync") == 0) {
+		if (strcmp(val, "both") == 0) {
+			*sync = REPLICA_SYNC_BOTH;
+		} else if (strcmp(val, "local") == 0) {
+			*sync = REPLICA_SYNC_LOCAL;
+		} else {
+			snprintf(msg, msglen, "sync=%s: expected sync=both or sync=local", val);
+			return -EINVAL;
+		}
+	} else if (cbw_secs && strcmp(key, "cbw") == 0) {
+		if (parse_u32(val, 512, 64u << 20, &n) < 0 || (n & (n - 1)) || n % 512) {
+			snprintf(msg, msglen, "cbw=%s: expected a power of two of bytes from 512 to 64 MiB",
+				 val);
+			return -EINVAL;
+		}
+		*cbw_secs = n / 512;
+	} else {
+		snprintf(msg, msglen, "unknown option '%s' (known: mode, addr, export, timeout, sync%s)",
+			 key, cbw_secs ? ", cbw" : "");
+		return -EINVAL;
+	}
+	return 0;
+}
+
+#define MAX_WORDS 16
+
+int replica_parse(const char *line, struct replica_cmd *cmd, char *msg, size_t msglen)
+{
+	char buf[1024], *words[MAX_WORDS], *save = NULL;
+	int n = 0, r = -EINVAL;
+
+	memset(cmd, 0, sizeof(*cmd));
+	if (!line || strlen(line) >= sizeof(buf)) {
+		snprintf(msg, msglen, "request missing or longer than %zu bytes", sizeof(buf) - 1);
+		return -EINVAL;
+	}
+	strcpy(buf, line);
+	for (char *w = strtok_r(buf, " \t\r\n", &save); w; w = strtok_r(NULL, " \t\r\n", &save)) {
+		if (n == MAX_WORDS) {
+			snprintf(msg, msglen, "too many words in request (at most %d)", MAX_WORDS);
+			return -E2BIG;
+		}
+		words[n++] = w;
+	}
+	if (n == 0) {
+		snprintf(msg, msglen, "empty request; expected one of start, checkpoint, stop, failover, resync, get-error, status");
+		return -EINVAL;
+	}
+	msg[0] = '\0';
+	if (strcmp(words[0], "start") == 0) {
+		cmd->op = REPLICA_OP_START;
+		for (int i = 1; i < n; i++) {
+			char *eq = strchr(words[i], '=');
+
+			if (!eq || eq == words[i] || !eq[1]) {
+				snprintf(msg, msglen, "start: '%s' is not key=value", words[i]);
+				return -EINVAL;
+			}
+			*eq = '\0';
+			r = apply_option(words[i], eq + 1, &cmd->mode, cmd->addr, cmd->export_name,
+					 &cmd->has_export, &cmd->timeout_ms, &cmd->sync, NULL, msg, msglen);
+			if (r < 0)
+				return r;
+		}
+		return 0;
+	}
+	if (strcmp(words[0], "stop") == 0) {
+		cmd->op = REPLICA_OP_STOP;
+		if (n == 2 && strcmp(words[1], "failover") == 0) {
+			cmd->failover = true;
+			return 0;
+		}
+		if (n == 1)
+			return 0;
+		snprintf(msg, msglen, "stop takes no argument but 'failover', got '%s'", words[1]);
+		return -EINVAL;
+	}
+	if (strcmp(words[0], "resync") == 0) {
+		cmd->op = REPLICA_OP_RESYNC;
+		if (n == 1 || (n == 2 && strcmp(words[1], "incremental") == 0))
+			return 0;
+		if (n == 2 && strcmp(words[1], "full") == 0) {
+			cmd->full = true;
+			return 0;
+		}
+		snprintf(msg, msglen, "resync takes 'full' or 'incremental', got '%s'", words[1]);
+		return -EINVAL;
+	}
+
+	static const struct {
+		const char *word;
+		enum replica_op op;
+	} bare[] = {
+		{ "checkpoint", REPLICA_OP_CHECKPOINT },
+		{ "failover", REPLICA_OP_FAILOVER },
+		{ "get-error", REPLICA_OP_GET_ERROR },
+		{ "status", REPLICA_OP_STATUS },
+	};
+
+	for (size_t i = 0; i < sizeof(bare) / sizeof(bare[0]); i++) {
+		if (strcmp(words[0], bare[i].word) == 0) {
+			if (n > 1) {
+				snprintf(msg, msglen, "%s takes no arguments, got '%s'", words[0], words[1]);
+				return -EINVAL;
+			}
+			cmd->op = bare[i].op;
+			return 0;
+		}
+	}
+	snprintf(msg, msglen, "unknown request '%.64s'; expected one of start, checkpoint, stop, failover, resync, get-error, status",
+		 words[0]);
+	return -EINVAL;
+}
+
+/* ------------------------------------------------------ state, events */
+
+static void replica_notify_now(void *arg)
+{
+	struct replica *r = arg;
+
+	if (r->observer)
+		r->observer(r->observer_arg);
+}
+
+void replica_notify(struct replica *r)
+{
+	/* Deferred: observers must never run inside a request's completion. */
+	if (r->observer)
+		tdr_loop_defer(r->img->loop, &r->notify);
+}
+
+void replica_set_state(struct replica *r, enum replica_state s)
+{
+	if (r->state == s)
+		return;
+	TDR_INFO("replica %s: %s -> %s", replica_mode_name(r->opts.mode),
+		 replica_state_name(r->state), replica_state_name(s));
+	r->state = s;
+	replica_notify(r);
+}
+
+void replica_set_error(struct replica *r, int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(r->error_msg, sizeof(r->error_msg), fmt, ap);
+	va_end(ap);
+	r->error = err;
+	TDR_ERR("replica: %s", r->error_msg);
+	replica_notify(r);
+}
+
+void replica_set_progress(struct replica *r, uint64_t done, uint64_t total)
+{
+	r->progress_done = done;
+	r->progress_total = total;
+	replica_notify(r);
+}
+
+void replica_op_done(struct replica *r, int err, const char *fmt, ...)
+{
+	char msg[REPLICA_MSG_MAX];
+	replica_done_fn done = r->op_done;
+	void *arg = r->op_arg;
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	r->op_busy = false;
+	r->op_done = NULL;
+	r->op_arg = NULL;
+	if (err && msg[0])
+		TDR_WARN("replica: %s", msg);
+	if (done)
+		done(arg, err, msg);
+}
+
+void replica_set_observer(struct td_image *img, void (*changed)(void *arg), void *arg)
+{
+	struct replica *r = img->priv;
+
+	r->observer = changed;
+	r->observer_arg = arg;
+}
+
+struct td_image *replica_find(struct td_disk *disk)
+{
+	return disk ? td_disk_find_image(disk, "replica") : NULL;
+}
+
+void replica_get_status(struct td_image *img, struct replica_status *st)
+{
+	struct replica *r = img->priv;
+
+	memset(st, 0, sizeof(*st));
+	st->mode = r->opts.mode;
+	st->state = r->state;
+	st->error = r->error;
+	snprintf(st->error_msg, sizeof(st->error_msg), "%s", r->error_msg);
+	st->progress_done = r->progress_done;
+	st->progress_total = r->progress_total;
+	st->stats = r->stats;
+}
+
+void replica_format_status(const struct replica_status *st, FILE *out)
+{
+	const struct replica_stats *s = &st->stats;
+
+	fprintf(out, "mode=%s\nstate=%s\n", replica_mode_name(st->mode),
+		replica_state_name(st->state));
+	fprintf(out, "error=%s\nerror_msg=%s\n", st->error ? tdr_errno_name(st->error) : "none",
+		st->error_msg);
+	fprintf(out, "progress_done=%llu\nprogress_total=%llu\n",
+		(unsigned long long)st->progress_done, (unsigned long long)st->progress_total);
+#define P(k) fprintf(out, #k "=%llu\n", (unsigned long long)s->k)
+	P(svm_reqs);
+	P(svm_bytes);
+	P(export_reqs);
+	P(export_bytes);
+	P(cbw_count);
+	P(cbw_bytes);
+	P(fwd_reqs);
+	P(fwd_bytes);
+	P(checkpoints);
+	P(ckpt_last_ns);
+	P(ckpt_max_ns);
+	P(ckpt_total_ns);
+	P(dirty_bytes);
+	P(link_errors);
+#undef P
+}
+
+/* --------------------------------------------------------- operations */
+
+static const struct replica_mode_ops *mode_ops(enum replica_mode m)
+{
+	return m == REPLICA_MODE_PRIMARY ? &replica_primary_ops : &replica_secondary_ops;
+}
+
+static const char *op_name(enum replica_op op)
+{
+	switch (op) {
+	case REPLICA_OP_START: return "start";
+	case REPLICA_OP_CHECKPOINT: return "checkpoint";
+	case REPLICA_OP_STOP: return "stop";
+	case REPLICA_OP_FAILOVER: return "failover";
+	case REPLICA_OP_RESYNC: return "resync";
+	case REPLICA_OP_GET_ERROR: return "get-error";
+	case REPLICA_OP_STATUS: return "status";
+	}
+	return "?";
+}
+
+/*
+ * A start may switch modes: only a secondary whose failover is done may
+ * become a primary (its secondary disk is then the local image), and a
+ * primary that never started may be reconfigured.
+ */
+static int switch_mode(struct replica *r, enum replica_mode m, char *msg, size_t msglen)
+{
+	const struct replica_mode_ops *ops = mode_ops(m);
+	int err;
+
+	if (m == r->opts.mode)
+		return 0;
+	if (!(r->state == REPLICA_STATE_DONE ||
+	      (r->state == REPLICA_STATE_NONE && r->opts.mode == REPLICA_MODE_PRIMARY))) {
+		snprintf(msg, msglen, "start mode=%s refused: a %s in state %s cannot change mode; only a secondary whose failover is done can become a primary",
+			 replica_mode_name(m), replica_mode_name(r->opts.mode),
+			 replica_state_name(r->state));
+		return -EINVAL;
+	}
+	r->ops->fini(r);
+	r->mode_priv = NULL;
+	r->opts.mode = m;
+	r->ops = ops;
+	r->state = REPLICA_STATE_NONE;
+	tdr_clear_error();
+	err = ops->init(r);
+	if (err < 0) {
+		snprintf(msg, msglen, "start mode=%s: %s", replica_mode_name(m), tdr_last_error());
+		return err;
+	}
+	replica_notify(r);
+	return 0;
+}
+
+void replica_execute(struct td_image *img, const struct replica_cmd *cmd,
+		     replica_done_fn done, void *arg)
+{
+	struct replica *r = img->priv;
+	char msg[REPLICA_MSG_MAX + 32];
+	int err;
+
+	switch (cmd->op) {
+	case REPLICA_OP_GET_ERROR:
+		if (r->error)
+			snprintf(msg, sizeof(msg), "%s %s", tdr_errno_name(r->error), r->error_msg);
+		else
+			snprintf(msg, sizeof(msg), "none");
+		done(arg, 0, msg);
+		return;
+	case REPLICA_OP_STATUS:
+		done(arg, 0, "");
+		return;
+	default:
+		break;
+	}
+	if (r->op_busy) {
+		done(arg, -EBUSY, "refused: another operation is in progress; retry when it completes");
+		return;
+	}
+	r->op_busy = true;
+	r->op_done = done;
+	r->op_arg = arg;
+	TDR_INFO("replica %s: %s requested in state %s", replica_mode_name(r->opts.mode),
+		 op_name(cmd->op), replica_state_name(r->state));
+
+	switch (cmd->op) {
+	case REPLICA_OP_START:
+		if (cmd->mode != REPLICA_MODE_UNSET) {
+			err = switch_mode(r, cmd->mode, msg, sizeof(msg));
+			if (err < 0) {
+				replica_op_done(r, err, "%s", msg);
+				return;
+			}
+		}
+		r->ops->start(r, cmd);
+		return;
+	case REPLICA_OP_CHECKPOINT:
+		r->ops->checkpoint(r);
+		return;
+	case REPLICA_OP_STOP:
+		r->ops->stop(r, cmd->failover);
+		return;
+	case REPLICA_OP_FAILOVER:
+		r->ops->stop(r, true);
+		return;
+	case REPLICA_OP_RESYNC:
+		if (!r->ops->resync) {
+			replica_op_done(r, -EOPNOTSUPP, "resync is an operation of a primary; this disk is a %s",
+					replica_mode_name(r->opts.mode));
+			return;
+		}
+		r->ops->resync(r, cmd->full);
+		return;
+	default:
+		replica_op_done(r, -EINVAL, "unknown operation %d", (int)cmd->op);
+		return;
+	}
+}
+
+/* ------------------------------------------------------------- driver */
+
+struct opt_ctx {
+	struct replica_opts *o;
+	bool has_export;
+	char msg[REPLICA_MSG_MAX];
+};
+
+static int spec_option(const char *key, const char *value, void *arg)
+{
+	struct opt_ctx *c = arg;
+
+	return apply_option(key, value, &c->o->mode, c->o->addr, c->o->export_name, &c->has_export,
+			    &c->o->timeout_ms, &c->o->sync, &c->o->cbw_secs, c->msg, sizeof(c->msg));
+}
+
+static int replica_open(struct td_image *img, const char *params, unsigned flags)
+{
+	struct replica *r = img->priv;
+	struct opt_ctx c = { .o = &r->opts };
+	int err;
+
+	r->img = img;
+	r->local = img->parent;
+	r->opts.timeout_ms = DEFAULT_TIMEOUT_MS;
+	r->opts.cbw_secs = DEFAULT_CBW_SECS;
+	r->opts.sync = REPLICA_SYNC_BOTH;
+	strcpy(r->opts.export_name, DEFAULT_EXPORT);
+	tdr_defer_init(&r->notify, replica_notify_now, r);
+
+	err = td_parse_options(params, spec_option, &c);
+	if (err) {
+		tdr_set_error("replica:%s: %s", params, c.msg[0] ? c.msg : strerror(-err));
+		return err < 0 ? err : -EINVAL;
+	}
+	if (r->opts.mode == REPLICA_MODE_UNSET) {
+		tdr_set_error("replica:%s: no mode; add mode=primary or mode=secondary", params);
+		return -EINVAL;
+	}
+	if (flags & TD_OPEN_RDONLY) {
+		tdr_set_error("replica:%s: a replicated disk cannot be opened read-only", params);
+		return -EINVAL;
+	}
+	img->size_secs = img->parent->size_secs;
+	r->ops = mode_ops(r->opts.mode);
+	r->state = REPLICA_STATE_NONE;
+	err = r->ops->init(r);
+	if (err < 0)
+		return err;
+	return 0;
+}
+
+static void replica_close(struct td_image *img)
+{
+	struct replica *r = img->priv;
+
+	if (r->ops)
+		r->ops->fini(r);
+	tdr_loop_cancel_defer(img->loop, &r->notify);
+}
+
+static void replica_queue_read(struct td_image *img, struct td_request *req)
+{
+	struct replica *r = img->priv;
+
+	r->stats.svm_reqs++;
+	r->stats.svm_bytes += (uint64_t)req->secs << TD_SECTOR_SHIFT;
+	r->ops->queue_read(r, req);
+}
+
+static void replica_queue_write(struct td_image *img, struct td_request *req)
+{
+	struct replica *r = img->priv;
+
+	r->stats.svm_reqs++;
+	r->stats.svm_bytes += (uint64_t)req->secs << TD_SECTOR_SHIFT;
+	r->ops->queue_write(r, req);
+}
+
+static void replica_queue_other(struct td_image *img, struct td_request *req)
+{
+	struct replica *r = img->priv;
+
+	if (r->ops->queue_other)
+		r->ops->queue_other(r, req);
+	else
+		td_queue_request(r->local, req);
+}
+
+static void replica_debug(struct td_image *img, FILE *out)
+{
+	struct replica *r = img->priv;
+	struct replica_status st;
+
+	fprintf(out, "    replica: mode=%s state=%s local=%s:%s\n", replica_mode_name(r->opts.mode),
+		replica_state_name(r->state), r->local->drv->name, r->local->params);
+	if (r->ops->debug)
+		r->ops->debug(r, out);
+	replica_get_status(img, &st);
+	replica_format_status(&st, out);
+}
+
+const struct td_driver td_drv_replica = {
+	.name = "replica",
+	.priv_size = sizeof(struct replica),
+	.is_filter = true,
+	.open = replica_open,
+	.close = replica_close,
+	.queue_read = replica_queue_read,
+	.queue_write = replica_queue_write,
+	.queue_flush = replica_queue_other,
+	.queue_discard = replica_queue_other,
+	.queue_block_status = replica_queue_other,
+	.debug = replica_debug,
+};

@@ -1,0 +1,848 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/*
+ * The replica driver in secondary mode, on a real VHD chain
+ * (active over hidden over secondary), with byte-exact checks of the SVM's
+ * view and of each layer: every scenario of the secondary issue, every
+ * operation in every wrong state, injected failures, and a randomized test
+ * against an in-memory model.
+ */
+#include <check.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "tdr/image.h"
+#include "tdr/log.h"
+#include "tdr/replica.h"
+#include "tdr/vhd.h"
+
+extern const struct td_driver td_drv_replica;
+
+#define MIB (1u << 20)
+#define DISK_SIZE (8 * MIB)
+#define DISK_SECS (DISK_SIZE / 512)
+
+static struct tdr_loop *loop;
+static struct tdr_io_ctx *io;
+static char dir[] = "/var/tmp/tdr-test-sec-XXXXXX";
+static char p_sec[600], p_hidden[600], p_active[600], spec[700];
+static struct td_disk *disk;
+static struct td_image *rep, *active, *hidden, *secondary;
+static struct td_disk *exp_disk;
+
+/* ---------------------------------------------------------- helpers */
+
+struct done {
+	bool done;
+	int err;
+	char msg[300];
+};
+
+static void req_done(struct td_request *req, int err, void *arg)
+{
+	struct done *d = arg;
+
+	d->done = true;
+	d->err = err;
+}
+
+static void run_until(bool *flag)
+{
+	for (int i = 0; i < 200000 && !*flag; i++)
+		ck_assert_int_ge(tdr_loop_run_once(loop, 100), 0);
+	ck_assert_msg(*flag, "operation never completed");
+}
+
+/* Through a disk (SVM: disk; primary: exp_disk). */
+static int dio(struct td_disk *d, enum td_op op, uint64_t sec, uint32_t secs, void *buf)
+{
+	struct td_request req;
+	struct done dn = { 0 };
+
+	td_request_init(&req, op, sec, secs, buf, req_done, &dn);
+	td_disk_submit(d, &req);
+	run_until(&dn.done);
+	return dn.err;
+}
+
+/* Straight into one image of the chain (reads forward clear bits to its parents). */
+static int iio(struct td_image *img, enum td_op op, uint64_t sec, uint32_t secs, void *buf)
+{
+	struct td_request req;
+	struct done dn = { 0 };
+
+	td_request_init(&req, op, sec, secs, buf, req_done, &dn);
+	td_queue_request(img, &req);
+	run_until(&dn.done);
+	return dn.err;
+}
+
+static void op_done_cb(void *arg, int err, const char *msg)
+{
+	struct done *d = arg;
+
+	d->done = true;
+	d->err = err;
+	snprintf(d->msg, sizeof(d->msg), "%s", msg);
+}
+
+static char last_msg[300];
+
+static int op(const char *line)
+{
+	struct replica_cmd cmd;
+	struct done dn = { 0 };
+	char msg[256];
+	int r = replica_parse(line, &cmd, msg, sizeof(msg));
+
+	if (r < 0) {
+		snprintf(last_msg, sizeof(last_msg), "%s", msg);
+		return r;
+	}
+	replica_execute(rep, &cmd, op_done_cb, &dn);
+	run_until(&dn.done);
+	snprintf(last_msg, sizeof(last_msg), "%s", dn.msg);
+	return dn.err;
+}
+
+static enum replica_state state(void)
+{
+	struct replica_status st;
+
+	replica_get_status(rep, &st);
+	return st.state;
+}
+
+static void wait_state_not(enum replica_state s)
+{
+	for (int i = 0; i < 200000 && state() == s; i++)
+		tdr_loop_run_once(loop, 100);
+	ck_assert_int_ne(state(), s);
+}
+
+static void fill(char *buf, size_t len, unsigned seed)
+{
+	for (size_t i = 0; i < len; i++)
+		buf[i] = (char)((i * 131 + seed * 7919 + (i >> 9) * 17) & 0xff);
+}
+
+static char *xalloc(size_t len)
+{
+	char *p = tdr_io_alloc(len);
+
+	ck_assert_ptr_nonnull(p);
+	return p;
+}
+
+/* The bytes of [sec, sec+secs) as an image of the chain sees them. */
+static void expect_image(struct td_image *img, uint64_t sec, uint32_t secs, const char *want)
+{
+	char *got = xalloc((size_t)secs * 512);
+
+	ck_assert_int_eq(iio(img, TD_OP_READ, sec, secs, got), 0);
+	ck_assert_msg(memcmp(got, want, (size_t)secs * 512) == 0, "%s differs at sector %llu",
+		      img->params, (unsigned long long)sec);
+	free(got);
+}
+
+static void expect_disk(struct td_disk *d, uint64_t sec, uint32_t secs, const char *want)
+{
+	char *got = xalloc((size_t)secs * 512);
+
+	ck_assert_int_eq(dio(d, TD_OP_READ, sec, secs, got), 0);
+	ck_assert_msg(memcmp(got, want, (size_t)secs * 512) == 0, "%s differs at sector %llu",
+		      d->spec, (unsigned long long)sec);
+	free(got);
+}
+
+static void make_chain(uint64_t size)
+{
+	struct vhd_error e;
+
+	snprintf(p_sec, sizeof(p_sec), "%s/secondary.vhd", dir);
+	snprintf(p_hidden, sizeof(p_hidden), "%s/hidden.vhd", dir);
+	snprintf(p_active, sizeof(p_active), "%s/active.vhd", dir);
+	ck_assert_msg(vhd_file_create(p_sec, size, VHD_TYPE_DYNAMIC, 0, &e) == 0, "%s", e.msg);
+	ck_assert_msg(vhd_file_snapshot(p_hidden, p_sec, &e) == 0, "%s", e.msg);
+	ck_assert_msg(vhd_file_snapshot(p_active, p_hidden, &e) == 0, "%s", e.msg);
+}
+
+static void open_disk(void)
+{
+	snprintf(spec, sizeof(spec), "replica:mode=secondary|vhd:%s", p_active);
+	ck_assert_msg(td_disk_open(&disk, spec, 0, loop, io) == 0, "%s", tdr_last_error());
+	rep = disk->top;
+	active = rep->parent;
+	hidden = active->parent;
+	secondary = hidden->parent;
+	ck_assert_ptr_eq(secondary, disk->bottom);
+	exp_disk = replica_export_disk(rep);
+	ck_assert_ptr_nonnull(exp_disk);
+	ck_assert_str_eq(replica_export_name(rep), "secondary");
+}
+
+static void setup(void)
+{
+	strcpy(dir, "/var/tmp/tdr-test-sec-XXXXXX");
+	ck_assert_ptr_nonnull(mkdtemp(dir));
+	loop = tdr_loop_new();
+	io = tdr_io_ctx_new(loop, 128);
+	td_driver_register(&td_drv_replica);
+	make_chain(DISK_SIZE);
+	open_disk();
+}
+
+static void teardown(void)
+{
+	char cmd[700];
+
+	if (disk)
+		td_disk_close(disk);
+	tdr_io_ctx_free(io);
+	tdr_loop_free(loop);
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	ck_assert_int_eq(system(cmd), 0);
+}
+
+/* ------------------------------------------------------------ tests */
+
+START_TEST(io_before_start)
+{
+	char *b = xalloc(MIB), *w = xalloc(MIB);
+
+	ck_assert_int_eq(state(), REPLICA_STATE_NONE);
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, 8, b), -EIO);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 0, 8, b), -EIO);
+	ck_assert_int_eq(dio(disk, TD_OP_FLUSH, 0, 0, NULL), -EIO);
+	/* The initial sync: the primary's writes go straight to the secondary disk. */
+	fill(w, MIB, 1);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 2048, MIB / 512, w), 0);
+	expect_image(secondary, 2048, MIB / 512, w);
+	expect_disk(exp_disk, 2048, MIB / 512, w);
+	/* Nothing was copied into hidden. */
+	struct replica_status st;
+
+	replica_get_status(rep, &st);
+	ck_assert_uint_eq(st.stats.cbw_count, 0);
+	ck_assert_uint_eq(st.stats.export_reqs, 1);
+	/* start; the SVM then sees the synced disk. */
+	ck_assert_int_eq(op("start"), 0);
+	ck_assert_int_eq(state(), REPLICA_STATE_RUNNING);
+	expect_disk(disk, 2048, MIB / 512, w);
+	free(b);
+	free(w);
+}
+END_TEST
+
+START_TEST(primary_write_svm_sees_old_data)
+{
+	char *old = xalloc(MIB), *neu = xalloc(MIB), *z = xalloc(MIB);
+
+	fill(old, MIB, 2);
+	fill(neu, MIB, 3);
+	memset(z, 0, MIB);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 4096, MIB / 512, old), 0);
+	ck_assert_int_eq(op("start"), 0);
+	/* A primary write covering part of a synced range and part of a zero range. */
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 4096 + 1024, MIB / 512, neu), 0);
+	/* The SVM still sees the checkpoint's content... */
+	expect_disk(disk, 4096, MIB / 512, old);
+	expect_disk(disk, 4096 + 2048, 1024, z);
+	/* ...which hidden holds, while the secondary disk has the new data. */
+	expect_image(secondary, 4096 + 1024, MIB / 512, neu);
+	expect_image(hidden, 4096, MIB / 512, old);
+	expect_image(hidden, 4096 + 2048, 1024, z);
+	struct replica_status st;
+
+	replica_get_status(rep, &st);
+	/* 1 MiB at 64 KiB chunks, aligned: 16 chunks copied once. */
+	ck_assert_uint_eq(st.stats.cbw_count, 16);
+	ck_assert_uint_eq(st.stats.cbw_bytes, MIB);
+	/* A second write to the same chunks copies nothing more. */
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 4096 + 1024, 8, neu), 0);
+	replica_get_status(rep, &st);
+	ck_assert_uint_eq(st.stats.cbw_count, 16);
+	expect_disk(disk, 4096, MIB / 512, old);
+	free(old);
+	free(neu);
+	free(z);
+}
+END_TEST
+
+static void check_file_empty(const char *path)
+{
+	struct vhd_file *vf;
+	struct vhd_error e;
+	uint8_t map[512];
+
+	ck_assert_msg(vhd_file_open(&vf, path, VHD_FILE_RDONLY, &e) == 0, "%s", e.msg);
+	for (uint32_t b = 0; b < vf->m.header.max_bat_entries; b++)
+		ck_assert_int_eq(vhd_file_read_bitmap(vf, b, map), -ENOENT);
+	vhd_file_close(vf);
+}
+
+START_TEST(svm_write_then_read_then_checkpoint)
+{
+	char *a = xalloc(MIB), *b = xalloc(MIB), *c = xalloc(MIB);
+
+	fill(a, MIB, 4);
+	fill(b, MIB, 5);
+	fill(c, MIB, 6);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 0, MIB / 512, a), 0);
+	ck_assert_int_eq(op("start"), 0);
+	/* SVM write then read: its own data, in active only. */
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 100, 200, b), 0);
+	expect_disk(disk, 100, 200, b);
+	expect_image(active, 100, 200, b);
+	expect_image(secondary, 100, 200, a + 100 * 512);
+	expect_image(hidden, 100, 200, a + 100 * 512);
+	/* The primary writes elsewhere; the SVM does not see it yet. */
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 1024, 512, c), 0);
+	expect_disk(disk, 1024, 512, a + 1024 * 512);
+	/* Checkpoint: the SVM sees the PVM's disk; its own writes are gone. */
+	ck_assert_int_eq(op("checkpoint"), 0);
+	ck_assert_int_eq(state(), REPLICA_STATE_RUNNING);
+	expect_disk(disk, 1024, 512, c);
+	expect_disk(disk, 100, 200, a + 100 * 512);
+	/* Active and hidden were emptied: they read through to the secondary. */
+	memcpy(a + 1024 * 512, c, 512 * 512);
+	expect_image(active, 0, MIB / 512, a);
+	check_file_empty(p_active);
+	check_file_empty(p_hidden);
+	struct replica_status st;
+
+	replica_get_status(rep, &st);
+	ck_assert_uint_eq(st.stats.checkpoints, 1);
+	ck_assert_uint_gt(st.stats.ckpt_last_ns, 0);
+	/* After the checkpoint the copy-before-write map starts over. */
+	uint64_t before = st.stats.cbw_count;
+
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 1024, 8, b), 0);
+	replica_get_status(rep, &st);
+	ck_assert_uint_eq(st.stats.cbw_count, before + 1);
+	expect_disk(disk, 1024, 512, c);
+	free(a);
+	free(b);
+	free(c);
+}
+END_TEST
+
+START_TEST(failover_secondary_equals_svm_view)
+{
+	char *view = xalloc(DISK_SIZE), *w = xalloc(MIB), *got = xalloc(DISK_SIZE);
+
+	fill(w, MIB, 7);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 0, MIB / 512, w), 0);
+	ck_assert_int_eq(op("start"), 0);
+	fill(w, MIB, 8);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 300, 700, w), 0);		/* SVM */
+	fill(w, MIB, 9);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 500, 1500, w), 0);	/* PVM, overlapping */
+	fill(w, MIB, 10);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 9000, 256, w), 0);	/* PVM, elsewhere */
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, view), 0);
+
+	ck_assert_int_eq(op("failover"), 0);
+	/* The SVM keeps writing while the commit runs. */
+	fill(w, MIB, 11);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 12000, 64, w), 0);
+	memcpy(view + 12000 * 512, w, 64 * 512);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 0, 8, w), -EPERM);	/* refused now */
+	wait_state_not(REPLICA_STATE_FAILOVER);
+	ck_assert_int_eq(state(), REPLICA_STATE_DONE);
+	/* The secondary disk is exactly what the SVM saw, including the
+	 * checkpoint-time content of what the primary overwrote. */
+	ck_assert_int_eq(iio(secondary, TD_OP_READ, 0, DISK_SECS, got), 0);
+	ck_assert(memcmp(got, view, DISK_SIZE) == 0);
+	/* And the driver serves the secondary disk directly. */
+	fill(w, MIB, 12);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 2000, 16, w), 0);
+	expect_image(secondary, 2000, 16, w);
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, got), 0);
+	memcpy(view + 2000 * 512, w, 16 * 512);
+	ck_assert(memcmp(got, view, DISK_SIZE) == 0);
+	struct replica_status st;
+
+	replica_get_status(rep, &st);
+	ck_assert_uint_eq(st.progress_done, st.progress_total);
+	ck_assert_uint_gt(st.progress_total, 0);
+	free(view);
+	free(w);
+	free(got);
+}
+END_TEST
+
+START_TEST(stop_without_failover)
+{
+	char *w = xalloc(MIB), *z = xalloc(MIB);
+
+	memset(z, 0, MIB);
+	ck_assert_int_eq(op("start"), 0);
+	fill(w, MIB, 13);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 0, 64, w), 0);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 4096, 64, w), 0);
+	ck_assert_int_eq(op("stop"), 0);
+	ck_assert_int_eq(state(), REPLICA_STATE_NONE);
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, 8, w), -EIO);
+	/* The SVM's writes are gone; active and hidden are empty files again. */
+	expect_image(active, 0, 64, z);
+	expect_image(active, 4096, 64, w);
+	check_file_empty(p_active);
+	check_file_empty(p_hidden);
+	/* And it can start again. */
+	ck_assert_int_eq(op("start"), 0);
+	ck_assert_int_eq(state(), REPLICA_STATE_RUNNING);
+	free(w);
+	free(z);
+}
+END_TEST
+
+struct wrong {
+	const char *line;
+	int err;
+	const char *msg_part;
+};
+
+static void expect_refusals(const struct wrong *w, size_t n, enum replica_state s)
+{
+	for (size_t i = 0; i < n; i++) {
+		ck_assert_msg(op(w[i].line) == w[i].err, "'%s' in %s: got %d (%s), want %d",
+			      w[i].line, replica_state_name(s), op(w[i].line), last_msg, w[i].err);
+		ck_assert_msg(strstr(last_msg, w[i].msg_part), "'%s': message '%s' lacks '%s'",
+			      w[i].line, last_msg, w[i].msg_part);
+		ck_assert_int_eq(state(), s);
+	}
+}
+
+START_TEST(operations_in_wrong_states)
+{
+	static const struct wrong in_none[] = {
+		{ "checkpoint", -EINVAL, "state none; start it first" },
+		{ "stop", -EINVAL, "stop refused" },
+		{ "failover", -EINVAL, "it never started" },
+		{ "stop failover", -EINVAL, "it never started" },
+		{ "resync", -EOPNOTSUPP, "operation of a primary" },
+		{ "start addr=tcp:h:1", -EINVAL, "takes no addr" },
+	};
+	static const struct wrong in_running[] = {
+		{ "start", -EBUSY, "already in state running" },
+		{ "resync full", -EOPNOTSUPP, "operation of a primary" },
+		{ "start mode=primary", -EINVAL, "cannot change mode" },
+	};
+	static const struct wrong in_done[] = {
+		{ "start", -EINVAL, "failover is done" },
+		{ "checkpoint", -EINVAL, "state done" },
+		{ "stop", -EINVAL, "state done" },
+		{ "failover", -EINVAL, "failover is already done" },
+	};
+	static const struct wrong bad_syntax[] = {
+		{ "", -EINVAL, "empty request" },
+		{ "checkpoint now", -EINVAL, "takes no arguments" },
+		{ "stop later", -EINVAL, "takes no argument but 'failover'" },
+		{ "resync sometimes", -EINVAL, "'full' or 'incremental'" },
+		{ "start mode=tertiary", -EINVAL, "expected mode=primary or mode=secondary" },
+		{ "start addr=tcp:host:70000", -EINVAL, "port 1-65535" },
+		{ "start timeout=0", -EINVAL, "milliseconds" },
+		{ "start bogus=1", -EINVAL, "unknown option 'bogus'" },
+		{ "start oops", -EINVAL, "not key=value" },
+		{ "launch", -EINVAL, "unknown request 'launch'" },
+	};
+	char msg[64];
+
+	expect_refusals(in_none, sizeof(in_none) / sizeof(in_none[0]), REPLICA_STATE_NONE);
+	expect_refusals(bad_syntax, sizeof(bad_syntax) / sizeof(bad_syntax[0]), REPLICA_STATE_NONE);
+	ck_assert_int_eq(op("get-error"), 0);
+	ck_assert_str_eq(last_msg, "none");
+	ck_assert_int_eq(op("start"), 0);
+	expect_refusals(in_running, sizeof(in_running) / sizeof(in_running[0]), REPLICA_STATE_RUNNING);
+	expect_refusals(bad_syntax, sizeof(bad_syntax) / sizeof(bad_syntax[0]), REPLICA_STATE_RUNNING);
+	ck_assert_int_eq(op("failover"), 0);
+	/* During the failover (it has barely started): everything is refused busy. */
+	if (state() == REPLICA_STATE_FAILOVER) {
+		ck_assert_int_eq(op("checkpoint"), -EBUSY);
+		ck_assert_int_eq(op("start"), -EBUSY);
+		ck_assert_int_eq(op("stop"), -EBUSY);
+		ck_assert_int_eq(op("failover"), -EBUSY);
+	}
+	wait_state_not(REPLICA_STATE_FAILOVER);
+	expect_refusals(in_done, sizeof(in_done) / sizeof(in_done[0]), REPLICA_STATE_DONE);
+	/* A promoted secondary may become a primary; the syntax is checked first. */
+	ck_assert_int_eq(replica_parse("start mode=primary addr=unix:/nonexistent/x", &(struct replica_cmd){0},
+				       msg, sizeof(msg)), 0);
+}
+END_TEST
+
+START_TEST(failover_refuses_in_flight_state_cleanly)
+{
+	/* Requests during the failover's commit: SVM I/O goes on, the primary is refused. */
+	char *w = xalloc(MIB), *r = xalloc(MIB);
+
+	ck_assert_int_eq(op("start"), 0);
+	fill(w, MIB, 14);
+	for (int i = 0; i < 8; i++)
+		ck_assert_int_eq(dio(disk, TD_OP_WRITE, (uint64_t)i * 2048, 128, w), 0);
+	ck_assert_int_eq(op("failover"), 0);
+	ck_assert_int_eq(state(), REPLICA_STATE_FAILOVER);
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, 128, r), 0);
+	ck_assert(memcmp(r, w, 128 * 512) == 0);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 0, 8, w), -EPERM);
+	wait_state_not(REPLICA_STATE_FAILOVER);
+	ck_assert_int_eq(state(), REPLICA_STATE_DONE);
+	for (int i = 0; i < 8; i++)
+		expect_image(secondary, (uint64_t)i * 2048, 128, w);
+	free(w);
+	free(r);
+}
+END_TEST
+
+START_TEST(cbw_failure_reported)
+{
+	char *old = xalloc(MIB), *neu = xalloc(MIB);
+
+	fill(old, MIB, 15);
+	fill(neu, MIB, 16);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 0, 256, old), 0);
+	ck_assert_int_eq(op("start"), 0);
+	/* Every write fails from now: the copy into hidden is the first. */
+	tdr_io_set_fault(io, TDR_FAULT_FAIL, 0);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 0, 256, neu), -EIO);
+	tdr_io_set_fault(io, TDR_FAULT_NONE, 0);
+	ck_assert_int_eq(op("get-error"), 0);
+	ck_assert_msg(strstr(last_msg, "EIO copy-before-write into hidden"), "%s", last_msg);
+	/* The refused write never reached the secondary disk; the SVM's view holds. */
+	expect_image(secondary, 0, 256, old);
+	expect_disk(disk, 0, 256, old);
+	ck_assert_int_eq(state(), REPLICA_STATE_RUNNING);
+	/* The chunk was not marked copied: the next write copies it and succeeds. */
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 0, 256, neu), 0);
+	expect_disk(disk, 0, 256, old);
+	expect_image(secondary, 0, 256, neu);
+	free(old);
+	free(neu);
+}
+END_TEST
+
+START_TEST(make_empty_failure_reported)
+{
+	char *w = xalloc(MIB);
+
+	ck_assert_int_eq(op("start"), 0);
+	fill(w, MIB, 17);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 0, 256, w), 0);
+	tdr_io_set_fault(io, TDR_FAULT_FAIL, 0);
+	ck_assert_int_eq(op("checkpoint"), -EIO);
+	ck_assert_msg(strstr(last_msg, "make-empty of"), "%s", last_msg);
+	tdr_io_set_fault(io, TDR_FAULT_NONE, 0);
+	ck_assert_int_eq(op("get-error"), 0);
+	ck_assert_msg(strstr(last_msg, "EIO make-empty of"), "%s", last_msg);
+	/* Requests held during the checkpoint were released. */
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, 8, w), 0);
+	/* A later checkpoint succeeds. */
+	ck_assert_int_eq(op("checkpoint"), 0);
+	free(w);
+}
+END_TEST
+
+START_TEST(commit_failure_then_routing_then_retry)
+{
+	char *view = xalloc(DISK_SIZE), *w = xalloc(MIB), *got = xalloc(DISK_SIZE);
+	char *orig = xalloc(MIB);
+
+	fill(orig, MIB, 18);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 8192, 2048, orig), 0);
+	ck_assert_int_eq(op("start"), 0);
+	fill(w, MIB, 19);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 0, 128, w), 0);		/* chunk 0 in active */
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 8192, 128, w), 0);	/* chunk 64 in hidden */
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, view), 0);
+
+	tdr_io_set_fault(io, TDR_FAULT_FAIL, 0);
+	ck_assert_int_eq(op("failover"), 0);
+	wait_state_not(REPLICA_STATE_FAILOVER);
+	ck_assert_int_eq(state(), REPLICA_STATE_FAILOVER_FAILED);
+	tdr_io_set_fault(io, TDR_FAULT_NONE, 0);
+	ck_assert_int_eq(op("get-error"), 0);
+	ck_assert_msg(strstr(last_msg, "EIO failover commit"), "%s", last_msg);
+	/* Nothing lost: the SVM still sees its view. */
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, got), 0);
+	ck_assert(memcmp(got, view, DISK_SIZE) == 0);
+
+	/* Routing: a chunk active holds -> active; one hidden holds -> active; elsewhere -> secondary. */
+	char *a = xalloc(MIB), *b = xalloc(MIB), *c = xalloc(MIB);
+
+	fill(a, MIB, 20);
+	fill(b, MIB, 21);
+	fill(c, MIB, 22);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 8, 8, a), 0);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 8200, 8, b), 0);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 4000, 8, c), 0);
+	memcpy(view + 8 * 512, a, 8 * 512);
+	memcpy(view + 8200 * 512, b, 8 * 512);
+	memcpy(view + 4000 * 512, c, 8 * 512);
+	expect_image(secondary, 4000, 8, c);			/* elsewhere: the secondary disk */
+	char *sec_before = xalloc(8 * 512);
+
+	ck_assert_int_eq(iio(secondary, TD_OP_READ, 8200, 8, sec_before), 0);
+	ck_assert(memcmp(sec_before, b, 8 * 512) != 0);	/* hidden's range: not the secondary */
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, got), 0);
+	ck_assert(memcmp(got, view, DISK_SIZE) == 0);
+
+	/* Retry: done, and the secondary disk is the view. */
+	ck_assert_int_eq(op("failover"), 0);
+	wait_state_not(REPLICA_STATE_FAILOVER);
+	ck_assert_int_eq(state(), REPLICA_STATE_DONE);
+	ck_assert_int_eq(iio(secondary, TD_OP_READ, 0, DISK_SECS, got), 0);
+	ck_assert(memcmp(got, view, DISK_SIZE) == 0);
+	free(view);
+	free(w);
+	free(got);
+	free(orig);
+	free(a);
+	free(b);
+	free(c);
+	free(sec_before);
+}
+END_TEST
+
+START_TEST(bad_chains)
+{
+	struct td_disk *d = NULL;
+	struct vhd_error e;
+	char s[1300], p1[700], p2[700], p3[700];
+
+	/* Too short: active directly over a dynamic VHD. */
+	snprintf(p1, sizeof(p1), "%s/lone.vhd", dir);
+	snprintf(p2, sizeof(p2), "%s/child.vhd", dir);
+	ck_assert_int_eq(vhd_file_create(p1, DISK_SIZE, VHD_TYPE_DYNAMIC, 0, &e), 0);
+	ck_assert_int_eq(vhd_file_snapshot(p2, p1, &e), 0);
+	snprintf(s, sizeof(s), "replica:mode=secondary|vhd:%s", p2);
+	ck_assert_int_eq(td_disk_open(&d, s, 0, loop, io), -EINVAL);
+	ck_assert_msg(strstr(tdr_last_error(), "too short"), "%s", tdr_last_error());
+	/* Active not a VHD. */
+	snprintf(p3, sizeof(p3), "%s/raw.img", dir);
+	FILE *f = fopen(p3, "w");
+
+	ck_assert_int_eq(ftruncate(fileno(f), DISK_SIZE), 0);
+	fclose(f);
+	snprintf(s, sizeof(s), "replica:mode=secondary|aio:%s", p3);
+	ck_assert_int_eq(td_disk_open(&d, s, 0, loop, io), -EINVAL);
+	ck_assert_msg(strstr(tdr_last_error(), "too short"), "%s", tdr_last_error());
+	/* Fixed hidden: cannot be emptied. */
+	snprintf(p1, sizeof(p1), "%s/fixed-base.vhd", dir);
+	snprintf(p2, sizeof(p2), "%s/fixed-hidden.vhd", dir);
+	snprintf(p3, sizeof(p3), "%s/fixed-active.vhd", dir);
+	ck_assert_int_eq(vhd_file_create(p1, DISK_SIZE, VHD_TYPE_FIXED, 0, &e), 0);
+	ck_assert_int_eq(vhd_file_create(p2, DISK_SIZE, VHD_TYPE_FIXED, 0, &e), 0);
+	/* A fixed disk has no parent: chain of two, with a fixed bottom: too short again. */
+	ck_assert_int_eq(vhd_file_snapshot(p3, p2, &e), 0);
+	snprintf(s, sizeof(s), "replica:mode=secondary|vhd:%s", p3);
+	ck_assert_int_eq(td_disk_open(&d, s, 0, loop, io), -EINVAL);
+	/* Options. */
+	snprintf(s, sizeof(s), "replica:mode=secondary,cbw=1000|vhd:%s", p_active);
+	ck_assert_int_eq(td_disk_open(&d, s, 0, loop, io), -EINVAL);
+	ck_assert_msg(strstr(tdr_last_error(), "power of two"), "%s", tdr_last_error());
+	snprintf(s, sizeof(s), "replica:|vhd:%s", p_active);
+	ck_assert_int_eq(td_disk_open(&d, s, 0, loop, io), -EINVAL);
+	ck_assert_msg(strstr(tdr_last_error(), "no mode"), "%s", tdr_last_error());
+	snprintf(s, sizeof(s), "replica:mode=secondary,colour=red|vhd:%s", p_active);
+	ck_assert_int_eq(td_disk_open(&d, s, 0, loop, io), -EINVAL);
+	ck_assert_msg(strstr(tdr_last_error(), "unknown option 'colour'"), "%s", tdr_last_error());
+	ck_assert_ptr_null(d);
+}
+END_TEST
+
+/* Rewrites both footers of a VHD with another virtual size (and a valid checksum). */
+static void set_vhd_size(const char *path, uint64_t size)
+{
+	unsigned char buf[512];
+	struct vhd_footer f;
+	FILE *fp = fopen(path, "r+b");
+	long end;
+
+	ck_assert_ptr_nonnull(fp);
+	ck_assert_int_eq(fseek(fp, -512, SEEK_END), 0);
+	end = ftell(fp);
+	ck_assert_int_eq(fread(buf, 1, 512, fp), 512);
+	vhd_footer_decode(&f, buf);
+	f.current_size = size;
+	f.checksum = vhd_footer_checksum(&f);
+	vhd_footer_encode(&f, buf);
+	ck_assert_int_eq(fseek(fp, end, SEEK_SET), 0);
+	ck_assert_int_eq(fwrite(buf, 1, 512, fp), 512);
+	ck_assert_int_eq(fseek(fp, 0, SEEK_SET), 0);
+	ck_assert_int_eq(fwrite(buf, 1, 512, fp), 512);
+	fclose(fp);
+}
+
+START_TEST(mismatched_sizes)
+{
+	struct td_disk *d = NULL;
+	char s[1300];
+
+	/* hidden 8 MiB over a 4 MiB secondary: a VHD parent may be smaller, a replica chain may not. */
+	td_disk_close(disk);
+	disk = NULL;
+	set_vhd_size(p_sec, DISK_SIZE / 2);
+	snprintf(s, sizeof(s), "replica:mode=secondary|vhd:%s", p_active);
+	ck_assert_int_eq(td_disk_open(&d, s, 0, loop, io), -EINVAL);
+	ck_assert_msg(strstr(tdr_last_error(), "virtual sizes differ: active 8388608, hidden 8388608, secondary 4194304"),
+		      "%s", tdr_last_error());
+	ck_assert_ptr_null(d);
+}
+END_TEST
+
+/* ----------------------------------------------------- model test */
+
+struct mreq {
+	struct td_request req;
+	struct done dn;
+	char *buf;
+	bool check;		/* an SVM read to compare */
+	char *want;
+};
+
+START_TEST(randomized_model)
+{
+	enum { ROUNDS = 400, BATCH = 6, MAXSECS = 512 };
+	char *sec_model = xalloc(DISK_SIZE), *view = xalloc(DISK_SIZE), *got = xalloc(DISK_SIZE);
+	unsigned seed = 12345;
+	int checkpoints = 0, reads = 0, pwrites = 0, swrites = 0;
+
+	memset(sec_model, 0, DISK_SIZE);
+	/* Initial sync. */
+	for (int i = 0; i < 8; i++) {
+		uint64_t sec = (uint64_t)(rand_r(&seed) % (DISK_SECS - MAXSECS));
+		uint32_t n = 1 + (uint32_t)(rand_r(&seed) % MAXSECS);
+		char *b = xalloc((size_t)n * 512);
+
+		fill(b, (size_t)n * 512, (unsigned)rand_r(&seed));
+		ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, sec, n, b), 0);
+		memcpy(sec_model + sec * 512, b, (size_t)n * 512);
+		free(b);
+	}
+	ck_assert_int_eq(op("start"), 0);
+	memcpy(view, sec_model, DISK_SIZE);
+
+	for (int round = 0; round < ROUNDS; round++) {
+		struct mreq m[BATCH];
+		int n = 0;
+		/* SVM writes and SVM reads in one batch must not overlap each other. */
+		uint64_t busy_lo[BATCH], busy_hi[BATCH];
+		int nbusy = 0;
+
+		for (int i = 0; i < BATCH; i++) {
+			int kind = rand_r(&seed) % 10;
+			uint64_t sec = (uint64_t)(rand_r(&seed) % (DISK_SECS - MAXSECS));
+			uint32_t secs = 1 + (uint32_t)(rand_r(&seed) % MAXSECS);
+			struct mreq *x = &m[n];
+			bool clash = false;
+
+			memset(x, 0, sizeof(*x));
+			x->buf = xalloc((size_t)secs * 512);
+			if (kind < 4) {
+				/* Primary write: changes the secondary disk only. */
+				fill(x->buf, (size_t)secs * 512, (unsigned)rand_r(&seed));
+				memcpy(sec_model + sec * 512, x->buf, (size_t)secs * 512);
+				td_request_init(&x->req, TD_OP_WRITE, sec, secs, x->buf, req_done, &x->dn);
+				td_disk_submit(exp_disk, &x->req);
+				pwrites++;
+				n++;
+				continue;
+			}
+			for (int k = 0; k < nbusy; k++)
+				if (sec < busy_hi[k] && busy_lo[k] < sec + secs)
+					clash = true;
+			if (clash) {
+				free(x->buf);
+				continue;
+			}
+			busy_lo[nbusy] = sec;
+			busy_hi[nbusy++] = sec + secs;
+			if (kind < 7) {
+				fill(x->buf, (size_t)secs * 512, (unsigned)rand_r(&seed));
+				memcpy(view + sec * 512, x->buf, (size_t)secs * 512);
+				td_request_init(&x->req, TD_OP_WRITE, sec, secs, x->buf, req_done, &x->dn);
+				swrites++;
+			} else {
+				x->check = true;
+				x->want = view + sec * 512;
+				td_request_init(&x->req, TD_OP_READ, sec, secs, x->buf, req_done, &x->dn);
+				reads++;
+			}
+			td_disk_submit(disk, &x->req);
+			n++;
+		}
+		for (int i = 0; i < n; i++) {
+			run_until(&m[i].dn.done);
+			ck_assert_int_eq(m[i].dn.err, 0);
+			if (m[i].check)
+				ck_assert_msg(memcmp(m[i].buf, m[i].want, (size_t)m[i].req.secs * 512) == 0,
+					      "round %d: SVM read at %llu differs from the model", round,
+					      (unsigned long long)m[i].req.sec);
+			free(m[i].buf);
+		}
+		if (rand_r(&seed) % 25 == 0) {
+			ck_assert_int_eq(op("checkpoint"), 0);
+			memcpy(view, sec_model, DISK_SIZE);
+			checkpoints++;
+		}
+	}
+	/* The whole view, then failover with SVM writes racing the commit. */
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, got), 0);
+	ck_assert(memcmp(got, view, DISK_SIZE) == 0);
+	ck_assert_int_eq(op("failover"), 0);
+	for (int i = 0; i < 20 && state() == REPLICA_STATE_FAILOVER; i++) {
+		uint64_t sec = (uint64_t)(rand_r(&seed) % (DISK_SECS - 64));
+		char *b = xalloc(64 * 512);
+
+		fill(b, 64 * 512, (unsigned)rand_r(&seed));
+		ck_assert_int_eq(dio(disk, TD_OP_WRITE, sec, 64, b), 0);
+		memcpy(view + sec * 512, b, 64 * 512);
+		free(b);
+	}
+	wait_state_not(REPLICA_STATE_FAILOVER);
+	ck_assert_int_eq(state(), REPLICA_STATE_DONE);
+	ck_assert_int_eq(iio(secondary, TD_OP_READ, 0, DISK_SECS, got), 0);
+	ck_assert(memcmp(got, view, DISK_SIZE) == 0);
+	ck_assert_int_gt(checkpoints, 5);
+	ck_assert_int_gt(reads, 200);
+	ck_assert_int_gt(pwrites, 500);
+	ck_assert_int_gt(swrites, 200);
+	free(sec_model);
+	free(view);
+	free(got);
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("replica-secondary");
+	TCase *tc = tcase_create("secondary");
+	SRunner *sr;
+	int failed;
+
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 120);
+	tcase_add_test(tc, io_before_start);
+	tcase_add_test(tc, primary_write_svm_sees_old_data);
+	tcase_add_test(tc, svm_write_then_read_then_checkpoint);
+	tcase_add_test(tc, failover_secondary_equals_svm_view);
+	tcase_add_test(tc, stop_without_failover);
+	tcase_add_test(tc, operations_in_wrong_states);
+	tcase_add_test(tc, failover_refuses_in_flight_state_cleanly);
+	tcase_add_test(tc, cbw_failure_reported);
+	tcase_add_test(tc, make_empty_failure_reported);
+	tcase_add_test(tc, commit_failure_then_routing_then_retry);
+	tcase_add_test(tc, bad_chains);
+	tcase_add_test(tc, mismatched_sizes);
+	tcase_add_test(tc, randomized_model);
+	suite_add_tcase(s, tc);
+	sr = srunner_create(s);
+	srunner_set_fork_status(sr, CK_NOFORK);
+	srunner_run_all(sr, CK_NORMAL);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? 1 : 0;
+}
