@@ -181,7 +181,7 @@ int td_disk_open(struct td_disk **out, const char *spec, unsigned flags,
 	*out = NULL;
 	tdr_clear_error();
 	if (!spec || !*spec) {
-		tdr_set_error("empty disk spec: expected TYPE:PARAMS, e.g. aio:/path/disk.img");
+		tdr_set_error("empty disk spec; write TYPE:PARAMS, e.g. aio:/path/disk.img");
 		return -EINVAL;
 	}
 	disk = calloc(1, sizeof(*disk));
@@ -210,7 +210,7 @@ int td_disk_open(struct td_disk **out, const char *spec, unsigned flags,
 		entries[n++] = tok;
 	}
 	if (n == 0) {
-		tdr_set_error("empty disk spec: expected TYPE:PARAMS, e.g. aio:/path/disk.img");
+		tdr_set_error("empty disk spec; write TYPE:PARAMS, e.g. aio:/path/disk.img");
 		r = -EINVAL;
 		goto fail;
 	}

@@ -13,13 +13,13 @@ int td_spec_split_entry(const char *entry, char *type, size_t typelen, const cha
 	size_t n;
 
 	if (!colon) {
-		tdr_set_error("'%s' is not a disk spec: expected TYPE:PARAMS, e.g. aio:/path/disk.img (types: %s)",
+		tdr_set_error("'%s' is not a disk spec; write TYPE:PARAMS, e.g. aio:/path/disk.img (types: %s)",
 			      entry, td_driver_names());
 		return -EINVAL;
 	}
 	n = (size_t)(colon - entry);
 	if (n == 0 || n >= typelen) {
-		tdr_set_error("'%s' has no valid image type before ':' (types: %s)",
+		tdr_set_error("'%s' has no valid image type before ':'; write TYPE:PARAMS (types: %s)",
 			      entry, td_driver_names());
 		return -EINVAL;
 	}

@@ -238,6 +238,42 @@ START_TEST(defer_fifo_once)
 }
 END_TEST
 
+/* A deferred call that cancels a later one of the same batch. */
+static struct tdr_defer victim, after;
+
+static void cancel_victim(void *arg)
+{
+	order[norder++] = 1;
+	tdr_loop_cancel_defer(loop, &victim);
+}
+
+START_TEST(defer_cancel_within_batch)
+{
+	struct tdr_defer first;
+
+	norder = 0;
+	tdr_defer_init(&first, cancel_victim, NULL);
+	tdr_defer_init(&victim, record_defer, (void *)2L);
+	tdr_defer_init(&after, record_defer, (void *)3L);
+	tdr_loop_defer(loop, &first);
+	tdr_loop_defer(loop, &victim);
+	tdr_loop_defer(loop, &after);
+	tdr_loop_run_once(loop, 0);
+	ck_assert_int_eq(norder, 2);
+	ck_assert_int_eq(order[0], 1);
+	ck_assert_int_eq(order[1], 3);
+	ck_assert(!victim.queued);
+	ck_assert(!after.queued);
+	/* Both can be queued again. */
+	tdr_loop_defer(loop, &victim);
+	tdr_loop_defer(loop, &after);
+	tdr_loop_run_once(loop, 0);
+	ck_assert_int_eq(norder, 4);
+	ck_assert_int_eq(order[2], 2);
+	ck_assert_int_eq(order[3], 3);
+}
+END_TEST
+
 static int prepares;
 
 static void count_prepare(void *arg)
@@ -292,6 +328,7 @@ int main(void)
 	tcase_add_test(tc, fd_watch_bad_fd);
 	tcase_add_test(tc, fd_unwatch_within_batch);
 	tcase_add_test(tc, defer_fifo_once);
+	tcase_add_test(tc, defer_cancel_within_batch);
 	tcase_add_test(tc, prepare_runs_every_turn);
 	tcase_add_test(tc, run_until_stop);
 	suite_add_tcase(s, tc);

@@ -329,7 +329,7 @@ START_TEST(spec_entry_split)
 	ck_assert_int_eq(td_spec_split_entry("vhd:", type, sizeof(type), &params), 0);
 	ck_assert_str_eq(params, "");
 	ck_assert_int_eq(td_spec_split_entry("/x/y", type, sizeof(type), &params), -EINVAL);
-	ck_assert_ptr_nonnull(strstr(tdr_last_error(), "expected TYPE:PARAMS"));
+	ck_assert_ptr_nonnull(strstr(tdr_last_error(), "is not a disk spec; write TYPE:PARAMS"));
 	ck_assert_int_eq(td_spec_split_entry(":/x", type, sizeof(type), &params), -EINVAL);
 	ck_assert_int_eq(td_spec_split_entry("waytoolongtype:/x", type, sizeof(type), &params), -EINVAL);
 }

@@ -1,0 +1,1712 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/*
+ * Driver "vhd": fixed, dynamic and differencing VHD files, asynchronous.
+ *
+ * The whole file is validated at open (vhd_meta_load) before anything may be
+ * written.  The BAT lives in memory; bitmaps of allocated blocks are cached.
+ * Requests run in parallel; nothing serialises them except where the format
+ * needs it:
+ *   - one allocation per block: writes to a block being allocated join it;
+ *   - one bitmap write at a time per block (later bits wait for the next);
+ *   - one write at a time per BAT sector (entries of several allocations in
+ *     the same sector go in the next write);
+ *   - one footer write at a time.
+ * Allocation is crash-safe (see vhd-file.c for the same order):
+ *   1. file space is assigned in memory at once (next_free), so allocations
+ *      of different blocks proceed in parallel;
+ *   2. the footer is written past the new block (one write covers every
+ *      allocation assigned so far) and made durable, so the file always
+ *      ends with a footer;
+ *   3. bitmap and data of the new block are written;
+ *   4. fdsync;
+ *   5. the BAT sector pointing at the block is written, and only then are
+ *      the writes acknowledged.
+ * A crash at any point leaves a valid file, with at most leaked space.
+ * For an allocated block of a differencing disk, a write whose sectors were
+ * not yet marked waits for its data, then fdsync, then the bitmap write: a
+ * bit never exposes data that is not on disk (dynamic disks skip the fdsync,
+ * see bm_flush).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "tdr/image.h"
+#include "tdr/log.h"
+#include "tdr/vhd.h"
+
+#define BM_CACHE_MAX 4096u	/* bitmaps kept when unused (2 MiB at 2 MiB blocks) */
+#define BM_HASH 1024u
+
+struct vhd_state;
+
+/* One request (or piece of one) at the file. */
+struct vhd_op {
+	struct tdr_iocb iocb;
+	struct vhd_state *s;
+	struct td_request *req;
+	struct tdr_list entry;
+	uint32_t block, in, n;	/* the piece's block and sectors in it */
+	struct vhd_bm *bm;
+};
+
+/* The cached bitmap of an allocated block. */
+struct vhd_bm {
+	struct vhd_state *s;
+	uint32_t block;
+	uint8_t *map;		/* bits set only once their data is written */
+	uint8_t *wbuf;		/* copy being written */
+	bool loaded, loading, writing;
+	bool sync_done;
+	bool fua;
+	unsigned refs;
+	struct tdr_list waiters;	/* ops waiting for the load */
+	struct tdr_list pending;	/* ops whose bits go in the next write */
+	struct tdr_list inflight;	/* ops whose bits are being written */
+	struct tdr_list lru;
+	struct tdr_iocb iocb;
+	struct vhd_bm *hnext;
+	int err;
+};
+
+enum alloc_state { AL_FOOTER, AL_WRITING, AL_SYNC, AL_BAT };
+
+/* A block being allocated. */
+struct vhd_alloc {
+	struct vhd_state *s;
+	uint32_t block;
+	uint64_t off, end;	/* bytes: bitmap start, end of data */
+	uint8_t *map;
+	enum alloc_state state;
+	int pending, err;
+	bool fua;
+	struct tdr_list batch;	/* ops written by this allocation */
+	struct tdr_list later;	/* ops that came after the writes started */
+	struct tdr_list entry;	/* footer or BAT sector wait list */
+	struct tdr_iocb iocb;
+	struct vhd_alloc *hnext;
+};
+
+struct bat_sec {
+	struct vhd_state *s;
+	uint32_t idx;
+	bool busy;
+	bool fua;
+	struct tdr_list waiting;
+	struct tdr_list inflight;
+	struct tdr_iocb iocb;
+	uint8_t *buf;
+};
+
+struct vhd_state {
+	struct td_image *img;
+	int fd;
+	bool direct;
+	struct vhd_meta m;	/* m.bat: the live BAT (what reads see) */
+	uint32_t *bat_disk;	/* what is on disk or being written */
+	struct bat_sec *bsec;
+	uint32_t nbsec;
+	uint64_t size_secs;
+	uint32_t bm_bytes;
+
+	uint64_t next_free;	/* bytes */
+	uint64_t assigned_end;	/* end of the last assigned block */
+	uint64_t footer_off;	/* where the footer is (written) */
+	bool footer_busy;
+	uint64_t footer_target;
+	struct tdr_list footer_waiters;
+	struct tdr_iocb footer_iocb;
+	uint8_t *footer_buf;
+
+	struct vhd_bm *bm_hash[BM_HASH];
+	struct vhd_alloc *al_hash[BM_HASH];
+	struct tdr_list lru;
+	unsigned bm_count;
+
+	unsigned ops_live;
+	struct {
+		uint64_t allocs, bm_writes, bm_loads, bm_hits, bat_writes, footer_writes;
+		uint64_t joined_allocs, evictions;
+	} st;
+};
+
+static void vhd_write_seg(struct vhd_state *s, struct td_request *req);
+static void vhd_read_seg(struct vhd_state *s, struct td_request *req);
+static void status_seg(struct vhd_state *s, struct td_request *req);
+
+static inline bool is_dynamic(const struct vhd_state *s)
+{
+	return vhd_meta_dynamic(&s->m);
+}
+
+static inline bool is_diff(const struct vhd_state *s)
+{
+	return s->m.footer.type == VHD_TYPE_DIFF;
+}
+
+static inline uint64_t data_off(const struct vhd_state *s, uint32_t bat_entry, uint32_t in)
+{
+	return ((uint64_t)bat_entry + s->m.bm_secs + in) << VHD_SECTOR_SHIFT;
+}
+
+static struct vhd_op *op_new(struct vhd_state *s, struct td_request *req)
+{
+	struct vhd_op *op = calloc(1, sizeof(*op));
+
+	if (!op)
+		return NULL;
+	op->s = s;
+	op->req = req;
+	op->block = (uint32_t)(is_dynamic(s) ? req->sec / s->m.spb : 0);
+	op->in = (uint32_t)(is_dynamic(s) ? req->sec % s->m.spb : 0);
+	op->n = req->secs;
+	tdr_list_init(&op->entry);
+	s->ops_live++;
+	return op;
+}
+
+static void op_finish(struct vhd_op *op, int err)
+{
+	struct td_request *req = op->req;
+
+	op->s->ops_live--;
+	free(op);
+	td_complete_request(req, err);
+}
+
+/* ------------------------------------------------------------------ */
+/* Forwarding, with a parent that may be smaller */
+
+static void fill_zero(struct td_request *req)
+{
+	if (req->op == TD_OP_READ) {
+		memset(req->buf, 0, (size_t)req->secs << TD_SECTOR_SHIFT);
+	} else {
+		req->bs_secs = req->secs;
+		req->bs_flags = TD_BS_HOLE | TD_BS_ZERO;
+	}
+	td_complete_request(req, 0);
+}
+
+/* A read or block status for sectors this image does not hold. */
+static void serve_below(struct vhd_state *s, struct td_request *req)
+{
+	struct td_image *img = s->img;
+	uint64_t psecs;
+	struct td_request *sub;
+
+	if (!is_diff(s) || !img->parent) {
+		fill_zero(req);
+		return;
+	}
+	psecs = img->parent->size_secs;
+	if (req->sec + req->secs <= psecs) {
+		td_forward_request(img, req);
+		return;
+	}
+	if (req->sec >= psecs) {
+		fill_zero(req);
+		return;
+	}
+	td_request_split_begin(req);
+	sub = td_request_sub(req, req->sec, (uint32_t)(psecs - req->sec));
+	if (sub)
+		td_forward_request(img, sub);
+	if (req->op == TD_OP_READ) {
+		sub = td_request_sub(req, psecs, (uint32_t)(req->sec + req->secs - psecs));
+		if (sub)
+			fill_zero(sub);
+	}
+	td_request_split_end(req);
+}
+
+/* ------------------------------------------------------------------ */
+/* Bitmap cache */
+
+static struct vhd_bm *bm_find(struct vhd_state *s, uint32_t block)
+{
+	struct vhd_bm *bm;
+
+	for (bm = s->bm_hash[block % BM_HASH]; bm; bm = bm->hnext)
+		if (bm->block == block)
+			return bm;
+	return NULL;
+}
+
+static void bm_unhash(struct vhd_state *s, struct vhd_bm *bm)
+{
+	struct vhd_bm **pp = &s->bm_hash[bm->block % BM_HASH];
+
+	while (*pp != bm)
+		pp = &(*pp)->hnext;
+	*pp = bm->hnext;
+}
+
+static void bm_free(struct vhd_bm *bm)
+{
+	free(bm->map);
+	free(bm->wbuf);
+	free(bm);
+}
+
+static void bm_evict_some(struct vhd_state *s)
+{
+	while (s->bm_count > BM_CACHE_MAX && !tdr_list_empty(&s->lru)) {
+		struct vhd_bm *bm = tdr_list_entry(s->lru.next, struct vhd_bm, lru);
+
+		tdr_list_del(&bm->lru);
+		bm_unhash(s, bm);
+		bm_free(bm);
+		s->bm_count--;
+		s->st.evictions++;
+	}
+}
+
+static struct vhd_bm *bm_new(struct vhd_state *s, uint32_t block, uint8_t *map)
+{
+	struct vhd_bm *bm = calloc(1, sizeof(*bm));
+
+	if (!bm)
+		return NULL;
+	bm->s = s;
+	bm->block = block;
+	bm->map = map ? map : tdr_io_alloc(s->bm_bytes);
+	if (!bm->map) {
+		free(bm);
+		return NULL;
+	}
+	tdr_list_init(&bm->waiters);
+	tdr_list_init(&bm->pending);
+	tdr_list_init(&bm->inflight);
+	tdr_list_init(&bm->lru);
+	bm->hnext = s->bm_hash[block % BM_HASH];
+	s->bm_hash[block % BM_HASH] = bm;
+	s->bm_count++;
+	return bm;
+}
+
+static void bm_get(struct vhd_bm *bm)
+{
+	if (bm->refs++ == 0)
+		tdr_list_del(&bm->lru);
+}
+
+static void bm_put(struct vhd_bm *bm)
+{
+	struct vhd_state *s = bm->s;
+
+	if (--bm->refs == 0) {
+		if (!bm->loaded) {
+			/* a failed load: forget it so the next user retries */
+			bm_unhash(s, bm);
+			bm_free(bm);
+			s->bm_count--;
+			return;
+		}
+		tdr_list_add_tail(&bm->lru, &s->lru);
+		bm_evict_some(s);
+	}
+}
+
+static void op_with_bitmap(struct vhd_op *op, int err);
+
+static void bm_load_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_bm *bm = arg;
+	struct tdr_list *pos, *tmp;
+	int err = res < 0 ? (int)res : (res != (ssize_t)bm->s->bm_bytes ? -EIO : 0);
+
+	bm->loading = false;
+	if (!err)
+		bm->loaded = true;
+	bm_get(bm);	/* the waiters may drop the last reference */
+	tdr_list_for_each_safe(pos, tmp, &bm->waiters) {
+		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
+
+		tdr_list_del(&op->entry);
+		op_with_bitmap(op, err);
+	}
+	bm_put(bm);
+}
+
+/* Gets the bitmap of op's (allocated) block, then calls op_with_bitmap. */
+static void op_need_bitmap(struct vhd_op *op)
+{
+	struct vhd_state *s = op->s;
+	struct vhd_bm *bm = bm_find(s, op->block);
+
+	if (!bm) {
+		bm = bm_new(s, op->block, NULL);
+		if (!bm) {
+			op_finish(op, -ENOMEM);
+			return;
+		}
+	}
+	bm_get(bm);
+	op->bm = bm;
+	if (bm->loaded) {
+		s->st.bm_hits++;
+		op_with_bitmap(op, 0);
+		return;
+	}
+	tdr_list_add_tail(&op->entry, &bm->waiters);
+	if (!bm->loading) {
+		bm->loading = true;
+		s->st.bm_loads++;
+		tdr_io_pread(s->img->io, &bm->iocb, s->fd, bm->map, s->bm_bytes,
+			     (uint64_t)s->m.bat[op->block] << VHD_SECTOR_SHIFT, bm_load_done, bm);
+	}
+}
+
+/* ------------------------------------------------------------------ */
+/* Reads */
+
+static void read_io_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_op *op = arg;
+	size_t len = (size_t)op->req->secs << TD_SECTOR_SHIFT;
+
+	op_finish(op, res < 0 ? (int)res : ((size_t)res != len ? -EIO : 0));
+}
+
+static void read_file(struct vhd_state *s, struct td_request *req, uint64_t off)
+{
+	struct vhd_op *op = op_new(s, req);
+
+	if (!op) {
+		td_complete_request(req, -ENOMEM);
+		return;
+	}
+	tdr_io_pread(s->img->io, &op->iocb, s->fd, req->buf, (size_t)req->secs << TD_SECTOR_SHIFT,
+		     off, read_io_done, op);
+}
+
+static void read_runs(struct vhd_op *op)
+{
+	struct vhd_state *s = op->s;
+	struct td_request *req = op->req;
+	const uint8_t *map = op->bm->map;
+	uint32_t entry = s->m.bat[op->block];
+	uint32_t i = 0;
+	bool set;
+	uint32_t run = vhd_bitmap_run(map, op->in, op->n, &set);
+
+	if (run == op->n) {
+		/* the common case: one run, no split */
+		op->s->ops_live--;
+		bm_put(op->bm);
+		free(op);
+		if (set)
+			read_file(s, req, data_off(s, entry, (uint32_t)(req->sec % s->m.spb)));
+		else
+			serve_below(s, req);
+		return;
+	}
+	td_request_split_begin(req);
+	while (i < op->n) {
+		struct td_request *sub;
+
+		run = vhd_bitmap_run(map, op->in + i, op->n - i, &set);
+		sub = td_request_sub(req, req->sec + i, run);
+		if (!sub)
+			break;
+		if (set)
+			read_file(s, sub, data_off(s, entry, op->in + i));
+		else
+			serve_below(s, sub);
+		i += run;
+	}
+	bm_put(op->bm);
+	s->ops_live--;
+	free(op);
+	td_request_split_end(req);
+}
+
+/* ------------------------------------------------------------------ */
+/* Footer extension */
+
+static void footer_kick(struct vhd_state *s);
+static void alloc_write(struct vhd_alloc *a);
+static void alloc_fail(struct vhd_alloc *a, int err);
+
+static void footer_synced(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_state *s = arg;
+	struct tdr_list *pos, *tmp;
+	int err = res < 0 ? (int)res : 0;
+
+	s->footer_busy = false;
+	if (!err)
+		s->footer_off = s->footer_target;
+	tdr_list_for_each_safe(pos, tmp, &s->footer_waiters) {
+		struct vhd_alloc *a = tdr_list_entry(pos, struct vhd_alloc, entry);
+
+		if (err) {
+			tdr_list_del(&a->entry);
+			alloc_fail(a, err);
+		} else if (a->end <= s->footer_off) {
+			tdr_list_del(&a->entry);
+			alloc_write(a);
+		}
+	}
+	footer_kick(s);
+}
+
+/* The new footer must be durable before a block overwrites the old one. */
+static void footer_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_state *s = arg;
+
+	if (res >= 0 && res != VHD_FOOTER_SIZE)
+		res = -EIO;
+	if (res < 0) {
+		footer_synced(io, res, arg);
+		return;
+	}
+	tdr_io_fdsync(s->img->io, &s->footer_iocb, s->fd, footer_synced, s);
+}
+
+static void footer_kick(struct vhd_state *s)
+{
+	if (s->footer_busy || tdr_list_empty(&s->footer_waiters))
+		return;
+	s->footer_busy = true;
+	s->footer_target = s->assigned_end;
+	s->st.footer_writes++;
+	tdr_io_pwrite(s->img->io, &s->footer_iocb, s->fd, s->footer_buf, VHD_FOOTER_SIZE,
+		      s->footer_target, footer_done, s);
+}
+
+/* ------------------------------------------------------------------ */
+/* BAT sectors */
+
+static void bat_kick(struct vhd_state *s, uint32_t idx);
+static void alloc_done(struct vhd_alloc *a, int err);
+
+static void bat_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct bat_sec *bs = arg;
+	struct tdr_list *pos, *tmp, done;
+	int err = res < 0 ? (int)res : (res != VHD_SECTOR_SIZE ? -EIO : 0);
+
+	tdr_list_init(&done);
+	tdr_list_for_each_safe(pos, tmp, &bs->inflight) {
+		struct vhd_alloc *a = tdr_list_entry(pos, struct vhd_alloc, entry);
+
+		tdr_list_del(&a->entry);
+		tdr_list_add_tail(&a->entry, &done);
+	}
+	bs->busy = false;
+	tdr_list_for_each_safe(pos, tmp, &done) {
+		struct vhd_alloc *a = tdr_list_entry(pos, struct vhd_alloc, entry);
+
+		tdr_list_del(&a->entry);
+		alloc_done(a, err);
+	}
+	bat_kick(bs->s, bs->idx);
+}
+
+static void bat_kick(struct vhd_state *s, uint32_t idx)
+{
+	struct bat_sec *bs = &s->bsec[idx];
+	struct tdr_list *pos, *tmp;
+
+	if (bs->busy || tdr_list_empty(&bs->waiting))
+		return;
+	if (!bs->buf && !(bs->buf = tdr_io_alloc(VHD_SECTOR_SIZE))) {
+		tdr_list_for_each_safe(pos, tmp, &bs->waiting) {
+			struct vhd_alloc *a = tdr_list_entry(pos, struct vhd_alloc, entry);
+
+			tdr_list_del(&a->entry);
+			alloc_done(a, -ENOMEM);
+		}
+		return;
+	}
+	bs->busy = true;
+	bs->fua = false;
+	tdr_list_for_each_safe(pos, tmp, &bs->waiting) {
+		struct vhd_alloc *a = tdr_list_entry(pos, struct vhd_alloc, entry);
+
+		tdr_list_del(&a->entry);
+		tdr_list_add_tail(&a->entry, &bs->inflight);
+		bs->fua |= a->fua;
+	}
+	vhd_bat_sector(s->bat_disk, s->m.bat_entries, idx, bs->buf);
+	s->st.bat_writes++;
+	if (bs->fua)
+		tdr_io_pwrite_dsync(s->img->io, &bs->iocb, s->fd, bs->buf, VHD_SECTOR_SIZE,
+				    s->m.header.table_offset + (uint64_t)idx * VHD_SECTOR_SIZE,
+				    bat_done, bs);
+	else
+		tdr_io_pwrite(s->img->io, &bs->iocb, s->fd, bs->buf, VHD_SECTOR_SIZE,
+			      s->m.header.table_offset + (uint64_t)idx * VHD_SECTOR_SIZE,
+			      bat_done, bs);
+}
+
+/* ------------------------------------------------------------------ */
+/* Allocation */
+
+static struct vhd_alloc *alloc_find(struct vhd_state *s, uint32_t block)
+{
+	struct vhd_alloc *a;
+
+	for (a = s->al_hash[block % BM_HASH]; a; a = a->hnext)
+		if (a->block == block)
+			return a;
+	return NULL;
+}
+
+static void alloc_unhash(struct vhd_alloc *a)
+{
+	struct vhd_alloc **pp = &a->s->al_hash[a->block % BM_HASH];
+
+	while (*pp != a)
+		pp = &(*pp)->hnext;
+	*pp = a->hnext;
+}
+
+/* Completes the batch, re-dispatches the latecomers, frees a. */
+static void alloc_finish(struct vhd_alloc *a, int err)
+{
+	struct vhd_state *s = a->s;
+	struct tdr_list *pos, *tmp, later;
+
+	alloc_unhash(a);
+	tdr_list_init(&later);
+	tdr_list_for_each_safe(pos, tmp, &a->later) {
+		tdr_list_del(pos);
+		tdr_list_add_tail(pos, &later);
+	}
+	tdr_list_for_each_safe(pos, tmp, &a->batch) {
+		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
+
+		tdr_list_del(&op->entry);
+		op_finish(op, err);
+	}
+	free(a->map);
+	free(a);
+	tdr_list_for_each_safe(pos, tmp, &later) {
+		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
+		struct td_request *req = op->req;
+
+		tdr_list_del(&op->entry);
+		s->ops_live--;
+		free(op);
+		vhd_write_seg(s, req);
+	}
+}
+
+static void alloc_fail(struct vhd_alloc *a, int err)
+{
+	TDR_ERR("%s: allocating block %u failed: %s", a->s->img->params, a->block, strerror(-err));
+	alloc_finish(a, err);
+}
+
+static void alloc_done(struct vhd_alloc *a, int err)
+{
+	struct vhd_state *s = a->s;
+	struct vhd_bm *bm;
+
+	if (err) {
+		s->bat_disk[a->block] = VHD_BAT_UNUSED;
+		alloc_fail(a, err);
+		return;
+	}
+	s->m.bat[a->block] = s->bat_disk[a->block];
+	s->m.allocated++;
+	if (a->end > s->m.data_end)
+		s->m.data_end = a->end;
+	/* The bitmap just written becomes the cached one. */
+	bm = bm_find(s, a->block);
+	if (!bm && (bm = bm_new(s, a->block, a->map))) {
+		a->map = NULL;
+		bm->loaded = true;
+		tdr_list_add_tail(&bm->lru, &s->lru);
+		bm_evict_some(s);
+	}
+	alloc_finish(a, 0);
+}
+
+static void alloc_sync_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_alloc *a = arg;
+	struct vhd_state *s = a->s;
+	uint32_t idx = a->block / (VHD_SECTOR_SIZE / 4);
+
+	if (res < 0) {
+		alloc_fail(a, (int)res);
+		return;
+	}
+	a->state = AL_BAT;
+	s->bat_disk[a->block] = (uint32_t)(a->off >> VHD_SECTOR_SHIFT);
+	tdr_list_add_tail(&a->entry, &s->bsec[idx].waiting);
+	bat_kick(s, idx);
+}
+
+static void alloc_piece_done(struct vhd_alloc *a, ssize_t res, size_t len)
+{
+	if (res < 0 && !a->err)
+		a->err = (int)res;
+	else if (res >= 0 && (size_t)res != len && !a->err)
+		a->err = -EIO;
+	if (--a->pending)
+		return;
+	if (a->err) {
+		alloc_fail(a, a->err);
+		return;
+	}
+	a->state = AL_SYNC;
+	tdr_io_fdsync(a->s->img->io, &a->iocb, a->s->fd, alloc_sync_done, a);
+}
+
+static void alloc_map_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_alloc *a = arg;
+
+	alloc_piece_done(a, res, a->s->bm_bytes);
+}
+
+static void alloc_data_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_op *op = arg;
+
+	alloc_piece_done(alloc_find(op->s, op->block), res, (size_t)op->n << TD_SECTOR_SHIFT);
+}
+
+/* Footer is past the block: write the bitmap and every batched piece. */
+static void alloc_write(struct vhd_alloc *a)
+{
+	struct vhd_state *s = a->s;
+	struct tdr_list *pos, *tmp;
+
+	a->state = AL_WRITING;
+	a->pending = 1;
+	tdr_list_for_each_safe(pos, tmp, &a->batch) {
+		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
+
+		vhd_bitmap_set_range(a->map, op->in, op->n);
+		a->fua |= (op->req->flags & TD_REQ_FUA) != 0;
+		a->pending++;
+	}
+	tdr_list_for_each_safe(pos, tmp, &a->batch) {
+		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
+
+		tdr_io_pwrite(s->img->io, &op->iocb, s->fd, op->req->buf,
+			      (size_t)op->n << TD_SECTOR_SHIFT,
+			      a->off + s->bm_bytes + ((uint64_t)op->in << TD_SECTOR_SHIFT),
+			      alloc_data_done, op);
+	}
+	tdr_io_pwrite(s->img->io, &a->iocb, s->fd, a->map, s->bm_bytes, a->off, alloc_map_done, a);
+}
+
+static void alloc_start(struct vhd_state *s, struct vhd_op *op)
+{
+	struct vhd_alloc *a = calloc(1, sizeof(*a));
+	uint64_t bs = s->m.header.block_size;
+
+	if (!a || !(a->map = tdr_io_alloc(s->bm_bytes))) {
+		free(a);
+		op_finish(op, -ENOMEM);
+		return;
+	}
+	memset(a->map, 0, s->bm_bytes);
+	a->s = s;
+	a->block = op->block;
+	a->off = s->next_free;
+	a->end = a->off + s->bm_bytes + bs;
+	tdr_list_init(&a->batch);
+	tdr_list_init(&a->later);
+	tdr_list_init(&a->entry);
+	if ((a->off >> VHD_SECTOR_SHIFT) >= VHD_BAT_UNUSED - 1) {
+		free(a->map);
+		free(a);
+		TDR_ERR("%s: the file is full (VHD files cannot exceed 2 TiB)", s->img->params);
+		op_finish(op, -ENOSPC);
+		return;
+	}
+	s->next_free = vhd_block_place(a->end, s->m.bm_secs);
+	if (a->end > s->assigned_end)
+		s->assigned_end = a->end;
+	a->hnext = s->al_hash[a->block % BM_HASH];
+	s->al_hash[a->block % BM_HASH] = a;
+	tdr_list_add_tail(&op->entry, &a->batch);
+	s->st.allocs++;
+	a->state = AL_FOOTER;
+	if (s->footer_off >= a->end) {
+		alloc_write(a);
+		return;
+	}
+	tdr_list_add_tail(&a->entry, &s->footer_waiters);
+	footer_kick(s);
+}
+
+/* ------------------------------------------------------------------ */
+/* Writes to allocated blocks */
+
+static void bm_flush(struct vhd_bm *bm);
+
+static void bm_write_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_bm *bm = arg;
+	struct tdr_list *pos, *tmp;
+	int err = res < 0 ? (int)res : (res != (ssize_t)bm->s->bm_bytes ? -EIO : 0);
+
+	bm->writing = false;
+	bm_get(bm);
+	tdr_list_for_each_safe(pos, tmp, &bm->inflight) {
+		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
+
+		tdr_list_del(&op->entry);
+		bm_put(bm);
+		op_finish(op, err);
+	}
+	bm_flush(bm);
+	bm_put(bm);
+}
+
+static void bm_sync_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_bm *bm = arg;
+	struct vhd_state *s = bm->s;
+
+	if (res < 0) {
+		bm_write_done(io, res, arg);
+		return;
+	}
+	memcpy(bm->wbuf, bm->map, s->bm_bytes);
+	s->st.bm_writes++;
+	if (bm->fua)
+		tdr_io_pwrite_dsync(s->img->io, &bm->iocb, s->fd, bm->wbuf, s->bm_bytes,
+				    (uint64_t)s->m.bat[bm->block] << VHD_SECTOR_SHIFT, bm_write_done, bm);
+	else
+		tdr_io_pwrite(s->img->io, &bm->iocb, s->fd, bm->wbuf, s->bm_bytes,
+			      (uint64_t)s->m.bat[bm->block] << VHD_SECTOR_SHIFT, bm_write_done, bm);
+}
+
+/* Writes the bits of every pending op: fdsync (their data), then the bitmap. */
+static void bm_flush(struct vhd_bm *bm)
+{
+	struct vhd_state *s = bm->s;
+	struct tdr_list *pos, *tmp;
+
+	if (bm->writing || tdr_list_empty(&bm->pending))
+		return;
+	if (!bm->wbuf && !(bm->wbuf = tdr_io_alloc(s->bm_bytes))) {
+		bm_write_done(&bm->iocb, -ENOMEM, bm);
+		return;
+	}
+	bm->writing = true;
+	bm->fua = false;
+	tdr_list_for_each_safe(pos, tmp, &bm->pending) {
+		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
+
+		tdr_list_del(&op->entry);
+		tdr_list_add_tail(&op->entry, &bm->inflight);
+		vhd_bitmap_set_range(bm->map, op->in, op->n);
+		bm->fua |= (op->req->flags & TD_REQ_FUA) != 0;
+	}
+	/*
+	 * In a differencing disk a bit durable before its data would expose
+	 * garbage instead of the parent's sectors.  In a dynamic disk the data
+	 * area under a clear bit is never written (bits only go from 0 to 1
+	 * and new blocks come from fresh file space), so it reads as the zeroes
+	 * it replaces either way: no barrier needed.
+	 */
+	if (is_diff(s))
+		tdr_io_fdsync(s->img->io, &bm->iocb, s->fd, bm_sync_done, bm);
+	else
+		bm_sync_done(&bm->iocb, 0, bm);
+}
+
+static void write_io_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_op *op = arg;
+	struct vhd_bm *bm = op->bm;
+	bool set;
+
+	if (res < 0 || (size_t)res != (size_t)op->n << TD_SECTOR_SHIFT) {
+		bm_put(bm);
+		op_finish(op, res < 0 ? (int)res : -EIO);
+		return;
+	}
+	if (vhd_bitmap_run(bm->map, op->in, op->n, &set) == op->n && set) {
+		bm_put(bm);
+		op_finish(op, 0);
+		return;
+	}
+	tdr_list_add_tail(&op->entry, &bm->pending);
+	bm_flush(bm);
+}
+
+/* ------------------------------------------------------------------ */
+/* The bitmap is there: finish the op by kind */
+
+static void op_with_bitmap(struct vhd_op *op, int err)
+{
+	struct vhd_state *s = op->s;
+	struct td_request *req = op->req;
+
+	if (err) {
+		bm_put(op->bm);
+		op_finish(op, err);
+		return;
+	}
+	switch (req->op) {
+	case TD_OP_READ:
+		read_runs(op);
+		return;
+	case TD_OP_WRITE:
+		if (req->flags & TD_REQ_FUA)
+			tdr_io_pwrite_dsync(s->img->io, &op->iocb, s->fd, req->buf,
+					    (size_t)op->n << TD_SECTOR_SHIFT,
+					    data_off(s, s->m.bat[op->block], op->in), write_io_done, op);
+		else
+			tdr_io_pwrite(s->img->io, &op->iocb, s->fd, req->buf,
+				      (size_t)op->n << TD_SECTOR_SHIFT,
+				      data_off(s, s->m.bat[op->block], op->in), write_io_done, op);
+		return;
+	case TD_OP_BLOCK_STATUS: {
+		bool set;
+		uint32_t run = vhd_bitmap_run(op->bm->map, op->in, op->n, &set);
+
+		bm_put(op->bm);
+		s->ops_live--;
+		free(op);
+		if (set) {
+			req->bs_secs = run;
+			req->bs_flags = 0;
+			td_complete_request(req, 0);
+		} else if (run == req->secs) {
+			serve_below(s, req);
+		} else {
+			struct td_request *sub;
+
+			td_request_split_begin(req);
+			sub = td_request_sub(req, req->sec, run);
+			if (sub)
+				serve_below(s, sub);
+			td_request_split_end(req);
+		}
+		return;
+	}
+	default:
+		bm_put(op->bm);
+		op_finish(op, -EINVAL);
+		return;
+	}
+}
+
+/* ------------------------------------------------------------------ */
+/* Per-block segments */
+
+static void vhd_read_seg(struct vhd_state *s, struct td_request *req)
+{
+	uint32_t b = (uint32_t)(req->sec / s->m.spb);
+	struct vhd_op *op;
+
+	if (s->m.bat[b] == VHD_BAT_UNUSED) {
+		serve_below(s, req);
+		return;
+	}
+	op = op_new(s, req);
+	if (!op) {
+		td_complete_request(req, -ENOMEM);
+		return;
+	}
+	op_need_bitmap(op);
+}
+
+static void vhd_write_seg(struct vhd_state *s, struct td_request *req)
+{
+	uint32_t b = (uint32_t)(req->sec / s->m.spb);
+	struct vhd_op *op = op_new(s, req);
+	struct vhd_alloc *a;
+
+	if (!op) {
+		td_complete_request(req, -ENOMEM);
+		return;
+	}
+	if (s->m.bat[b] != VHD_BAT_UNUSED) {
+		op_need_bitmap(op);
+		return;
+	}
+	a = alloc_find(s, b);
+	if (!a) {
+		alloc_start(s, op);
+		return;
+	}
+	s->st.joined_allocs++;
+	if (a->state == AL_FOOTER)
+		tdr_list_add_tail(&op->entry, &a->batch);
+	else
+		tdr_list_add_tail(&op->entry, &a->later);
+}
+
+static void status_seg(struct vhd_state *s, struct td_request *req)
+{
+	uint32_t b = (uint32_t)(req->sec / s->m.spb);
+	struct vhd_op *op;
+
+	if (s->m.bat[b] == VHD_BAT_UNUSED) {
+		serve_below(s, req);
+		return;
+	}
+	op = op_new(s, req);
+	if (!op) {
+		td_complete_request(req, -ENOMEM);
+		return;
+	}
+	op_need_bitmap(op);
+}
+
+/* Runs fn on req, or on per-block pieces of it. */
+static void by_block(struct vhd_state *s, struct td_request *req,
+		     void (*fn)(struct vhd_state *, struct td_request *))
+{
+	uint64_t first = req->sec / s->m.spb, last = (req->sec + req->secs - 1) / s->m.spb;
+	uint64_t sec = req->sec, end = req->sec + req->secs;
+
+	if (first == last) {
+		fn(s, req);
+		return;
+	}
+	td_request_split_begin(req);
+	while (sec < end) {
+		uint64_t bend = (sec / s->m.spb + 1) * s->m.spb;
+		uint32_t n = (uint32_t)((bend < end ? bend : end) - sec);
+		struct td_request *sub = td_request_sub(req, sec, n);
+
+		if (!sub)
+			break;
+		fn(s, sub);
+		sec += n;
+	}
+	td_request_split_end(req);
+}
+
+static void fixed_rw_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_op *op = arg;
+
+	op_finish(op, res < 0 ? (int)res :
+		  ((size_t)res != (size_t)op->n << TD_SECTOR_SHIFT ? -EIO : 0));
+}
+
+static void fixed_rw(struct vhd_state *s, struct td_request *req)
+{
+	struct vhd_op *op = op_new(s, req);
+	size_t len = (size_t)req->secs << TD_SECTOR_SHIFT;
+	uint64_t off = req->sec << TD_SECTOR_SHIFT;
+
+	if (!op) {
+		td_complete_request(req, -ENOMEM);
+		return;
+	}
+	if (req->op == TD_OP_READ)
+		tdr_io_pread(s->img->io, &op->iocb, s->fd, req->buf, len, off, fixed_rw_done, op);
+	else if (req->flags & TD_REQ_FUA)
+		tdr_io_pwrite_dsync(s->img->io, &op->iocb, s->fd, req->buf, len, off,
+				    fixed_rw_done, op);
+	else
+		tdr_io_pwrite(s->img->io, &op->iocb, s->fd, req->buf, len, off, fixed_rw_done, op);
+}
+
+static void vhd_queue_read(struct td_image *img, struct td_request *req)
+{
+	struct vhd_state *s = img->priv;
+
+	if (!req->secs) {
+		td_complete_request(req, 0);
+		return;
+	}
+	if (!is_dynamic(s))
+		fixed_rw(s, req);
+	else
+		by_block(s, req, vhd_read_seg);
+}
+
+static void vhd_queue_write(struct td_image *img, struct td_request *req)
+{
+	struct vhd_state *s = img->priv;
+
+	if (img->flags & TD_OPEN_RDONLY) {
+		td_complete_request(req, -EPERM);
+		return;
+	}
+	if (!req->secs) {
+		td_complete_request(req, 0);
+		return;
+	}
+	if (!is_dynamic(s))
+		fixed_rw(s, req);
+	else
+		by_block(s, req, vhd_write_seg);
+}
+
+static void flush_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_op *op = arg;
+
+	op_finish(op, res < 0 ? (int)res : 0);
+}
+
+static void vhd_queue_flush(struct td_image *img, struct td_request *req)
+{
+	struct vhd_state *s = img->priv;
+	struct vhd_op *op;
+
+	if (img->flags & TD_OPEN_RDONLY) {
+		td_complete_request(req, 0);
+		return;
+	}
+	op = op_new(s, req);
+	if (!op) {
+		td_complete_request(req, -ENOMEM);
+		return;
+	}
+	tdr_io_fdsync(img->io, &op->iocb, s->fd, flush_done, op);
+}
+
+static void vhd_queue_block_status(struct td_image *img, struct td_request *req)
+{
+	struct vhd_state *s = img->priv;
+	uint64_t bend, run_end, b;
+
+	if (!is_dynamic(s) || !req->secs) {
+		req->bs_secs = req->secs;
+		req->bs_flags = 0;
+		td_complete_request(req, 0);
+		return;
+	}
+	b = req->sec / s->m.spb;
+	bend = (b + 1) * s->m.spb;
+	if (s->m.bat[b] != VHD_BAT_UNUSED) {
+		if (req->sec + req->secs <= bend) {
+			status_seg(s, req);
+		} else {
+			struct td_request *sub;
+
+			td_request_split_begin(req);
+			sub = td_request_sub(req, req->sec, (uint32_t)(bend - req->sec));
+			if (sub)
+				status_seg(s, sub);
+			td_request_split_end(req);
+		}
+		return;
+	}
+	/* A run of unallocated blocks. */
+	run_end = bend;
+	while (run_end < req->sec + req->secs && s->m.bat[run_end / s->m.spb] == VHD_BAT_UNUSED)
+		run_end += s->m.spb;
+	if (run_end >= req->sec + req->secs) {
+		serve_below(s, req);
+	} else {
+		struct td_request *sub;
+
+		td_request_split_begin(req);
+		sub = td_request_sub(req, req->sec, (uint32_t)(run_end - req->sec));
+		if (sub)
+			serve_below(s, sub);
+		td_request_split_end(req);
+	}
+}
+
+/* ------------------------------------------------------------------ */
+/* Open / close */
+
+static void vhd_free_state(struct vhd_state *s)
+{
+	for (unsigned i = 0; i < BM_HASH; i++) {
+		while (s->bm_hash[i]) {
+			struct vhd_bm *bm = s->bm_hash[i];
+
+			s->bm_hash[i] = bm->hnext;
+			bm_free(bm);
+		}
+	}
+	s->bm_count = 0;
+	tdr_list_init(&s->lru);
+	if (s->bsec)
+		for (uint32_t i = 0; i < s->nbsec; i++)
+			free(s->bsec[i].buf);
+	free(s->bsec);
+	s->bsec = NULL;
+	free(s->bat_disk);
+	s->bat_disk = NULL;
+	free(s->footer_buf);
+	s->footer_buf = NULL;
+	vhd_meta_free(&s->m);
+	if (s->fd >= 0)
+		close(s->fd);
+	s->fd = -1;
+}
+
+static int vhd_open(struct td_image *img, const char *params, unsigned flags)
+{
+	struct vhd_state *s = img->priv;
+	struct vhd_error err;
+	struct vhd_src src;
+	struct stat st;
+	int mfd, r;
+
+	s->img = img;
+	s->fd = -1;
+	tdr_list_init(&s->lru);
+	tdr_list_init(&s->footer_waiters);
+	if (!*params) {
+		tdr_set_error("vhd: no file name; use vhd:/path/to/disk.vhd");
+		return -EINVAL;
+	}
+	/* Validate everything through a plain fd before any write is possible. */
+	mfd = open(params, O_RDONLY | O_CLOEXEC);
+	if (mfd < 0) {
+		r = -errno;
+		if (r == -ENOENT)
+			tdr_set_error("%s: no such file; create it with vhd-util create -n %s -s SIZE_MB",
+				      params, params);
+		else
+			tdr_set_error("%s: cannot open: %s", params, strerror(-r));
+		return r;
+	}
+	if (fstat(mfd, &st) < 0 || !S_ISREG(st.st_mode)) {
+		close(mfd);
+		tdr_set_error("%s: not a regular file; a VHD is a file", params);
+		return -EINVAL;
+	}
+	src.pread = vhd_src_fd_pread;
+	src.ctx = (void *)(intptr_t)mfd;
+	src.size = (uint64_t)st.st_size;
+	src.name = params;
+	r = vhd_meta_load(&s->m, &src, 0, &err);
+	close(mfd);
+	if (r < 0) {
+		tdr_set_error("%s", err.msg);
+		vhd_meta_free(&s->m);
+		return r;
+	}
+
+	if (flags & TD_OPEN_NO_O_DIRECT) {
+		r = open(params, ((flags & TD_OPEN_RDONLY) ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+		if (r < 0)
+			r = -errno;
+	} else {
+		r = tdr_io_open(params, (flags & TD_OPEN_RDONLY) ? O_RDONLY : O_RDWR, 0, &s->direct);
+	}
+	if (r < 0) {
+		tdr_set_error("%s: cannot open for %s: %s%s", params,
+			      (flags & TD_OPEN_RDONLY) ? "reading" : "writing", strerror(-r),
+			      (r == -EACCES || r == -EROFS) ? "; check its permissions or use --read-only" : "");
+		vhd_free_state(s);
+		return r;
+	}
+	s->fd = r;
+	s->size_secs = s->m.footer.current_size >> VHD_SECTOR_SHIFT;
+	img->size_secs = s->size_secs;
+	img->info_discard = false;
+	if (!is_dynamic(s))
+		return 0;
+
+	s->bm_bytes = s->m.bm_secs * VHD_SECTOR_SIZE;
+	s->nbsec = (uint32_t)(((uint64_t)s->m.bat_entries * 4 + VHD_SECTOR_SIZE - 1) / VHD_SECTOR_SIZE);
+	s->bat_disk = malloc((size_t)s->m.bat_entries * sizeof(uint32_t) + 1);
+	s->bsec = calloc(s->nbsec ? s->nbsec : 1, sizeof(*s->bsec));
+	s->footer_buf = tdr_io_alloc(VHD_FOOTER_SIZE);
+	if (!s->bat_disk || !s->bsec || !s->footer_buf) {
+		vhd_free_state(s);
+		tdr_set_error("%s: out of memory", params);
+		return -ENOMEM;
+	}
+	memcpy(s->bat_disk, s->m.bat, (size_t)s->m.bat_entries * sizeof(uint32_t));
+	for (uint32_t i = 0; i < s->nbsec; i++) {
+		s->bsec[i].s = s;
+		s->bsec[i].idx = i;
+		tdr_list_init(&s->bsec[i].waiting);
+		tdr_list_init(&s->bsec[i].inflight);
+	}
+	vhd_footer_encode(&s->m.footer, s->footer_buf);
+	s->footer_off = s->m.footer_off;
+	s->assigned_end = s->footer_off;
+	s->next_free = vhd_block_place(s->m.data_end > s->footer_off ? s->m.data_end : s->footer_off,
+				       s->m.bm_secs);
+	return 0;
+}
+
+static void vhd_close(struct td_image *img)
+{
+	struct vhd_state *s = img->priv;
+
+	if (s->ops_live)
+		TDR_WARN("%s: closed with %u requests in flight", img->params, s->ops_live);
+	vhd_free_state(s);
+}
+
+static int vhd_get_parent_id(struct td_image *img, struct td_parent_id *id)
+{
+	struct vhd_state *s = img->priv;
+	struct vhd_error err;
+	int r;
+
+	if (!is_diff(s))
+		return TD_NO_PARENT;
+	r = vhd_resolve_parent(&s->m, img->params, id->path, sizeof(id->path), &err);
+	if (r < 0) {
+		tdr_set_error("%s", err.msg);
+		return r;
+	}
+	snprintf(id->drv, sizeof(id->drv), "vhd");
+	return 0;
+}
+
+static int vhd_validate_parent(struct td_image *img, struct td_image *parent)
+{
+	struct vhd_state *s = img->priv, *ps;
+	struct vhd_error err;
+	struct stat st;
+	int r;
+
+	if (parent->drv != &td_drv_vhd) {
+		tdr_set_error("%s: parent %s is not a VHD image (driver %s)", img->params,
+			      parent->params, parent->drv->name);
+		return -EINVAL;
+	}
+	ps = parent->priv;
+	if (stat(parent->params, &st) < 0)
+		st.st_mtime = 0;
+	r = vhd_check_parent(&s->m, img->params, &ps->m, parent->params, (int64_t)st.st_mtime, 0,
+			     &err);
+	if (r < 0) {
+		tdr_set_error("%s", err.msg);
+		return r;
+	}
+	if (err.code != VHD_OK)
+		TDR_WARN("%s", err.msg);
+	return 0;
+}
+
+static void vhd_debug(struct td_image *img, FILE *out)
+{
+	struct vhd_state *s = img->priv;
+	char uuid[37];
+
+	vhd_uuid_format(s->m.footer.uuid, uuid);
+	fprintf(out, "    vhd: %s %s size=%llu uuid=%s fd=%d %s in_flight=%u\n",
+		img->params, vhd_type_name(s->m.footer.type),
+		(unsigned long long)s->m.footer.current_size, uuid, s->fd,
+		s->direct ? "O_DIRECT" : "buffered", s->ops_live);
+	if (is_dynamic(s))
+		fprintf(out, "    vhd: block_size=%u blocks=%u allocated=%u next_free=%llu footer=%llu cached_bitmaps=%u\n",
+			s->m.header.block_size, s->m.blocks, s->m.allocated,
+			(unsigned long long)s->next_free, (unsigned long long)s->footer_off,
+			s->bm_count);
+}
+
+static void vhd_stats(struct td_image *img, FILE *out)
+{
+	struct vhd_state *s = img->priv;
+
+	fprintf(out, "    allocated_blocks=%u\n    allocations=%llu\n    joined_allocations=%llu\n"
+		"    bitmap_loads=%llu\n    bitmap_hits=%llu\n    bitmap_writes=%llu\n"
+		"    bitmap_evictions=%llu\n    bat_writes=%llu\n    footer_writes=%llu\n",
+		s->m.allocated, (unsigned long long)s->st.allocs,
+		(unsigned long long)s->st.joined_allocs, (unsigned long long)s->st.bm_loads,
+		(unsigned long long)s->st.bm_hits, (unsigned long long)s->st.bm_writes,
+		(unsigned long long)s->st.evictions, (unsigned long long)s->st.bat_writes,
+		(unsigned long long)s->st.footer_writes);
+}
+
+const struct td_driver td_drv_vhd = {
+	.name = "vhd",
+	.priv_size = sizeof(struct vhd_state),
+	.open = vhd_open,
+	.close = vhd_close,
+	.queue_read = vhd_queue_read,
+	.queue_write = vhd_queue_write,
+	.queue_flush = vhd_queue_flush,
+	.queue_block_status = vhd_queue_block_status,
+	.get_parent_id = vhd_get_parent_id,
+	.validate_parent = vhd_validate_parent,
+	.debug = vhd_debug,
+	.stats = vhd_stats,
+};
+
+/* ------------------------------------------------------------------ */
+/* Online make-empty */
+
+struct mk_empty {
+	struct vhd_state *s;
+	void (*done)(void *arg, int err);
+	void *arg;
+	struct tdr_iocb *iocbs;
+	uint8_t **bufs;
+	uint32_t *dirty;
+	uint32_t nbufs;
+	int pending, err;
+	uint64_t end;
+	struct tdr_iocb iocb;
+	uint8_t *fbuf;
+	int step;
+	struct tdr_defer defer;
+	int defer_err;
+};
+
+static void mk_free(struct mk_empty *mk)
+{
+	for (uint32_t i = 0; i < mk->nbufs; i++)
+		free(mk->bufs[i]);
+	free(mk->bufs);
+	free(mk->dirty);
+	free(mk->iocbs);
+	free(mk->fbuf);
+	free(mk);
+}
+
+static void mk_finish(struct mk_empty *mk, int err)
+{
+	void (*done)(void *, int) = mk->done;
+	void *arg = mk->arg;
+
+	if (err)
+		TDR_ERR("%s: make-empty failed: %s", mk->s->img->params, strerror(-err));
+	mk_free(mk);
+	done(arg, err);
+}
+
+static void mk_deferred_fail(void *arg)
+{
+	struct mk_empty *mk = arg;
+
+	mk_finish(mk, mk->defer_err);
+}
+
+static void mk_step(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct mk_empty *mk = arg;
+	struct vhd_state *s = mk->s;
+
+	if (res < 0) {
+		mk_finish(mk, (int)res);
+		return;
+	}
+	switch (mk->step++) {
+	case 0:	/* BAT durable: put the footer at the new end */
+		tdr_io_pwrite(s->img->io, &mk->iocb, s->fd, mk->fbuf, VHD_FOOTER_SIZE, mk->end,
+			      mk_step, mk);
+		return;
+	case 1:	/* the old footer stayed valid until now: cut */
+		if (ftruncate(s->fd, (off_t)(mk->end + VHD_FOOTER_SIZE)) < 0) {
+			mk_finish(mk, -errno);
+			return;
+		}
+		tdr_io_fdsync(s->img->io, &mk->iocb, s->fd, mk_step, mk);
+		return;
+	default:
+		s->footer_off = mk->end;
+		s->assigned_end = mk->end;
+		s->m.footer_off = mk->end;
+		s->m.file_size = mk->end + VHD_FOOTER_SIZE;
+		s->m.data_end = s->m.meta_end;
+		s->m.allocated = 0;
+		s->next_free = vhd_block_place(mk->end, s->m.bm_secs);
+		mk_finish(mk, 0);
+		return;
+	}
+}
+
+static void mk_bat_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct mk_empty *mk = arg;
+
+	if (res < 0 && !mk->err)
+		mk->err = (int)res;
+	if (--mk->pending)
+		return;
+	if (mk->err) {
+		mk_finish(mk, mk->err);
+		return;
+	}
+	tdr_io_fdsync(mk->s->img->io, &mk->iocb, mk->s->fd, mk_step, mk);
+}
+
+void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err), void *arg)
+{
+	struct vhd_state *s = img->priv;
+	struct mk_empty *mk = calloc(1, sizeof(*mk));
+	uint32_t b, last = UINT32_MAX, n = 0;
+	uint32_t *dirty = NULL;
+	int r = 0;
+
+	if (!mk) {
+		TDR_ERR("%s: make-empty: out of memory", img->params);
+		done(arg, -ENOMEM);
+		return;
+	}
+	mk->s = s;
+	mk->done = done;
+	mk->arg = arg;
+	if (img->drv != &td_drv_vhd || !is_dynamic(s)) {
+		tdr_set_error("%s: only dynamic and differencing VHDs can be made empty", img->params);
+		r = -EINVAL;
+		goto fail;
+	}
+	if (img->flags & TD_OPEN_RDONLY) {
+		tdr_set_error("%s: opened read-only; cannot make it empty", img->params);
+		r = -EPERM;
+		goto fail;
+	}
+	if (s->ops_live) {
+		tdr_set_error("%s: make-empty with %u requests in flight", img->params, s->ops_live);
+		r = -EBUSY;
+		goto fail;
+	}
+	/* Cost: a scan of the in-memory BAT, I/O only for the sectors that change. */
+	dirty = malloc(sizeof(*dirty) * (s->nbsec ? s->nbsec : 1));
+	mk->fbuf = tdr_io_alloc(VHD_FOOTER_SIZE);
+	if (!dirty || !mk->fbuf) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	for (b = 0; b < s->m.bat_entries; b++) {
+		if (s->m.bat[b] == VHD_BAT_UNUSED)
+			continue;
+		s->m.bat[b] = VHD_BAT_UNUSED;
+		s->bat_disk[b] = VHD_BAT_UNUSED;
+		if (b / (VHD_SECTOR_SIZE / 4) != last) {
+			last = b / (VHD_SECTOR_SIZE / 4);
+			dirty[n++] = last;
+		}
+	}
+	/* Every cached bitmap is gone with its block. */
+	for (unsigned i = 0; i < BM_HASH; i++) {
+		while (s->bm_hash[i]) {
+			struct vhd_bm *bm = s->bm_hash[i];
+
+			s->bm_hash[i] = bm->hnext;
+			bm_free(bm);
+		}
+	}
+	s->bm_count = 0;
+	tdr_list_init(&s->lru);
+	if (s->m.batmap_len) {
+		/* Only blktap's own files have one: rare, small, synchronous. */
+		int bfd = open(img->params, O_RDWR | O_CLOEXEC);
+
+		r = bfd < 0 ? -errno : vhd_meta_clear_batmap(bfd, &s->m);
+		if (bfd >= 0)
+			close(bfd);
+		if (r < 0)
+			goto fail;
+	}
+	vhd_footer_encode(&s->m.footer, mk->fbuf);
+	mk->end = (s->m.meta_end + VHD_SECTOR_SIZE - 1) & ~(uint64_t)(VHD_SECTOR_SIZE - 1);
+	mk->iocbs = calloc(n ? n : 1, sizeof(*mk->iocbs));
+	mk->bufs = calloc(n ? n : 1, sizeof(*mk->bufs));
+	if (!mk->iocbs || !mk->bufs) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		mk->bufs[i] = tdr_io_alloc(VHD_SECTOR_SIZE);
+		if (!mk->bufs[i]) {
+			r = -ENOMEM;
+			goto fail;
+		}
+		mk->nbufs++;
+		vhd_bat_sector(s->bat_disk, s->m.bat_entries, dirty[i], mk->bufs[i]);
+	}
+	mk->dirty = dirty;
+	dirty = NULL;
+	mk->pending = 1;
+	for (uint32_t i = 0; i < n; i++) {
+		mk->pending++;
+		tdr_io_pwrite(img->io, &mk->iocbs[i], s->fd, mk->bufs[i], VHD_SECTOR_SIZE,
+			      s->m.header.table_offset + (uint64_t)mk->dirty[i] * VHD_SECTOR_SIZE,
+			      mk_bat_done, mk);
+	}
+	mk_bat_done(NULL, 0, mk);
+	return;
+
+fail:
+	free(dirty);
+	/* done always runs from the loop, never inside this call */
+	mk->defer_err = r;
+	tdr_defer_init(&mk->defer, mk_deferred_fail, mk);
+	tdr_loop_defer(img->loop, &mk->defer);
+}
+
+/* ------------------------------------------------------------------ */
+/* Online commit into the parent */
+
+struct commit {
+	struct td_image *img;
+	struct vhd_state *s;
+	void (*progress)(void *arg, uint64_t done, uint64_t total);
+	void (*done)(void *arg, int err);
+	void *arg;
+	uint32_t block;		/* next block to look at */
+	uint64_t blocks_done, total;
+	uint8_t *map;
+	char *buf;
+	struct tdr_iocb iocb;
+	struct td_request *reqs;
+	unsigned nreqs, pending;
+	int err;
+	struct tdr_defer defer;
+	struct td_request flush;
+};
+
+static void commit_next(struct commit *c);
+
+static void commit_finish(struct commit *c, int err)
+{
+	void (*done)(void *, int) = c->done;
+	void *arg = c->arg;
+
+	if (err)
+		TDR_ERR("%s: commit into %s failed: %s", c->img->params,
+			c->img->parent ? c->img->parent->params : "(none)", strerror(-err));
+	free(c->map);
+	free(c->buf);
+	free(c->reqs);
+	free(c);
+	done(arg, err);
+}
+
+static void commit_deferred(void *arg)
+{
+	struct commit *c = arg;
+
+	if (c->err)
+		commit_finish(c, c->err);
+	else
+		commit_next(c);
+}
+
+static void commit_flush_done(struct td_request *req, int err, void *arg)
+{
+	commit_finish(arg, err);
+}
+
+static void commit_write_done(struct td_request *req, int err, void *arg)
+{
+	struct commit *c = arg;
+
+	if (err && !c->err)
+		c->err = err;
+	if (--c->pending)
+		return;
+	if (c->err) {
+		commit_finish(c, c->err);
+		return;
+	}
+	c->blocks_done++;
+	if (c->progress)
+		c->progress(c->arg, c->blocks_done, c->total);
+	c->block++;
+	/* Next block from the loop: keeps the stack flat with synchronous parents. */
+	tdr_loop_defer(c->img->loop, &c->defer);
+}
+
+static void commit_data_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct commit *c = arg;
+	struct vhd_state *s = c->s;
+	uint64_t base = (uint64_t)c->block * s->m.spb;
+	uint32_t n = s->size_secs - base < s->m.spb ? (uint32_t)(s->size_secs - base) : s->m.spb;
+	uint32_t i = 0;
+
+	if (res < 0 || (size_t)res != (size_t)n << TD_SECTOR_SHIFT) {
+		commit_finish(c, res < 0 ? (int)res : -EIO);
+		return;
+	}
+	c->nreqs = 0;
+	c->pending = 1;
+	while (i < n) {
+		bool set;
+		uint32_t run = vhd_bitmap_run(c->map, i, n - i, &set);
+
+		if (set) {
+			struct td_request *req = &c->reqs[c->nreqs++];
+
+			if (base + i + run > c->img->parent->size_secs) {
+				c->err = -ENOSPC;
+				break;
+			}
+			td_request_init(req, TD_OP_WRITE, base + i, run,
+					c->buf + ((size_t)i << TD_SECTOR_SHIFT), commit_write_done, c);
+			c->pending++;
+			td_queue_request(c->img->parent, req);
+		}
+		i += run;
+	}
+	commit_write_done(NULL, 0, c);
+}
+
+static void commit_map_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct commit *c = arg;
+	struct vhd_state *s = c->s;
+	uint64_t base = (uint64_t)c->block * s->m.spb;
+	uint32_t n = s->size_secs - base < s->m.spb ? (uint32_t)(s->size_secs - base) : s->m.spb;
+
+	if (res < 0 || (size_t)res != s->bm_bytes) {
+		commit_finish(c, res < 0 ? (int)res : -EIO);
+		return;
+	}
+	tdr_io_pread(c->img->io, &c->iocb, s->fd, c->buf, (size_t)n << TD_SECTOR_SHIFT,
+		     data_off(s, s->m.bat[c->block], 0), commit_data_done, c);
+}
+
+static void commit_next(struct commit *c)
+{
+	struct vhd_state *s = c->s;
+
+	while (c->block < s->m.blocks && s->m.bat[c->block] == VHD_BAT_UNUSED)
+		c->block++;
+	if (c->block >= s->m.blocks) {
+		td_request_init(&c->flush, TD_OP_FLUSH, 0, 0, NULL, commit_flush_done, c);
+		td_queue_request(c->img->parent, &c->flush);
+		return;
+	}
+	tdr_io_pread(c->img->io, &c->iocb, s->fd, c->map, s->bm_bytes,
+		     (uint64_t)s->m.bat[c->block] << VHD_SECTOR_SHIFT, commit_map_done, c);
+}
+
+void vhd_image_commit(struct td_image *child,
+		      void (*progress)(void *arg, uint64_t done, uint64_t total),
+		      void (*done)(void *arg, int err), void *arg)
+{
+	struct vhd_state *s = child->priv;
+	struct commit *c = calloc(1, sizeof(*c));
+
+	if (!c) {
+		TDR_ERR("%s: commit: out of memory", child->params);
+		done(arg, -ENOMEM);
+		return;
+	}
+	c->img = child;
+	c->s = s;
+	c->progress = progress;
+	c->done = done;
+	c->arg = arg;
+	tdr_defer_init(&c->defer, commit_deferred, c);
+	if (child->drv != &td_drv_vhd || !is_dynamic(s) || !child->parent) {
+		tdr_set_error("%s: commit needs a dynamic or differencing VHD with a parent",
+			      child->params);
+		c->err = -EINVAL;
+	} else {
+		c->map = tdr_io_alloc(s->bm_bytes);
+		c->buf = tdr_io_alloc(s->m.header.block_size);
+		c->reqs = calloc(s->m.spb / 2 + 1, sizeof(*c->reqs));
+		if (!c->map || !c->buf || !c->reqs)
+			c->err = -ENOMEM;
+		c->total = s->m.allocated;
+	}
+	tdr_loop_defer(child->loop, &c->defer);
+}

@@ -1,0 +1,252 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* Synchronous maintenance operations: make-empty, coalesce, repair. */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "tdr/vhd.h"
+
+static int full_pwrite(int fd, const void *buf, size_t len, uint64_t off)
+{
+	size_t done = 0;
+
+	while (done < len) {
+		ssize_t n = pwrite(fd, (const char *)buf + done, len - done, (off_t)(off + done));
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (n == 0)
+			return -EIO;
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+int vhd_meta_clear_batmap(int fd, const struct vhd_meta *m)
+{
+	uint64_t len = m->batmap_len - VHD_SECTOR_SIZE;
+	uint8_t hdr[VHD_SECTOR_SIZE];
+	uint8_t *zero;
+	int r;
+
+	if (!m->batmap_len)
+		return 0;
+	r = vhd_src_fd_pread((void *)(intptr_t)fd, hdr, sizeof(hdr), m->batmap_off);
+	if (r)
+		return r;
+	zero = calloc(1, len);
+	if (!zero)
+		return -ENOMEM;
+	r = full_pwrite(fd, zero, len, m->batmap_off + VHD_SECTOR_SIZE);
+	free(zero);
+	if (r)
+		return r;
+	/* checksum (offset 24) = one's complement of the byte sum of the map */
+	hdr[24] = hdr[25] = hdr[26] = hdr[27] = 0xFF;
+	return full_pwrite(fd, hdr, sizeof(hdr), m->batmap_off);
+}
+
+int vhd_file_make_empty(struct vhd_file *vf, struct vhd_error *err)
+{
+	struct vhd_meta *m = &vf->m;
+	uint8_t sector[VHD_SECTOR_SIZE], fb[VHD_FOOTER_SIZE];
+	uint32_t b, last_idx = UINT32_MAX;
+	uint64_t end;
+	int r = 0;
+
+	if (vf->rdonly)
+		return vhd_fail(err, VHD_ERR_IO, "%s: opened read-only", vf->path);
+	if (!vhd_meta_dynamic(m))
+		return vhd_fail(err, VHD_ERR_FOOTER_TYPE,
+				"%s: a fixed disk cannot be made empty; only dynamic and differencing disks",
+				vf->path);
+	/*
+	 * Clear every allocated entry and write each BAT sector that changed
+	 * once; the BAT must be durable before the blocks go away.
+	 */
+	for (b = 0; b < m->bat_entries && !r; b++) {
+		uint32_t idx = b / (VHD_SECTOR_SIZE / 4);
+
+		if (m->bat[b] == VHD_BAT_UNUSED)
+			continue;
+		m->bat[b] = VHD_BAT_UNUSED;
+		if (idx != last_idx && last_idx != UINT32_MAX) {
+			vhd_bat_sector(m->bat, m->bat_entries, last_idx, sector);
+			r = full_pwrite(vf->fd, sector, sizeof(sector),
+					m->header.table_offset + (uint64_t)last_idx * VHD_SECTOR_SIZE);
+		}
+		last_idx = idx;
+	}
+	if (!r && last_idx != UINT32_MAX) {
+		vhd_bat_sector(m->bat, m->bat_entries, last_idx, sector);
+		r = full_pwrite(vf->fd, sector, sizeof(sector),
+				m->header.table_offset + (uint64_t)last_idx * VHD_SECTOR_SIZE);
+	}
+	if (!r)
+		r = vhd_meta_clear_batmap(vf->fd, m);
+	if (!r && fdatasync(vf->fd) < 0)
+		r = -errno;
+	if (r)
+		return vhd_fail(err, VHD_ERR_IO, "%s: cannot write the BAT: %s", vf->path,
+				strerror(-r));
+
+	/* Footer at the new end first: the old one stays valid until the truncate. */
+	end = (m->meta_end + VHD_SECTOR_SIZE - 1) & ~(uint64_t)(VHD_SECTOR_SIZE - 1);
+	vhd_footer_encode(&m->footer, fb);
+	r = full_pwrite(vf->fd, fb, sizeof(fb), end);
+	if (!r && ftruncate(vf->fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0)
+		r = -errno;
+	if (!r && fsync(vf->fd) < 0)
+		r = -errno;
+	if (r)
+		return vhd_fail(err, VHD_ERR_IO, "%s: cannot truncate: %s", vf->path, strerror(-r));
+	m->allocated = 0;
+	m->data_end = m->meta_end;
+	m->footer_off = end;
+	m->file_size = end + VHD_FOOTER_SIZE;
+	vf->next_free = vhd_block_place(end, m->bm_secs);
+	return 0;
+}
+
+int vhd_file_coalesce(const char *child, vhd_progress_fn progress, void *arg,
+		      struct vhd_error *err)
+{
+	struct vhd_file *cf = NULL, *pf = NULL;
+	char ppath[PATH_MAX];
+	struct vhd_error perr;
+	struct stat st;
+	uint8_t *map = NULL;
+	char *buf = NULL;
+	uint64_t done = 0;
+	uint32_t b;
+	int r;
+
+	r = vhd_file_open(&cf, child, VHD_FILE_RDONLY, err);
+	if (r < 0)
+		return r;
+	if (cf->m.footer.type != VHD_TYPE_DIFF) {
+		r = vhd_fail(err, VHD_ERR_NO_PARENT,
+			     "%s: a %s disk has no parent to coalesce into", child,
+			     vhd_type_name(cf->m.footer.type));
+		goto out;
+	}
+	r = vhd_resolve_parent(&cf->m, child, ppath, sizeof(ppath), err);
+	if (r < 0)
+		goto out;
+	/* The parent is written: it and its chain must be valid first. */
+	r = vhd_file_open(&pf, ppath, VHD_FILE_CHAIN, err);
+	if (r < 0)
+		goto out;
+	if (stat(ppath, &st) < 0)
+		st.st_mtime = 0;
+	r = vhd_check_parent(&cf->m, child, &pf->m, ppath, (int64_t)st.st_mtime, 0, &perr);
+	if (r < 0) {
+		if (err)
+			*err = perr;
+		goto out;
+	}
+	map = malloc((size_t)cf->m.bm_secs * VHD_SECTOR_SIZE);
+	buf = malloc(cf->m.header.block_size);
+	if (!map || !buf) {
+		r = vhd_fail(err, VHD_ERR_NOMEM, "%s: out of memory", child);
+		goto out;
+	}
+	for (b = 0; b < cf->m.blocks; b++) {
+		uint64_t base = (uint64_t)b * cf->m.spb;
+		uint64_t total = cf->m.footer.current_size >> VHD_SECTOR_SHIFT;
+		uint32_t n = total - base < cf->m.spb ? (uint32_t)(total - base) : cf->m.spb;
+		uint32_t i = 0;
+
+		if (cf->m.bat[b] == VHD_BAT_UNUSED)
+			continue;
+		r = vhd_file_read_bitmap(cf, b, map);
+		while (!r && i < n) {
+			bool set;
+			uint32_t run = vhd_bitmap_run(map, i, n - i, &set);
+
+			if (set) {
+				r = vhd_src_fd_pread((void *)(intptr_t)cf->fd, buf,
+						     (size_t)run << VHD_SECTOR_SHIFT,
+						     vhd_meta_block_off(&cf->m, b) +
+						     ((uint64_t)(cf->m.bm_secs + i) << VHD_SECTOR_SHIFT));
+				if (!r)
+					r = vhd_file_write(pf, base + i, run, buf);
+			}
+			i += run;
+		}
+		if (r) {
+			vhd_fail(err, VHD_ERR_IO, "%s: coalescing block %u into %s failed: %s",
+				 child, b, ppath, strerror(-r));
+			goto out;
+		}
+		done++;
+		if (progress)
+			progress(arg, done, cf->m.allocated);
+	}
+	if (fsync(pf->fd) < 0) {
+		r = vhd_fail(err, VHD_ERR_IO, "%s: cannot sync: %s", ppath, strerror(errno));
+		goto out;
+	}
+	r = 0;
+out:
+	free(map);
+	free(buf);
+	vhd_file_close(pf);
+	vhd_file_close(cf);
+	return r;
+}
+
+int vhd_file_repair(const char *path, struct vhd_error *err)
+{
+	struct vhd_file *vf = NULL;
+	struct vhd_error first;
+	uint8_t fb[VHD_FOOTER_SIZE];
+	uint64_t end;
+	int r, fd;
+
+	/* Nothing to do for a valid file. */
+	r = vhd_file_open(&vf, path, VHD_FILE_RDONLY, &first);
+	if (r == 0) {
+		vhd_file_close(vf);
+		return 0;
+	}
+	r = vhd_file_open(&vf, path, VHD_FILE_USE_BACKUP, err);
+	if (r < 0)
+		return r;
+	if (!vf->m.used_backup) {
+		/* The footer is fine: the defect is elsewhere and not ours to guess. */
+		if (err)
+			*err = first;
+		vhd_file_close(vf);
+		return -EINVAL;
+	}
+	end = vf->m.data_end > vf->m.meta_end ? vf->m.data_end : vf->m.meta_end;
+	end = (end + VHD_SECTOR_SIZE - 1) & ~(uint64_t)(VHD_SECTOR_SIZE - 1);
+	vhd_footer_encode(&vf->m.footer, fb);
+	vhd_file_close(vf);
+
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return vhd_fail(err, VHD_ERR_IO, "%s: cannot open for writing: %s", path,
+				strerror(errno));
+	r = full_pwrite(fd, fb, sizeof(fb), end);
+	if (!r && ftruncate(fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0)
+		r = -errno;
+	if (!r && fsync(fd) < 0)
+		r = -errno;
+	close(fd);
+	if (r)
+		return vhd_fail(err, VHD_ERR_IO, "%s: cannot write the footer: %s", path,
+				strerror(-r));
+	return vhd_file_check(path, 0, err);
+}

@@ -1,0 +1,436 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/*
+ * Benchmark of the replica driver in secondary mode, in-process (no NBD in
+ * the way, so the figures are the driver's own):
+ *
+ *   1. copy-before-write cost: 4 KiB random first-touch primary writes into
+ *      the export at queue depth 32, replication running vs not (ratio);
+ *   2. checkpoint latency with 0, 64 MiB and 1 GiB written since the last
+ *      one (half by the SVM into active, half by the primary, copied into
+ *      hidden), on 64 GiB and 1 TiB virtual disks: p50, p99, max;
+ *   3. failover commit rate against the disk's sequential write bandwidth
+ *      (1 MiB O_DIRECT writes at QD 8 to a raw file in the same directory);
+ *   4. SVM I/O during the failover: 4 KiB random reads and writes at QD 8,
+ *      the longest gap between two completions and the rate.
+ *
+ * Usage: bench-secondary [-d DIR] [-q]   (-q: fewer repetitions)
+ * Machines are noisy: every figure is a median of repetitions or says so.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "tdr/image.h"
+#include "tdr/log.h"
+#include "tdr/replica.h"
+#include "tdr/vhd.h"
+
+#define KIB 1024ull
+#define MIB (1024ull * KIB)
+#define GIB (1024ull * MIB)
+
+/*
+ * Random first-touch writes over 64 GiB allocate a 2 MiB VHD block each in
+ * the secondary disk (and, running, in hidden): a few thousand are enough
+ * for a steady rate, and keep the files' clean-up bearable on filesystems
+ * mounted with online discard.
+ */
+#define CBW_WRITES 8000
+
+static struct tdr_loop *loop;
+static struct tdr_io_ctx *io;
+static const char *dir = "/var/tmp";
+static char p_sec[512], p_hid[512], p_act[512];
+static struct td_disk *disk, *exp_disk;
+static struct td_image *rep;
+static unsigned seed = 1;
+
+static double now_s(void)
+{
+	return (double)tdr_now_ns() / 1e9;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static double pct(double *v, int n, double p)
+{
+	qsort(v, (size_t)n, sizeof(*v), cmp_double);
+	int i = (int)(p * (n - 1) + 0.5);
+
+	return v[i];
+}
+
+static void die(const char *what)
+{
+	fprintf(stderr, "bench-secondary: %s: %s\n", what, tdr_last_error());
+	exit(1);
+}
+
+static void make_chain(uint64_t size)
+{
+	struct vhd_error e;
+	char spec[700];
+
+	snprintf(p_sec, sizeof(p_sec), "%s/bench-sec.vhd", dir);
+	snprintf(p_hid, sizeof(p_hid), "%s/bench-hidden.vhd", dir);
+	snprintf(p_act, sizeof(p_act), "%s/bench-active.vhd", dir);
+	unlink(p_sec);
+	unlink(p_hid);
+	unlink(p_act);
+	if (vhd_file_create(p_sec, size, VHD_TYPE_DYNAMIC, 0, &e) ||
+	    vhd_file_snapshot(p_hid, p_sec, &e) || vhd_file_snapshot(p_act, p_hid, &e)) {
+		fprintf(stderr, "bench-secondary: %s\n", e.msg);
+		exit(1);
+	}
+	snprintf(spec, sizeof(spec), "replica:mode=secondary|vhd:%s", p_act);
+	if (td_disk_open(&disk, spec, 0, loop, io) < 0)
+		die("open");
+	rep = disk->top;
+	exp_disk = replica_export_disk(rep);
+}
+
+static void close_chain(void)
+{
+	td_disk_close(disk);
+	disk = NULL;
+	unlink(p_sec);
+	unlink(p_hid);
+	unlink(p_act);
+}
+
+struct opdone {
+	bool done;
+	int err;
+};
+
+static void op_cb(void *arg, int err, const char *msg)
+{
+	struct opdone *d = arg;
+
+	d->done = true;
+	d->err = err;
+	if (err)
+		fprintf(stderr, "bench-secondary: operation failed: %s\n", msg);
+}
+
+/* Runs a request line; returns its latency in seconds (until done). */
+static double run_op(const char *line)
+{
+	struct replica_cmd cmd;
+	struct opdone d = { 0 };
+	char msg[256];
+	double t0;
+
+	if (replica_parse(line, &cmd, msg, sizeof(msg)) < 0) {
+		fprintf(stderr, "bench-secondary: %s\n", msg);
+		exit(1);
+	}
+	t0 = now_s();
+	replica_execute(rep, &cmd, op_cb, &d);
+	while (!d.done)
+		tdr_loop_run_once(loop, -1);
+	if (d.err)
+		exit(1);
+	return now_s() - t0;
+}
+
+static enum replica_state state(void)
+{
+	struct replica_status st;
+
+	replica_get_status(rep, &st);
+	return st.state;
+}
+
+/* ------------------------------------------------ a QD-N request pump */
+
+struct pump;
+
+struct slot {
+	struct td_request req;
+	char *buf;
+	struct pump *p;
+	bool busy;
+};
+
+struct pump {
+	struct td_disk *d;
+	struct td_disk *d2;	/* writes go here when set (SVM reads + SVM writes) */
+	struct slot *slots;
+	int qd;
+	uint32_t secs;
+	uint64_t range_secs;
+	uint64_t issued, done, limit;
+	bool sequential, mixed, stop;
+	uint64_t next_sec;
+	double last_done, max_gap;
+	int errors;
+};
+
+static void pump_issue(struct pump *p, struct slot *s);
+
+static void pump_done(struct td_request *req, int err, void *arg)
+{
+	struct slot *s = arg;
+	struct pump *p = s->p;
+	double t = now_s();
+
+	if (err)
+		p->errors++;
+	if (p->last_done > 0 && t - p->last_done > p->max_gap)
+		p->max_gap = t - p->last_done;
+	p->last_done = t;
+	p->done++;
+	s->busy = false;
+	if (!p->stop && (!p->limit || p->issued < p->limit))
+		pump_issue(p, s);
+}
+
+static void pump_issue(struct pump *p, struct slot *s)
+{
+	uint64_t sec;
+	enum td_op op = TD_OP_WRITE;
+
+	if (p->sequential) {
+		sec = p->next_sec;
+		p->next_sec += p->secs;
+		if (p->next_sec + p->secs > p->range_secs)
+			p->next_sec = 0;
+	} else {
+		sec = ((uint64_t)rand_r(&seed) << 31 | (uint64_t)rand_r(&seed)) %
+		      (p->range_secs / p->secs) * p->secs;
+	}
+	if (p->mixed && rand_r(&seed) % 2)
+		op = TD_OP_READ;
+	s->busy = true;
+	p->issued++;
+	td_request_init(&s->req, op, sec, p->secs, s->buf, pump_done, s);
+	td_disk_submit(op == TD_OP_READ || !p->d2 ? p->d : p->d2, &s->req);
+}
+
+static void pump_init(struct pump *p, struct td_disk *d, int qd, uint32_t bytes, uint64_t range)
+{
+	memset(p, 0, sizeof(*p));
+	p->d = d;
+	p->qd = qd;
+	p->secs = bytes / 512;
+	p->range_secs = range / 512;
+	p->slots = calloc((size_t)qd, sizeof(*p->slots));
+	for (int i = 0; i < qd; i++) {
+		p->slots[i].buf = tdr_io_alloc(bytes);
+		memset(p->slots[i].buf, 0x5a ^ i, bytes);
+		p->slots[i].p = p;
+	}
+}
+
+static void pump_start(struct pump *p)
+{
+	for (int i = 0; i < p->qd; i++)
+		pump_issue(p, &p->slots[i]);
+}
+
+static void pump_wait(struct pump *p)
+{
+	for (;;) {
+		bool busy = false;
+
+		for (int i = 0; i < p->qd; i++)
+			busy |= p->slots[i].busy;
+		if (!busy)
+			break;
+		tdr_loop_run_once(loop, -1);
+	}
+}
+
+static void pump_free(struct pump *p)
+{
+	for (int i = 0; i < p->qd; i++)
+		free(p->slots[i].buf);
+	free(p->slots);
+}
+
+/* N requests at QD qd; returns IOPS. */
+static double pump_run(struct td_disk *d, int qd, uint32_t bytes, uint64_t range, uint64_t n,
+		       bool sequential)
+{
+	struct pump p;
+	double t0, t;
+
+	pump_init(&p, d, qd, bytes, range);
+	p.limit = n;
+	p.sequential = sequential;
+	t0 = now_s();
+	pump_start(&p);
+	pump_wait(&p);
+	t = now_s() - t0;
+	if (p.errors)
+		fprintf(stderr, "bench-secondary: %d requests failed\n", p.errors);
+	pump_free(&p);
+	return (double)n / t;
+}
+
+/* ---------------------------------------------------------- benches */
+
+static void bench_cbw(int reps)
+{
+	double off[8], on[8];
+
+	for (int r = 0; r < reps; r++) {
+		make_chain(64 * GIB);
+		off[r] = pump_run(exp_disk, 32, 4096, 64 * GIB, CBW_WRITES, false);
+		close_chain();
+		make_chain(64 * GIB);
+		run_op("start");
+		on[r] = pump_run(exp_disk, 32, 4096, 64 * GIB, CBW_WRITES, false);
+		close_chain();
+	}
+	double moff = pct(off, reps, 0.5), mon = pct(on, reps, 0.5);
+
+	printf("| copy-before-write: 4 KiB random first-touch writes, QD 32, 64 GiB disk | not started: %.0f IOPS | running: %.0f IOPS | ratio %.2f (target >= 0.40) |\n",
+	       moff, mon, mon / moff);
+}
+
+/* Writes bytes: half SVM (active), half primary (hidden via copy-before-write). */
+static void write_since_checkpoint(uint64_t bytes, uint64_t size)
+{
+	if (!bytes)
+		return;
+	/* 1 MiB at random 1 MiB-aligned places. */
+	uint64_t n = bytes / MIB / 2;
+
+	pump_run(disk, 16, MIB, size, n, false);
+	pump_run(exp_disk, 16, MIB, size, n, false);
+}
+
+static void bench_checkpoint(int reps)
+{
+	const uint64_t sizes[] = { 64 * GIB, 1024 * GIB };
+	const uint64_t written[] = { 0, 64 * MIB, 1 * GIB };
+
+	for (size_t si = 0; si < 2; si++) {
+		make_chain(sizes[si]);
+		run_op("start");
+		for (size_t wi = 0; wi < 3; wi++) {
+			int n = written[wi] >= GIB ? (reps > 3 ? 5 : 2) : reps * 7;
+			double lat[64];
+
+			for (int r = 0; r < n; r++) {
+				write_since_checkpoint(written[wi], sizes[si]);
+				lat[r] = run_op("checkpoint") * 1000.0;
+			}
+			printf("| checkpoint, %4llu GiB disk, %4llu MiB written | p50 %.2f ms | p99 %.2f ms | max %.2f ms | (%d runs) |\n",
+			       (unsigned long long)(sizes[si] / GIB),
+			       (unsigned long long)(written[wi] / MIB), pct(lat, n, 0.5),
+			       pct(lat, n, 0.99), pct(lat, n, 1.0), n);
+		}
+		close_chain();
+	}
+}
+
+static double raw_bandwidth(void)
+{
+	char path[600];
+	int fd;
+	struct td_disk *raw;
+	char spec[700];
+	double iops;
+
+	snprintf(path, sizeof(path), "%s/bench-raw.img", dir);
+	fd = open(path, O_CREAT | O_TRUNC | O_WRONLY, 0600);
+	if (fd < 0 || ftruncate(fd, (off_t)(2 * GIB)) < 0) {
+		perror(path);
+		exit(1);
+	}
+	close(fd);
+	snprintf(spec, sizeof(spec), "aio:%s", path);
+	if (td_disk_open(&raw, spec, 0, loop, io) < 0)
+		die("open raw");
+	iops = pump_run(raw, 8, MIB, 2 * GIB, 1024, true);
+	td_disk_close(raw);
+	unlink(path);
+	return iops * MIB;
+}
+
+static void bench_failover(int reps)
+{
+	double rate[8], bw[8], gap[8], svm_iops[8];
+
+	for (int r = 0; r < reps; r++) {
+		struct replica_status st;
+		struct pump p;
+		double t0, t;
+
+		bw[r] = raw_bandwidth();
+		make_chain(64 * GIB);
+		run_op("start");
+		write_since_checkpoint(1 * GIB, 64 * GIB);
+		pump_init(&p, disk, 8, 4096, 64 * GIB);
+		p.mixed = true;
+		t0 = now_s();
+		run_op("failover");
+		pump_start(&p);
+		while (state() == REPLICA_STATE_FAILOVER)
+			tdr_loop_run_once(loop, -1);
+		t = now_s() - t0;
+		p.stop = true;
+		pump_wait(&p);
+		replica_get_status(rep, &st);
+		if (state() != REPLICA_STATE_DONE) {
+			fprintf(stderr, "bench-secondary: failover ended in state %s\n",
+				replica_state_name(state()));
+			exit(1);
+		}
+		rate[r] = (double)st.progress_total / t;
+		gap[r] = p.max_gap * 1000.0;
+		svm_iops[r] = (double)p.done / t;
+		pump_free(&p);
+		close_chain();
+	}
+	double mrate = pct(rate, reps, 0.5), mbw = pct(bw, reps, 0.5);
+
+	printf("| failover commit of 1 GiB (64 GiB disk) with SVM I/O running | commit %.0f MiB/s | disk sequential write %.0f MiB/s | ratio %.2f (target >= 0.70) |\n",
+	       mrate / MIB, mbw / MIB, mrate / mbw);
+	printf("| SVM 4 KiB random read/write QD 8 during failover | %.0f IOPS | longest gap between completions: median %.2f ms, worst %.2f ms (target <= 10 ms) |\n",
+	       pct(svm_iops, reps, 0.5), pct(gap, reps, 0.5), pct(gap, reps, 1.0));
+}
+
+int main(int argc, char **argv)
+{
+	int reps = 3, c;
+
+	while ((c = getopt(argc, argv, "d:q")) != -1) {
+		switch (c) {
+		case 'd':
+			dir = optarg;
+			break;
+		case 'q':
+			reps = 1;
+			break;
+		default:
+			fprintf(stderr, "usage: bench-secondary [-d DIR] [-q]\n");
+			return 2;
+		}
+	}
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	tdr_log_init("bench-secondary", false, TDR_LOG_ERR);
+	loop = tdr_loop_new();
+	io = tdr_io_ctx_new(loop, 512);
+	if (!loop || !io)
+		die("setup");
+	printf("bench-secondary: %s, %d repetition(s) per figure, medians\n", dir, reps);
+	bench_cbw(reps);
+	bench_checkpoint(reps);
+	bench_failover(reps);
+	tdr_io_ctx_free(io);
+	tdr_loop_free(loop);
+	return 0;
+}

@@ -1,0 +1,52 @@
+# Integration tests: shell scripts that start the daemon and talk to it with
+# real NBD clients (nbdinfo, qemu-io, qemu-img, nbdcopy, libnbd).  They find
+# the daemon through TDR_BUILDDIR (AM_TESTS_ENVIRONMENT) and skip (77) when
+# a peer tool is missing.
+TEST_EXTENSIONS = .sh
+SH_LOG_COMPILER = bash
+
+EXTRA_DIST += tests/integration/lib.sh
+
+TESTS += tests/integration/nbdinfo.sh
+TESTS += tests/integration/qemu-io.sh
+TESTS += tests/integration/nbdcopy.sh
+TESTS += tests/integration/qemu-img-compare.sh
+TESTS += tests/integration/concurrent-clients.sh
+TESTS += tests/integration/vanishing-client.sh
+TESTS += tests/integration/read-only.sh
+TESTS += tests/integration/block-status.sh
+TESTS += tests/integration/sigterm-drain.sh
+TESTS += tests/integration/tcp.sh
+TESTS += tests/integration/bad-input.sh
+EXTRA_DIST += tests/integration/nbdinfo.sh
+EXTRA_DIST += tests/integration/qemu-io.sh
+EXTRA_DIST += tests/integration/nbdcopy.sh
+EXTRA_DIST += tests/integration/qemu-img-compare.sh
+EXTRA_DIST += tests/integration/concurrent-clients.sh
+EXTRA_DIST += tests/integration/vanishing-client.sh
+EXTRA_DIST += tests/integration/read-only.sh
+EXTRA_DIST += tests/integration/block-status.sh
+EXTRA_DIST += tests/integration/sigterm-drain.sh
+EXTRA_DIST += tests/integration/tcp.sh
+EXTRA_DIST += tests/integration/bad-input.sh
+
+# VHD: interop with qemu-img/qemu-io/vhdiinfo through the NBD export, vhd-util.
+TESTS += tests/integration/vhd-interop.sh
+EXTRA_DIST += tests/integration/vhd-interop.sh
+
+# Control socket: serve --control, daemon, and every tdr-ctl subcommand.
+TESTS += tests/integration/ctl-cli.sh
+EXTRA_DIST += tests/integration/ctl-cli.sh
+
+# Replica primary: real peers, broken links, resync, bad secondaries.
+EXTRA_DIST += tests/integration/primary-lib.sh
+TESTS += tests/integration/primary-peers.sh tests/integration/primary-filters.sh \
+	tests/integration/primary-signals.sh tests/integration/primary-resync.sh \
+	tests/integration/primary-netns.sh tests/integration/primary-bad-input.sh
+EXTRA_DIST += tests/integration/primary-peers.sh tests/integration/primary-filters.sh \
+	tests/integration/primary-signals.sh tests/integration/primary-resync.sh \
+	tests/integration/primary-netns.sh tests/integration/primary-bad-input.sh
+
+# Replica secondary: vhd-util chain, qemu-io as primary and SVM, tdr-ctl, failover.
+TESTS += tests/integration/replica-secondary.sh
+EXTRA_DIST += tests/integration/replica-secondary.sh

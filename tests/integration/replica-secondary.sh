@@ -1,0 +1,76 @@
+#!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
+#
+# The replica driver in secondary mode, end to end with real clients: a VHD
+# chain made by vhd-util, the daemon serving the SVM's view and the secondary
+# disk's export, qemu-io as the primary and as the SVM, tdr-ctl for the
+# operations, and byte-exact checks of the SVM's view, of each layer and of
+# the secondary disk after failover (read back with qemu-img, which knows
+# nothing of our code).
+. "$(dirname "$0")/lib.sh"
+
+need_cmd qemu-io qemu-img nbdcopy
+tdr_setup
+
+VHDUTIL=$TDR_BUILDDIR/tools/vhd-util
+CTL=$TDR_BUILDDIR/tools/tdr-ctl
+
+"$VHDUTIL" create -n "$T/secondary.vhd" -s 32
+"$VHDUTIL" snapshot -n "$T/hidden.vhd" -p "$T/secondary.vhd"
+"$VHDUTIL" snapshot -n "$T/active.vhd" -p "$T/hidden.vhd"
+
+EXP="$T/export.sock"
+EXPURI=$(tdr_uri "$EXP")
+tdr_start --control "$T/ctl.sock" "replica:mode=secondary,addr=unix:$EXP|vhd:$T/active.vhd"
+SVM=$URI
+
+ctl() { "$CTL" replica -s "$T/ctl.sock" -m 0 "$@"; }
+state() { ctl status state | sed -n 's/^state=//p'; }
+
+# Before start: SVM I/O fails, the primary's writes fill the secondary disk.
+qio_expect_fail "$SVM" 'Input/output error' 'read 0 4k'
+qio "$EXPURI" 'write -P 0x11 0 8M'
+assert_eq "state before start" none "$(state)"
+ctl start
+assert_eq "state after start" running "$(state)"
+qio "$SVM" 'read -P 0x11 0 8M'
+
+# A primary write: the SVM keeps the checkpoint's content.
+qio "$EXPURI" 'write -P 0x22 1M 1M'
+qio "$SVM" 'read -P 0x11 1M 1M'
+qio "$EXPURI" 'read -P 0x22 1M 1M'
+
+# An SVM write, then read.
+qio "$SVM" 'write -P 0x33 3M 512k' 'read -P 0x33 3M 512k'
+qio "$EXPURI" 'read -P 0x11 3M 512k'
+
+# Checkpoint: the primary's data, not the SVM's.
+ctl checkpoint
+qio "$SVM" 'read -P 0x22 1M 1M' 'read -P 0x11 3M 512k'
+ctl status | grep -qx 'checkpoints=1' || fail "status does not count the checkpoint: $(ctl status)"
+
+# Writes on both sides since the checkpoint, then failover.
+qio "$SVM" 'write -P 0x44 2M 1M'
+qio "$EXPURI" 'write -P 0x55 0 64k' 'write -P 0x66 2M 4k'
+nbdcopy "$SVM" "$T/view.raw"
+ctl failover
+i=0
+while [ "$(state)" = failover ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+assert_eq "state after failover" done "$(state)"
+qio_expect_fail "$EXPURI" 'Operation not permitted' 'write -P 0x77 0 4k'
+ctl get-error | grep -qx 'none' || fail "get-error after a clean failover: $(ctl get-error)"
+
+# Operations after done are refused precisely, with the errno as exit status.
+st=0; ctl checkpoint 2>"$T/ck.err" || st=$?
+assert_eq "checkpoint after done: exit status (EINVAL)" 22 "$st"
+grep -q 'state done' "$T/ck.err" || fail "checkpoint after done: $(cat "$T/ck.err")"
+
+tdr_stop "$DAEMON_PID"
+# The secondary disk, read by qemu, is exactly what the SVM saw.
+qemu-img convert -f vpc -O raw "$T/secondary.vhd" "$T/secondary.raw"
+truncate -s "$(stat -c %s "$T/view.raw")" "$T/secondary.raw"
+same_file "$T/view.raw" "$T/secondary.raw"
+for f in secondary hidden active; do
+	"$VHDUTIL" check -n "$T/$f.vhd" >/dev/null || fail "vhd-util check $f.vhd failed"
+done
+pass "secondary flow: sync, start, copy-before-write, checkpoint, failover; secondary disk == SVM view"

@@ -1,0 +1,654 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/*
+ * Unit tests of the primary mode against real peers (qemu-nbd, nbdkit and
+ * its delay/error/pause filters) and an in-process NBD server that
+ * misbehaves on demand: forwarding, byte-exact checkpoints, broken links
+ * (bounded completion, state, error), bad input, and resync.
+ *
+ * Timing is never asserted, only that requests complete before a generous
+ * deadline; latencies belong to tests/bench/primary.
+ */
+#include <check.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "test-primary-peer.h"
+#include "tdr/log.h"
+
+#define DISK (16u * TP_MIB)
+#define KIB 1024u
+
+static void setup16(void)
+{
+	tp_setup(DISK, DISK, 0);
+}
+
+static void teardown(void)
+{
+	tp_teardown();
+}
+
+#define SKIP_UNLESS(prog)                                                    \
+	do {                                                                 \
+		if (!tp_have(prog)) {                                        \
+			fprintf(stderr, "SKIP %s: %s not installed\n", __func__, prog); \
+			return;                                              \
+		}                                                            \
+	} while (0)
+
+static void assert_op(const char *line)
+{
+	char msg[512];
+	int err = tp_op(line, msg, sizeof(msg));
+
+	ck_assert_msg(err == 0, "'%s' failed: %d %s", line, err, msg);
+}
+
+static void assert_op_fails(const char *line, int want, const char *needle)
+{
+	char msg[512];
+	int err = tp_op(line, msg, sizeof(msg));
+
+	ck_assert_msg(err == want, "'%s': expected %d, got %d (%s)", line, want, err, msg);
+	ck_assert_msg(strstr(msg, needle), "'%s': message '%s' lacks '%s'", line, msg, needle);
+}
+
+/* Writes buf at off and checks that it reads back through the disk. */
+static void write_check(uint64_t off, uint64_t len, unsigned seed)
+{
+	char *buf = tp_pattern(len, seed), *back = tp_pattern(len, seed + 1);
+
+	ck_assert_int_eq(tp_guest_io(TD_OP_WRITE, off, len, buf, 0), 0);
+	ck_assert_int_eq(tp_guest_io(TD_OP_READ, off, len, back, 0), 0);
+	ck_assert_msg(memcmp(buf, back, len) == 0, "data written at %llu not read back",
+		      (unsigned long long)off);
+	free(buf);
+	free(back);
+}
+
+/* A mixed guest workload: sizes, alignments, concurrency, zeroes, discard. */
+static void workload(unsigned seed)
+{
+	uint64_t offs[16];
+	char *bufs[16];
+	int errs[16];
+	char *big = tp_pattern(3 * TP_MIB, seed);
+
+	write_check(0, 4 * KIB, seed + 1);
+	write_check(TP_MIB + 512, 64 * KIB, seed + 2);
+	ck_assert_int_eq(tp_guest_io(TD_OP_WRITE, 5 * TP_MIB, 3 * TP_MIB, big, 0), 0);
+	for (unsigned i = 0; i < 16; i++) {
+		offs[i] = (uint64_t)((i * 7919u + seed) % (DISK / (4 * KIB))) * 4 * KIB;
+		bufs[i] = tp_pattern(4 * KIB, seed * 100 + i);
+	}
+	tp_write_many(16, offs, 4 * KIB, bufs, errs);
+	for (unsigned i = 0; i < 16; i++) {
+		ck_assert_int_eq(errs[i], 0);
+		free(bufs[i]);
+	}
+	ck_assert_int_eq(tp_guest_io(TD_OP_WRITE_ZEROES, 5 * TP_MIB + 4096, 8192, NULL, 0), 0);
+	ck_assert_int_eq(tp_guest_io(TD_OP_WRITE_ZEROES, 6 * TP_MIB, 64 * KIB, NULL, TD_REQ_NO_HOLE), 0);
+	ck_assert_int_eq(tp_guest_io(TD_OP_DISCARD, 7 * TP_MIB, 128 * KIB, NULL, 0), 0);
+	ck_assert_int_eq(tp_guest_io(TD_OP_FLUSH, 0, 0, NULL, 0), 0);
+	free(big);
+}
+
+static void replicate_and_compare(void)
+{
+	struct replica_status st;
+
+	assert_op("start");
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_RUNNING);
+	workload(1);
+	assert_op("checkpoint");
+	tp_assert_same();
+	workload(2);
+	assert_op("checkpoint");
+	tp_assert_same();
+	tp_status(&st);
+	ck_assert_uint_eq(st.stats.checkpoints, 2);
+	ck_assert_uint_gt(st.stats.fwd_reqs, 0);
+	ck_assert_uint_eq(st.stats.dirty_bytes, 0);
+	ck_assert_int_eq(st.error, 0);
+}
+
+/* ------------------------------------------------------------ peers */
+
+START_TEST(t_qemu_nbd)
+{
+	SKIP_UNLESS("qemu-nbd");
+	tp_qemu_nbd("secondary");
+	tp_open("");
+	replicate_and_compare();
+}
+END_TEST
+
+START_TEST(t_nbdkit)
+{
+	SKIP_UNLESS("nbdkit");
+	tp_nbdkit(NULL, NULL);
+	tp_open("");
+	replicate_and_compare();
+}
+END_TEST
+
+START_TEST(t_fake_sync_local)
+{
+	struct tp_fake_stats fs;
+
+	tp_fake_start(TP_FAKE_GOOD, 0);
+	tp_open(",sync=local");
+	replicate_and_compare();
+	tp_fake_get_stats(&fs);
+	ck_assert_uint_eq(fs.flush_cmds, 2);
+	ck_assert_uint_eq(fs.trim_cmds, 0);	/* discards become zeroes on both sides */
+}
+END_TEST
+
+/*
+ * sync=local: the guest's requests (heap, freed at completion) are gone
+ * when the secondary's halves fail; the primary must not look at them.
+ */
+START_TEST(t_sync_local_break)
+{
+	uint64_t offs[8];
+	char *bufs[8];
+	int errs[8];
+	struct replica_status st;
+
+	tp_fake_start(TP_FAKE_GOOD, 0);
+	tp_open(",sync=local,timeout=300");
+	assert_op("start");
+	tp_fake_set_mode(TP_FAKE_SILENT, 1);
+	for (unsigned i = 0; i < 8; i++) {
+		offs[i] = (uint64_t)i * TP_MIB;
+		bufs[i] = tp_pattern(64 * KIB, 60 + i);
+	}
+	tp_write_many(8, offs, 64 * KIB, bufs, errs);	/* complete at the local write */
+	for (unsigned i = 0; i < 8; i++) {
+		ck_assert_int_eq(errs[i], 0);
+		free(bufs[i]);
+	}
+	tp_wait_state(REPLICA_STATE_BROKEN);
+	tp_status(&st);
+	ck_assert_int_eq(st.error, -ETIMEDOUT);
+	ck_assert_uint_eq(st.stats.dirty_bytes, 8 * 64 * KIB);
+}
+END_TEST
+
+/* The barrier: with slow acknowledgements and sync=local, the checkpoint is what waits. */
+START_TEST(t_barrier_slow_acks)
+{
+	const char *filters[] = { "delay", NULL };
+	const char *args[] = { "delay-write=300ms", NULL };
+	uint64_t offs[8];
+	char *bufs[8];
+	int errs[8];
+
+	SKIP_UNLESS("nbdkit");
+	tp_nbdkit(filters, args);
+	tp_open(",sync=local");
+	assert_op("start");
+	for (unsigned i = 0; i < 8; i++) {
+		offs[i] = (uint64_t)i * TP_MIB + 4096;
+		bufs[i] = tp_pattern(64 * KIB, 40 + i);
+	}
+	tp_write_many(8, offs, 64 * KIB, bufs, errs);
+	for (unsigned i = 0; i < 8; i++) {
+		ck_assert_int_eq(errs[i], 0);
+		free(bufs[i]);
+	}
+	assert_op("checkpoint");
+	/* No loop iteration since: the barrier itself waited for every write. */
+	tp_assert_same();
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_RUNNING);
+}
+END_TEST
+
+/* ------------------------------------------------------------ broken links */
+
+/* After a break: the guest's data is all local and the state/error say why. */
+static void assert_broken(int want_err, const char *needle)
+{
+	struct replica_status st;
+	char msg[512];
+
+	tp_status(&st);
+	ck_assert_msg(st.state == REPLICA_STATE_BROKEN, "state %s", replica_state_name(st.state));
+	ck_assert_msg(st.error == want_err, "error %d (%s), want %d", st.error, st.error_msg,
+		      want_err);
+	ck_assert_msg(strstr(st.error_msg, needle), "error '%s' lacks '%s'", st.error_msg, needle);
+	ck_assert_uint_gt(st.stats.dirty_bytes, 0);
+	ck_assert_uint_ge(st.stats.link_errors, 1);
+	ck_assert_int_eq(tp_op("get-error", msg, sizeof(msg)), 0);
+	ck_assert_msg(strstr(msg, needle), "get-error '%s' lacks '%s'", msg, needle);
+	/* The guest goes on, without the secondary. */
+	write_check(9 * TP_MIB, 64 * KIB, 77);
+	assert_op_fails("checkpoint", -EINVAL, "broken");
+}
+
+START_TEST(t_sigstop)
+{
+	pid_t peer;
+
+	SKIP_UNLESS("qemu-nbd");
+	peer = tp_qemu_nbd("secondary");
+	tp_open(",timeout=500");
+	assert_op("start");
+	write_check(0, 64 * KIB, 1);
+	assert_op("checkpoint");
+	tp_kill(peer, SIGSTOP);
+	write_check(TP_MIB, 256 * KIB, 2);	/* completes: the link times out */
+	assert_broken(-ETIMEDOUT, "did not answer");
+	write_check(2 * TP_MIB, 4 * KIB, 3);
+	tp_kill(peer, SIGCONT);
+	/*
+	 * Writes the frozen server had queued may still land when it wakes:
+	 * give it time to drop the old connection before the resync (see
+	 * docs/benchmarks.md, "stale writes").
+	 */
+	tp_run_for(500);
+	assert_op("resync incremental");
+	tp_wait_state(REPLICA_STATE_RUNNING);
+	assert_op("checkpoint");
+	tp_assert_same();
+}
+END_TEST
+
+START_TEST(t_kill9)
+{
+	pid_t peer;
+	struct replica_status st;
+
+	SKIP_UNLESS("qemu-nbd");
+	peer = tp_qemu_nbd("secondary");
+	tp_open(",timeout=2000");
+	assert_op("start");
+	workload(3);
+	tp_stop(peer);
+	write_check(3 * TP_MIB, 128 * KIB, 4);
+	tp_status(&st);
+	ck_assert_int_eq(st.state, REPLICA_STATE_BROKEN);
+	ck_assert_int_ne(st.error, 0);
+	ck_assert_ptr_nonnull(strstr(st.error_msg, "link dropped"));
+	write_check(4 * TP_MIB, 4 * KIB, 5);
+	tp_qemu_nbd("secondary");
+	assert_op("resync incremental");
+	tp_wait_state(REPLICA_STATE_RUNNING);
+	assert_op("checkpoint");
+	tp_assert_same();
+}
+END_TEST
+
+START_TEST(t_nbdkit_error)
+{
+	const char *filters[] = { "error", NULL };
+	const char *args[] = { "error-pwrite=EIO", "error-pwrite-rate=100%", NULL };
+
+	SKIP_UNLESS("nbdkit");
+	tp_nbdkit(filters, args);
+	tp_open("");
+	assert_op("start");
+	write_check(0, 4 * KIB, 1);
+	assert_broken(-EIO, "failed a write");
+}
+END_TEST
+
+START_TEST(t_nbdkit_slow)
+{
+	const char *filters[] = { "delay", NULL };
+	const char *args[] = { "delay-write=3", NULL };
+
+	SKIP_UNLESS("nbdkit");
+	tp_nbdkit(filters, args);
+	tp_open(",timeout=300");
+	assert_op("start");
+	write_check(0, 4 * KIB, 1);
+	assert_broken(-ETIMEDOUT, "did not answer");
+}
+END_TEST
+
+START_TEST(t_nbdkit_pause)
+{
+	const char *filters[] = { "pause", NULL };
+	char ctl[160], arg[200];
+	const char *args[] = { arg, NULL };
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	int fd;
+
+	SKIP_UNLESS("nbdkit");
+	snprintf(ctl, sizeof(ctl), "%s/pause.sock", tp_dir);
+	snprintf(arg, sizeof(arg), "pause-control=%s", ctl);
+	tp_nbdkit(filters, args);
+	tp_open(",timeout=300");
+	assert_op("start");
+	write_check(0, 4 * KIB, 1);
+	tp_sun(&sun, ctl);
+	fd = socket(AF_UNIX, SOCK_STREAM, 0);
+	ck_assert_int_eq(connect(fd, (struct sockaddr *)&sun, sizeof(sun)), 0);
+	ck_assert_int_eq(write(fd, "p", 1), 1);
+	{
+		char c;
+
+		ck_assert_int_eq(read(fd, &c, 1), 1);	/* paused */
+	}
+	close(fd);
+	write_check(TP_MIB, 4 * KIB, 2);
+	assert_broken(-ETIMEDOUT, "did not answer");
+}
+END_TEST
+
+static void fake_break(enum tp_fake_mode mode, int want_err, const char *needle)
+{
+	tp_fake_start(TP_FAKE_GOOD, 0);
+	tp_open(",timeout=500");
+	assert_op("start");
+	write_check(0, 4 * KIB, 1);
+	tp_fake_set_mode(mode, 1);
+	write_check(TP_MIB, 4 * KIB, 2);
+	tp_run_for(50);
+	assert_broken(want_err, needle);
+}
+
+START_TEST(t_fake_garbage)
+{
+	fake_break(TP_FAKE_GARBAGE, -EPROTO, "link dropped");
+}
+END_TEST
+
+START_TEST(t_fake_bogus_handle)
+{
+	fake_break(TP_FAKE_BOGUS_HANDLE, -EPROTO, "link dropped");
+}
+END_TEST
+
+START_TEST(t_fake_silent)
+{
+	fake_break(TP_FAKE_SILENT, -ETIMEDOUT, "did not answer");
+}
+END_TEST
+
+START_TEST(t_fake_close)
+{
+	fake_break(TP_FAKE_CLOSE, -ECONNRESET, "link dropped");
+}
+END_TEST
+
+/* ------------------------------------------------------------ bad input */
+
+START_TEST(t_refused)
+{
+	char msg[512];
+	int err;
+
+	tp_open("");	/* nothing listens on tp_sock */
+	err = tp_op("start", msg, sizeof(msg));
+	ck_assert_int_lt(err, 0);
+	ck_assert_msg(strstr(msg, "cannot connect"), "%s", msg);
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_NONE);
+	write_check(0, 4 * KIB, 1);
+	ck_assert_int_eq(tp_op("get-error", msg, sizeof(msg)), 0);
+	ck_assert_msg(strstr(msg, "cannot connect"), "%s", msg);
+}
+END_TEST
+
+START_TEST(t_bad_export)
+{
+	char msg[512];
+	int err;
+
+	SKIP_UNLESS("qemu-nbd");
+	tp_qemu_nbd("other");
+	tp_open(",export=nosuch");
+	err = tp_op("start", msg, sizeof(msg));
+	ck_assert_int_lt(err, 0);
+	ck_assert_msg(strstr(msg, "nosuch"), "%s", msg);
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_NONE);
+	write_check(0, 4 * KIB, 1);
+}
+END_TEST
+
+START_TEST(t_size_mismatch)
+{
+	SKIP_UNLESS("qemu-nbd");
+	ck_assert_int_eq(truncate(tp_sec, DISK / 2), 0);
+	tp_qemu_nbd("secondary");
+	tp_open("");
+	assert_op_fails("start", -EINVAL, "exactly the primary's size");
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_NONE);
+	write_check(0, 4 * KIB, 1);
+}
+END_TEST
+
+START_TEST(t_bad_addr)
+{
+	tp_open("");
+	assert_op_fails("start addr=tcp:secondary.example:10809", -EINVAL, "numeric");
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_NONE);
+}
+END_TEST
+
+START_TEST(t_states)
+{
+	tp_fake_start(TP_FAKE_GOOD, 0);
+	tp_open("");
+	assert_op_fails("checkpoint", -EINVAL, "not started");
+	assert_op_fails("stop", -EINVAL, "not started");
+	assert_op_fails("failover", -EINVAL, "not started");
+	assert_op("start");
+	assert_op_fails("start", -EINVAL, "already replicating");
+	assert_op("checkpoint");
+	assert_op("stop");
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_DONE);
+	assert_op_fails("stop", -EINVAL, "already stopped");
+	assert_op_fails("checkpoint", -EINVAL, "state done");
+	write_check(0, 4 * KIB, 1);	/* tracked */
+	/* A new start only connects: the secondary must be brought up to date. */
+	assert_op("start");
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_BROKEN);
+	assert_op_fails("checkpoint", -EINVAL, "resync");
+	assert_op("resync incremental");
+	tp_wait_state(REPLICA_STATE_RUNNING);
+	assert_op("checkpoint");
+	tp_assert_same();
+	assert_op("failover");
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_DONE);
+}
+END_TEST
+
+/* ------------------------------------------------------------ resync */
+
+/* After an outage, an incremental resync sends the dirty chunks and nothing else. */
+START_TEST(t_resync_incremental_bytes)
+{
+	struct tp_fake_stats fs;
+	struct replica_status st;
+
+	tp_fake_start(TP_FAKE_GOOD, 0);
+	tp_open(",timeout=300");
+	assert_op("start");
+	workload(5);
+	assert_op("checkpoint");
+	tp_assert_same();
+	/* Acknowledged but not flushed: a crashed secondary may have lost it. */
+	write_check(12 * TP_MIB, 4 * KIB, 9);		/* chunk 192 */
+	tp_fake_set_mode(TP_FAKE_SILENT, 1);
+	write_check(0, 4 * KIB, 10);			/* chunk 0; breaks the link */
+	tp_status(&st);
+	ck_assert_int_eq(st.state, REPLICA_STATE_BROKEN);
+	tp_fake_set_mode(TP_FAKE_GOOD, 0);
+	write_check(TP_MIB + 4 * KIB, 4 * KIB, 11);	/* chunk 16 */
+	write_check(3 * TP_MIB, 4 * KIB, 12);		/* chunk 48 */
+	write_check(5 * TP_MIB + 32 * KIB, 128 * KIB, 13);	/* chunks 80-82 */
+	tp_status(&st);
+	ck_assert_uint_eq(st.stats.dirty_bytes, 7 * 64 * KIB);
+	tp_run_for(100);	/* the fake server sees the old connection end */
+	tp_fake_reset_stats();
+	assert_op("resync");
+	tp_wait_state(REPLICA_STATE_RUNNING);
+	tp_fake_get_stats(&fs);
+	ck_assert_uint_eq(fs.write_bytes, 7 * 64 * KIB);
+	ck_assert_uint_eq(fs.zero_bytes, 0);
+	tp_status(&st);
+	ck_assert_uint_eq(st.stats.dirty_bytes, 0);
+	ck_assert_uint_eq(st.progress_done, st.progress_total);
+	ck_assert_uint_eq(st.progress_total, 7 * 64 * KIB);
+	assert_op("checkpoint");
+	tp_assert_same();
+}
+END_TEST
+
+static void write_file(const char *path, uint64_t off, uint64_t len, unsigned seed)
+{
+	char *buf = tp_pattern(len, seed);
+	int fd = open(path, O_WRONLY);
+
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pwrite(fd, buf, len, (off_t)off), (ssize_t)len);
+	close(fd);
+	free(buf);
+}
+
+static void setup_sparse(void)
+{
+	/* A 64 MiB sparse local disk with 3 MiB + 64 KiB of data; a secondary full of junk. */
+	tp_setup(64 * TP_MIB, 64 * TP_MIB, 1);
+	write_file(tp_local, 0, TP_MIB, 1);
+	write_file(tp_local, 10 * TP_MIB, 64 * KIB, 2);
+	write_file(tp_local, 40 * TP_MIB, 2 * TP_MIB, 3);
+}
+
+START_TEST(t_resync_full_sparse)
+{
+	struct tp_fake_stats fs;
+	struct replica_status st;
+
+	tp_fake_start(TP_FAKE_GOOD, 0);
+	tp_open("");
+	assert_op("start");
+	assert_op("resync full");
+	tp_wait_state(REPLICA_STATE_RUNNING);
+	tp_fake_get_stats(&fs);
+	/* The data, and holes zeroed without payload. */
+	ck_assert_uint_eq(fs.write_bytes, 3 * TP_MIB + 64 * KIB);
+	ck_assert_uint_eq(fs.zero_bytes, 64 * TP_MIB - (3 * TP_MIB + 64 * KIB));
+	tp_status(&st);
+	ck_assert_uint_eq(st.progress_done, 64ull * TP_MIB);
+	assert_op("checkpoint");
+	tp_assert_same();
+}
+END_TEST
+
+/* Guest writes race with a full resync; the result is still byte-exact. */
+START_TEST(t_resync_full_with_writes)
+{
+	unsigned round = 0;
+
+	SKIP_UNLESS("qemu-nbd");
+	write_file(tp_local, 0, DISK, 9);
+	tp_qemu_nbd("secondary");
+	tp_open("");
+	assert_op("start");
+	assert_op("resync full");
+	while (tp_state() == REPLICA_STATE_RESYNC && round < 64) {
+		uint64_t offs[8];
+		char *bufs[8];
+		int errs[8];
+
+		for (unsigned i = 0; i < 8; i++) {
+			offs[i] = (uint64_t)((round * 8 + i) * 2654435761u % (DISK / (4 * KIB))) * 4 * KIB;
+			bufs[i] = tp_pattern(4 * KIB, 1000 + round * 8 + i);
+		}
+		tp_write_many(8, offs, 4 * KIB, bufs, errs);
+		for (unsigned i = 0; i < 8; i++) {
+			ck_assert_int_eq(errs[i], 0);
+			free(bufs[i]);
+		}
+		round++;
+	}
+	tp_wait_state(REPLICA_STATE_RUNNING);
+	assert_op("checkpoint");
+	tp_assert_same();
+}
+END_TEST
+
+/* A resync whose link breaks leaves the primary broken and able to resync again. */
+START_TEST(t_resync_broken)
+{
+	char msg[512];
+
+	tp_fake_start(TP_FAKE_GOOD, 0);
+	write_file(tp_local, 0, DISK, 4);
+	tp_open(",timeout=300");
+	assert_op("start");
+	tp_fake_set_mode(TP_FAKE_SILENT, 3);
+	assert_op("resync full");
+	tp_wait_state(REPLICA_STATE_BROKEN);
+	tp_run_for(100);
+	tp_fake_set_mode(TP_FAKE_GOOD, 0);
+	ck_assert_int_eq(tp_op("resync incremental", msg, sizeof(msg)), -EINVAL);
+	ck_assert_msg(strstr(msg, "resync full"), "%s", msg);
+	assert_op("resync full");
+	tp_wait_state(REPLICA_STATE_RUNNING);
+	assert_op("checkpoint");
+	tp_assert_same();
+}
+END_TEST
+
+static Suite *suite(void)
+{
+	Suite *s = suite_create("primary");
+	TCase *tc;
+
+#define ADD(name, setupfn, fn)                                         \
+	tc = tcase_create(name);                                       \
+	tcase_add_checked_fixture(tc, setupfn, teardown);              \
+	tcase_set_timeout(tc, 120);                                    \
+	tcase_add_test(tc, fn);                                        \
+	suite_add_tcase(s, tc)
+
+	ADD("qemu-nbd", setup16, t_qemu_nbd);
+	ADD("nbdkit", setup16, t_nbdkit);
+	ADD("fake-sync-local", setup16, t_fake_sync_local);
+	ADD("barrier-slow-acks", setup16, t_barrier_slow_acks);
+	ADD("sync-local-break", setup16, t_sync_local_break);
+	ADD("sigstop", setup16, t_sigstop);
+	ADD("kill9", setup16, t_kill9);
+	ADD("nbdkit-error", setup16, t_nbdkit_error);
+	ADD("nbdkit-slow", setup16, t_nbdkit_slow);
+	ADD("nbdkit-pause", setup16, t_nbdkit_pause);
+	ADD("fake-garbage", setup16, t_fake_garbage);
+	ADD("fake-bogus-handle", setup16, t_fake_bogus_handle);
+	ADD("fake-silent", setup16, t_fake_silent);
+	ADD("fake-close", setup16, t_fake_close);
+	ADD("refused", setup16, t_refused);
+	ADD("bad-export", setup16, t_bad_export);
+	ADD("size-mismatch", setup16, t_size_mismatch);
+	ADD("bad-addr", setup16, t_bad_addr);
+	ADD("states", setup16, t_states);
+	ADD("resync-incremental-bytes", setup16, t_resync_incremental_bytes);
+	ADD("resync-full-sparse", setup_sparse, t_resync_full_sparse);
+	ADD("resync-full-with-writes", setup16, t_resync_full_with_writes);
+	ADD("resync-broken", setup16, t_resync_broken);
+#undef ADD
+	return s;
+}
+
+int main(void)
+{
+	SRunner *sr = srunner_create(suite());
+	int failed;
+
+	tdr_log_init("test-primary", false, TDR_LOG_WARN);
+	srunner_run_all(sr, CK_NORMAL);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

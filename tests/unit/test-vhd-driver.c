@@ -1,0 +1,781 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/*
+ * Tests of the asynchronous "vhd" driver through td_disk: parallel random
+ * I/O against a model, concurrent allocation of one block, three-deep chains
+ * (writes land in the leaf only), block status, online make-empty and
+ * commit, and crash safety with the I/O backend's fault injection.
+ */
+#include <check.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "tdr/image.h"
+#include "tdr/log.h"
+#include "tdr/vhd.h"
+
+#define MIB (1ull << 20)
+
+static char dir[] = "/var/tmp/tdr-test-vhdd-XXXXXX";
+static char pa[PATH_MAX], pb[PATH_MAX], pc[PATH_MAX];
+static struct tdr_loop *loop;
+static struct tdr_io_ctx *io;
+
+static void register_vhd(void)
+{
+	if (!td_driver_find("vhd"))
+		ck_assert_int_eq(td_driver_register(&td_drv_vhd), 0);
+}
+
+static void setup(void)
+{
+	strcpy(dir, "/var/tmp/tdr-test-vhdd-XXXXXX");
+	ck_assert_ptr_nonnull(mkdtemp(dir));
+	snprintf(pa, sizeof(pa), "%s/a.vhd", dir);
+	snprintf(pb, sizeof(pb), "%s/b.vhd", dir);
+	snprintf(pc, sizeof(pc), "%s/c.vhd", dir);
+	register_vhd();
+	loop = tdr_loop_new();
+	io = tdr_io_ctx_new(loop, 128);
+	ck_assert_ptr_nonnull(io);
+}
+
+static void teardown(void)
+{
+	char cmd[PATH_MAX + 16];
+
+	tdr_io_ctx_free(io);
+	tdr_loop_free(loop);
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+	ck_assert_int_eq(system(cmd), 0);
+}
+
+static void fill_random(void *buf, size_t len, unsigned seed)
+{
+	unsigned char *b = buf;
+
+	for (size_t i = 0; i < len; i++) {
+		seed = seed * 1103515245u + 12345u;
+		b[i] = (unsigned char)(seed >> 16);
+	}
+}
+
+static char *abuf(size_t len)
+{
+	char *p = tdr_io_alloc(len ? len : 512);
+
+	ck_assert_ptr_nonnull(p);
+	return p;
+}
+
+struct waiter {
+	int pending;
+	int errors;
+	int last_err;
+};
+
+static void req_done(struct td_request *req, int err, void *arg)
+{
+	struct waiter *w = arg;
+
+	w->pending--;
+	if (err) {
+		w->errors++;
+		w->last_err = err;
+	}
+}
+
+static void wait_all(struct waiter *w)
+{
+	while (w->pending > 0)
+		ck_assert_int_ge(tdr_loop_run_once(loop, 1000), 0);
+}
+
+static int run_req(struct td_disk *disk, enum td_op op, uint64_t sec, uint32_t secs, char *buf,
+		   struct td_request *out)
+{
+	struct td_request req;
+	struct waiter w = { 1, 0, 0 };
+
+	td_request_init(&req, op, sec, secs, buf, req_done, &w);
+	td_disk_submit(disk, &req);
+	wait_all(&w);
+	if (out)
+		*out = req;
+	return w.last_err;
+}
+
+static struct td_disk *open_disk(const char *path, unsigned flags)
+{
+	char spec[PATH_MAX + 8];
+	struct td_disk *disk = NULL;
+	int r;
+
+	snprintf(spec, sizeof(spec), "vhd:%s", path);
+	r = td_disk_open(&disk, spec, flags, loop, io);
+	ck_assert_msg(r == 0, "open %s: %s", spec, tdr_last_error());
+	return disk;
+}
+
+static void lib_check(const char *path)
+{
+	struct vhd_error err;
+
+	ck_assert_msg(vhd_file_check(path, VHD_FILE_CHAIN, &err) == 0, "%s", err.msg);
+}
+
+static void lib_read_all(const char *path, char *buf, uint64_t size)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+
+	ck_assert_msg(vhd_file_open(&vf, path, VHD_FILE_CHAIN | VHD_FILE_RDONLY, &err) == 0, "%s",
+		      err.msg);
+	ck_assert_int_eq(vhd_file_read(vf, 0, (uint32_t)(size / 512), buf), 0);
+	vhd_file_close(vf);
+}
+
+static void read_all(struct td_disk *disk, char *buf, uint64_t size)
+{
+	/* in 1 MiB pieces, all in flight at once */
+	struct td_request reqs[64];
+	struct waiter w = { 0, 0, 0 };
+	uint64_t n = size / MIB;
+
+	ck_assert_uint_le(n, 64);
+	for (uint64_t i = 0; i < n; i++) {
+		td_request_init(&reqs[i], TD_OP_READ, i * (MIB / 512), MIB / 512, buf + i * MIB,
+				req_done, &w);
+		w.pending++;
+		td_disk_submit(disk, &reqs[i]);
+	}
+	wait_all(&w);
+	ck_assert_int_eq(w.errors, 0);
+}
+
+static uint64_t fsize(const char *p)
+{
+	struct stat st;
+
+	ck_assert_int_eq(stat(p, &st), 0);
+	return (uint64_t)st.st_size;
+}
+
+/* ------------------------------------------------------------------ */
+
+/* Many writes in flight at once, disjoint, several per unallocated block. */
+START_TEST(parallel_random_io)
+{
+	const uint64_t size = 24 * MIB, secs = size / 512;
+	struct vhd_error err;
+	char *model = calloc(1, size), *back = abuf(size), *data = abuf(size);
+	struct td_request *reqs = calloc(512, sizeof(*reqs));
+	struct td_disk *disk;
+	struct waiter w = { 0, 0, 0 };
+	unsigned round, nreq = 0;
+	struct vhd_file *vf;
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	disk = open_disk(pa, 0);
+	fill_random(data, size, 77);
+	for (round = 0; round < 4; round++) {
+		/* disjoint chunks of 64 sectors at random-ish places in a round */
+		w.pending = 0;
+		nreq = 0;
+		for (uint64_t chunk = round; chunk < secs / 64; chunk += 4) {
+			unsigned seed = (unsigned)(chunk * 31 + round * 7);
+			uint32_t off = seed % 32, n = 1 + (seed * 13) % 32;
+			uint64_t sec = chunk * 64 + off;
+
+			if ((seed % 3) == 0)
+				continue;
+			fill_random(data + sec * 512, (size_t)n * 512, seed + round);
+			memcpy(model + sec * 512, data + sec * 512, (size_t)n * 512);
+			td_request_init(&reqs[nreq], TD_OP_WRITE, sec, n, data + sec * 512, req_done, &w);
+			w.pending++;
+			td_disk_submit(disk, &reqs[nreq++]);
+		}
+		wait_all(&w);
+		ck_assert_int_eq(w.errors, 0);
+	}
+	/* a write across three blocks */
+	fill_random(data + (2 * MIB - 4096), 4 * MIB + 8192, 5);
+	memcpy(model + (2 * MIB - 4096), data + (2 * MIB - 4096), 4 * MIB + 8192);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (2 * MIB - 4096) / 512, (4 * MIB + 8192) / 512,
+				 data + (2 * MIB - 4096), NULL), 0);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	ck_assert_int_eq(run_req(disk, TD_OP_FLUSH, 0, 0, NULL, NULL), 0);
+	td_disk_close(disk);
+
+	lib_check(pa);
+	lib_read_all(pa, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	ck_assert_int_eq(vhd_file_open(&vf, pa, VHD_FILE_RDONLY, &err), 0);
+	ck_assert_uint_eq(vf->m.allocated, 12);
+	vhd_file_close(vf);
+	/* reopen and read through the driver */
+	disk = open_disk(pa, TD_OPEN_RDONLY);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 0, 1, data, NULL), -EPERM);
+	td_disk_close(disk);
+	free(model);
+	free(reqs);
+	free(back);
+	free(data);
+}
+END_TEST
+
+/* Sixteen writes to one unallocated block at once allocate it once. */
+START_TEST(concurrent_alloc_same_block)
+{
+	const uint64_t size = 4 * MIB;
+	struct vhd_error err;
+	struct td_request reqs[16];
+	struct waiter w = { 0, 0, 0 };
+	char *data = abuf(16 * 8 * 512), *back = abuf(size), *model = calloc(1, size);
+	struct td_disk *disk;
+	struct vhd_file *vf;
+	uint64_t before;
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	before = fsize(pa);
+	disk = open_disk(pa, 0);
+	fill_random(data, 16 * 8 * 512, 3);
+	for (int i = 0; i < 16; i++) {
+		uint64_t sec = 4096 + (uint64_t)i * 100;
+
+		memcpy(model + sec * 512, data + i * 8 * 512, 8 * 512);
+		td_request_init(&reqs[i], TD_OP_WRITE, sec, 8, data + i * 8 * 512, req_done, &w);
+		w.pending++;
+		td_disk_submit(disk, &reqs[i]);
+	}
+	wait_all(&w);
+	ck_assert_int_eq(w.errors, 0);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	td_disk_close(disk);
+	ck_assert_int_eq(vhd_file_open(&vf, pa, VHD_FILE_RDONLY, &err), 0);
+	ck_assert_uint_eq(vf->m.allocated, 1);
+	vhd_file_close(vf);
+	/* one block, its bitmap and alignment padding */
+	ck_assert_uint_le(fsize(pa), before + 2 * MIB + 8192);
+	lib_check(pa);
+	free(model);
+	free(data);
+	free(back);
+}
+END_TEST
+
+static void sha_like(const char *path, unsigned long *sum, uint64_t *size)
+{
+	FILE *f = fopen(path, "rb");
+	int c;
+	unsigned long h = 5381;
+
+	ck_assert_ptr_nonnull(f);
+	*size = 0;
+	while ((c = fgetc(f)) != EOF) {
+		h = h * 33 + (unsigned)c;
+		(*size)++;
+	}
+	fclose(f);
+	*sum = h;
+}
+
+/* a <- b <- c like secondary <- hidden <- active */
+static void build_chain(char *model, uint64_t size)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	const char *files[3] = { pa, pb, pc };
+	char *data = malloc(256 * 512);
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	for (int level = 0; level < 3; level++) {
+		if (level)
+			ck_assert_int_eq(vhd_file_snapshot(files[level], files[level - 1], &err), 0);
+		ck_assert_int_eq(vhd_file_open(&vf, files[level], VHD_FILE_CHAIN, &err), 0);
+		for (unsigned i = 0; i < 30; i++) {
+			unsigned seed = level * 1000 + i + 1;
+			uint64_t sec = (seed * 2654435761u) % (size / 512 - 256);
+			uint32_t n = 1 + seed % 256;
+
+			fill_random(data, (size_t)n * 512, seed);
+			memcpy(model + sec * 512, data, (size_t)n * 512);
+			ck_assert_int_eq(vhd_file_write(vf, sec, n, data), 0);
+		}
+		vhd_file_close(vf);
+	}
+	free(data);
+}
+
+START_TEST(chain_three_deep)
+{
+	const uint64_t size = 8 * MIB;
+	char *model = calloc(1, size), *back = abuf(size), *data = abuf(MIB);
+	unsigned long ha, hb, ha2, hb2;
+	uint64_t sa, sb, sa2, sb2;
+	struct td_disk *disk;
+
+	build_chain(model, size);
+	sha_like(pa, &ha, &sa);
+	sha_like(pb, &hb, &sb);
+	disk = open_disk(pc, 0);
+	ck_assert_ptr_nonnull(disk->top->parent);
+	ck_assert_ptr_nonnull(disk->top->parent->parent);
+	ck_assert_ptr_eq(disk->bottom, disk->top->parent->parent);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	/* writes land in the leaf */
+	for (int i = 0; i < 8; i++) {
+		uint64_t sec = (uint64_t)i * 2000 + 11;
+
+		fill_random(data, 64 * 512, 900 + i);
+		memcpy(model + sec * 512, data, 64 * 512);
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, sec, 64, data, NULL), 0);
+	}
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	td_disk_close(disk);
+	sha_like(pa, &ha2, &sa2);
+	sha_like(pb, &hb2, &sb2);
+	ck_assert_uint_eq(ha, ha2);
+	ck_assert_uint_eq(hb, hb2);
+	ck_assert_uint_eq(sa, sa2);
+	ck_assert_uint_eq(sb, sb2);
+	lib_check(pc);
+	lib_read_all(pc, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	free(model);
+	free(back);
+	free(data);
+}
+END_TEST
+
+START_TEST(block_status)
+{
+	const uint64_t size = 8 * MIB;
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char data[4096];
+	struct td_disk *disk;
+	struct td_request r;
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_open(&vf, pa, 0, &err), 0);
+	memset(data, 1, sizeof(data));
+	ck_assert_int_eq(vhd_file_write(vf, 4096 + 8, 8, data), 0);	/* block 1 */
+	vhd_file_close(vf);
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+	ck_assert_int_eq(vhd_file_open(&vf, pb, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_write(vf, 3 * 4096, 4, data), 0);	/* block 3 */
+	vhd_file_close(vf);
+
+	disk = open_disk(pb, 0);
+	/* blocks 0..2 unallocated in b: a's answer; block 0 is a hole in a */
+	ck_assert_int_eq(run_req(disk, TD_OP_BLOCK_STATUS, 0, 16384, NULL, &r), 0);
+	ck_assert_uint_eq(r.bs_flags, TD_BS_HOLE | TD_BS_ZERO);
+	ck_assert_uint_eq(r.bs_secs, 4096);
+	ck_assert_int_eq(run_req(disk, TD_OP_BLOCK_STATUS, 4096, 4096, NULL, &r), 0);
+	ck_assert_uint_eq(r.bs_flags, TD_BS_HOLE | TD_BS_ZERO);
+	ck_assert_uint_eq(r.bs_secs, 8);
+	ck_assert_int_eq(run_req(disk, TD_OP_BLOCK_STATUS, 4096 + 8, 100, NULL, &r), 0);
+	ck_assert_uint_eq(r.bs_flags, 0);
+	ck_assert_uint_eq(r.bs_secs, 8);
+	ck_assert_int_eq(run_req(disk, TD_OP_BLOCK_STATUS, 3 * 4096, 4096, NULL, &r), 0);
+	ck_assert_uint_eq(r.bs_flags, 0);
+	ck_assert_uint_eq(r.bs_secs, 4);
+	ck_assert_int_eq(run_req(disk, TD_OP_BLOCK_STATUS, 3 * 4096 + 4, 4092, NULL, &r), 0);
+	ck_assert_uint_eq(r.bs_flags, TD_BS_HOLE | TD_BS_ZERO);
+	ck_assert_uint_eq(r.bs_secs, 4092);
+	td_disk_close(disk);
+}
+END_TEST
+
+static bool op_done;
+static int op_err;
+static uint64_t prog_calls, prog_last, prog_total;
+
+static void on_done(void *arg, int err)
+{
+	(void)arg;
+	op_done = true;
+	op_err = err;
+}
+
+static void on_progress(void *arg, uint64_t done, uint64_t total)
+{
+	(void)arg;
+	prog_calls++;
+	prog_last = done;
+	prog_total = total;
+}
+
+static void drain_cb(struct td_disk *disk, void *arg)
+{
+	(void)disk;
+	*(bool *)arg = true;
+}
+
+static void drain(struct td_disk *disk)
+{
+	struct td_drain_waiter dw;
+	bool drained = false;
+
+	dw.cb = drain_cb;
+	dw.arg = &drained;
+	td_disk_drain(disk, &dw);
+	while (!drained)
+		ck_assert_int_ge(tdr_loop_run_once(loop, 1000), 0);
+}
+
+START_TEST(online_make_empty)
+{
+	const uint64_t size = 8 * MIB;
+	char *model = calloc(1, size), *back = abuf(size), *data = abuf(MIB), *base = calloc(1, size);
+	struct td_disk *disk;
+	uint64_t empty;
+
+	build_chain(model, size);
+	/* c's parent view = content of b's chain */
+	lib_read_all(pb, base, size);
+	empty = fsize(pc);
+	disk = open_disk(pc, 0);
+	fill_random(data, MIB, 4);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 100, 2048, data, NULL), 0);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 9000, 2048, data, NULL), 0);
+	drain(disk);
+	op_done = false;
+	vhd_image_make_empty(disk->top, on_done, NULL);
+	ck_assert(!op_done);
+	while (!op_done)
+		ck_assert_int_ge(tdr_loop_run_once(loop, 1000), 0);
+	ck_assert_int_eq(op_err, 0);
+	ck_assert_uint_lt(fsize(pc), empty + 4096);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, base, size) == 0);
+	/* and usable again */
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 100, 2048, data, NULL), 0);
+	memcpy(base + 100 * 512, data, MIB);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, base, size) == 0);
+	td_disk_close(disk);
+	lib_check(pc);
+	lib_read_all(pc, back, size);
+	ck_assert(memcmp(back, base, size) == 0);
+	free(model);
+	free(back);
+	free(data);
+	free(base);
+}
+END_TEST
+
+START_TEST(online_commit)
+{
+	const uint64_t size = 8 * MIB;
+	char *model = calloc(1, size), *back = abuf(size), *data = abuf(MIB);
+	struct td_disk *disk;
+
+	build_chain(model, size);
+	disk = open_disk(pc, 0);
+	fill_random(data, MIB, 8);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 5000, 2048, data, NULL), 0);
+	memcpy(model + 5000 * 512, data, MIB);
+	drain(disk);
+	op_done = false;
+	prog_calls = 0;
+	vhd_image_commit(disk->top, on_progress, on_done, NULL);
+	while (!op_done)
+		ck_assert_int_ge(tdr_loop_run_once(loop, 1000), 0);
+	ck_assert_int_eq(op_err, 0);
+	ck_assert_uint_gt(prog_calls, 0);
+	ck_assert_uint_eq(prog_last, prog_total);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	td_disk_close(disk);
+	/* b alone (over a) now reads c's content */
+	lib_check(pb);
+	lib_read_all(pb, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	/* and after make-empty of c through the library, c still reads the same */
+	{
+		struct vhd_error err;
+		struct vhd_file *vf;
+
+		ck_assert_int_eq(vhd_file_open(&vf, pc, VHD_FILE_CHAIN, &err), 0);
+		ck_assert_int_eq(vhd_file_make_empty(vf, &err), 0);
+		vhd_file_close(vf);
+	}
+	lib_read_all(pc, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	free(model);
+	free(back);
+	free(data);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ crash safety */
+
+#define CRASH_WRITES 12
+
+struct cw {
+	uint64_t sec;
+	uint32_t secs;
+	unsigned seed;
+	bool pair;	/* submitted together with the next one */
+};
+
+/* Allocations, same-block concurrent allocation, bitmap updates, a diff disk. */
+static const struct cw crash_plan[CRASH_WRITES] = {
+	{ 10, 8, 1, false },		/* alloc block 0 */
+	{ 4096 + 5, 3, 2, true },	/* two at once into block 1 */
+	{ 4096 + 700, 16, 3, false },
+	{ 30, 8, 4, false },		/* bitmap update in block 0 */
+	{ 8192 + 1, 1, 5, true },	/* blocks 2 and 3 at once */
+	{ 12288 + 2, 2, 6, false },
+	{ 4096 + 100, 100, 7, false },	/* bitmap update block 1 */
+	{ 2000, 300, 8, false },
+	{ 14000, 64, 9, true },		/* block 3 bitmap + block 0 at once */
+	{ 500, 64, 10, false },
+	{ 16000, 8, 11, false },
+	{ 3, 1, 12, false },
+};
+
+/* Child: runs the plan with a fault after n writes; reports acks on fd. */
+static void crash_child(const char *path, enum tdr_io_fault_mode mode, uint64_t n, int fd)
+{
+	struct tdr_loop *l = tdr_loop_new();
+	struct tdr_io_ctx *c = tdr_io_ctx_new(l, 64);
+	struct td_disk *disk = NULL;
+	char spec[PATH_MAX + 8];
+	char *buf = tdr_io_alloc(512 * 512);
+
+	loop = l;
+	io = c;
+	snprintf(spec, sizeof(spec), "vhd:%s", path);
+	if (td_disk_open(&disk, spec, 0, l, c) < 0)
+		_exit(3);
+	if (mode != TDR_FAULT_NONE)
+		tdr_io_set_fault(c, mode, n);
+	for (int i = 0; i < CRASH_WRITES; i++) {
+		struct td_request r[2];
+		struct waiter w[2] = { { 1, 0, 0 }, { 1, 0, 0 } };
+		int k = crash_plan[i].pair ? 2 : 1;
+
+		for (int j = 0; j < k; j++) {
+			const struct cw *p = &crash_plan[i + j];
+
+			fill_random(buf + j * 256 * 512, (size_t)p->secs * 512, p->seed);
+			td_request_init(&r[j], TD_OP_WRITE, p->sec, p->secs, buf + j * 256 * 512,
+					req_done, &w[j]);
+			td_disk_submit(disk, &r[j]);
+		}
+		for (int j = 0; j < k; j++) {
+			unsigned char idx = (unsigned char)(i + j);
+
+			wait_all(&w[j]);
+			if (!w[j].errors && write(fd, &idx, 1) != 1)
+				_exit(4);
+		}
+		i += k - 1;
+	}
+	if (mode == TDR_FAULT_NONE) {
+		uint64_t total = tdr_io_writes_done(c);
+
+		if (write(fd, "T", 1) != 1 || write(fd, &total, sizeof(total)) != sizeof(total))
+			_exit(5);
+	}
+	td_disk_close(disk);
+	_exit(0);
+}
+
+static void verify_after_crash(const char *path, const bool *acked)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char *buf = malloc(512 * 512), *want = malloc(512 * 512);
+
+	ck_assert_msg(vhd_file_check(path, VHD_FILE_CHAIN, &err) == 0, "check after crash: %s",
+		      err.msg);
+	ck_assert_int_eq(vhd_file_open(&vf, path, VHD_FILE_CHAIN | VHD_FILE_RDONLY, &err), 0);
+	for (int i = 0; i < CRASH_WRITES; i++) {
+		const struct cw *p = &crash_plan[i];
+
+		if (!acked[i])
+			continue;
+		fill_random(want, (size_t)p->secs * 512, p->seed);
+		ck_assert_int_eq(vhd_file_read(vf, p->sec, p->secs, buf), 0);
+		ck_assert_msg(memcmp(buf, want, (size_t)p->secs * 512) == 0,
+			      "acknowledged write %d lost", i);
+	}
+	vhd_file_close(vf);
+	free(buf);
+	free(want);
+}
+
+static int run_crash(const char *path, enum tdr_io_fault_mode mode, uint64_t n, bool *acked,
+		     uint64_t *total)
+{
+	int fds[2], status;
+	pid_t pid;
+	unsigned char c;
+
+	ck_assert_int_eq(pipe(fds), 0);
+	pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		close(fds[0]);
+		crash_child(path, mode, n, fds[1]);
+	}
+	close(fds[1]);
+	memset(acked, 0, CRASH_WRITES);
+	while (read(fds[0], &c, 1) == 1) {
+		if (c == 'T') {
+			ck_assert_int_eq(read(fds[0], total, sizeof(*total)), (ssize_t)sizeof(*total));
+			continue;
+		}
+		ck_assert_uint_lt(c, CRASH_WRITES);
+		acked[c] = true;
+	}
+	close(fds[0]);
+	ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+	return status;
+}
+
+static void crash_series(const char *path, const char *pristine, enum tdr_io_fault_mode mode)
+{
+	bool acked[CRASH_WRITES];
+	uint64_t total = 0, n;
+	char cmd[3 * PATH_MAX];
+	int status;
+
+	snprintf(cmd, sizeof(cmd), "cp --sparse=always '%s' '%s'", pristine, path);
+	ck_assert_int_eq(system(cmd), 0);
+	status = run_crash(path, TDR_FAULT_NONE, 0, acked, &total);
+	ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "clean run status %d", status);
+	ck_assert_uint_gt(total, 20);
+	for (int i = 0; i < CRASH_WRITES; i++)
+		ck_assert(acked[i]);
+	verify_after_crash(path, acked);
+
+	for (n = 0; n <= total; n++) {
+		ck_assert_int_eq(system(cmd), 0);
+		status = run_crash(path, mode, n, acked, &total);
+		if (mode == TDR_FAULT_KILL && n < total)
+			ck_assert_msg(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL,
+				      "n=%llu: status %d", (unsigned long long)n, status);
+		verify_after_crash(path, acked);
+	}
+}
+
+START_TEST(crash_safety_dynamic)
+{
+	struct vhd_error err;
+	char pristine[PATH_MAX];
+
+	snprintf(pristine, sizeof(pristine), "%s/pristine.vhd", dir);
+	ck_assert_int_eq(vhd_file_create(pristine, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	crash_series(pa, pristine, TDR_FAULT_KILL);
+	crash_series(pa, pristine, TDR_FAULT_FAIL);
+}
+END_TEST
+
+START_TEST(crash_safety_differencing)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char pristine[PATH_MAX], base[PATH_MAX], data[64 * 512];
+
+	/* the pristine child and the live child share the directory and the parent */
+	snprintf(base, sizeof(base), "%s/base.vhd", dir);
+	snprintf(pristine, sizeof(pristine), "%s/pristine.vhd", dir);
+	ck_assert_int_eq(vhd_file_create(base, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_open(&vf, base, 0, &err), 0);
+	memset(data, 0x5A, sizeof(data));
+	for (uint64_t s = 0; s < 16384; s += 1000)
+		ck_assert_int_eq(vhd_file_write(vf, s, 64, data), 0);
+	vhd_file_close(vf);
+	ck_assert_int_eq(vhd_file_snapshot(pristine, base, &err), 0);
+	crash_series(pb, pristine, TDR_FAULT_KILL);
+}
+END_TEST
+
+/* A file that fails validation is never written by the driver. */
+START_TEST(bad_file_untouched)
+{
+	struct vhd_error err;
+	struct td_disk *disk = NULL;
+	char spec[PATH_MAX + 8];
+	uint8_t hb[1024];
+	unsigned long h1, h2;
+	uint64_t s1, s2;
+	int fd;
+
+	ck_assert_int_eq(vhd_file_create(pa, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	fd = open(pa, O_RDWR);
+	ck_assert_int_eq(pread(fd, hb, sizeof(hb), 512), (ssize_t)sizeof(hb));
+	hb[40] ^= 1;	/* header checksum now wrong */
+	ck_assert_int_eq(pwrite(fd, hb, sizeof(hb), 512), (ssize_t)sizeof(hb));
+	close(fd);
+	sha_like(pa, &h1, &s1);
+	snprintf(spec, sizeof(spec), "vhd:%s", pa);
+	ck_assert_int_lt(td_disk_open(&disk, spec, 0, loop, io), 0);
+	ck_assert_ptr_nonnull(strstr(tdr_last_error(), pa));
+	ck_assert_ptr_nonnull(strstr(tdr_last_error(), "checksum"));
+	sha_like(pa, &h2, &s2);
+	ck_assert_uint_eq(h1, h2);
+	ck_assert_uint_eq(s1, s2);
+
+	/* a missing parent and a parent UUID mismatch are named */
+	ck_assert_int_eq(vhd_file_create(pb, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_snapshot(pc, pb, &err), 0);
+	ck_assert_int_eq(unlink(pb), 0);
+	snprintf(spec, sizeof(spec), "vhd:%s", pc);
+	ck_assert_int_lt(td_disk_open(&disk, spec, 0, loop, io), 0);
+	ck_assert_ptr_nonnull(strstr(tdr_last_error(), "parent not found"));
+	ck_assert_int_eq(vhd_file_create(pb, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_lt(td_disk_open(&disk, spec, 0, loop, io), 0);
+	ck_assert_ptr_nonnull(strstr(tdr_last_error(), "UUID mismatch"));
+}
+END_TEST
+
+static Suite *suite(void)
+{
+	Suite *s = suite_create("vhd-driver");
+	TCase *tc = tcase_create("driver");
+
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 300);
+	tcase_add_test(tc, parallel_random_io);
+	tcase_add_test(tc, concurrent_alloc_same_block);
+	tcase_add_test(tc, chain_three_deep);
+	tcase_add_test(tc, block_status);
+	tcase_add_test(tc, online_make_empty);
+	tcase_add_test(tc, online_commit);
+	tcase_add_test(tc, bad_file_untouched);
+	tcase_add_test(tc, crash_safety_dynamic);
+	tcase_add_test(tc, crash_safety_differencing);
+	suite_add_tcase(s, tc);
+	return s;
+}
+
+int main(void)
+{
+	SRunner *sr = srunner_create(suite());
+	int failed;
+
+	tdr_log_init("test-vhd-driver", false, TDR_LOG_WARN);
+	srunner_run_all(sr, CK_NORMAL);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

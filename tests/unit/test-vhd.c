@@ -1,0 +1,1116 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/*
+ * Unit tests of the VHD library: structure round trips, checksums, geometry,
+ * timestamps, names, bitmaps; create/snapshot/read/write through chains;
+ * make-empty, coalesce, repair; and one test per validation rule.
+ */
+#include <check.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "tdr/vhd.h"
+
+#define MIB (1ull << 20)
+
+static char dir[] = "/var/tmp/tdr-test-vhd-XXXXXX";
+static char pa[PATH_MAX], pb[PATH_MAX], pc[PATH_MAX], pd[PATH_MAX];
+
+static void setup(void)
+{
+	strcpy(dir, "/var/tmp/tdr-test-vhd-XXXXXX");
+	ck_assert_ptr_nonnull(mkdtemp(dir));
+	snprintf(pa, sizeof(pa), "%s/a.vhd", dir);
+	snprintf(pb, sizeof(pb), "%s/b.vhd", dir);
+	snprintf(pc, sizeof(pc), "%s/c.vhd", dir);
+	snprintf(pd, sizeof(pd), "%s/d.vhd", dir);
+}
+
+static void teardown(void)
+{
+	char cmd[PATH_MAX + 16];
+
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+	ck_assert_int_eq(system(cmd), 0);
+}
+
+static void fill_random(void *buf, size_t len, unsigned seed)
+{
+	unsigned char *b = buf;
+
+	for (size_t i = 0; i < len; i++) {
+		seed = seed * 1103515245u + 12345u;
+		b[i] = (unsigned char)(seed >> 16);
+	}
+}
+
+static void raw_read(const char *path, void *buf, size_t len, off_t off)
+{
+	int fd = open(path, O_RDONLY);
+
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pread(fd, buf, len, off), (ssize_t)len);
+	close(fd);
+}
+
+static void raw_write(const char *path, const void *buf, size_t len, off_t off)
+{
+	int fd = open(path, O_WRONLY);
+
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pwrite(fd, buf, len, off), (ssize_t)len);
+	close(fd);
+}
+
+static off_t file_size(const char *path)
+{
+	struct stat st;
+
+	ck_assert_int_eq(stat(path, &st), 0);
+	return st.st_size;
+}
+
+/* ------------------------------------------------------------ format */
+
+START_TEST(footer_roundtrip)
+{
+	uint8_t raw[VHD_FOOTER_SIZE], again[VHD_FOOTER_SIZE];
+	struct vhd_footer f, g;
+
+	for (unsigned seed = 1; seed < 50; seed++) {
+		fill_random(raw, sizeof(raw), seed);
+		vhd_footer_decode(&f, raw);
+		vhd_footer_encode(&f, again);
+		ck_assert_mem_eq(raw, again, sizeof(raw));
+	}
+	vhd_footer_init(&f, VHD_TYPE_DYNAMIC, 64 * MIB);
+	ck_assert_uint_eq(f.checksum, vhd_footer_checksum(&f));
+	vhd_footer_encode(&f, raw);
+	ck_assert_mem_eq(raw, "conectix", 8);
+	/* features, version, data offset, current size are big-endian */
+	ck_assert_uint_eq(raw[11], 2);
+	ck_assert_uint_eq(raw[12], 0);
+	ck_assert_uint_eq(raw[13], 1);
+	ck_assert_uint_eq(raw[23], 0);
+	ck_assert_uint_eq(raw[22], 2);
+	ck_assert_uint_eq(raw[60 + 3], 3);
+	ck_assert_uint_eq(raw[48 + 4], 4);	/* 64 MiB = 0x04000000 */
+	vhd_footer_decode(&g, raw);
+	ck_assert_uint_eq(g.current_size, 64 * MIB);
+	ck_assert_uint_eq(g.data_offset, 512);
+	ck_assert_uint_eq(g.type, VHD_TYPE_DYNAMIC);
+	ck_assert_mem_eq(g.uuid, f.uuid, 16);
+}
+END_TEST
+
+START_TEST(header_roundtrip)
+{
+	uint8_t raw[VHD_HEADER_SIZE], again[VHD_HEADER_SIZE];
+	struct vhd_header h;
+
+	for (unsigned seed = 1; seed < 50; seed++) {
+		fill_random(raw, sizeof(raw), seed);
+		vhd_header_decode(&h, raw);
+		vhd_header_encode(&h, again);
+		ck_assert_mem_eq(raw, again, sizeof(raw));
+	}
+	vhd_header_init(&h, 1536, 32, VHD_BLOCK_SIZE_DEFAULT);
+	h.loc[2].code = VHD_PLAT_W2RU;
+	h.loc[2].data_offset = 0x123456789ull;
+	vhd_header_seal(&h);
+	vhd_header_encode(&h, raw);
+	ck_assert_mem_eq(raw, "cxsparse", 8);
+	ck_assert_uint_eq(raw[8], 0xFF);
+	ck_assert_uint_eq(raw[16 + 7], 0x00);
+	ck_assert_uint_eq(raw[16 + 6], 0x06);	/* 1536 = 0x600 */
+	ck_assert_uint_eq(raw[28 + 3], 32);
+	ck_assert_uint_eq(raw[32 + 1], 0x20);	/* 2 MiB = 0x00200000 */
+	ck_assert_mem_eq(raw + 576 + 48, "W2ru", 4);
+	ck_assert_uint_eq(raw[576 + 48 + 16 + 3], 0x01);
+	ck_assert_uint_eq(raw[576 + 48 + 16 + 7], 0x89);
+	ck_assert_uint_eq(vhd_checksum_bytes(raw, sizeof(raw), 36), h.checksum);
+}
+END_TEST
+
+START_TEST(checksum_rule)
+{
+	uint8_t raw[VHD_FOOTER_SIZE];
+	struct vhd_footer f;
+	uint32_t sum = 0;
+
+	vhd_footer_init(&f, VHD_TYPE_FIXED, 10 * MIB);
+	vhd_footer_encode(&f, raw);
+	/* one's complement of the byte sum without the checksum field */
+	for (int i = 0; i < 512; i++)
+		if (i < 64 || i >= 68)
+			sum += raw[i];
+	ck_assert_uint_eq(f.checksum, ~sum);
+	ck_assert_uint_eq(((uint32_t)raw[64] << 24 | (uint32_t)raw[65] << 16 | raw[66] << 8 | raw[67]),
+			  ~sum);
+}
+END_TEST
+
+START_TEST(bat_roundtrip)
+{
+	uint32_t bat[300], back[300];
+	uint8_t raw[1200], sector[512];
+
+	for (int i = 0; i < 300; i++)
+		bat[i] = i % 3 ? VHD_BAT_UNUSED : (uint32_t)i * 4105u;
+	vhd_bat_encode(bat, raw, 300);
+	vhd_bat_decode(back, raw, 300);
+	ck_assert_mem_eq(bat, back, sizeof(bat));
+	ck_assert_uint_eq(raw[3 * 4 + 3], (3 * 4105) & 0xFF);
+	vhd_bat_sector(bat, 300, 2, sector);	/* entries 256..299, then 0xFF */
+	ck_assert_mem_eq(sector, raw + 1024, 44 * 4);
+	for (int i = 44 * 4; i < 512; i++)
+		ck_assert_uint_eq(sector[i], 0xFF);
+}
+END_TEST
+
+START_TEST(geometry)
+{
+	uint16_t c;
+	uint8_t h, s;
+
+	/* values from the spec's algorithm (qemu computes the same) */
+	vhd_geometry(4 * MIB, &c, &h, &s);
+	ck_assert_uint_eq(c, 120);
+	ck_assert_uint_eq(h, 4);
+	ck_assert_uint_eq(s, 17);
+	vhd_geometry(1024 * MIB, &c, &h, &s);
+	ck_assert_uint_eq(c, 2080);
+	ck_assert_uint_eq(h, 16);
+	ck_assert_uint_eq(s, 63);
+	vhd_geometry(3ull << 40, &c, &h, &s);	/* capped */
+	ck_assert_uint_eq(c, 65535);
+	ck_assert_uint_eq(h, 16);
+	ck_assert_uint_eq(s, 255);
+}
+END_TEST
+
+START_TEST(timestamps)
+{
+	char buf[64];
+
+	ck_assert_uint_eq(vhd_time_from_unix(946684800), 0);
+	ck_assert_uint_eq(vhd_time_from_unix(946684800 + 86400), 86400);
+	ck_assert_uint_eq(vhd_time_from_unix(0), 0);
+	ck_assert_int_eq(vhd_time_to_unix(3600), 946684800 + 3600);
+	vhd_time_format(0, buf, sizeof(buf));
+	ck_assert_str_eq(buf, "2000-01-01 00:00:00 UTC");
+	ck_assert_uint_le(vhd_time_now() - vhd_time_from_unix(time(NULL)), 1);
+}
+END_TEST
+
+START_TEST(utf16)
+{
+	const char *s = "dir/p\xc3\xa9re-\xf0\x9f\x98\x80.vhd";	/* é and U+1F600 */
+	uint8_t enc[128];
+	char dec[128];
+	ssize_t n;
+
+	n = vhd_utf16_encode(s, enc, sizeof(enc), true);
+	ck_assert_int_eq(n, 2 * 14 + 2);	/* 14 BMP units + one pair */
+	ck_assert_uint_eq(enc[0], 0);
+	ck_assert_uint_eq(enc[1], 'd');
+	ck_assert_int_eq(vhd_utf16_decode(enc, (size_t)n, true, dec, sizeof(dec)), (ssize_t)strlen(s));
+	ck_assert_str_eq(dec, s);
+	n = vhd_utf16_encode(s, enc, sizeof(enc), false);
+	ck_assert_uint_eq(enc[0], 'd');
+	ck_assert_uint_eq(enc[1], 0);
+	ck_assert_int_ge(vhd_utf16_decode(enc, (size_t)n, false, dec, sizeof(dec)), 0);
+	ck_assert_str_eq(dec, s);
+	/* does not fit; lone surrogate; bad UTF-8 */
+	ck_assert_int_eq(vhd_utf16_encode(s, enc, 10, true), -1);
+	enc[0] = 0xDC;
+	enc[1] = 0x00;
+	ck_assert_int_eq(vhd_utf16_decode(enc, 2, true, dec, sizeof(dec)), -1);
+	ck_assert_int_eq(vhd_utf16_encode("\xff", enc, sizeof(enc), true), -1);
+}
+END_TEST
+
+START_TEST(bitmaps)
+{
+	uint8_t map[512] = { 0 };
+	bool set;
+
+	vhd_bitmap_set(map, 0);
+	ck_assert_uint_eq(map[0], 0x80);	/* MSB first */
+	vhd_bitmap_set_range(map, 5, 30);	/* 5..34 */
+	ck_assert_uint_eq(map[0], 0x87);
+	ck_assert_uint_eq(map[1], 0xFF);
+	ck_assert_uint_eq(map[4], 0xE0);
+	ck_assert_uint_eq(vhd_bitmap_run(map, 0, 4096, &set), 1);
+	ck_assert(set);
+	ck_assert_uint_eq(vhd_bitmap_run(map, 1, 4096, &set), 4);
+	ck_assert(!set);
+	ck_assert_uint_eq(vhd_bitmap_run(map, 5, 4096, &set), 30);
+	ck_assert(set);
+	ck_assert_uint_eq(vhd_bitmap_run(map, 35, 4096 - 35, &set), 4096 - 35);
+	ck_assert(!set);
+	ck_assert_uint_eq(vhd_bitmap_run(map, 6, 3, &set), 3);
+	vhd_bitmap_clear(map, 6);
+	ck_assert(!vhd_bitmap_test(map, 6));
+	ck_assert(vhd_bitmap_test(map, 7));
+	ck_assert_uint_eq(vhd_bitmap_secs(VHD_BLOCK_SIZE_DEFAULT), 1);
+	ck_assert_uint_eq(vhd_bitmap_secs(512), 1);
+	ck_assert_uint_eq(vhd_bitmap_secs(16u << 20), 8);
+	ck_assert_uint_eq(vhd_block_place(2048, 1) % 4096, 4096 - 512);
+}
+END_TEST
+
+/* ------------------------------------------------------------ files */
+
+static struct vhd_file *xopen(const char *path, unsigned flags)
+{
+	struct vhd_error err;
+	struct vhd_file *vf = NULL;
+	int r = vhd_file_open(&vf, path, flags, &err);
+
+	ck_assert_msg(r == 0, "open %s: %s", path, err.msg);
+	return vf;
+}
+
+START_TEST(create_dynamic_and_fixed)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char buf[4096];
+
+	ck_assert_int_eq(vhd_file_create(pa, 5 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(file_size(pa), 512 + 1024 + 512 + 512);
+	vf = xopen(pa, 0);
+	ck_assert_uint_eq(vf->m.footer.current_size, 5 * MIB);
+	ck_assert_uint_eq(vf->m.blocks, 3);
+	ck_assert_uint_eq(vf->m.bat_entries, 3);
+	ck_assert_uint_eq(vf->m.header.block_size, 2 * MIB);
+	ck_assert_uint_eq(vf->m.allocated, 0);
+	ck_assert_int_eq(vhd_file_read(vf, 0, 8, buf), 0);
+	for (int i = 0; i < 4096; i++)
+		ck_assert_int_eq(buf[i], 0);
+	ck_assert_int_eq(vhd_file_read(vf, 5 * MIB / 512 - 1, 2, buf), -ERANGE);
+	vhd_file_close(vf);
+	/* exists already */
+	ck_assert_int_lt(vhd_file_create(pa, 5 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_ptr_nonnull(strstr(err.msg, pa));
+
+	ck_assert_int_eq(vhd_file_create(pb, 3 * MIB, VHD_TYPE_FIXED, 0, &err), 0);
+	ck_assert_int_eq(file_size(pb), 3 * MIB + 512);
+	vf = xopen(pb, 0);
+	fill_random(buf, sizeof(buf), 7);
+	ck_assert_int_eq(vhd_file_write(vf, 100, 8, buf), 0);
+	vhd_file_close(vf);
+	{
+		char back[4096];
+
+		raw_read(pb, back, sizeof(back), 100 * 512);
+		ck_assert_mem_eq(back, buf, sizeof(buf));
+	}
+	ck_assert_int_lt(vhd_file_create(pc, 1000, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(err.code, VHD_ERR_FOOTER_SIZE);
+}
+END_TEST
+
+START_TEST(write_read_dynamic)
+{
+	const uint64_t size = 9 * MIB;
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char *model = calloc(1, size), *buf = malloc(size);
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	vf = xopen(pa, 0);
+	for (unsigned i = 0; i < 60; i++) {
+		unsigned seed = i * 7919u + 1;
+		uint64_t sec = (seed * 2654435761u) % (size / 512 - 600);
+		uint32_t n = 1 + (seed % 500);
+
+		fill_random(model + sec * 512, (size_t)n * 512, seed);
+		ck_assert_int_eq(vhd_file_write(vf, sec, n, model + sec * 512), 0);
+	}
+	ck_assert_int_eq(vhd_file_read(vf, 0, (uint32_t)(size / 512), buf), 0);
+	ck_assert(memcmp(buf, model, size) == 0);
+	vhd_file_close(vf);
+	ck_assert_int_eq(vhd_file_check(pa, 0, &err), 0);
+	vf = xopen(pa, VHD_FILE_RDONLY);
+	ck_assert_int_eq(vhd_file_read(vf, 0, (uint32_t)(size / 512), buf), 0);
+	ck_assert(memcmp(buf, model, size) == 0);
+	ck_assert_uint_eq(vf->m.allocated, 5);
+	/* block data 4 KiB aligned for O_DIRECT */
+	for (uint32_t b = 0; b < vf->m.blocks; b++)
+		if (vf->m.bat[b] != VHD_BAT_UNUSED)
+			ck_assert_uint_eq(((uint64_t)vf->m.bat[b] + 1) * 512 % 4096, 0);
+	ck_assert_int_eq(vhd_file_write(vf, 0, 1, buf), -EROFS);
+	vhd_file_close(vf);
+	free(model);
+	free(buf);
+}
+END_TEST
+
+/* Three-deep chain: a (dynamic) <- b <- c; newest version of every sector. */
+START_TEST(chain_three_deep)
+{
+	const uint64_t size = 6 * MIB, secs = size / 512;
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char *model = calloc(1, size), *buf = malloc(size);
+	const char *files[3] = { pa, pb, pc };
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	for (int level = 0; level < 3; level++) {
+		if (level) {
+			ck_assert_msg(vhd_file_snapshot(files[level], files[level - 1], &err) == 0, "%s",
+				      err.msg);
+		}
+		vf = xopen(files[level], VHD_FILE_CHAIN);
+		for (unsigned i = 0; i < 25; i++) {
+			unsigned seed = level * 1000 + i + 1;
+			uint64_t sec = (seed * 2654435761u) % (secs - 300);
+			uint32_t n = 1 + seed % 300;
+
+			fill_random(model + sec * 512, (size_t)n * 512, seed);
+			ck_assert_int_eq(vhd_file_write(vf, sec, n, model + sec * 512), 0);
+		}
+		vhd_file_close(vf);
+	}
+	ck_assert_msg(vhd_file_check(pc, VHD_FILE_CHAIN, &err) == 0, "%s", err.msg);
+	vf = xopen(pc, VHD_FILE_CHAIN | VHD_FILE_RDONLY);
+	ck_assert_ptr_nonnull(vf->parent);
+	ck_assert_ptr_nonnull(vf->parent->parent);
+	ck_assert_ptr_null(vf->parent->parent->parent);
+	ck_assert_int_eq(vhd_file_read(vf, 0, (uint32_t)secs, buf), 0);
+	ck_assert(memcmp(buf, model, size) == 0);
+	vhd_file_close(vf);
+
+	/* locator content: MacX absolute, W2ku absolute, W2ru relative */
+	vf = xopen(pc, 0);
+	ck_assert_uint_eq(vf->m.header.loc[0].code, VHD_PLAT_MACX);
+	ck_assert_uint_eq(vf->m.header.loc[1].code, VHD_PLAT_W2KU);
+	ck_assert_uint_eq(vf->m.header.loc[2].code, VHD_PLAT_W2RU);
+	ck_assert_str_eq(vf->m.loc_path[2], "./b.vhd");
+	ck_assert_str_eq(vf->m.parent_name, "b.vhd");
+	ck_assert_ptr_nonnull(strstr(vf->m.loc_path[0], "/b.vhd"));
+	ck_assert_int_eq(vf->m.loc_path[1][0], '/');
+	vhd_file_close(vf);
+	free(model);
+	free(buf);
+}
+END_TEST
+
+/* The parent is found by each locator kind alone. */
+START_TEST(parent_resolution)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char sub[PATH_MAX], child[PATH_MAX], out[PATH_MAX], real[PATH_MAX];
+	uint8_t hb[1024];
+	struct vhd_header h;
+
+	snprintf(sub, sizeof(sub), "%s/sub", dir);
+	ck_assert_int_eq(mkdir(sub, 0755), 0);
+	snprintf(child, sizeof(child), "%s/sub/child.vhd", dir);
+	ck_assert_int_eq(vhd_file_create(pa, 4 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_snapshot(child, pa, &err), 0);
+	ck_assert_ptr_nonnull(realpath(pa, real));
+	vf = xopen(child, 0);
+	ck_assert_str_eq(vf->m.loc_path[2], "../a.vhd");
+	ck_assert_int_eq(vhd_resolve_parent(&vf->m, child, out, sizeof(out), &err), 0);
+	ck_assert_str_eq(out, real);
+	/* only the relative one */
+	free(vf->m.loc_path[0]);
+	vf->m.loc_path[0] = NULL;
+	free(vf->m.loc_path[1]);
+	vf->m.loc_path[1] = strdup("/nonexistent/a.vhd");
+	ck_assert_int_eq(vhd_resolve_parent(&vf->m, child, out, sizeof(out), &err), 0);
+	ck_assert_str_eq(out, real);
+	/* only the unicode name: relative to the child's directory, not there */
+	free(vf->m.loc_path[2]);
+	vf->m.loc_path[2] = NULL;
+	ck_assert_int_eq(vhd_resolve_parent(&vf->m, child, out, sizeof(out), &err), -ENOENT);
+	ck_assert_int_eq(err.code, VHD_ERR_PARENT_MISSING);
+	ck_assert_ptr_nonnull(strstr(err.msg, child));
+	vhd_file_close(vf);
+
+	/* a file whose locators are all dropped still finds a sibling parent by name */
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+	raw_read(pb, hb, sizeof(hb), 512);
+	vhd_header_decode(&h, hb);
+	memset(h.loc, 0, sizeof(h.loc));
+	vhd_header_seal(&h);
+	vhd_header_encode(&h, hb);
+	raw_write(pb, hb, sizeof(hb), 512);
+	ck_assert_msg(vhd_file_check(pb, VHD_FILE_CHAIN, &err) == 0, "%s", err.msg);
+}
+END_TEST
+
+START_TEST(make_empty)
+{
+	const uint64_t size = 8 * MIB;
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char *buf = malloc(size), *base = malloc(size), *data = malloc(64 * 1024);
+	off_t empty_size;
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	vf = xopen(pa, 0);
+	fill_random(base, size, 3);
+	ck_assert_int_eq(vhd_file_write(vf, 0, (uint32_t)(size / 512), base), 0);
+	vhd_file_close(vf);
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+	empty_size = file_size(pb);
+	vf = xopen(pb, VHD_FILE_CHAIN);
+	fill_random(data, 64 * 1024, 9);
+	for (int i = 0; i < 4; i++)
+		ck_assert_int_eq(vhd_file_write(vf, (uint64_t)i * 4096 + 7, 128, data), 0);
+	ck_assert_int_gt(file_size(pb), empty_size + 3 * 2 * (off_t)MIB);
+	ck_assert_int_eq(vhd_file_make_empty(vf, &err), 0);
+	ck_assert_int_eq(file_size(pb), empty_size);
+	ck_assert_int_eq(vhd_file_read(vf, 0, (uint32_t)(size / 512), buf), 0);
+	ck_assert(memcmp(buf, base, size) == 0);
+	/* usable again */
+	ck_assert_int_eq(vhd_file_write(vf, 3, 128, data), 0);
+	vhd_file_close(vf);
+	ck_assert_int_eq(vhd_file_check(pb, VHD_FILE_CHAIN, &err), 0);
+	vf = xopen(pb, VHD_FILE_CHAIN);
+	ck_assert_int_eq(vhd_file_read(vf, 3, 128, buf), 0);
+	ck_assert_mem_eq(buf, data, 128 * 512);
+	vhd_file_close(vf);
+	/* a fixed disk cannot */
+	ck_assert_int_eq(vhd_file_create(pc, MIB, VHD_TYPE_FIXED, 0, &err), 0);
+	vf = xopen(pc, 0);
+	ck_assert_int_lt(vhd_file_make_empty(vf, &err), 0);
+	vhd_file_close(vf);
+	free(buf);
+	free(base);
+	free(data);
+}
+END_TEST
+
+static uint64_t progress_calls;
+static void on_progress(void *arg, uint64_t done, uint64_t total)
+{
+	(void)arg;
+	ck_assert_uint_le(done, total);
+	progress_calls++;
+}
+
+/* Coalesce keeps the virtual content byte-identical, three deep. */
+START_TEST(coalesce_keeps_content)
+{
+	const uint64_t size = 6 * MIB, secs = size / 512;
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char *before = malloc(size), *after = malloc(size), *data = malloc(300 * 512);
+	const char *files[3] = { pa, pb, pc };
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	for (int level = 0; level < 3; level++) {
+		if (level)
+			ck_assert_int_eq(vhd_file_snapshot(files[level], files[level - 1], &err), 0);
+		vf = xopen(files[level], VHD_FILE_CHAIN);
+		for (unsigned i = 0; i < 20; i++) {
+			unsigned seed = level * 100 + i + 1;
+
+			fill_random(data, 300 * 512, seed);
+			ck_assert_int_eq(vhd_file_write(vf, (seed * 2654435761u) % (secs - 300),
+							1 + seed % 300, data), 0);
+		}
+		vhd_file_close(vf);
+	}
+	vf = xopen(pc, VHD_FILE_CHAIN);
+	ck_assert_int_eq(vhd_file_read(vf, 0, (uint32_t)secs, before), 0);
+	vhd_file_close(vf);
+
+	progress_calls = 0;
+	ck_assert_msg(vhd_file_coalesce(pc, on_progress, NULL, &err) == 0, "%s", err.msg);
+	ck_assert_uint_gt(progress_calls, 0);
+	/* b now holds c's view; c over b still reads the same */
+	vf = xopen(pb, VHD_FILE_CHAIN);
+	ck_assert_int_eq(vhd_file_read(vf, 0, (uint32_t)secs, after), 0);
+	ck_assert(memcmp(before, after, size) == 0);
+	vhd_file_close(vf);
+	vf = xopen(pc, VHD_FILE_CHAIN);
+	ck_assert_int_eq(vhd_file_read(vf, 0, (uint32_t)secs, after), 0);
+	ck_assert(memcmp(before, after, size) == 0);
+	vhd_file_close(vf);
+	ck_assert_int_eq(vhd_file_coalesce(pb, NULL, NULL, &err), 0);
+	vf = xopen(pa, 0);
+	ck_assert_int_eq(vhd_file_read(vf, 0, (uint32_t)secs, after), 0);
+	ck_assert(memcmp(before, after, size) == 0);
+	vhd_file_close(vf);
+	ck_assert_int_lt(vhd_file_coalesce(pa, NULL, NULL, &err), 0);
+	ck_assert_int_eq(err.code, VHD_ERR_NO_PARENT);
+	free(before);
+	free(after);
+	free(data);
+}
+END_TEST
+
+START_TEST(repair_from_backup)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char data[8192], junk[512];
+	off_t size;
+
+	ck_assert_int_eq(vhd_file_create(pa, 4 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	vf = xopen(pa, 0);
+	fill_random(data, sizeof(data), 5);
+	ck_assert_int_eq(vhd_file_write(vf, 4096, 16, data), 0);
+	vhd_file_close(vf);
+	size = file_size(pa);
+	memset(junk, 0xAB, sizeof(junk));
+	raw_write(pa, junk, sizeof(junk), size - 512);
+	ck_assert_int_lt(vhd_file_check(pa, 0, &err), 0);
+	ck_assert_int_eq(err.code, VHD_ERR_FOOTER_COOKIE);
+	ck_assert_ptr_nonnull(strstr(err.msg, "repair"));
+	/* read-only use of the backup works; writing does not */
+	vf = xopen(pa, VHD_FILE_USE_BACKUP);
+	ck_assert(vf->m.used_backup);
+	ck_assert_int_eq(vhd_file_write(vf, 0, 1, data), -EROFS);
+	vhd_file_close(vf);
+	ck_assert_msg(vhd_file_repair(pa, &err) == 0, "%s", err.msg);
+	ck_assert_int_eq(vhd_file_check(pa, 0, &err), 0);
+	vf = xopen(pa, 0);
+	{
+		char back[8192];
+
+		ck_assert_int_eq(vhd_file_read(vf, 4096, 16, back), 0);
+		ck_assert_mem_eq(back, data, sizeof(data));
+	}
+	vhd_file_close(vf);
+	/* nothing to repair */
+	ck_assert_int_eq(vhd_file_repair(pa, &err), 0);
+}
+END_TEST
+
+/* ------------------------------------------------------------ validation rules */
+
+static void rewrite_footers(const char *path, void (*edit)(struct vhd_footer *), bool seal,
+			   bool primary, bool backup)
+{
+	uint8_t raw[512];
+	struct vhd_footer f;
+	off_t size = file_size(path);
+
+	raw_read(path, raw, sizeof(raw), size - 512);
+	vhd_footer_decode(&f, raw);
+	edit(&f);
+	if (seal)
+		vhd_footer_seal(&f);
+	vhd_footer_encode(&f, raw);
+	if (primary)
+		raw_write(path, raw, sizeof(raw), size - 512);
+	if (backup)
+		raw_write(path, raw, sizeof(raw), 0);
+}
+
+static void rewrite_header(const char *path, void (*edit)(struct vhd_header *), bool seal)
+{
+	uint8_t raw[1024];
+	struct vhd_header h;
+
+	raw_read(path, raw, sizeof(raw), 512);
+	vhd_header_decode(&h, raw);
+	edit(&h);
+	if (seal)
+		vhd_header_seal(&h);
+	vhd_header_encode(&h, raw);
+	raw_write(path, raw, sizeof(raw), 512);
+}
+
+static void set_bat(const char *path, uint32_t idx, uint32_t val)
+{
+	uint8_t b[4] = { (uint8_t)(val >> 24), (uint8_t)(val >> 16), (uint8_t)(val >> 8), (uint8_t)val };
+
+	raw_write(path, b, 4, 1536 + 4 * idx);
+}
+
+/* A dynamic disk of 8 MiB with blocks 0 and 1 allocated. */
+static void make_dyn(const char *path)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char data[4096];
+
+	ck_assert_int_eq(vhd_file_create(path, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	vf = xopen(path, 0);
+	fill_random(data, sizeof(data), 1);
+	ck_assert_int_eq(vhd_file_write(vf, 0, 8, data), 0);
+	ck_assert_int_eq(vhd_file_write(vf, 4096, 8, data), 0);
+	vhd_file_close(vf);
+	ck_assert_int_eq(vhd_file_check(path, 0, &err), 0);
+}
+
+static void expect_defect(const char *path, unsigned flags, enum vhd_defect d)
+{
+	struct vhd_error err;
+	struct vhd_file *vf = NULL;
+	uint8_t *before, *after;
+	off_t size = file_size(path);
+	int r;
+
+	before = malloc((size_t)size);
+	after = malloc((size_t)size);
+	raw_read(path, before, (size_t)size, 0);
+	r = vhd_file_check(path, flags, &err);
+	ck_assert_msg(r < 0, "check passed, expected %s", vhd_defect_name(d));
+	ck_assert_msg(err.code == d, "expected %s, got %s: %s", vhd_defect_name(d),
+		      vhd_defect_name(err.code), err.msg);
+	/* the message names the file */
+	ck_assert_msg(strstr(err.msg, path) || (flags & VHD_FILE_CHAIN), "%s", err.msg);
+	/* opening for writing fails too and writes nothing */
+	ck_assert_int_lt(vhd_file_open(&vf, path, flags, &err), 0);
+	ck_assert_ptr_null(vf);
+	ck_assert_int_eq(file_size(path), size);
+	raw_read(path, after, (size_t)size, 0);
+	ck_assert(memcmp(before, after, (size_t)size) == 0);
+	free(before);
+	free(after);
+}
+
+static void e_cookie(struct vhd_footer *f) { memcpy(f->cookie, "conectiX", 8); }
+static void e_version(struct vhd_footer *f) { f->version = 0x00020000; }
+static void e_features(struct vhd_footer *f) { f->features = 0; }
+static void e_type(struct vhd_footer *f) { f->type = 5; }
+static void e_size(struct vhd_footer *f) { f->current_size += 100; }
+static void e_data_offset(struct vhd_footer *f) { f->data_offset = 100; }
+static void e_saved(struct vhd_footer *f) { f->saved_state = 7; }
+static void e_timestamp(struct vhd_footer *f) { f->timestamp++; }
+static void e_nothing(struct vhd_footer *f) { (void)f; }
+
+START_TEST(rule_truncated)
+{
+	char z[100] = { 0 };
+	int fd = open(pa, O_CREAT | O_WRONLY, 0644);
+
+	ck_assert_int_eq(write(fd, z, sizeof(z)), (ssize_t)sizeof(z));
+	close(fd);
+	expect_defect(pa, 0, VHD_ERR_TRUNCATED);
+}
+END_TEST
+
+START_TEST(rule_truncated_dynamic)
+{
+	/* cut inside the header: the footer at the new end is garbage */
+	make_dyn(pb);
+	ck_assert_int_eq(truncate(pb, 1024), 0);
+	expect_defect(pb, 0, VHD_ERR_FOOTER_COOKIE);
+}
+END_TEST
+
+START_TEST(rule_footer_cookie)
+{
+	make_dyn(pa);
+	rewrite_footers(pa, e_cookie, true, true, true);
+	expect_defect(pa, 0, VHD_ERR_FOOTER_COOKIE);
+}
+END_TEST
+
+START_TEST(rule_footer_checksum)
+{
+	make_dyn(pa);
+	rewrite_footers(pa, e_timestamp, false, true, false);
+	expect_defect(pa, 0, VHD_ERR_FOOTER_CHECKSUM);
+}
+END_TEST
+
+START_TEST(rule_footer_version)
+{
+	make_dyn(pa);
+	rewrite_footers(pa, e_version, true, true, true);
+	expect_defect(pa, 0, VHD_ERR_FOOTER_VERSION);
+}
+END_TEST
+
+START_TEST(rule_footer_features)
+{
+	make_dyn(pa);
+	rewrite_footers(pa, e_features, true, true, true);
+	expect_defect(pa, 0, VHD_ERR_FOOTER_FEATURES);
+}
+END_TEST
+
+START_TEST(rule_footer_type)
+{
+	make_dyn(pa);
+	rewrite_footers(pa, e_type, true, true, true);
+	expect_defect(pa, 0, VHD_ERR_FOOTER_TYPE);
+}
+END_TEST
+
+START_TEST(rule_footer_size)
+{
+	make_dyn(pa);
+	rewrite_footers(pa, e_size, true, true, true);
+	expect_defect(pa, 0, VHD_ERR_FOOTER_SIZE);
+}
+END_TEST
+
+START_TEST(rule_footer_data_offset)
+{
+	make_dyn(pa);
+	rewrite_footers(pa, e_data_offset, true, true, true);
+	expect_defect(pa, 0, VHD_ERR_FOOTER_DATA_OFFSET);
+}
+END_TEST
+
+START_TEST(rule_footer_saved_state)
+{
+	make_dyn(pa);
+	rewrite_footers(pa, e_saved, true, true, true);
+	expect_defect(pa, 0, VHD_ERR_FOOTER_SAVED_STATE);
+}
+END_TEST
+
+START_TEST(rule_backup_footer)
+{
+	make_dyn(pa);
+	rewrite_footers(pa, e_cookie, true, false, true);
+	expect_defect(pa, 0, VHD_ERR_BACKUP_FOOTER);
+}
+END_TEST
+
+START_TEST(rule_footer_mismatch)
+{
+	make_dyn(pa);
+	rewrite_footers(pa, e_timestamp, true, false, true);
+	expect_defect(pa, 0, VHD_ERR_FOOTER_MISMATCH);
+}
+END_TEST
+
+static void h_cookie(struct vhd_header *h) { memcpy(h->cookie, "cxsparsE", 8); }
+static void h_touch(struct vhd_header *h) { h->reserved1 = 1; }
+static void h_version(struct vhd_header *h) { h->version = 0x00010001; }
+static void h_data_offset(struct vhd_header *h) { h->data_offset = 0; }
+static void h_block_size(struct vhd_header *h) { h->block_size = 3u << 20; }
+static void h_bat_size(struct vhd_header *h) { h->max_bat_entries = 2; }
+static void h_bat_offset(struct vhd_header *h) { h->table_offset = 1000; }
+static void h_bat_in_header(struct vhd_header *h) { h->table_offset = 1024; }
+static void h_bat_huge(struct vhd_header *h) { h->max_bat_entries = 1u << 30; }
+static void h_loc_code(struct vhd_header *h) { h->loc[1].code = 0x12345678; }
+static void h_loc_len(struct vhd_header *h) { h->loc[2].data_len = 100000; }
+static void h_loc_place(struct vhd_header *h) { h->loc[0].data_offset = 1536; }
+static void h_no_parent(struct vhd_header *h)
+{
+	memset(h->loc, 0, sizeof(h->loc));
+	memset(h->parent_name, 0, sizeof(h->parent_name));
+}
+static void h_parent_ts(struct vhd_header *h) { h->parent_timestamp = 12345; }
+
+START_TEST(rule_header_cookie)
+{
+	make_dyn(pa);
+	rewrite_header(pa, h_cookie, true);
+	expect_defect(pa, 0, VHD_ERR_HEADER_COOKIE);
+}
+END_TEST
+
+START_TEST(rule_header_checksum)
+{
+	make_dyn(pa);
+	rewrite_header(pa, h_touch, false);
+	expect_defect(pa, 0, VHD_ERR_HEADER_CHECKSUM);
+}
+END_TEST
+
+START_TEST(rule_header_version)
+{
+	make_dyn(pa);
+	rewrite_header(pa, h_version, true);
+	expect_defect(pa, 0, VHD_ERR_HEADER_VERSION);
+}
+END_TEST
+
+START_TEST(rule_header_data_offset)
+{
+	make_dyn(pa);
+	rewrite_header(pa, h_data_offset, true);
+	expect_defect(pa, 0, VHD_ERR_HEADER_DATA_OFFSET);
+}
+END_TEST
+
+START_TEST(rule_block_size)
+{
+	make_dyn(pa);
+	rewrite_header(pa, h_block_size, true);
+	expect_defect(pa, 0, VHD_ERR_BLOCK_SIZE);
+}
+END_TEST
+
+START_TEST(rule_bat_size)
+{
+	make_dyn(pa);
+	rewrite_header(pa, h_bat_size, true);
+	expect_defect(pa, 0, VHD_ERR_BAT_SIZE);
+}
+END_TEST
+
+START_TEST(rule_bat_offset)
+{
+	make_dyn(pa);
+	rewrite_header(pa, h_bat_offset, true);
+	expect_defect(pa, 0, VHD_ERR_BAT_OFFSET);
+	make_dyn(pb);
+	rewrite_header(pb, h_bat_in_header, true);
+	expect_defect(pb, 0, VHD_ERR_BAT_OFFSET);
+	make_dyn(pc);
+	rewrite_header(pc, h_bat_huge, true);
+	expect_defect(pc, 0, VHD_ERR_BAT_OFFSET);
+}
+END_TEST
+
+START_TEST(rule_bat_past_eof)
+{
+	make_dyn(pa);
+	set_bat(pa, 2, 0x7FFFFFF0u);
+	expect_defect(pa, 0, VHD_ERR_BAT_PAST_EOF);
+	/* block running into the footer */
+	make_dyn(pb);
+	set_bat(pb, 2, (uint32_t)(file_size(pb) / 512 - 100));
+	expect_defect(pb, 0, VHD_ERR_BAT_PAST_EOF);
+}
+END_TEST
+
+START_TEST(rule_bat_metadata)
+{
+	make_dyn(pa);
+	set_bat(pa, 1, 2);	/* a block at the header */
+	expect_defect(pa, 0, VHD_ERR_BAT_METADATA);
+}
+END_TEST
+
+START_TEST(rule_bat_overlap)
+{
+	struct vhd_file *vf;
+
+	make_dyn(pa);
+	vf = xopen(pa, VHD_FILE_RDONLY);
+	set_bat(pa, 1, vf->m.bat[0] + 8);
+	vhd_file_close(vf);
+	expect_defect(pa, 0, VHD_ERR_BAT_OVERLAP);
+}
+END_TEST
+
+static void make_diff(void)
+{
+	struct vhd_error err;
+
+	make_dyn(pa);
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+	ck_assert_int_eq(vhd_file_check(pb, VHD_FILE_CHAIN | VHD_FILE_STRICT_TIME, &err), 0);
+}
+
+START_TEST(rule_locator)
+{
+	make_diff();
+	rewrite_header(pb, h_loc_code, true);
+	expect_defect(pb, 0, VHD_ERR_LOCATOR);
+	rewrite_header(pb, h_loc_len, true);
+	expect_defect(pb, 0, VHD_ERR_LOCATOR);
+	ck_assert_int_eq(unlink(pb), 0);
+	ck_assert_int_eq(unlink(pa), 0);
+	make_diff();
+	rewrite_header(pb, h_loc_place, true);
+	expect_defect(pb, 0, VHD_ERR_LOCATOR);
+}
+END_TEST
+
+START_TEST(rule_parent_fields)
+{
+	make_dyn(pa);
+	rewrite_header(pa, h_parent_ts, true);
+	expect_defect(pa, 0, VHD_ERR_PARENT_FIELDS);
+}
+END_TEST
+
+START_TEST(rule_no_parent)
+{
+	make_diff();
+	rewrite_header(pb, h_no_parent, true);
+	expect_defect(pb, 0, VHD_ERR_NO_PARENT);
+}
+END_TEST
+
+START_TEST(rule_parent_missing)
+{
+	make_diff();
+	ck_assert_int_eq(unlink(pa), 0);
+	expect_defect(pb, VHD_FILE_CHAIN, VHD_ERR_PARENT_MISSING);
+}
+END_TEST
+
+START_TEST(rule_parent_invalid)
+{
+	make_diff();
+	rewrite_header(pa, h_touch, false);
+	expect_defect(pb, VHD_FILE_CHAIN, VHD_ERR_PARENT_INVALID);
+}
+END_TEST
+
+START_TEST(rule_parent_uuid)
+{
+	struct vhd_error err;
+
+	make_diff();
+	ck_assert_int_eq(unlink(pa), 0);
+	ck_assert_int_eq(vhd_file_create(pa, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	expect_defect(pb, VHD_FILE_CHAIN, VHD_ERR_PARENT_UUID);
+}
+END_TEST
+
+START_TEST(rule_parent_timestamp)
+{
+	struct vhd_error err;
+	struct timespec ts[2] = { { 1000000000, 0 }, { 1000000000, 0 } };
+
+	make_diff();
+	ck_assert_int_eq(utimensat(AT_FDCWD, pa, ts, 0), 0);
+	/* a warning by default (the parent is legitimately written by commit) */
+	ck_assert_int_eq(vhd_file_check(pb, VHD_FILE_CHAIN, &err), 0);
+	ck_assert_int_eq(err.code, VHD_ERR_PARENT_TIMESTAMP);
+	expect_defect(pb, VHD_FILE_CHAIN | VHD_FILE_STRICT_TIME, VHD_ERR_PARENT_TIMESTAMP);
+}
+END_TEST
+
+static uint8_t saved_uuid[16];
+static void f_set_uuid(struct vhd_footer *f) { memcpy(f->uuid, saved_uuid, 16); }
+
+START_TEST(rule_parent_size)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+
+	make_diff();
+	vf = xopen(pa, VHD_FILE_RDONLY);
+	memcpy(saved_uuid, vf->m.footer.uuid, 16);
+	vhd_file_close(vf);
+	ck_assert_int_eq(unlink(pa), 0);
+	ck_assert_int_eq(vhd_file_create(pa, 16 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	rewrite_footers(pa, f_set_uuid, true, true, true);
+	expect_defect(pb, VHD_FILE_CHAIN, VHD_ERR_PARENT_SIZE);
+}
+END_TEST
+
+START_TEST(rule_parent_loop)
+{
+	struct vhd_error err;
+
+	/* b over a, c over b; then a becomes c: b -> c -> b */
+	make_diff();
+	ck_assert_int_eq(vhd_file_snapshot(pc, pb, &err), 0);
+	ck_assert_int_eq(unlink(pa), 0);
+	ck_assert_int_eq(symlink(pc, pa), 0);
+	expect_defect(pc, VHD_FILE_CHAIN, VHD_ERR_PARENT_LOOP);
+}
+END_TEST
+
+START_TEST(rule_fixed_size)
+{
+	struct vhd_error err;
+	uint8_t f[512], z[512] = { 0 };
+
+	ck_assert_int_eq(vhd_file_create(pa, MIB, VHD_TYPE_FIXED, 0, &err), 0);
+	raw_read(pa, f, sizeof(f), MIB);
+	raw_write(pa, z, sizeof(z), MIB);
+	raw_write(pa, f, sizeof(f), MIB + 512);
+	expect_defect(pa, 0, VHD_ERR_FIXED_SIZE);
+	(void)e_nothing;
+}
+END_TEST
+
+/* Every defect code but I/O and memory has a test above. */
+START_TEST(defect_names_distinct)
+{
+	for (int i = 0; i < VHD_ERR__COUNT; i++)
+		for (int j = i + 1; j < VHD_ERR__COUNT; j++)
+			ck_assert_str_ne(vhd_defect_name(i), vhd_defect_name(j));
+	ck_assert_str_eq(vhd_defect_name(VHD_ERR__COUNT), "unknown");
+}
+END_TEST
+
+static Suite *vhd_suite(void)
+{
+	Suite *s = suite_create("vhd");
+	TCase *tc;
+
+	tc = tcase_create("format");
+	tcase_add_test(tc, footer_roundtrip);
+	tcase_add_test(tc, header_roundtrip);
+	tcase_add_test(tc, checksum_rule);
+	tcase_add_test(tc, bat_roundtrip);
+	tcase_add_test(tc, geometry);
+	tcase_add_test(tc, timestamps);
+	tcase_add_test(tc, utf16);
+	tcase_add_test(tc, bitmaps);
+	tcase_add_test(tc, defect_names_distinct);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("files");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 60);
+	tcase_add_test(tc, create_dynamic_and_fixed);
+	tcase_add_test(tc, write_read_dynamic);
+	tcase_add_test(tc, chain_three_deep);
+	tcase_add_test(tc, parent_resolution);
+	tcase_add_test(tc, make_empty);
+	tcase_add_test(tc, coalesce_keeps_content);
+	tcase_add_test(tc, repair_from_backup);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("rules");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 60);
+	tcase_add_test(tc, rule_truncated);
+	tcase_add_test(tc, rule_truncated_dynamic);
+	tcase_add_test(tc, rule_footer_cookie);
+	tcase_add_test(tc, rule_footer_checksum);
+	tcase_add_test(tc, rule_footer_version);
+	tcase_add_test(tc, rule_footer_features);
+	tcase_add_test(tc, rule_footer_type);
+	tcase_add_test(tc, rule_footer_size);
+	tcase_add_test(tc, rule_footer_data_offset);
+	tcase_add_test(tc, rule_footer_saved_state);
+	tcase_add_test(tc, rule_backup_footer);
+	tcase_add_test(tc, rule_footer_mismatch);
+	tcase_add_test(tc, rule_header_cookie);
+	tcase_add_test(tc, rule_header_checksum);
+	tcase_add_test(tc, rule_header_version);
+	tcase_add_test(tc, rule_header_data_offset);
+	tcase_add_test(tc, rule_block_size);
+	tcase_add_test(tc, rule_bat_size);
+	tcase_add_test(tc, rule_bat_offset);
+	tcase_add_test(tc, rule_bat_past_eof);
+	tcase_add_test(tc, rule_bat_metadata);
+	tcase_add_test(tc, rule_bat_overlap);
+	tcase_add_test(tc, rule_locator);
+	tcase_add_test(tc, rule_parent_fields);
+	tcase_add_test(tc, rule_no_parent);
+	tcase_add_test(tc, rule_parent_missing);
+	tcase_add_test(tc, rule_parent_invalid);
+	tcase_add_test(tc, rule_parent_uuid);
+	tcase_add_test(tc, rule_parent_timestamp);
+	tcase_add_test(tc, rule_parent_size);
+	tcase_add_test(tc, rule_parent_loop);
+	tcase_add_test(tc, rule_fixed_size);
+	suite_add_tcase(s, tc);
+	return s;
+}
+
+int main(void)
+{
+	SRunner *sr = srunner_create(vhd_suite());
+	int failed;
+
+	srunner_run_all(sr, CK_NORMAL);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
