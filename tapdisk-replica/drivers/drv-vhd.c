@@ -130,11 +130,28 @@ struct vhd_state {
 	struct tdr_list lru;
 	unsigned bm_count;
 
+	/*
+	 * After an online make-empty the cleared BAT is on disk but its sync
+	 * runs in the background, so that a checkpoint never waits for a
+	 * disk flush.  Until every such sync is done, an allocation must not
+	 * overwrite space below reuse_end (blocks the old BAT may still point
+	 * at after a crash): it waits in reuse_waiters.
+	 */
+	struct tdr_list reuse_syncs;	/* struct vhd_reuse_sync in flight */
+	uint64_t reuse_end;
+	struct tdr_list reuse_waiters;	/* struct vhd_alloc */
+
 	unsigned ops_live;
 	struct {
 		uint64_t allocs, bm_writes, bm_loads, bm_hits, bat_writes, footer_writes;
-		uint64_t joined_allocs, evictions;
+		uint64_t joined_allocs, evictions, reuse_waits;
 	} st;
+};
+
+struct vhd_reuse_sync {
+	struct tdr_iocb iocb;
+	struct vhd_state *s;	/* NULL once the image is closed: just free */
+	struct tdr_list entry;
 };
 
 static void vhd_write_seg(struct vhd_state *s, struct td_request *req);
@@ -706,6 +723,19 @@ static void alloc_write(struct vhd_alloc *a)
 	tdr_io_pwrite(s->img->io, &a->iocb, s->fd, a->map, s->bm_bytes, a->off, alloc_map_done, a);
 }
 
+/* The block's space is ours to write: make sure a footer follows it, then write. */
+static void alloc_place(struct vhd_alloc *a)
+{
+	struct vhd_state *s = a->s;
+
+	if (s->footer_off >= a->end) {
+		alloc_write(a);
+		return;
+	}
+	tdr_list_add_tail(&a->entry, &s->footer_waiters);
+	footer_kick(s);
+}
+
 static void alloc_start(struct vhd_state *s, struct vhd_op *op)
 {
 	struct vhd_alloc *a = calloc(1, sizeof(*a));
@@ -739,12 +769,12 @@ static void alloc_start(struct vhd_state *s, struct vhd_op *op)
 	tdr_list_add_tail(&op->entry, &a->batch);
 	s->st.allocs++;
 	a->state = AL_FOOTER;
-	if (s->footer_off >= a->end) {
-		alloc_write(a);
+	if (!tdr_list_empty(&s->reuse_syncs) && a->off < s->reuse_end) {
+		s->st.reuse_waits++;
+		tdr_list_add_tail(&a->entry, &s->reuse_waiters);
 		return;
 	}
-	tdr_list_add_tail(&a->entry, &s->footer_waiters);
-	footer_kick(s);
+	alloc_place(a);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1123,6 +1153,14 @@ static void vhd_queue_block_status(struct td_image *img, struct td_request *req)
 
 static void vhd_free_state(struct vhd_state *s)
 {
+	struct tdr_list *pos, *tmp;
+
+	/* A sync still in the kernel completes later, into its own memory. */
+	if (s->reuse_syncs.next)
+		tdr_list_for_each_safe(pos, tmp, &s->reuse_syncs) {
+			tdr_list_entry(pos, struct vhd_reuse_sync, entry)->s = NULL;
+			tdr_list_del(pos);
+		}
 	for (unsigned i = 0; i < BM_HASH; i++) {
 		while (s->bm_hash[i]) {
 			struct vhd_bm *bm = s->bm_hash[i];
@@ -1160,6 +1198,8 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 	s->fd = -1;
 	tdr_list_init(&s->lru);
 	tdr_list_init(&s->footer_waiters);
+	tdr_list_init(&s->reuse_syncs);
+	tdr_list_init(&s->reuse_waiters);
 	if (!*params) {
 		tdr_set_error("vhd: no file name; use vhd:/path/to/disk.vhd");
 		return -EINVAL;
@@ -1313,12 +1353,13 @@ static void vhd_stats(struct td_image *img, FILE *out)
 
 	fprintf(out, "    allocated_blocks=%u\n    allocations=%llu\n    joined_allocations=%llu\n"
 		"    bitmap_loads=%llu\n    bitmap_hits=%llu\n    bitmap_writes=%llu\n"
-		"    bitmap_evictions=%llu\n    bat_writes=%llu\n    footer_writes=%llu\n",
+		"    bitmap_evictions=%llu\n    bat_writes=%llu\n    footer_writes=%llu\n"
+		"    reuse_waits=%llu\n",
 		s->m.allocated, (unsigned long long)s->st.allocs,
 		(unsigned long long)s->st.joined_allocs, (unsigned long long)s->st.bm_loads,
 		(unsigned long long)s->st.bm_hits, (unsigned long long)s->st.bm_writes,
 		(unsigned long long)s->st.evictions, (unsigned long long)s->st.bat_writes,
-		(unsigned long long)s->st.footer_writes);
+		(unsigned long long)s->st.footer_writes, (unsigned long long)s->st.reuse_waits);
 }
 
 const struct td_driver td_drv_vhd = {
@@ -1349,9 +1390,6 @@ struct mk_empty {
 	uint32_t nbufs;
 	int pending, err;
 	uint64_t end;
-	struct tdr_iocb iocb;
-	uint8_t *fbuf;
-	int step;
 	struct tdr_defer defer;
 	int defer_err;
 };
@@ -1363,7 +1401,6 @@ static void mk_free(struct mk_empty *mk)
 	free(mk->bufs);
 	free(mk->dirty);
 	free(mk->iocbs);
-	free(mk->fbuf);
 	free(mk);
 }
 
@@ -1378,60 +1415,86 @@ static void mk_finish(struct mk_empty *mk, int err)
 	done(arg, err);
 }
 
-static void mk_deferred_fail(void *arg)
+static void mk_deferred_finish(void *arg)
 {
 	struct mk_empty *mk = arg;
 
 	mk_finish(mk, mk->defer_err);
 }
 
-static void mk_step(struct tdr_iocb *io, ssize_t res, void *arg)
+/* done always runs from the loop, never inside vhd_image_make_empty(). */
+static void mk_finish_later(struct mk_empty *mk, int err)
 {
-	struct mk_empty *mk = arg;
-	struct vhd_state *s = mk->s;
+	mk->defer_err = err;
+	tdr_defer_init(&mk->defer, mk_deferred_finish, mk);
+	tdr_loop_defer(mk->s->img->loop, &mk->defer);
+}
 
-	if (res < 0) {
-		mk_finish(mk, (int)res);
+static void reuse_synced(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_reuse_sync *rs = arg;
+	struct vhd_state *s = rs->s;
+	struct tdr_list *pos, *tmp;
+
+	if (!s) {
+		free(rs);
 		return;
 	}
-	switch (mk->step++) {
-	case 0:	/* BAT durable: put the footer at the new end */
-		tdr_io_pwrite(s->img->io, &mk->iocb, s->fd, mk->fbuf, VHD_FOOTER_SIZE, mk->end,
-			      mk_step, mk);
+	tdr_list_del(&rs->entry);
+	free(rs);
+	if (!tdr_list_empty(&s->reuse_syncs))
 		return;
-	case 1:	/* the old footer stayed valid until now: cut */
-		if (ftruncate(s->fd, (off_t)(mk->end + VHD_FOOTER_SIZE)) < 0) {
-			mk_finish(mk, -errno);
-			return;
-		}
-		tdr_io_fdsync(s->img->io, &mk->iocb, s->fd, mk_step, mk);
-		return;
-	default:
-		s->footer_off = mk->end;
-		s->assigned_end = mk->end;
-		s->m.footer_off = mk->end;
-		s->m.file_size = mk->end + VHD_FOOTER_SIZE;
-		s->m.data_end = s->m.meta_end;
-		s->m.allocated = 0;
-		s->next_free = vhd_block_place(mk->end, s->m.bm_secs);
-		mk_finish(mk, 0);
-		return;
+	tdr_list_for_each_safe(pos, tmp, &s->reuse_waiters) {
+		struct vhd_alloc *a = tdr_list_entry(pos, struct vhd_alloc, entry);
+
+		tdr_list_del(&a->entry);
+		if (res < 0)
+			alloc_fail(a, (int)res);
+		else
+			alloc_place(a);
 	}
 }
 
 static void mk_bat_done(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct mk_empty *mk = arg;
+	struct vhd_state *s = mk->s;
+	struct vhd_reuse_sync *rs;
 
 	if (res < 0 && !mk->err)
 		mk->err = (int)res;
 	if (--mk->pending)
 		return;
 	if (mk->err) {
-		mk_finish(mk, mk->err);
+		mk_finish_later(mk, mk->err);
 		return;
 	}
-	tdr_io_fdsync(mk->s->img->io, &mk->iocb, mk->s->fd, mk_step, mk);
+	/*
+	 * The cleared BAT is written: the file is empty.  Its length and its
+	 * footer stay as they are, and allocations start again at the
+	 * beginning of the data area, reusing the space below the footer
+	 * (they write no footer while they fit under it).  No ftruncate:
+	 * freeing extents is a synchronous system call that can block the
+	 * event loop for seconds on a filesystem mounted with online discard,
+	 * and make-empty runs at every checkpoint.  The offline tool
+	 * (vhd-util modify -z) does truncate, to give the space back.
+	 */
+	if (mk->nbufs) {
+		rs = calloc(1, sizeof(*rs));
+		if (!rs) {
+			mk_finish_later(mk, -ENOMEM);
+			return;
+		}
+		rs->s = s;
+		tdr_list_add_tail(&rs->entry, &s->reuse_syncs);
+		if (s->assigned_end > s->reuse_end)
+			s->reuse_end = s->assigned_end;
+		tdr_io_fdsync(s->img->io, &rs->iocb, s->fd, reuse_synced, rs);
+	}
+	s->m.data_end = s->m.meta_end;
+	s->m.allocated = 0;
+	s->next_free = vhd_block_place(mk->end, s->m.bm_secs);
+	mk_finish_later(mk, 0);
 }
 
 void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err), void *arg)
@@ -1467,8 +1530,7 @@ void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err)
 	}
 	/* Cost: a scan of the in-memory BAT, I/O only for the sectors that change. */
 	dirty = malloc(sizeof(*dirty) * (s->nbsec ? s->nbsec : 1));
-	mk->fbuf = tdr_io_alloc(VHD_FOOTER_SIZE);
-	if (!dirty || !mk->fbuf) {
+	if (!dirty) {
 		r = -ENOMEM;
 		goto fail;
 	}
@@ -1503,7 +1565,6 @@ void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err)
 		if (r < 0)
 			goto fail;
 	}
-	vhd_footer_encode(&s->m.footer, mk->fbuf);
 	mk->end = (s->m.meta_end + VHD_SECTOR_SIZE - 1) & ~(uint64_t)(VHD_SECTOR_SIZE - 1);
 	mk->iocbs = calloc(n ? n : 1, sizeof(*mk->iocbs));
 	mk->bufs = calloc(n ? n : 1, sizeof(*mk->bufs));
@@ -1534,10 +1595,7 @@ void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err)
 
 fail:
 	free(dirty);
-	/* done always runs from the loop, never inside this call */
-	mk->defer_err = r;
-	tdr_defer_init(&mk->defer, mk_deferred_fail, mk);
-	tdr_loop_defer(img->loop, &mk->defer);
+	mk_finish_later(mk, r);
 }
 
 /* ------------------------------------------------------------------ */

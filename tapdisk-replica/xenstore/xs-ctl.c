@@ -37,6 +37,7 @@
 #define REQ_LINE_MAX 1024u	/* longest request line accepted */
 #define RESP_KEEP 64u		/* responses kept before the oldest is removed */
 #define PEND_MAX 4096u		/* request ids remembered from watch events */
+#define SELF_RM 8u		/* our own removals whose watch events we expect */
 #define WATCH_TOKEN "tdr-request"
 #define PERMS "n0"		/* owner dom0; other domains: no access */
 
@@ -126,6 +127,10 @@ struct tdr_xs_ctl {
 
 	uint64_t resp_ids[RESP_KEEP];
 	size_t resp_head, nresp;
+
+	/* request/<id> we removed: their watch events need no read. */
+	uint64_t self_rm[SELF_RM];
+	unsigned self_rm_next;
 
 	struct tdr_timer stats_timer;
 	struct tdr_defer kick_defer;
@@ -384,6 +389,11 @@ static void completion_send(struct tdr_xs_ctl *x, struct completion *c)
 	if (xs_conn_rm(x->conn, path, completion_reply, c) < 0)
 		goto fail;
 	n++;
+	/* Its watch event comes back to us: saves a read per request. */
+	if (c->id) {
+		x->self_rm[x->self_rm_next] = c->id;
+		x->self_rm_next = (x->self_rm_next + 1) % SELF_RM;
+	}
 	c->acks = n;
 	c->sent = true;
 	return;
@@ -539,14 +549,36 @@ static void check_request(struct tdr_xs_ctl *x, const char *name, bool valid_id,
 		tdr_list_add_tail(&k->entry, &x->checks);
 }
 
-static void request_name(struct tdr_xs_ctl *x, const char *name)
+/*
+ * The event of our own removal of request/<id>: true once per removal.  A
+ * request rewritten under the same id at that very moment is removed by our
+ * removal anyway, so skipping its read loses nothing.
+ */
+static bool self_event(struct tdr_xs_ctl *x, uint64_t id)
+{
+	unsigned i;
+
+	if (id > x->last_id)
+		return false;
+	for (i = 0; i < SELF_RM; i++) {
+		if (x->self_rm[i] == id) {
+			x->self_rm[i] = 0;
+			return true;
+		}
+	}
+	return false;
+}
+
+static void request_name(struct tdr_xs_ctl *x, const char *name, bool from_event)
 {
 	uint64_t id;
 
-	if (parse_id(name, &id))
-		pend_add(x, id);
-	else if (x->phase == PH_READY)
+	if (parse_id(name, &id)) {
+		if (!(from_event && self_event(x, id)))
+			pend_add(x, id);
+	} else if (x->phase == PH_READY) {
 		check_request(x, name, false, 0);
+	}
 }
 
 static void scan(struct tdr_xs_ctl *x);
@@ -569,7 +601,7 @@ static void scan_reply(void *arg, int err, const char *data, size_t len)
 		size_t n = strnlen(name, len - off);
 
 		if (n)
-			request_name(x, name);
+			request_name(x, name, false);
 		off += n + 1;
 	}
 	if (x->scan_again) {
@@ -614,8 +646,9 @@ static void exec_done(void *arg, int err, const char *msg)
 		complete(x, name, x->cur_id, true, "ok %s", msg);
 	else
 		complete(x, name, x->cur_id, true, "ok");
-	TDR_INFO("xenstore: request %s done: %s%s%s", name, err ? tdr_errno_name(err) : "ok",
-		 msg && *msg ? ": " : "", msg ? msg : "");
+	/* One line per operation: enough to follow what the toolstack did. */
+	TDR_INFO("xenstore: request %s (%s): %s%s%s", name, x->cur_line,
+		 err ? tdr_errno_name(err) : "ok", msg && *msg ? ": " : "", msg ? msg : "");
 	x->rq = RQ_IDLE;
 	/* The operation may have changed the state: publish before the next. */
 	publish(x, false);
@@ -679,7 +712,7 @@ static void start_request(struct tdr_xs_ctl *x)
 	x->cur_exec->x = x;
 	x->rq = RQ_EXEC;
 	x->executed++;
-	TDR_INFO("xenstore: request %s: %s", name, x->cur_line);
+	TDR_DEBUG("xenstore: request %s: %s", name, x->cur_line);
 	x->be->execute(x->be_arg, &cmd, exec_done, x->cur_exec);
 	return;
 out:
@@ -965,6 +998,8 @@ static void on_connected(void *arg)
 
 	x->connects++;
 	x->phase = PH_LOADING;
+	/* Events of removals sent on the old connection will not come. */
+	memset(x->self_rm, 0, sizeof(x->self_rm));
 	x->load_left = 1;	/* released at the end, so replies cannot finish early */
 	for (i = 0; i < 3 && ret == 0; i++) {
 		snprintf(path, sizeof(path), "%s%s", x->dir, dirs[i]);
@@ -1047,7 +1082,7 @@ static void on_watch_event(void *arg, const char *path, const char *token)
 		return;
 	memcpy(name, rest, n);
 	name[n] = '\0';
-	request_name(x, name);
+	request_name(x, name, true);
 	kick(x);
 }
 

@@ -497,6 +497,29 @@ START_TEST(failover_refuses_in_flight_state_cleanly)
 }
 END_TEST
 
+START_TEST(primary_write_past_the_end)
+{
+	char *w = xalloc(MIB);
+	struct replica_status st;
+
+	fill(w, MIB, 23);
+	ck_assert_int_eq(op("start"), 0);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, DISK_SECS - 1, 2, w), -ENOSPC);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE_ZEROES, DISK_SECS, 1, NULL), -ENOSPC);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_READ, DISK_SECS - 1, 2, w), -EINVAL);
+	/* Refused before the driver: no copy, no state change, nothing written. */
+	replica_get_status(rep, &st);
+	ck_assert_uint_eq(st.stats.cbw_count, 0);
+	ck_assert_uint_eq(st.stats.export_reqs, 0);
+	ck_assert_int_eq(st.state, REPLICA_STATE_RUNNING);
+	ck_assert_int_eq(st.error, 0);
+	/* The last sector itself is fine. */
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, DISK_SECS - 1, 1, w), 0);
+	expect_image(secondary, DISK_SECS - 1, 1, w);
+	free(w);
+}
+END_TEST
+
 START_TEST(cbw_failure_reported)
 {
 	char *old = xalloc(MIB), *neu = xalloc(MIB);
@@ -832,6 +855,7 @@ int main(void)
 	tcase_add_test(tc, stop_without_failover);
 	tcase_add_test(tc, operations_in_wrong_states);
 	tcase_add_test(tc, failover_refuses_in_flight_state_cleanly);
+	tcase_add_test(tc, primary_write_past_the_end);
 	tcase_add_test(tc, cbw_failure_reported);
 	tcase_add_test(tc, make_empty_failure_reported);
 	tcase_add_test(tc, commit_failure_then_routing_then_retry);

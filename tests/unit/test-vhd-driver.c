@@ -438,36 +438,120 @@ static void drain(struct td_disk *disk)
 		ck_assert_int_ge(tdr_loop_run_once(loop, 1000), 0);
 }
 
+/* The driver's stats line "key=N" of the top image. */
+static unsigned long long image_stat(struct td_disk *disk, const char *key)
+{
+	char *text = NULL, *p;
+	size_t len = 0;
+	FILE *f = open_memstream(&text, &len);
+	unsigned long long v = ~0ull;
+
+	disk->top->drv->stats(disk->top, f);
+	fclose(f);
+	p = strstr(text, key);
+	if (p)
+		v = strtoull(p + strlen(key) + 1, NULL, 10);
+	free(text);
+	return v;
+}
+
+static void flag_done(struct td_request *req, int err, void *arg)
+{
+	ck_assert_int_eq(err, 0);
+	*(bool *)arg = true;
+}
+
+struct reuse_ctx {
+	struct td_disk *disk;
+	struct td_request req;
+	char *data;
+	bool wdone;
+	int err;
+};
+
+/* make-empty's done: the cleared BAT's sync cannot have completed yet. */
+static void empty_then_write(void *arg, int err)
+{
+	struct reuse_ctx *c = arg;
+
+	c->err = err;
+	td_request_init(&c->req, TD_OP_WRITE, 4096, 2048, c->data, flag_done, &c->wdone);
+	td_disk_submit(c->disk, &c->req);
+}
+
+/*
+ * Right after make-empty the cleared BAT's sync is still in flight: a write
+ * that allocates into the reused space waits for it, then lands there.
+ */
+START_TEST(make_empty_then_allocate_waits_for_sync)
+{
+	const uint64_t size = 8 * MIB;
+	char *model = calloc(1, size), *back = abuf(size), *data = abuf(MIB), *base = calloc(1, size);
+	struct td_disk *disk;
+	uint64_t full;
+
+	build_chain(model, size);
+	lib_read_all(pb, base, size);
+	disk = open_disk(pc, 0);
+	fill_random(data, MIB, 5);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 0, 2048, data, NULL), 0);
+	drain(disk);
+	full = fsize(pc);
+	fill_random(data, MIB, 6);
+	struct reuse_ctx c = { .disk = disk, .data = data, .err = 1 };
+
+	vhd_image_make_empty(disk->top, empty_then_write, &c);
+	while (!c.wdone)
+		ck_assert_int_ge(tdr_loop_run_once(loop, 1000), 0);
+	ck_assert_int_eq(c.err, 0);
+	ck_assert_uint_eq(image_stat(disk, "reuse_waits"), 1);
+	memcpy(base + 4096 * 512, data, MIB);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, base, size) == 0);
+	ck_assert_uint_eq(fsize(pc), full);
+	td_disk_close(disk);
+	lib_check(pc);
+	lib_read_all(pc, back, size);
+	ck_assert(memcmp(back, base, size) == 0);
+	free(model);
+	free(back);
+	free(data);
+	free(base);
+}
+END_TEST
+
 START_TEST(online_make_empty)
 {
 	const uint64_t size = 8 * MIB;
 	char *model = calloc(1, size), *back = abuf(size), *data = abuf(MIB), *base = calloc(1, size);
 	struct td_disk *disk;
-	uint64_t empty;
+	uint64_t full;
 
 	build_chain(model, size);
 	/* c's parent view = content of b's chain */
 	lib_read_all(pb, base, size);
-	empty = fsize(pc);
 	disk = open_disk(pc, 0);
 	fill_random(data, MIB, 4);
 	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 100, 2048, data, NULL), 0);
 	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 9000, 2048, data, NULL), 0);
 	drain(disk);
+	full = fsize(pc);
 	op_done = false;
 	vhd_image_make_empty(disk->top, on_done, NULL);
 	ck_assert(!op_done);
 	while (!op_done)
 		ck_assert_int_ge(tdr_loop_run_once(loop, 1000), 0);
 	ck_assert_int_eq(op_err, 0);
-	ck_assert_uint_lt(fsize(pc), empty + 4096);
+	/* The file keeps its length: no truncate at a checkpoint, the space is reused. */
+	ck_assert_uint_eq(fsize(pc), full);
 	read_all(disk, back, size);
 	ck_assert(memcmp(back, base, size) == 0);
-	/* and usable again */
+	/* and usable again, in the space it had: the file does not grow */
 	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 100, 2048, data, NULL), 0);
 	memcpy(base + 100 * 512, data, MIB);
 	read_all(disk, back, size);
 	ck_assert(memcmp(back, base, size) == 0);
+	ck_assert_uint_eq(fsize(pc), full);
 	td_disk_close(disk);
 	lib_check(pc);
 	lib_read_all(pc, back, size);
@@ -760,6 +844,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, chain_three_deep);
 	tcase_add_test(tc, block_status);
 	tcase_add_test(tc, online_make_empty);
+	tcase_add_test(tc, make_empty_then_allocate_waits_for_sync);
 	tcase_add_test(tc, online_commit);
 	tcase_add_test(tc, bad_file_untouched);
 	tcase_add_test(tc, crash_safety_dynamic);
