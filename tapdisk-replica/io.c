@@ -358,3 +358,76 @@ void *tdr_io_alloc(size_t len)
 		return NULL;
 	return p;
 }
+
+/* ------------------------------------------------------------ buffer pool */
+
+void tdr_bufpool_init(struct tdr_bufpool *pool, size_t max_idle)
+{
+	memset(pool, 0, sizeof(*pool));
+	pool->max_idle = max_idle;
+}
+
+void tdr_bufpool_fini(struct tdr_bufpool *pool)
+{
+	for (unsigned i = 0; i < TDR_BUFPOOL_CLASSES; i++) {
+		while (pool->idle[i]) {
+			void *buf = pool->idle[i];
+
+			pool->idle[i] = *(void **)buf;
+			free(buf);
+		}
+	}
+	pool->idle_bytes = 0;
+}
+
+/* The size class of len: buffers of that class hold 1 << (shift) bytes. */
+static unsigned bufpool_shift(size_t len)
+{
+	unsigned shift = TDR_BUFPOOL_MIN_SHIFT;
+
+	while (shift < TDR_BUFPOOL_MAX_SHIFT && ((size_t)1 << shift) < len)
+		shift++;
+	return shift;
+}
+
+void *tdr_bufpool_get(struct tdr_bufpool *pool, size_t len)
+{
+	unsigned shift;
+	void *buf;
+
+	if (len > TDR_BUFPOOL_MAX_CLASS)
+		return tdr_io_alloc(len);
+	shift = bufpool_shift(len);
+	buf = pool->idle[shift - TDR_BUFPOOL_MIN_SHIFT];
+	if (buf) {
+		pool->idle[shift - TDR_BUFPOOL_MIN_SHIFT] = *(void **)buf;
+		pool->idle_bytes -= (size_t)1 << shift;
+		pool->hits++;
+		return buf;
+	}
+	pool->misses++;
+	/* The whole class size, so that any len of the class may reuse it. */
+	return tdr_io_alloc((size_t)1 << shift);
+}
+
+void tdr_bufpool_put(struct tdr_bufpool *pool, void *buf, size_t len)
+{
+	unsigned shift;
+	size_t size;
+
+	if (!buf)
+		return;
+	if (len > TDR_BUFPOOL_MAX_CLASS) {
+		free(buf);
+		return;
+	}
+	shift = bufpool_shift(len);
+	size = (size_t)1 << shift;
+	if (pool->idle_bytes + size > pool->max_idle) {
+		free(buf);
+		return;
+	}
+	*(void **)buf = pool->idle[shift - TDR_BUFPOOL_MIN_SHIFT];
+	pool->idle[shift - TDR_BUFPOOL_MIN_SHIFT] = buf;
+	pool->idle_bytes += size;
+}

@@ -85,4 +85,36 @@ uint64_t tdr_io_writes_done(const struct tdr_io_ctx *ctx);
 /* Allocates len bytes aligned for O_DIRECT; NULL on failure. */
 void *tdr_io_alloc(size_t len);
 
+/*
+ * A cache of O_DIRECT buffers for callers that need one per request (the
+ * NBD server's READ and WRITE data).  malloc serves buffers of a MiB or so
+ * with a fresh mmap() and returns them with munmap() on free, so without a
+ * cache every large request pays two system calls, a page fault per page
+ * as the data is copied in, and a TLB flush: more than the copy itself.
+ *
+ * Buffers are kept in power-of-two size classes from TDR_IO_ALIGN up to
+ * TDR_BUFPOOL_MAX_CLASS bytes (larger ones are not cached), most recently
+ * freed first, while the idle ones total at most max_idle bytes.  The
+ * structure is embedded in its owner; it is not thread-safe (one loop).
+ */
+#define TDR_BUFPOOL_MIN_SHIFT 12	/* TDR_IO_ALIGN */
+#define TDR_BUFPOOL_MAX_SHIFT 25	/* 32 MiB: NBD's largest request */
+#define TDR_BUFPOOL_MAX_CLASS ((size_t)1 << TDR_BUFPOOL_MAX_SHIFT)
+#define TDR_BUFPOOL_CLASSES (TDR_BUFPOOL_MAX_SHIFT - TDR_BUFPOOL_MIN_SHIFT + 1)
+
+struct tdr_bufpool {
+	void *idle[TDR_BUFPOOL_CLASSES];	/* free lists, linked through the buffers */
+	size_t idle_bytes;
+	size_t max_idle;
+	uint64_t hits, misses;			/* gets served from / not from the cache */
+};
+
+void tdr_bufpool_init(struct tdr_bufpool *pool, size_t max_idle);
+/* Frees every idle buffer; buffers still out must be freed with free(). */
+void tdr_bufpool_fini(struct tdr_bufpool *pool);
+/* At least len bytes aligned for O_DIRECT, contents undefined; NULL on failure. */
+void *tdr_bufpool_get(struct tdr_bufpool *pool, size_t len);
+/* Returns buf, got with tdr_bufpool_get(pool, len) for the same len; NULL is a no-op. */
+void tdr_bufpool_put(struct tdr_bufpool *pool, void *buf, size_t len);
+
 #endif

@@ -100,6 +100,21 @@ struct replica_stats {
 	uint64_t link_errors;
 };
 
+/* Every counter of struct replica_stats by name, for the interfaces that list them. */
+struct replica_stat_field {
+	const char *name;
+	size_t offset;
+};
+
+extern const struct replica_stat_field replica_stat_fields[];
+extern const size_t replica_n_stat_fields;
+
+static inline uint64_t replica_stat_value(const struct replica_stats *s,
+					  const struct replica_stat_field *f)
+{
+	return *(const uint64_t *)(const void *)((const char *)s + f->offset);
+}
+
 struct replica_status {
 	enum replica_mode mode;
 	enum replica_state state;

@@ -429,10 +429,14 @@ extern const struct td_driver td_drv_vhd;
 
 /*
  * Online make-empty for the replica driver: drops all data of a dynamic or
- * differencing image in time proportional to its allocated blocks (dirty BAT
- * sectors written and made durable, file truncated to the metadata, footer
- * rewritten).  The caller guarantees no request is in flight on img.  done
- * runs once, from the loop, with 0 or -errno.
+ * differencing image in time proportional to its allocated blocks: the BAT
+ * sectors that change are written, and done runs (once, from the loop,
+ * with 0 or -errno) as soon as they are.  The file keeps its length and
+ * footer; later allocations reuse its space from the start of the data area
+ * (no ftruncate on the event loop).  The cleared BAT is synced in the
+ * background, and an allocation that would overwrite reused space waits for
+ * that sync, so a crash never leaves an old BAT entry pointing at new data.
+ * The caller guarantees no request is in flight on img.
  */
 void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err), void *arg);
 

@@ -136,22 +136,9 @@ static void replica_json(FILE *out, struct td_image *img)
 	ctl_json_string(out, st.error_msg);
 	fprintf(out, ", \"progress_done\": %llu, \"progress_total\": %llu",
 		(unsigned long long)st.progress_done, (unsigned long long)st.progress_total);
-#define P(k) fprintf(out, ", \"" #k "\": %llu", (unsigned long long)s->k)
-	P(svm_reqs);
-	P(svm_bytes);
-	P(export_reqs);
-	P(export_bytes);
-	P(cbw_count);
-	P(cbw_bytes);
-	P(fwd_reqs);
-	P(fwd_bytes);
-	P(checkpoints);
-	P(ckpt_last_ns);
-	P(ckpt_max_ns);
-	P(ckpt_total_ns);
-	P(dirty_bytes);
-	P(link_errors);
-#undef P
+	for (size_t i = 0; i < replica_n_stat_fields; i++)
+		fprintf(out, ", \"%s\": %llu", replica_stat_fields[i].name,
+			(unsigned long long)replica_stat_value(s, &replica_stat_fields[i]));
 	fputc('}', out);
 }
 

@@ -150,6 +150,9 @@ struct nbd_conn {
 	size_t out_bytes;
 	unsigned nreqs;			/* nbd_req alive */
 	uint64_t req_bytes;		/* their buffers */
+	/* Their buffers come from here: per connection, so one client's
+	 * stale data never reaches another. */
+	struct tdr_bufpool bufs;
 };
 
 struct nbd_req {

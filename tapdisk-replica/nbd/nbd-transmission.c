@@ -23,7 +23,7 @@ void nbd_req_free(struct nbd_req *r)
 
 	c->nreqs--;
 	c->req_bytes -= r->buflen;
-	free(r->buf);
+	tdr_bufpool_put(&c->bufs, r->buf, r->buflen);
 	free(r->extents);
 	free(r);
 	/* One fewer in flight: reading may resume. */
@@ -37,7 +37,7 @@ static struct nbd_req *req_new(struct nbd_conn *c, const struct nbd_request *hdr
 	if (!r)
 		return NULL;
 	if (buflen) {
-		r->buf = tdr_io_alloc(buflen);
+		r->buf = tdr_bufpool_get(&c->bufs, buflen);
 		if (!r->buf) {
 			free(r);
 			return NULL;
@@ -269,7 +269,7 @@ static bool req_step_done(struct nbd_req *r)
 				 * write real zeroes instead. */
 				size_t len = r->r.len < NBD_ZERO_CHUNK ? r->r.len : NBD_ZERO_CHUNK;
 
-				r->buf = tdr_io_alloc(len);
+				r->buf = tdr_bufpool_get(&c->bufs, len);
 				if (!r->buf) {
 					err = -ENOMEM;
 					break;

@@ -8,6 +8,7 @@
  */
 #include <errno.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -337,6 +338,24 @@ void replica_get_status(struct td_image *img, struct replica_status *st)
 	st->stats = r->stats;
 }
 
+#define STAT_FIELD(k) { #k, offsetof(struct replica_stats, k) }
+
+const struct replica_stat_field replica_stat_fields[] = {
+	STAT_FIELD(svm_reqs), STAT_FIELD(svm_bytes),
+	STAT_FIELD(export_reqs), STAT_FIELD(export_bytes),
+	STAT_FIELD(cbw_count), STAT_FIELD(cbw_bytes),
+	STAT_FIELD(fwd_reqs), STAT_FIELD(fwd_bytes),
+	STAT_FIELD(checkpoints), STAT_FIELD(ckpt_last_ns), STAT_FIELD(ckpt_max_ns),
+	STAT_FIELD(ckpt_total_ns),
+	STAT_FIELD(dirty_bytes), STAT_FIELD(link_errors),
+};
+
+const size_t replica_n_stat_fields = sizeof(replica_stat_fields) / sizeof(replica_stat_fields[0]);
+
+_Static_assert(sizeof(replica_stat_fields) / sizeof(replica_stat_fields[0]) ==
+	       sizeof(struct replica_stats) / sizeof(uint64_t),
+	       "every counter of struct replica_stats has a name");
+
 void replica_format_status(const struct replica_status *st, FILE *out)
 {
 	const struct replica_stats *s = &st->stats;
@@ -347,22 +366,9 @@ void replica_format_status(const struct replica_status *st, FILE *out)
 		st->error_msg);
 	fprintf(out, "progress_done=%llu\nprogress_total=%llu\n",
 		(unsigned long long)st->progress_done, (unsigned long long)st->progress_total);
-#define P(k) fprintf(out, #k "=%llu\n", (unsigned long long)s->k)
-	P(svm_reqs);
-	P(svm_bytes);
-	P(export_reqs);
-	P(export_bytes);
-	P(cbw_count);
-	P(cbw_bytes);
-	P(fwd_reqs);
-	P(fwd_bytes);
-	P(checkpoints);
-	P(ckpt_last_ns);
-	P(ckpt_max_ns);
-	P(ckpt_total_ns);
-	P(dirty_bytes);
-	P(link_errors);
-#undef P
+	for (size_t i = 0; i < replica_n_stat_fields; i++)
+		fprintf(out, "%s=%llu\n", replica_stat_fields[i].name,
+			(unsigned long long)replica_stat_value(s, &replica_stat_fields[i]));
 }
 
 /* --------------------------------------------------------- operations */

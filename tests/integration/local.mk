@@ -50,3 +50,9 @@ EXTRA_DIST += tests/integration/primary-peers.sh tests/integration/primary-filte
 # Replica secondary: vhd-util chain, qemu-io as primary and SVM, tdr-ctl, failover.
 TESTS += tests/integration/replica-secondary.sh
 EXTRA_DIST += tests/integration/replica-secondary.sh
+
+# The xenstore control directory against the in-memory xenstored.
+if HAVE_XENSTORE
+TESTS += tests/integration/xenstore.sh
+endif
+EXTRA_DIST += tests/integration/xenstore.sh

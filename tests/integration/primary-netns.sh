@@ -41,7 +41,7 @@ ip -n "$NS_S" link set "vs$$" up
 ip -n "$NS_P" link set lo up
 ip -n "$NS_S" link set lo up
 
-TIMEOUT_MS=1000
+TIMEOUT_MS=3000
 LIMIT_MS=$((TIMEOUT_MS + 4000))
 PORT=10809
 

@@ -336,6 +336,14 @@ static void handle(struct fconn *c, const struct xsd_sockmsg *h, const char *p)
 	case XS_UNWATCH:
 		reply_ok(c, h->req_id, XS_UNWATCH);
 		return;
+	case XS_TRANSACTION_START:
+		/* No isolation: operations in a transaction apply at once
+		 * (enough for xenstore-write's multi-key writes). */
+		reply(c, XS_TRANSACTION_START, h->req_id, "1", 2);
+		return;
+	case XS_TRANSACTION_END:
+		reply_ok(c, h->req_id, XS_TRANSACTION_END);
+		return;
 	default:
 		reply_err(c, h->req_id, ENOSYS);
 		return;

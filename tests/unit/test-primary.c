@@ -586,7 +586,7 @@ START_TEST(t_resync_broken)
 
 	tp_fake_start(TP_FAKE_GOOD, 0);
 	write_file(tp_local, 0, DISK, 4);
-	tp_open(",timeout=300");
+	tp_open(",timeout=1000");
 	assert_op("start");
 	tp_fake_set_mode(TP_FAKE_SILENT, 3);
 	assert_op("resync full");

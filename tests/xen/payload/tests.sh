@@ -94,6 +94,7 @@ want_group() { [ "$GROUPS_" = all ] || [[ " $GROUPS_ " == *" $1 "* ]]; }
 # logged FILE WORD: FILE has a line with WORD (builtins only, no process).
 logged() {
 	local line
+	[ -f "$1" ] || return 1
 	while IFS= read -r line; do
 		[[ $line == *"$2"* ]] && return 0
 	done <"$1"
@@ -360,9 +361,26 @@ group_bench() {
 	start_daemon bench --socket $T/b.sock --xs-domid 3 --xs-devid 768 \
 		"replica:mode=secondary,addr=unix:$T/bsec.sock|vhd:$T/ba.vhd" || return
 	expect bench-start $D 1 "start" ok
-	out=$($B/xsreq bench $D 100 "$BENCH_N" checkpoint 2>&1)
+	# A request the replica answers at once (the protocol alone), then
+	# checkpoints (the protocol plus the secondary's checkpoint).
+	out=$($B/xsreq bench $D 100 "$BENCH_N" status 2>&1)
 	echo "$out"
-	[[ $out == BENCH* ]] && pass bench-ran || fail bench-ran "$out"
+	[[ $out == BENCH* ]] && pass bench-status || fail bench-status "$out"
+	out=$($B/xsreq bench $D 100000 "$BENCH_N" checkpoint 2>&1)
+	echo "$out"
+	[[ $out == BENCH* ]] && pass bench-checkpoint || fail bench-checkpoint "$out"
+	# The floor: a minimal libxenstore responder in place of the daemon.
+	$B/xsreq echo /tdr/echo "$BENCH_N" &
+	local ep=$!
+	bsleep 0.5
+	out=$($B/xsreq bench /tdr/echo 1 "$BENCH_N" status 2>&1)
+	echo "${out/BENCH control status/BENCH minimal-responder status}"
+	wait $ep
+	[[ $out == BENCH* ]] && pass bench-echo || fail bench-echo "$out"
+	local n tot
+	n=$(xenstore-read $D/stats/checkpoints)
+	tot=$(xenstore-read $D/stats/ckpt_total_ns)
+	echo "BENCH secondary checkpoint execution itself (stats): $n checkpoints, mean $(awk -v t="$tot" -v n="$n" 'BEGIN { printf "%.3f", n ? t / n / 1e6 : 0 }') ms"
 	stop_daemon bench
 }
 

@@ -10,6 +10,9 @@
  *       exit 0 when a response came, 2 on timeout
  *   xsreq wait KEY VALUE [TIMEOUT_MS]
  *       waits until KEY reads VALUE; exit 0, or 2 (printing the last value)
+ *   xsreq echo DIR N
+ *       a minimal responder for N requests under DIR (the floor of any
+ *       daemon's round trip, for comparison)
  *   xsreq bench DIR FIRST_ID N [LINE]
  *       N round trips of LINE (default "checkpoint": request written ->
  *       response visible) interleaved with N bare write + watch-event round
@@ -165,6 +168,49 @@ static int bench(struct xs_handle *h, const char *dir, unsigned long long first,
 	return 0;
 }
 
+/*
+ * The least a responder can do (the floor of any daemon's round trip): on
+ * each event under DIR/request, read request/ID, write response/ID = "ok",
+ * remove the request.  libxenstore, one connection, nothing else.
+ */
+static int echo(struct xs_handle *h, const char *dir, int n)
+{
+	char req_dir[512], path[1100], rpath[1100];
+	int done = 0;
+
+	snprintf(req_dir, sizeof(req_dir), "%s/request", dir);
+	xs_mkdir(h, XBT_NULL, req_dir);
+	if (!xs_watch(h, req_dir, "echo")) {
+		perror("xs_watch");
+		return 1;
+	}
+	while (done < n) {
+		unsigned int num, len;
+		char **ev = xs_read_watch(h, &num), *v;
+		const char *id;
+
+		if (!ev)
+			return 1;
+		if (strncmp(ev[XS_WATCH_PATH], req_dir, strlen(req_dir)) != 0 ||
+		    ev[XS_WATCH_PATH][strlen(req_dir)] != '/') {
+			free(ev);
+			continue;
+		}
+		id = ev[XS_WATCH_PATH] + strlen(req_dir) + 1;
+		snprintf(path, sizeof(path), "%s/%s", req_dir, id);
+		v = xs_read(h, XBT_NULL, path, &len);
+		if (v) {
+			snprintf(rpath, sizeof(rpath), "%s/response/%s", dir, id);
+			xs_write(h, XBT_NULL, rpath, "ok", 2);
+			xs_rm(h, XBT_NULL, path);
+			free(v);
+			done++;
+		}
+		free(ev);
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct xs_handle *h;
@@ -219,6 +265,8 @@ int main(int argc, char **argv)
 		if (ret)
 			printf("%s is '%s', not '%s'\n", argv[2], v ? v : "(absent)", argv[3]);
 		free(v);
+	} else if (strcmp(argv[1], "echo") == 0 && argc >= 4) {
+		ret = echo(h, argv[2], atoi(argv[3]));
 	} else if (strcmp(argv[1], "bench") == 0 && argc >= 5) {
 		ret = bench(h, argv[2], strtoull(argv[3], NULL, 10), atoi(argv[4]),
 			    argc > 5 ? argv[5] : "checkpoint");
