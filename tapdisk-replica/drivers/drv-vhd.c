@@ -138,6 +138,14 @@ struct vhd_state {
 	 * at after a crash): it waits in reuse_waiters.
 	 */
 	struct tdr_list reuse_syncs;	/* struct vhd_reuse_sync in flight */
+	/*
+	 * The allocated blocks, in allocation order, so that make-empty costs
+	 * what was written since the last one, not a scan of the whole BAT.
+	 * alloc_list_lost: an append failed (no memory); scan the BAT instead.
+	 */
+	uint32_t *alloc_list;
+	uint32_t nalloc_list, alloc_list_cap;
+	bool alloc_list_lost;
 	uint64_t reuse_end;
 	struct tdr_list reuse_waiters;	/* struct vhd_alloc */
 
@@ -620,6 +628,22 @@ static void alloc_finish(struct vhd_alloc *a, int err)
 	}
 }
 
+static void alloc_list_add(struct vhd_state *s, uint32_t block)
+{
+	if (s->nalloc_list == s->alloc_list_cap) {
+		uint32_t cap = s->alloc_list_cap ? s->alloc_list_cap * 2 : 64;
+		uint32_t *l = realloc(s->alloc_list, (size_t)cap * sizeof(*l));
+
+		if (!l) {
+			s->alloc_list_lost = true;
+			return;
+		}
+		s->alloc_list = l;
+		s->alloc_list_cap = cap;
+	}
+	s->alloc_list[s->nalloc_list++] = block;
+}
+
 static void alloc_fail(struct vhd_alloc *a, int err)
 {
 	TDR_ERR("%s: allocating block %u failed: %s", a->s->img->params, a->block, strerror(-err));
@@ -638,6 +662,7 @@ static void alloc_done(struct vhd_alloc *a, int err)
 	}
 	s->m.bat[a->block] = s->bat_disk[a->block];
 	s->m.allocated++;
+	alloc_list_add(s, a->block);
 	if (a->end > s->m.data_end)
 		s->m.data_end = a->end;
 	/* The bitmap just written becomes the cached one. */
@@ -1178,6 +1203,9 @@ static void vhd_free_state(struct vhd_state *s)
 	s->bsec = NULL;
 	free(s->bat_disk);
 	s->bat_disk = NULL;
+	free(s->alloc_list);
+	s->alloc_list = NULL;
+	s->nalloc_list = s->alloc_list_cap = 0;
 	free(s->footer_buf);
 	s->footer_buf = NULL;
 	vhd_meta_free(&s->m);
@@ -1264,6 +1292,10 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 		return -ENOMEM;
 	}
 	memcpy(s->bat_disk, s->m.bat, (size_t)s->m.bat_entries * sizeof(uint32_t));
+	/* The one full scan: at open. */
+	for (uint32_t b = 0; b < s->m.bat_entries; b++)
+		if (s->m.bat[b] != VHD_BAT_UNUSED)
+			alloc_list_add(s, b);
 	for (uint32_t i = 0; i < s->nbsec; i++) {
 		s->bsec[i].s = s;
 		s->bsec[i].idx = i;
@@ -1497,6 +1529,13 @@ static void mk_bat_done(struct tdr_iocb *io, ssize_t res, void *arg)
 	mk_finish_later(mk, 0);
 }
 
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
 void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err), void *arg)
 {
 	struct vhd_state *s = img->priv;
@@ -1528,15 +1567,24 @@ void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err)
 		r = -EBUSY;
 		goto fail;
 	}
-	/* Cost: a scan of the in-memory BAT, I/O only for the sectors that change. */
+	/* Cost: the blocks allocated since the last make-empty, and their BAT sectors. */
 	dirty = malloc(sizeof(*dirty) * (s->nbsec ? s->nbsec : 1));
 	if (!dirty) {
 		r = -ENOMEM;
 		goto fail;
 	}
-	for (b = 0; b < s->m.bat_entries; b++) {
-		if (s->m.bat[b] == VHD_BAT_UNUSED)
-			continue;
+	if (s->alloc_list_lost) {
+		/* The list is incomplete: the whole BAT, once. */
+		s->nalloc_list = 0;
+		for (b = 0; b < s->m.bat_entries; b++)
+			if (s->m.bat[b] != VHD_BAT_UNUSED)
+				alloc_list_add(s, b);
+	}
+	/* In BAT order, so that each changed BAT sector is written once. */
+	if (s->nalloc_list)
+		qsort(s->alloc_list, s->nalloc_list, sizeof(*s->alloc_list), cmp_u32);
+	for (uint32_t i = 0; i < s->nalloc_list; i++) {
+		b = s->alloc_list[i];
 		s->m.bat[b] = VHD_BAT_UNUSED;
 		s->bat_disk[b] = VHD_BAT_UNUSED;
 		if (b / (VHD_SECTOR_SIZE / 4) != last) {
@@ -1544,6 +1592,8 @@ void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err)
 			dirty[n++] = last;
 		}
 	}
+	s->nalloc_list = 0;
+	s->alloc_list_lost = false;
 	/* Every cached bitmap is gone with its block. */
 	for (unsigned i = 0; i < BM_HASH; i++) {
 		while (s->bm_hash[i]) {

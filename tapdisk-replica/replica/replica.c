@@ -535,6 +535,7 @@ static int replica_open(struct td_image *img, const char *params, unsigned flags
 		return -EINVAL;
 	}
 	img->size_secs = img->parent->size_secs;
+	img->info_discard = img->parent->info_discard;
 	r->ops = mode_ops(r->opts.mode);
 	r->state = REPLICA_STATE_NONE;
 	err = r->ops->init(r);

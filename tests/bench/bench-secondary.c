@@ -13,7 +13,8 @@
  *   4. SVM I/O during the failover: 4 KiB random reads and writes at QD 8,
  *      the longest gap between two completions and the rate.
  *
- * Usage: bench-secondary [-d DIR] [-q]   (-q: fewer repetitions)
+ * Usage: bench-secondary [-d DIR] [-q] [-o cbw,checkpoint,failover]
+ *   -q: one repetition; -o: only these parts (default: all)
  * Machines are noisy: every figure is a median of repetitions or says so.
  */
 #include <errno.h>
@@ -432,8 +433,9 @@ static void bench_failover(int reps)
 int main(int argc, char **argv)
 {
 	int reps = 3, c;
+	const char *only = "cbw,checkpoint,failover";
 
-	while ((c = getopt(argc, argv, "d:q")) != -1) {
+	while ((c = getopt(argc, argv, "d:qo:")) != -1) {
 		switch (c) {
 		case 'd':
 			dir = optarg;
@@ -441,8 +443,11 @@ int main(int argc, char **argv)
 		case 'q':
 			reps = 1;
 			break;
+		case 'o':
+			only = optarg;
+			break;
 		default:
-			fprintf(stderr, "usage: bench-secondary [-d DIR] [-q]\n");
+			fprintf(stderr, "usage: bench-secondary [-d DIR] [-q] [-o cbw,checkpoint,failover]\n");
 			return 2;
 		}
 	}
@@ -453,9 +458,12 @@ int main(int argc, char **argv)
 	if (!loop || !io)
 		die("setup");
 	printf("bench-secondary: %s, %d repetition(s) per figure, medians\n", dir, reps);
-	bench_cbw(reps);
-	bench_checkpoint(reps);
-	bench_failover(reps);
+	if (strstr(only, "cbw"))
+		bench_cbw(reps);
+	if (strstr(only, "checkpoint"))
+		bench_checkpoint(reps);
+	if (strstr(only, "failover"))
+		bench_failover(reps);
 	printf("bench-secondary: deleting the files\n");
 	empty_trash();
 	tdr_io_ctx_free(io);

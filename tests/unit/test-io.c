@@ -281,6 +281,66 @@ START_TEST(open_falls_back_without_o_direct)
 }
 END_TEST
 
+START_TEST(bufpool_reuses_by_size_class)
+{
+	struct tdr_bufpool pool;
+	char *a, *b, *c;
+
+	tdr_bufpool_init(&pool, 4u << 20);
+	a = tdr_bufpool_get(&pool, 1u << 20);
+	ck_assert_ptr_nonnull(a);
+	ck_assert_uint_eq((uintptr_t)a % TDR_IO_ALIGN, 0);
+	memset(a, 0x5a, 1u << 20);	/* the whole length is usable (ASan checks) */
+	tdr_bufpool_put(&pool, a, 1u << 20);
+	ck_assert_uint_eq(pool.idle_bytes, 1u << 20);
+
+	/* Any length of the same power-of-two class gets the idle buffer back. */
+	b = tdr_bufpool_get(&pool, (1u << 19) + 512);
+	ck_assert_ptr_eq(b, a);
+	ck_assert_uint_eq(pool.idle_bytes, 0);
+	ck_assert_uint_eq(pool.hits, 1);
+	ck_assert_uint_eq(pool.misses, 1);
+
+	/* Another class does not. */
+	c = tdr_bufpool_get(&pool, 4096);
+	ck_assert_ptr_nonnull(c);
+	ck_assert_ptr_ne(c, b);
+	ck_assert_uint_eq((uintptr_t)c % TDR_IO_ALIGN, 0);
+	ck_assert_uint_eq(pool.misses, 2);
+	tdr_bufpool_put(&pool, c, 4096);
+	tdr_bufpool_put(&pool, b, (1u << 19) + 512);
+	ck_assert_uint_eq(pool.idle_bytes, 4096 + (1u << 20));
+	tdr_bufpool_put(&pool, NULL, 4096);
+	tdr_bufpool_fini(&pool);
+	ck_assert_uint_eq(pool.idle_bytes, 0);
+}
+END_TEST
+
+START_TEST(bufpool_bounds_idle_memory)
+{
+	struct tdr_bufpool pool;
+	char *bufs[5];
+
+	tdr_bufpool_init(&pool, 4u << 20);
+	for (int i = 0; i < 5; i++) {
+		bufs[i] = tdr_bufpool_get(&pool, 1u << 20);
+		ck_assert_ptr_nonnull(bufs[i]);
+	}
+	/* The fifth idle MiB would exceed max_idle: it is freed instead. */
+	for (int i = 0; i < 5; i++)
+		tdr_bufpool_put(&pool, bufs[i], 1u << 20);
+	ck_assert_uint_eq(pool.idle_bytes, 4u << 20);
+
+	/* Larger than the largest class: allocated and freed every time. */
+	bufs[0] = tdr_bufpool_get(&pool, TDR_BUFPOOL_MAX_CLASS + 4096);
+	ck_assert_ptr_nonnull(bufs[0]);
+	memset(bufs[0], 0, TDR_BUFPOOL_MAX_CLASS + 4096);
+	tdr_bufpool_put(&pool, bufs[0], TDR_BUFPOOL_MAX_CLASS + 4096);
+	ck_assert_uint_eq(pool.idle_bytes, 4u << 20);
+	tdr_bufpool_fini(&pool);	/* leak-checked under ASan */
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("io");
@@ -298,6 +358,8 @@ int main(void)
 	tcase_add_test(tc, fault_fail_after_n);
 	tcase_add_test(tc, fault_kill_after_n);
 	tcase_add_test(tc, open_falls_back_without_o_direct);
+	tcase_add_test(tc, bufpool_reuses_by_size_class);
+	tcase_add_test(tc, bufpool_bounds_idle_memory);
 	suite_add_tcase(s, tc);
 	sr = srunner_create(s);
 	srunner_set_fork_status(sr, CK_NOFORK);

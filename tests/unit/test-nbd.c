@@ -709,6 +709,36 @@ START_TEST(test_read_write_simple)
 }
 END_TEST
 
+/* Request buffers are recycled: a read must return the disk's data, never
+ * what an earlier request of a similar size left in its buffer. */
+START_TEST(test_recycled_buffers_hold_no_old_data)
+{
+	size_t len = MIB;
+	unsigned char *w = malloc(len), *r = malloc(len), *z = calloc(1, len);
+
+	go("", false, false);
+	fill(w, len, 9);
+	write_ok(15, 0, w, (uint32_t)len);
+	/* Same size class as the write's buffer, over a hole: zeroes. */
+	send_req(NBD_CMD_READ, 0, 16, 4 * MIB, (uint32_t)len);
+	ck_assert_uint_eq(read_simple(16), 0);
+	cl_read(r, len);
+	ck_assert_mem_eq(r, z, len);
+	send_req(NBD_CMD_READ, 0, 17, 0, (uint32_t)len);
+	ck_assert_uint_eq(read_simple(17), 0);
+	cl_read(r, len);
+	ck_assert_mem_eq(r, w, len);
+	/* A shorter read of the same class, after the buffer held w. */
+	send_req(NBD_CMD_READ, 0, 18, 6 * MIB + 512, (uint32_t)(len - 4096));
+	ck_assert_uint_eq(read_simple(18), 0);
+	cl_read(r, len - 4096);
+	ck_assert_mem_eq(r, z, len - 4096);
+	free(w);
+	free(r);
+	free(z);
+}
+END_TEST
+
 START_TEST(test_read_write_structured)
 {
 	size_t len = 128 * 1024;
@@ -1259,6 +1289,7 @@ static Suite *suite(void)
 	tcase_add_checked_fixture(tx, setup, teardown);
 	tcase_set_timeout(tx, 60);
 	tcase_add_test(tx, test_read_write_simple);
+	tcase_add_test(tx, test_recycled_buffers_hold_no_old_data);
 	tcase_add_test(tx, test_read_write_structured);
 	tcase_add_test(tx, test_request_errors);
 	tcase_add_test(tx, test_oversized_write_skipped);
