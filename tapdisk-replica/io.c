@@ -390,6 +390,11 @@ static unsigned bufpool_shift(size_t len)
 	return shift;
 }
 
+size_t tdr_bufpool_size(size_t len)
+{
+	return len > TDR_BUFPOOL_MAX_CLASS ? len : (size_t)1 << bufpool_shift(len);
+}
+
 void *tdr_bufpool_get(struct tdr_bufpool *pool, size_t len)
 {
 	unsigned shift;

@@ -90,7 +90,8 @@ void *tdr_io_alloc(size_t len);
  * NBD server's READ and WRITE data).  malloc serves buffers of a MiB or so
  * with a fresh mmap() and returns them with munmap() on free, so without a
  * cache every large request pays two system calls, a page fault per page
- * as the data is copied in, and a TLB flush: more than the copy itself.
+ * as the data is copied in, and a TLB flush: more than the copy itself in
+ * a VM, where page faults and TLB flushes trap to the hypervisor.
  *
  * Buffers are kept in power-of-two size classes from TDR_IO_ALIGN up to
  * TDR_BUFPOOL_MAX_CLASS bytes (larger ones are not cached), most recently
@@ -116,5 +117,7 @@ void tdr_bufpool_fini(struct tdr_bufpool *pool);
 void *tdr_bufpool_get(struct tdr_bufpool *pool, size_t len);
 /* Returns buf, got with tdr_bufpool_get(pool, len) for the same len; NULL is a no-op. */
 void tdr_bufpool_put(struct tdr_bufpool *pool, void *buf, size_t len);
+/* The memory a buffer of len bytes really takes (its size class). */
+size_t tdr_bufpool_size(size_t len);
 
 #endif

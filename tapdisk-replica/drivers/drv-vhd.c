@@ -57,6 +57,16 @@ struct vhd_op {
 	struct vhd_bm *bm;
 };
 
+/*
+ * Group commit: a waiter whose writes have completed asks for a sync and is
+ * answered by the next fdsync issued after it asked; everyone who asked
+ * while one sync was in flight shares the following one.
+ */
+struct vhd_sync_waiter {
+	struct tdr_list entry;
+	void (*cb)(struct vhd_sync_waiter *w, int err);
+};
+
 /* The cached bitmap of an allocated block. */
 struct vhd_bm {
 	struct vhd_state *s;
@@ -72,6 +82,7 @@ struct vhd_bm {
 	struct tdr_list inflight;	/* ops whose bits are being written */
 	struct tdr_list lru;
 	struct tdr_iocb iocb;
+	struct vhd_sync_waiter sync;
 	struct vhd_bm *hnext;
 	int err;
 };
@@ -91,6 +102,7 @@ struct vhd_alloc {
 	struct tdr_list later;	/* ops that came after the writes started */
 	struct tdr_list entry;	/* footer or BAT sector wait list */
 	struct tdr_iocb iocb;
+	struct vhd_sync_waiter sync;
 	struct vhd_alloc *hnext;
 };
 
@@ -138,6 +150,12 @@ struct vhd_state {
 	 * at after a crash): it waits in reuse_waiters.
 	 */
 	struct tdr_list reuse_syncs;	/* struct vhd_reuse_sync in flight */
+
+	/* Group commit (struct vhd_sync_waiter). */
+	struct tdr_iocb gsync_iocb;
+	bool gsync_inflight;
+	struct tdr_list gsync_next;	/* answered by the next sync */
+	struct tdr_list gsync_covered;	/* answered by the one in flight */
 	/*
 	 * The allocated blocks, in allocation order, so that make-empty costs
 	 * what was written since the last one, not a scan of the whole BAT.
@@ -455,6 +473,54 @@ static void read_runs(struct vhd_op *op)
 }
 
 /* ------------------------------------------------------------------ */
+/* Group commit */
+
+static void gsync_issue(struct vhd_state *s);
+
+static void gsync_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_state *s = arg;
+	struct tdr_list done, *pos, *tmp;
+
+	s->gsync_inflight = false;
+	tdr_list_init(&done);
+	tdr_list_for_each_safe(pos, tmp, &s->gsync_covered) {
+		tdr_list_del(pos);
+		tdr_list_add_tail(pos, &done);
+	}
+	if (!tdr_list_empty(&s->gsync_next))
+		gsync_issue(s);
+	tdr_list_for_each_safe(pos, tmp, &done) {
+		struct vhd_sync_waiter *w = tdr_list_entry(pos, struct vhd_sync_waiter, entry);
+
+		tdr_list_del(pos);
+		w->cb(w, res < 0 ? (int)res : 0);
+	}
+}
+
+static void gsync_issue(struct vhd_state *s)
+{
+	struct tdr_list *pos, *tmp;
+
+	tdr_list_for_each_safe(pos, tmp, &s->gsync_next) {
+		tdr_list_del(pos);
+		tdr_list_add_tail(pos, &s->gsync_covered);
+	}
+	s->gsync_inflight = true;
+	tdr_io_fdsync(s->img->io, &s->gsync_iocb, s->fd, gsync_done, s);
+}
+
+/* Calls w->cb once everything written before this call is durable. */
+static void gsync_request(struct vhd_state *s, struct vhd_sync_waiter *w,
+			  void (*cb)(struct vhd_sync_waiter *w, int err))
+{
+	w->cb = cb;
+	tdr_list_add_tail(&w->entry, &s->gsync_next);
+	if (!s->gsync_inflight)
+		gsync_issue(s);
+}
+
+/* ------------------------------------------------------------------ */
 /* Footer extension */
 
 static void footer_kick(struct vhd_state *s);
@@ -676,14 +742,14 @@ static void alloc_done(struct vhd_alloc *a, int err)
 	alloc_finish(a, 0);
 }
 
-static void alloc_sync_done(struct tdr_iocb *io, ssize_t res, void *arg)
+static void alloc_synced(struct vhd_sync_waiter *w, int err)
 {
-	struct vhd_alloc *a = arg;
+	struct vhd_alloc *a = tdr_container_of(w, struct vhd_alloc, sync);
 	struct vhd_state *s = a->s;
 	uint32_t idx = a->block / (VHD_SECTOR_SIZE / 4);
 
-	if (res < 0) {
-		alloc_fail(a, (int)res);
+	if (err) {
+		alloc_fail(a, err);
 		return;
 	}
 	a->state = AL_BAT;
@@ -705,7 +771,7 @@ static void alloc_piece_done(struct vhd_alloc *a, ssize_t res, size_t len)
 		return;
 	}
 	a->state = AL_SYNC;
-	tdr_io_fdsync(a->s->img->io, &a->iocb, a->s->fd, alloc_sync_done, a);
+	gsync_request(a->s, &a->sync, alloc_synced);
 }
 
 static void alloc_map_done(struct tdr_iocb *io, ssize_t res, void *arg)
@@ -826,6 +892,15 @@ static void bm_write_done(struct tdr_iocb *io, ssize_t res, void *arg)
 	bm_put(bm);
 }
 
+static void bm_sync_done(struct tdr_iocb *io, ssize_t res, void *arg);
+
+static void bm_synced(struct vhd_sync_waiter *w, int err)
+{
+	struct vhd_bm *bm = tdr_container_of(w, struct vhd_bm, sync);
+
+	bm_sync_done(&bm->iocb, err, bm);
+}
+
 static void bm_sync_done(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct vhd_bm *bm = arg;
@@ -872,10 +947,12 @@ static void bm_flush(struct vhd_bm *bm)
 	 * garbage instead of the parent's sectors.  In a dynamic disk the data
 	 * area under a clear bit is never written (bits only go from 0 to 1
 	 * and new blocks come from fresh file space), so it reads as the zeroes
-	 * it replaces either way: no barrier needed.
+	 * it replaces either way: no barrier needed - unless an online
+	 * make-empty made the file reuse its space, where old data may lie
+	 * under a clear bit.
 	 */
-	if (is_diff(s))
-		tdr_io_fdsync(s->img->io, &bm->iocb, s->fd, bm_sync_done, bm);
+	if (is_diff(s) || s->reuse_end)
+		gsync_request(s, &bm->sync, bm_synced);
 	else
 		bm_sync_done(&bm->iocb, 0, bm);
 }
@@ -1228,6 +1305,8 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 	tdr_list_init(&s->footer_waiters);
 	tdr_list_init(&s->reuse_syncs);
 	tdr_list_init(&s->reuse_waiters);
+	tdr_list_init(&s->gsync_next);
+	tdr_list_init(&s->gsync_covered);
 	if (!*params) {
 		tdr_set_error("vhd: no file name; use vhd:/path/to/disk.vhd");
 		return -EINVAL;

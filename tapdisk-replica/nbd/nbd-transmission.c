@@ -17,12 +17,18 @@
 
 static void req_run(struct nbd_req *r);
 
+/* The memory r's buffer really takes, for the flow control's bound. */
+static size_t req_buf_bytes(const struct nbd_req *r)
+{
+	return r->buf ? tdr_bufpool_size(r->buflen) : 0;
+}
+
 void nbd_req_free(struct nbd_req *r)
 {
 	struct nbd_conn *c = r->conn;
 
 	c->nreqs--;
-	c->req_bytes -= r->buflen;
+	c->req_bytes -= req_buf_bytes(r);
 	tdr_bufpool_put(&c->bufs, r->buf, r->buflen);
 	free(r->extents);
 	free(r);
@@ -47,7 +53,7 @@ static struct nbd_req *req_new(struct nbd_conn *c, const struct nbd_request *hdr
 	r->conn = c;
 	r->r = *hdr;
 	c->nreqs++;
-	c->req_bytes += buflen;
+	c->req_bytes += req_buf_bytes(r);
 	return r;
 }
 
@@ -276,7 +282,7 @@ static bool req_step_done(struct nbd_req *r)
 				}
 				memset(r->buf, 0, len);
 				r->buflen = len;
-				c->req_bytes += len;
+				c->req_bytes += req_buf_bytes(r);
 				r->zero_fallback = true;
 				r->pos = r->r.offset;
 				r->end = r->r.offset + r->r.len;

@@ -179,6 +179,13 @@ static void release_held(struct sec *s)
 
 /* -------------------------------------------------------- SVM door */
 
+/* Whether active or hidden holds (part of) the chunk: the SVM's view of it differs from the secondary disk's. */
+static bool chunk_upper(const struct sec *s, uint64_t c)
+{
+	return replica_chunkset_test(&s->svm_written, c) || replica_chunkset_test(&s->cbw, c);
+}
+
+
 static void svm_done(struct td_request *child, int err, void *arg)
 {
 	struct sec_fwd *f = arg;
@@ -188,12 +195,15 @@ static void svm_done(struct td_request *child, int err, void *arg)
 
 	if (f->locked)
 		replica_rlock_release(&s->lock, &f->range);
-	if (modifies && s->r->state == REPLICA_STATE_FAILOVER) {
+	if (modifies && s->r->state == REPLICA_STATE_FAILOVER && secs) {
 		/*
 		 * Marked at completion: a failover copy that read the chunk
-		 * before this write landed must copy it again.
+		 * before this write landed must copy it again.  Only chunks
+		 * active holds: the others went to the secondary disk itself.
 		 */
-		replica_chunkset_set_range(&s->fo_dirty, sec, secs);
+		for (uint64_t c = sec / s->chunk_secs; c <= (sec + secs - 1) / s->chunk_secs; c++)
+			if (chunk_upper(s, c))
+				replica_chunkset_set(&s->fo_dirty, c);
 	}
 	fwd_finish(f, err);
 	s->svm_inflight--;
@@ -211,7 +221,12 @@ static void svm_read_granted(struct replica_range *rr, void *arg)
 	td_queue_request(f->s->r->local, &f->child);
 }
 
-/* failover-failed: writes go where the range lives (active/hidden) or to the secondary. */
+/*
+ * Failover and failover-failed: a write goes where its chunk lives, into
+ * active if active or hidden holds the chunk, else straight into the
+ * secondary disk, where the SVM's view of that chunk already is (so it
+ * needs no copy later).
+ */
 static void svm_write_routed(struct sec *s, struct sec_fwd *f)
 {
 	struct td_request *child = &f->child;
@@ -219,17 +234,13 @@ static void svm_write_routed(struct sec *s, struct sec_fwd *f)
 
 	td_request_split_begin(child);
 	for (uint64_t sec = child->sec; sec < end;) {
-		uint64_t c = sec / s->chunk_secs;
-		bool upper = replica_chunkset_test(&s->svm_written, c) ||
-			     replica_chunkset_test(&s->cbw, c);
+		bool upper = chunk_upper(s, sec / s->chunk_secs);
 		uint64_t run_end = sec;
 
 		while (run_end < end) {
 			uint64_t rc = run_end / s->chunk_secs;
-			bool u = replica_chunkset_test(&s->svm_written, rc) ||
-				 replica_chunkset_test(&s->cbw, rc);
 
-			if (u != upper)
+			if (chunk_upper(s, rc) != upper)
 				break;
 			run_end = (rc + 1) * s->chunk_secs;
 		}
@@ -266,8 +277,8 @@ static void sec_dispatch_svm(struct sec *s, struct td_request *req)
 	s->svm_inflight++;
 	if (modifies) {
 		s->svm_writes_inflight++;
-		/* What active holds (failover-failed routes, and marks, per run). */
-		if (r->state == REPLICA_STATE_RUNNING || r->state == REPLICA_STATE_FAILOVER)
+		/* What active holds (failover routes per chunk, see svm_write_routed). */
+		if (r->state == REPLICA_STATE_RUNNING)
 			replica_chunkset_set_range(&s->svm_written, req->sec, req->secs);
 	}
 
@@ -281,6 +292,7 @@ static void sec_dispatch_svm(struct sec *s, struct td_request *req)
 			return;
 		}
 		break;
+	case REPLICA_STATE_FAILOVER:
 	case REPLICA_STATE_FAILOVER_FAILED:
 		if (modifies) {
 			svm_write_routed(s, f);

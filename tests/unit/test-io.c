@@ -294,6 +294,12 @@ START_TEST(bufpool_reuses_by_size_class)
 	tdr_bufpool_put(&pool, a, 1u << 20);
 	ck_assert_uint_eq(pool.idle_bytes, 1u << 20);
 
+	ck_assert_uint_eq(tdr_bufpool_size(100), 4096);
+	ck_assert_uint_eq(tdr_bufpool_size(1u << 20), 1u << 20);
+	ck_assert_uint_eq(tdr_bufpool_size((1u << 19) + 512), 1u << 20);
+	ck_assert_uint_eq(tdr_bufpool_size(TDR_BUFPOOL_MAX_CLASS + 4096),
+			  TDR_BUFPOOL_MAX_CLASS + 4096);
+
 	/* Any length of the same power-of-two class gets the idle buffer back. */
 	b = tdr_bufpool_get(&pool, (1u << 19) + 512);
 	ck_assert_ptr_eq(b, a);
