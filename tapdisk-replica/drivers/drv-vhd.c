@@ -15,7 +15,7 @@
  *   1. file space is assigned in memory at once (next_free), so allocations
  *      of different blocks proceed in parallel;
  *   2. if the block does not fit under the footer, the footer moves a
- *      whole step (64 MiB, reserved with fallocate) past it and is made
+ *      whole step (64 MiB; the file stays sparse) past it and is made
  *      durable, so the file always ends with a footer and most
  *      allocations need no footer write at all;
  *   3. bitmap and data of the new block are written;
@@ -131,15 +131,6 @@ struct vhd_state {
 	uint32_t bm_bytes;
 
 	uint64_t next_free;	/* bytes */
-	/*
-	 * File space reserved so far (fallocate, KEEP_SIZE).  An O_DIRECT
-	 * write into a hole makes ext4 allocate inside io_submit(), where it
-	 * waits for its journal: every first-touch block would stall the
-	 * loop.  Reserving space ahead, PREALLOC_STEP at a time, turns those
-	 * writes into writes to unwritten extents, converted at completion.
-	 */
-	uint64_t prealloc_end;
-	bool prealloc_off;	/* the filesystem cannot: stop trying */
 	uint64_t assigned_end;	/* end of the last assigned block */
 	uint64_t footer_off;	/* where the footer is (written) */
 	bool footer_busy;
@@ -483,9 +474,12 @@ static void read_runs(struct vhd_op *op)
 	td_request_split_end(req);
 }
 
-#define PREALLOC_STEP (64ull << 20)
-
-static void prealloc_to(struct vhd_state *s, uint64_t end);
+/*
+ * How far the footer moves when the file must grow: allocations that fit
+ * under it need no footer write of their own.  The file stays sparse: only
+ * its length changes.
+ */
+#define FOOTER_STEP (64ull << 20)
 
 /* ------------------------------------------------------------------ */
 /* Group commit */
@@ -588,10 +582,10 @@ static void footer_kick(struct vhd_state *s)
 	 * Move the footer a whole step ahead, not just past the new block:
 	 * the allocations that fit under it then need no footer write and no
 	 * sync of their own before their data (one barrier per step, not per
-	 * block).  The space between the last block and the footer is unused.
+	 * block).  The space between the last block and the footer is an
+	 * unused hole.
 	 */
-	s->footer_target = (s->assigned_end + PREALLOC_STEP - 1) / PREALLOC_STEP * PREALLOC_STEP;
-	prealloc_to(s, s->footer_target + VHD_FOOTER_SIZE);
+	s->footer_target = (s->assigned_end + FOOTER_STEP - 1) / FOOTER_STEP * FOOTER_STEP;
 	s->st.footer_writes++;
 	tdr_io_pwrite(s->img->io, &s->footer_iocb, s->fd, s->footer_buf, VHD_FOOTER_SIZE,
 		      s->footer_target, footer_done, s);
@@ -849,28 +843,6 @@ static void alloc_place(struct vhd_alloc *a)
 	footer_kick(s);
 }
 
-/*
- * Reserves file space up to at least end.  A synchronous system call, but
- * one per PREALLOC_STEP of new blocks (32 of 2 MiB) instead of a stall in
- * every first write to a block.  Failure is not an error: the writes then
- * allocate as before.
- */
-static void prealloc_to(struct vhd_state *s, uint64_t end)
-{
-	uint64_t to;
-
-	if (s->prealloc_off || end <= s->prealloc_end)
-		return;
-	to = (end + PREALLOC_STEP - 1) / PREALLOC_STEP * PREALLOC_STEP;
-	if (fallocate(s->fd, FALLOC_FL_KEEP_SIZE, (off_t)s->prealloc_end,
-		      (off_t)(to - s->prealloc_end)) < 0) {
-		if (errno == EOPNOTSUPP || errno == ENOSYS)
-			s->prealloc_off = true;
-		return;
-	}
-	s->prealloc_end = to;
-}
-
 static void alloc_start(struct vhd_state *s, struct vhd_op *op)
 {
 	struct vhd_alloc *a = calloc(1, sizeof(*a));
@@ -899,8 +871,6 @@ static void alloc_start(struct vhd_state *s, struct vhd_op *op)
 	s->next_free = vhd_block_place(a->end, s->m.bm_secs);
 	if (a->end > s->assigned_end)
 		s->assigned_end = a->end;
-	/* The footer goes right after the new block: reserve that too. */
-	prealloc_to(s, a->end + VHD_FOOTER_SIZE);
 	a->hnext = s->al_hash[a->block % BM_HASH];
 	s->al_hash[a->block % BM_HASH] = a;
 	tdr_list_add_tail(&op->entry, &a->batch);
@@ -1376,7 +1346,6 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 	src.pread = vhd_src_fd_pread;
 	src.ctx = (void *)(intptr_t)mfd;
 	src.size = (uint64_t)st.st_size;
-	s->prealloc_end = (uint64_t)st.st_size;
 	src.name = params;
 	r = vhd_meta_load(&s->m, &src, 0, &err);
 	close(mfd);

@@ -523,6 +523,30 @@ START_TEST(make_empty_then_allocate_waits_for_sync)
 }
 END_TEST
 
+/* First touches of many blocks cost what they write, not whole blocks. */
+START_TEST(first_touch_stays_sparse)
+{
+	const uint64_t size = 256 * MIB;
+	char *data = abuf(4096);
+	struct td_disk *disk;
+	struct vhd_error err;
+	struct stat st;
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	disk = open_disk(pa, 0);
+	fill_random(data, 4096, 9);
+	for (int b = 0; b < 64; b++)
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (uint64_t)b * 4096 + 8, 8, data, NULL), 0);
+	ck_assert_uint_eq(image_stat(disk, "    allocations"), 64);
+	td_disk_close(disk);
+	ck_assert_int_eq(stat(pa, &st), 0);
+	/* 64 blocks of 2 MiB allocated; 64 x (4 KiB + bitmap) written: far below 128 MiB. */
+	ck_assert_int_lt((long long)st.st_blocks * 512, 8 * (long long)MIB);
+	lib_check(pa);
+	free(data);
+}
+END_TEST
+
 START_TEST(online_make_empty)
 {
 	const uint64_t size = 8 * MIB;
@@ -847,6 +871,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, chain_three_deep);
 	tcase_add_test(tc, block_status);
 	tcase_add_test(tc, online_make_empty);
+	tcase_add_test(tc, first_touch_stays_sparse);
 	tcase_add_test(tc, make_empty_then_allocate_waits_for_sync);
 	tcase_add_test(tc, online_commit);
 	tcase_add_test(tc, bad_file_untouched);
