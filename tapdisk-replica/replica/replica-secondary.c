@@ -45,6 +45,13 @@
 
 #define FO_MAX_COPIES   8	/* failover copies in flight */
 #define FO_RUN_CHUNKS   16	/* chunks merged into one failover copy (1 MiB at 64 KiB) */
+/*
+ * The last phase holds SVM writes while it copies what is left: enter it
+ * when that is at most this many chunks (2 MiB at 64 KiB, a few ms), or
+ * once the engine has copied twice the initial set, whichever comes first,
+ * so that an SVM rewriting its hot spots cannot keep the failover going.
+ */
+#define FO_FINAL_CHUNKS 32
 
 /* What a held request was, to send it the right way on release. */
 enum sec_door {
@@ -81,6 +88,7 @@ struct sec {
 
 	/* Failover. */
 	unsigned fo_copies;
+	uint64_t fo_copied;		/* bytes copied, re-copies included */
 	uint64_t fo_cursor;
 	int fo_err;
 	bool fo_final;
@@ -617,22 +625,23 @@ static void fo_release_done(struct sec *s)
 	replica_notify(r);
 }
 
+/* The flush after the switch: the copies are on the disk already; durability is reported. */
 static void fo_flushed(struct td_request *req, int err, void *arg)
 {
 	struct sec *s = arg;
+
+	if (err)
+		replica_set_error(s->r, err, "failover: flushing the secondary disk %s failed: %s; the SVM runs on it, but what was committed may not be durable",
+				  s->secondary->params, strerror(-err));
+}
+
+/* Nothing left to copy and no SVM write in flight: the secondary disk is the SVM's view. */
+static void fo_switch_done(struct sec *s)
+{
 	struct replica *r = s->r;
 
-	if (err) {
-		s->fo_err = err;
-		replica_set_state(r, REPLICA_STATE_FAILOVER_FAILED);
-		replica_set_error(r, err, "failover: flushing the secondary disk failed: %s; retry with failover",
-				  strerror(-err));
-		fo_release_done(s);
-		return;
-	}
-	/* The secondary disk now is the SVM's view: serve it directly. */
 	r->local = s->secondary;
-	replica_set_progress(r, r->progress_total, r->progress_total);
+	r->progress_done = r->progress_total;
 	replica_set_state(r, REPLICA_STATE_DONE);
 	TDR_INFO("replica secondary: failover done; serving %s directly", s->secondary->params);
 	/*
@@ -640,12 +649,8 @@ static void fo_flushed(struct td_request *req, int err, void *arg)
 	 * may still be in flight through them, and nothing reads them later.
 	 */
 	fo_release_done(s);
-}
-
-static void fo_last_writes_done(struct sec *s)
-{
-	/* They marked their chunks; copy those, then finish. */
-	fo_pump(s);
+	td_request_init(&s->fo_flush, TD_OP_FLUSH, 0, 0, NULL, fo_flushed, s);
+	td_queue_request(s->secondary, &s->fo_flush);
 }
 
 static void fo_copy_wrote(struct td_request *wr, int err, void *arg)
@@ -661,7 +666,12 @@ static void fo_copy_wrote(struct td_request *wr, int err, void *arg)
 		for (uint64_t i = 0; i < c->nchunks; i++)
 			replica_chunkset_set(&s->fo_dirty, c->first_chunk + i);
 	} else {
-		r->progress_done += (uint64_t)c->wr.secs << TD_SECTOR_SHIFT;
+		uint64_t bytes = (uint64_t)c->wr.secs << TD_SECTOR_SHIFT;
+
+		s->fo_copied += bytes;
+		r->progress_done += bytes;
+		if (r->progress_done > r->progress_total)
+			r->progress_done = r->progress_total;
 		replica_notify(r);
 	}
 	free(c->buf);
@@ -725,6 +735,12 @@ static void fo_pump(struct sec *s)
 
 	if (r->state != REPLICA_STATE_FAILOVER)
 		return;
+	if (!s->fo_final && (replica_chunkset_count(&s->fo_dirty) <= FO_FINAL_CHUNKS ||
+			     s->fo_copied > 2 * r->progress_total)) {
+		/* The last phase: SVM writes wait (reads go on) while the rest is copied. */
+		s->fo_final = true;
+		s->hold_writes = true;
+	}
 	while (!s->fo_err && s->fo_copies < FO_MAX_COPIES && fo_copy_next(s))
 		;
 	if (s->fo_copies)
@@ -736,19 +752,10 @@ static void fo_pump(struct sec *s)
 		fo_release_done(s);
 		return;
 	}
-	if (replica_chunkset_count(&s->fo_dirty))
+	/* SVM writes still in flight mark their chunks when they complete, and pump again. */
+	if (!s->fo_final || s->svm_writes_inflight || replica_chunkset_count(&s->fo_dirty))
 		return;
-	if (!s->fo_final) {
-		/* Everything copied once: hold new SVM writes, wait for the last ones. */
-		s->fo_final = true;
-		s->hold_writes = true;
-		wait_drained(s, fo_last_writes_done);
-		return;
-	}
-	if (s->svm_writes_inflight || s->drained)
-		return;
-	td_request_init(&s->fo_flush, TD_OP_FLUSH, 0, 0, NULL, fo_flushed, s);
-	td_queue_request(s->secondary, &s->fo_flush);
+	fo_switch_done(s);
 }
 
 static int fo_snapshot(struct sec *s)
@@ -782,6 +789,7 @@ static void fo_begin(struct sec *s)
 	s->fo_err = 0;
 	s->fo_cursor = 0;
 	s->fo_final = false;
+	s->fo_copied = 0;
 	r->progress_done = 0;
 	r->progress_total = replica_chunkset_count(&s->fo_dirty) * ((uint64_t)s->chunk_secs << TD_SECTOR_SHIFT);
 	replica_notify(r);
