@@ -89,6 +89,7 @@ struct sec {
 	/* Failover. */
 	unsigned fo_copies;
 	uint64_t fo_copied;		/* bytes copied, re-copies included */
+	bool fo_flushing;		/* the last flush before the switch is in flight */
 	uint64_t fo_cursor;
 	int fo_err;
 	bool fo_final;
@@ -621,25 +622,29 @@ static void fo_release_done(struct sec *s)
 
 	s->hold_writes = false;
 	s->fo_final = false;
+	s->fo_flushing = false;
 	release_held(s);
 	replica_notify(r);
 }
 
-/* The flush after the switch: the copies are on the disk already; durability is reported. */
+/*
+ * The secondary disk is flushed before the switch: the failover is done
+ * only when what it committed is durable, and no request of ours is left
+ * in flight for whoever closes the disk afterwards.
+ */
 static void fo_flushed(struct td_request *req, int err, void *arg)
 {
 	struct sec *s = arg;
-
-	if (err)
-		replica_set_error(s->r, err, "failover: flushing the secondary disk %s failed: %s; the SVM runs on it, but what was committed may not be durable",
-				  s->secondary->params, strerror(-err));
-}
-
-/* Nothing left to copy and no SVM write in flight: the secondary disk is the SVM's view. */
-static void fo_switch_done(struct sec *s)
-{
 	struct replica *r = s->r;
 
+	if (err) {
+		s->fo_err = err;
+		replica_set_state(r, REPLICA_STATE_FAILOVER_FAILED);
+		replica_set_error(r, err, "failover: flushing the secondary disk %s failed: %s; nothing is lost, retry with failover",
+				  s->secondary->params, strerror(-err));
+		fo_release_done(s);
+		return;
+	}
 	r->local = s->secondary;
 	r->progress_done = r->progress_total;
 	replica_set_state(r, REPLICA_STATE_DONE);
@@ -649,6 +654,12 @@ static void fo_switch_done(struct sec *s)
 	 * may still be in flight through them, and nothing reads them later.
 	 */
 	fo_release_done(s);
+}
+
+/* Nothing left to copy and no SVM write in flight: make it durable, then switch. */
+static void fo_switch_done(struct sec *s)
+{
+	s->fo_flushing = true;
 	td_request_init(&s->fo_flush, TD_OP_FLUSH, 0, 0, NULL, fo_flushed, s);
 	td_queue_request(s->secondary, &s->fo_flush);
 }
@@ -753,7 +764,8 @@ static void fo_pump(struct sec *s)
 		return;
 	}
 	/* SVM writes still in flight mark their chunks when they complete, and pump again. */
-	if (!s->fo_final || s->svm_writes_inflight || replica_chunkset_count(&s->fo_dirty))
+	if (!s->fo_final || s->fo_flushing || s->svm_writes_inflight ||
+	    replica_chunkset_count(&s->fo_dirty))
 		return;
 	fo_switch_done(s);
 }

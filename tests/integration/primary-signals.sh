@@ -13,7 +13,9 @@
 need_cmd qemu-io qemu-nbd nbdcopy truncate cmp
 tdr_setup
 
-TIMEOUT_MS=1000
+# Short enough to keep the test quick, long enough for a sanitizer build on a
+# loaded machine to answer after it wakes (1 s was seen to time out there).
+TIMEOUT_MS=3000
 LIMIT_MS=$((TIMEOUT_MS + 4000))
 
 checkpoint_both() {
