@@ -395,6 +395,8 @@ int vhd_file_write(struct vhd_file *vf, uint64_t sec, uint32_t secs, const void 
 int vhd_file_sector_present(struct vhd_file *vf, uint64_t sec, bool *present);
 /* Reads block b's bitmap (bm_secs * 512 bytes into map); -ENOENT if unallocated. */
 int vhd_file_read_bitmap(struct vhd_file *vf, uint32_t b, uint8_t *map);
+/* pwrite() of all len bytes (retrying short writes and EINTR); 0 or -errno. */
+int vhd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
 /* Bytes the file occupies (its size). */
 uint64_t vhd_file_phys_size(const struct vhd_file *vf);
 

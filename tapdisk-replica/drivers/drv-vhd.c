@@ -184,7 +184,6 @@ struct vhd_reuse_sync {
 
 static void vhd_write_seg(struct vhd_state *s, struct td_request *req);
 static void vhd_read_seg(struct vhd_state *s, struct td_request *req);
-static void status_seg(struct vhd_state *s, struct td_request *req);
 
 static inline bool is_dynamic(const struct vhd_state *s)
 {
@@ -1054,6 +1053,10 @@ static void op_with_bitmap(struct vhd_op *op, int err)
 /* ------------------------------------------------------------------ */
 /* Per-block segments */
 
+/*
+ * A read or a block-status query of one block: both need the block's
+ * bitmap (the op's continuation branches on the request's op).
+ */
 static void vhd_read_seg(struct vhd_state *s, struct td_request *req)
 {
 	uint32_t b = (uint32_t)(req->sec / s->m.spb);
@@ -1095,23 +1098,6 @@ static void vhd_write_seg(struct vhd_state *s, struct td_request *req)
 		tdr_list_add_tail(&op->entry, &a->batch);
 	else
 		tdr_list_add_tail(&op->entry, &a->later);
-}
-
-static void status_seg(struct vhd_state *s, struct td_request *req)
-{
-	uint32_t b = (uint32_t)(req->sec / s->m.spb);
-	struct vhd_op *op;
-
-	if (s->m.bat[b] == VHD_BAT_UNUSED) {
-		serve_below(s, req);
-		return;
-	}
-	op = op_new(s, req);
-	if (!op) {
-		td_complete_request(req, -ENOMEM);
-		return;
-	}
-	op_need_bitmap(op);
 }
 
 /* Runs fn on req, or on per-block pieces of it. */
@@ -1237,14 +1223,14 @@ static void vhd_queue_block_status(struct td_image *img, struct td_request *req)
 	bend = (b + 1) * s->m.spb;
 	if (s->m.bat[b] != VHD_BAT_UNUSED) {
 		if (req->sec + req->secs <= bend) {
-			status_seg(s, req);
+			vhd_read_seg(s, req);
 		} else {
 			struct td_request *sub;
 
 			td_request_split_begin(req);
 			sub = td_request_sub(req, req->sec, (uint32_t)(bend - req->sec));
 			if (sub)
-				status_seg(s, sub);
+				vhd_read_seg(s, sub);
 			td_request_split_end(req);
 		}
 		return;

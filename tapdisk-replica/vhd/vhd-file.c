@@ -29,7 +29,7 @@
 
 #define MAX_CHAIN 64
 
-static int full_pwrite(int fd, const void *buf, size_t len, uint64_t off)
+int vhd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
 {
 	size_t done = 0;
 
@@ -214,7 +214,7 @@ static int write_footer_at(int fd, const struct vhd_footer *f, uint64_t off)
 	uint8_t b[VHD_FOOTER_SIZE];
 
 	vhd_footer_encode(f, b);
-	return full_pwrite(fd, b, sizeof(b), off);
+	return vhd_pwrite_all(fd, b, sizeof(b), off);
 }
 
 static int create_fd(const char *path, struct vhd_error *err)
@@ -255,13 +255,13 @@ static int write_dynamic(const char *path, struct vhd_footer *f, struct vhd_head
 	memset(bat, 0xFF, bat_bytes);
 	vhd_header_encode(h, hb);
 	if ((r = write_footer_at(fd, f, 0)) < 0 ||
-	    (r = full_pwrite(fd, hb, sizeof(hb), f->data_offset)) < 0 ||
-	    (r = full_pwrite(fd, bat, bat_bytes, h->table_offset)) < 0)
+	    (r = vhd_pwrite_all(fd, hb, sizeof(hb), f->data_offset)) < 0 ||
+	    (r = vhd_pwrite_all(fd, bat, bat_bytes, h->table_offset)) < 0)
 		goto io;
 	for (i = 0; i < VHD_MAX_LOCATORS; i++) {
 		if (h->loc[i].code == VHD_PLAT_NONE)
 			continue;
-		r = full_pwrite(fd, loc_data[i], h->loc[i].data_space, h->loc[i].data_offset);
+		r = vhd_pwrite_all(fd, loc_data[i], h->loc[i].data_space, h->loc[i].data_offset);
 		if (r < 0)
 			goto io;
 	}
@@ -575,7 +575,7 @@ static int write_bat_entry(struct vhd_file *vf, uint32_t b)
 	uint32_t idx = b / (VHD_SECTOR_SIZE / 4);
 
 	vhd_bat_sector(vf->m.bat, vf->m.bat_entries, idx, sector);
-	return full_pwrite(vf->fd, sector, sizeof(sector),
+	return vhd_pwrite_all(vf->fd, sector, sizeof(sector),
 			   vf->m.header.table_offset + (uint64_t)idx * VHD_SECTOR_SIZE);
 }
 
@@ -604,10 +604,10 @@ static int allocate_block(struct vhd_file *vf, uint32_t b, uint32_t in, uint32_t
 		vf->m.footer_off = end;
 		vf->m.file_size = end + VHD_FOOTER_SIZE;
 	}
-	r = full_pwrite(vf->fd, buf, (size_t)n << VHD_SECTOR_SHIFT,
+	r = vhd_pwrite_all(vf->fd, buf, (size_t)n << VHD_SECTOR_SHIFT,
 			start + bm_bytes + ((uint64_t)in << VHD_SECTOR_SHIFT));
 	if (!r)
-		r = full_pwrite(vf->fd, map, bm_bytes, start);
+		r = vhd_pwrite_all(vf->fd, map, bm_bytes, start);
 	if (!r && fdatasync(vf->fd) < 0)
 		r = -errno;
 	if (r)
@@ -639,7 +639,7 @@ int vhd_file_write(struct vhd_file *vf, uint64_t sec, uint32_t secs, const void 
 	if (sec > total || secs > total - sec)
 		return -ERANGE;
 	if (!vhd_meta_dynamic(&vf->m))
-		return full_pwrite(vf->fd, buf, (size_t)secs << VHD_SECTOR_SHIFT,
+		return vhd_pwrite_all(vf->fd, buf, (size_t)secs << VHD_SECTOR_SHIFT,
 				   sec << VHD_SECTOR_SHIFT);
 	map = malloc((size_t)vf->m.bm_secs * VHD_SECTOR_SIZE);
 	if (!map)
@@ -654,7 +654,7 @@ int vhd_file_write(struct vhd_file *vf, uint64_t sec, uint32_t secs, const void 
 			uint64_t blk = vhd_meta_block_off(&vf->m, b);
 			bool set;
 
-			r = full_pwrite(vf->fd, buf, (size_t)n << VHD_SECTOR_SHIFT,
+			r = vhd_pwrite_all(vf->fd, buf, (size_t)n << VHD_SECTOR_SHIFT,
 					blk + ((uint64_t)(vf->m.bm_secs + in) << VHD_SECTOR_SHIFT));
 			if (!r)
 				r = vhd_file_read_bitmap(vf, b, map);
@@ -664,7 +664,7 @@ int vhd_file_write(struct vhd_file *vf, uint64_t sec, uint32_t secs, const void 
 					r = -errno;
 				vhd_bitmap_set_range(map, in, n);
 				if (!r)
-					r = full_pwrite(vf->fd, map,
+					r = vhd_pwrite_all(vf->fd, map,
 							(size_t)vf->m.bm_secs * VHD_SECTOR_SIZE, blk);
 			}
 		}

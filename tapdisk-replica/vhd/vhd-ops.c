@@ -13,25 +13,6 @@
 
 #include "tdr/vhd.h"
 
-static int full_pwrite(int fd, const void *buf, size_t len, uint64_t off)
-{
-	size_t done = 0;
-
-	while (done < len) {
-		ssize_t n = pwrite(fd, (const char *)buf + done, len - done, (off_t)(off + done));
-
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		if (n == 0)
-			return -EIO;
-		done += (size_t)n;
-	}
-	return 0;
-}
-
 int vhd_meta_clear_batmap(int fd, const struct vhd_meta *m)
 {
 	uint64_t len = m->batmap_len - VHD_SECTOR_SIZE;
@@ -47,13 +28,13 @@ int vhd_meta_clear_batmap(int fd, const struct vhd_meta *m)
 	zero = calloc(1, len);
 	if (!zero)
 		return -ENOMEM;
-	r = full_pwrite(fd, zero, len, m->batmap_off + VHD_SECTOR_SIZE);
+	r = vhd_pwrite_all(fd, zero, len, m->batmap_off + VHD_SECTOR_SIZE);
 	free(zero);
 	if (r)
 		return r;
 	/* checksum (offset 24) = one's complement of the byte sum of the map */
 	hdr[24] = hdr[25] = hdr[26] = hdr[27] = 0xFF;
-	return full_pwrite(fd, hdr, sizeof(hdr), m->batmap_off);
+	return vhd_pwrite_all(fd, hdr, sizeof(hdr), m->batmap_off);
 }
 
 int vhd_file_make_empty(struct vhd_file *vf, struct vhd_error *err)
@@ -82,14 +63,14 @@ int vhd_file_make_empty(struct vhd_file *vf, struct vhd_error *err)
 		m->bat[b] = VHD_BAT_UNUSED;
 		if (idx != last_idx && last_idx != UINT32_MAX) {
 			vhd_bat_sector(m->bat, m->bat_entries, last_idx, sector);
-			r = full_pwrite(vf->fd, sector, sizeof(sector),
+			r = vhd_pwrite_all(vf->fd, sector, sizeof(sector),
 					m->header.table_offset + (uint64_t)last_idx * VHD_SECTOR_SIZE);
 		}
 		last_idx = idx;
 	}
 	if (!r && last_idx != UINT32_MAX) {
 		vhd_bat_sector(m->bat, m->bat_entries, last_idx, sector);
-		r = full_pwrite(vf->fd, sector, sizeof(sector),
+		r = vhd_pwrite_all(vf->fd, sector, sizeof(sector),
 				m->header.table_offset + (uint64_t)last_idx * VHD_SECTOR_SIZE);
 	}
 	if (!r)
@@ -103,7 +84,7 @@ int vhd_file_make_empty(struct vhd_file *vf, struct vhd_error *err)
 	/* Footer at the new end first: the old one stays valid until the truncate. */
 	end = (m->meta_end + VHD_SECTOR_SIZE - 1) & ~(uint64_t)(VHD_SECTOR_SIZE - 1);
 	vhd_footer_encode(&m->footer, fb);
-	r = full_pwrite(vf->fd, fb, sizeof(fb), end);
+	r = vhd_pwrite_all(vf->fd, fb, sizeof(fb), end);
 	if (!r && ftruncate(vf->fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0)
 		r = -errno;
 	if (!r && fsync(vf->fd) < 0)
@@ -239,7 +220,7 @@ int vhd_file_repair(const char *path, struct vhd_error *err)
 	if (fd < 0)
 		return vhd_fail(err, VHD_ERR_IO, "%s: cannot open for writing: %s", path,
 				strerror(errno));
-	r = full_pwrite(fd, fb, sizeof(fb), end);
+	r = vhd_pwrite_all(fd, fb, sizeof(fb), end);
 	if (!r && ftruncate(fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0)
 		r = -errno;
 	if (!r && fsync(fd) < 0)
