@@ -1255,16 +1255,9 @@ static void vhd_queue_block_status(struct td_image *img, struct td_request *req)
 /* ------------------------------------------------------------------ */
 /* Open / close */
 
-static void vhd_free_state(struct vhd_state *s)
+/* Forgets every cached bitmap (close, make-empty). */
+static void bm_drop_all(struct vhd_state *s)
 {
-	struct tdr_list *pos, *tmp;
-
-	/* A sync still in the kernel completes later, into its own memory. */
-	if (s->reuse_syncs.next)
-		tdr_list_for_each_safe(pos, tmp, &s->reuse_syncs) {
-			tdr_list_entry(pos, struct vhd_reuse_sync, entry)->s = NULL;
-			tdr_list_del(pos);
-		}
 	for (unsigned i = 0; i < BM_HASH; i++) {
 		while (s->bm_hash[i]) {
 			struct vhd_bm *bm = s->bm_hash[i];
@@ -1275,6 +1268,19 @@ static void vhd_free_state(struct vhd_state *s)
 	}
 	s->bm_count = 0;
 	tdr_list_init(&s->lru);
+}
+
+static void vhd_free_state(struct vhd_state *s)
+{
+	struct tdr_list *pos, *tmp;
+
+	/* A sync still in the kernel completes later, into its own memory. */
+	if (s->reuse_syncs.next)
+		tdr_list_for_each_safe(pos, tmp, &s->reuse_syncs) {
+			tdr_list_entry(pos, struct vhd_reuse_sync, entry)->s = NULL;
+			tdr_list_del(pos);
+		}
+	bm_drop_all(s);
 	if (s->bsec)
 		for (uint32_t i = 0; i < s->nbsec; i++)
 			free(s->bsec[i].buf);
@@ -1676,16 +1682,7 @@ void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err)
 	s->nalloc_list = 0;
 	s->alloc_list_lost = false;
 	/* Every cached bitmap is gone with its block. */
-	for (unsigned i = 0; i < BM_HASH; i++) {
-		while (s->bm_hash[i]) {
-			struct vhd_bm *bm = s->bm_hash[i];
-
-			s->bm_hash[i] = bm->hnext;
-			bm_free(bm);
-		}
-	}
-	s->bm_count = 0;
-	tdr_list_init(&s->lru);
+	bm_drop_all(s);
 	if (s->m.batmap_len) {
 		/* Only blktap's own files have one: rare, small, synchronous. */
 		int bfd = open(img->params, O_RDWR | O_CLOEXEC);

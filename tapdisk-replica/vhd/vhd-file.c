@@ -576,7 +576,7 @@ static int write_bat_entry(struct vhd_file *vf, uint32_t b)
 
 	vhd_bat_sector(vf->m.bat, vf->m.bat_entries, idx, sector);
 	return vhd_pwrite_all(vf->fd, sector, sizeof(sector),
-			   vf->m.header.table_offset + (uint64_t)idx * VHD_SECTOR_SIZE);
+			      vf->m.header.table_offset + (uint64_t)idx * VHD_SECTOR_SIZE);
 }
 
 static int allocate_block(struct vhd_file *vf, uint32_t b, uint32_t in, uint32_t n,
@@ -605,7 +605,7 @@ static int allocate_block(struct vhd_file *vf, uint32_t b, uint32_t in, uint32_t
 		vf->m.file_size = end + VHD_FOOTER_SIZE;
 	}
 	r = vhd_pwrite_all(vf->fd, buf, (size_t)n << VHD_SECTOR_SHIFT,
-			start + bm_bytes + ((uint64_t)in << VHD_SECTOR_SHIFT));
+			   start + bm_bytes + ((uint64_t)in << VHD_SECTOR_SHIFT));
 	if (!r)
 		r = vhd_pwrite_all(vf->fd, map, bm_bytes, start);
 	if (!r && fdatasync(vf->fd) < 0)
@@ -640,7 +640,7 @@ int vhd_file_write(struct vhd_file *vf, uint64_t sec, uint32_t secs, const void 
 		return -ERANGE;
 	if (!vhd_meta_dynamic(&vf->m))
 		return vhd_pwrite_all(vf->fd, buf, (size_t)secs << VHD_SECTOR_SHIFT,
-				   sec << VHD_SECTOR_SHIFT);
+				      sec << VHD_SECTOR_SHIFT);
 	map = malloc((size_t)vf->m.bm_secs * VHD_SECTOR_SIZE);
 	if (!map)
 		return -ENOMEM;
@@ -655,7 +655,7 @@ int vhd_file_write(struct vhd_file *vf, uint64_t sec, uint32_t secs, const void 
 			bool set;
 
 			r = vhd_pwrite_all(vf->fd, buf, (size_t)n << VHD_SECTOR_SHIFT,
-					blk + ((uint64_t)(vf->m.bm_secs + in) << VHD_SECTOR_SHIFT));
+					   blk + ((uint64_t)(vf->m.bm_secs + in) << VHD_SECTOR_SHIFT));
 			if (!r)
 				r = vhd_file_read_bitmap(vf, b, map);
 			if (!r && (vhd_bitmap_run(map, in, n, &set) < n || !set)) {
@@ -665,7 +665,7 @@ int vhd_file_write(struct vhd_file *vf, uint64_t sec, uint32_t secs, const void 
 				vhd_bitmap_set_range(map, in, n);
 				if (!r)
 					r = vhd_pwrite_all(vf->fd, map,
-							(size_t)vf->m.bm_secs * VHD_SECTOR_SIZE, blk);
+							   (size_t)vf->m.bm_secs * VHD_SECTOR_SIZE, blk);
 			}
 		}
 		if (r)

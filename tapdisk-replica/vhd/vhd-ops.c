@@ -64,14 +64,14 @@ int vhd_file_make_empty(struct vhd_file *vf, struct vhd_error *err)
 		if (idx != last_idx && last_idx != UINT32_MAX) {
 			vhd_bat_sector(m->bat, m->bat_entries, last_idx, sector);
 			r = vhd_pwrite_all(vf->fd, sector, sizeof(sector),
-					m->header.table_offset + (uint64_t)last_idx * VHD_SECTOR_SIZE);
+					   m->header.table_offset + (uint64_t)last_idx * VHD_SECTOR_SIZE);
 		}
 		last_idx = idx;
 	}
 	if (!r && last_idx != UINT32_MAX) {
 		vhd_bat_sector(m->bat, m->bat_entries, last_idx, sector);
 		r = vhd_pwrite_all(vf->fd, sector, sizeof(sector),
-				m->header.table_offset + (uint64_t)last_idx * VHD_SECTOR_SIZE);
+				   m->header.table_offset + (uint64_t)last_idx * VHD_SECTOR_SIZE);
 	}
 	if (!r)
 		r = vhd_meta_clear_batmap(vf->fd, m);
