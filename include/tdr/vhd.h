@@ -35,6 +35,7 @@
 #include <sys/types.h>
 
 #define VHD_SECTOR_SIZE 512u
+#define VHD_PAGE_SIZE 4096ull	/* file system block: direct I/O stays aligned to it */
 #define VHD_SECTOR_SHIFT 9
 #define VHD_FOOTER_SIZE 512u
 #define VHD_HEADER_SIZE 1024u

@@ -96,7 +96,9 @@ struct vhd_alloc {
 	struct vhd_state *s;
 	uint32_t block;
 	uint64_t off, end;	/* bytes: bitmap start, end of data */
+	uint64_t lead;		/* bytes of padding written in front of the bitmap */
 	uint8_t *map;
+	uint8_t *wbuf;		/* lead zeroes + bitmap, as written */
 	enum alloc_state state;
 	int pending, err;
 	bool fua;
@@ -131,6 +133,7 @@ struct vhd_state {
 	uint32_t bm_bytes;
 
 	uint64_t next_free;	/* bytes */
+	uint64_t place_floor;	/* from place_floor to next_free: padding, unused */
 	uint64_t assigned_end;	/* end of the last assigned block */
 	uint64_t footer_off;	/* where the footer is (written) */
 	bool footer_busy;
@@ -193,6 +196,13 @@ static inline bool is_dynamic(const struct vhd_state *s)
 static inline bool is_diff(const struct vhd_state *s)
 {
 	return s->m.footer.type == VHD_TYPE_DIFF;
+}
+
+/* The next block goes at the first good place at or after from (bytes). */
+static void set_next_free(struct vhd_state *s, uint64_t from)
+{
+	s->place_floor = from;
+	s->next_free = vhd_block_place(from, s->m.bm_secs);
 }
 
 static inline uint64_t data_off(const struct vhd_state *s, uint32_t bat_entry, uint32_t in)
@@ -697,6 +707,7 @@ static void alloc_finish(struct vhd_alloc *a, int err)
 		op_finish(op, err);
 	}
 	free(a->map);
+	free(a->wbuf);
 	free(a);
 	tdr_list_for_each_safe(pos, tmp, &later) {
 		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
@@ -793,7 +804,7 @@ static void alloc_map_done(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct vhd_alloc *a = arg;
 
-	alloc_piece_done(a, res, a->s->bm_bytes);
+	alloc_piece_done(a, res, a->lead + a->s->bm_bytes);
 }
 
 static void alloc_data_done(struct tdr_iocb *io, ssize_t res, void *arg)
@@ -826,7 +837,9 @@ static void alloc_write(struct vhd_alloc *a)
 			      a->off + s->bm_bytes + ((uint64_t)op->in << TD_SECTOR_SHIFT),
 			      alloc_data_done, op);
 	}
-	tdr_io_pwrite(s->img->io, &a->iocb, s->fd, a->map, s->bm_bytes, a->off, alloc_map_done, a);
+	memcpy(a->wbuf + a->lead, a->map, s->bm_bytes);
+	tdr_io_pwrite(s->img->io, &a->iocb, s->fd, a->wbuf, a->lead + s->bm_bytes, a->off - a->lead,
+		      alloc_map_done, a);
 }
 
 /* The block's space is ours to write: make sure a footer follows it, then write. */
@@ -847,27 +860,48 @@ static void alloc_start(struct vhd_state *s, struct vhd_op *op)
 	struct vhd_alloc *a = calloc(1, sizeof(*a));
 	uint64_t bs = s->m.header.block_size;
 
-	if (!a || !(a->map = tdr_io_alloc(s->bm_bytes))) {
+	uint64_t page = s->next_free & ~(VHD_PAGE_SIZE - 1);
+
+	if (!a) {
+		op_finish(op, -ENOMEM);
+		return;
+	}
+	a->off = s->next_free;
+	/*
+	 * The bitmap sits just below the 4 KiB-aligned data, so alone it is a
+	 * 512-byte write into a hole: ext4 runs such an unaligned, allocating
+	 * direct write synchronously, after waiting for every direct I/O in
+	 * flight on the file, which serialises all allocations.  Writing the
+	 * whole page (zeroes, then the bitmap) keeps it aligned.  The lead is
+	 * padding in front of the block, unless the page begins below
+	 * place_floor (the first block after the metadata): then the bitmap
+	 * goes alone.
+	 */
+	a->lead = page >= s->place_floor ? a->off - page : 0;
+	if (!(a->map = tdr_io_alloc(s->bm_bytes)) ||
+	    !(a->wbuf = tdr_io_alloc(a->lead + s->bm_bytes))) {
+		free(a->map);
 		free(a);
 		op_finish(op, -ENOMEM);
 		return;
 	}
 	memset(a->map, 0, s->bm_bytes);
+	memset(a->wbuf, 0, a->lead);
 	a->s = s;
 	a->block = op->block;
-	a->off = s->next_free;
 	a->end = a->off + s->bm_bytes + bs;
 	tdr_list_init(&a->batch);
 	tdr_list_init(&a->later);
 	tdr_list_init(&a->entry);
 	if ((a->off >> VHD_SECTOR_SHIFT) >= VHD_BAT_UNUSED - 1) {
 		free(a->map);
+		free(a->wbuf);
 		free(a);
 		TDR_ERR("%s: the file is full (VHD files cannot exceed 2 TiB)", s->img->params);
 		op_finish(op, -ENOSPC);
 		return;
 	}
-	s->next_free = vhd_block_place(a->end, s->m.bm_secs);
+	set_next_free(s, a->end);
 	if (a->end > s->assigned_end)
 		s->assigned_end = a->end;
 	a->hnext = s->al_hash[a->block % BM_HASH];
@@ -1392,8 +1426,7 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 	vhd_footer_encode(&s->m.footer, s->footer_buf);
 	s->footer_off = s->m.footer_off;
 	s->assigned_end = s->footer_off;
-	s->next_free = vhd_block_place(s->m.data_end > s->footer_off ? s->m.data_end : s->footer_off,
-				       s->m.bm_secs);
+	set_next_free(s, s->m.data_end > s->footer_off ? s->m.data_end : s->footer_off);
 	return 0;
 }
 
@@ -1612,7 +1645,7 @@ static void mk_bat_done(struct tdr_iocb *io, ssize_t res, void *arg)
 	}
 	s->m.data_end = s->m.meta_end;
 	s->m.allocated = 0;
-	s->next_free = vhd_block_place(mk->end, s->m.bm_secs);
+	set_next_free(s, mk->end);
 	mk_finish_later(mk, 0);
 }
 

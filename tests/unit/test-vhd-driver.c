@@ -547,6 +547,71 @@ START_TEST(first_touch_stays_sparse)
 }
 END_TEST
 
+/*
+ * A new block's bitmap is written with the padding page in front of it, so
+ * that the write stays 4 KiB aligned: the padding must read as zeroes and
+ * the block before it must keep its last sectors.
+ */
+START_TEST(bitmap_page_keeps_neighbours)
+{
+	const uint64_t size = 64 * MIB, bs = 2 * MIB;
+	char *full = abuf(bs), *data = abuf(4096), *model = abuf(size), *back = abuf(size);
+	char *page = abuf(4096);
+	struct td_disk *disk;
+	struct vhd_error err;
+	struct vhd_file *vf;
+	uint64_t prev_end = 0;
+	int fd;
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	memset(model, 0, size);
+	disk = open_disk(pa, 0);
+	fill_random(full, bs, 21);
+	fill_random(data, 4096, 22);
+	/* blocks 0, 3 and 5 in this order, each written in full or in part */
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 0, (uint32_t)(bs / 512), full, NULL), 0);
+	memcpy(model, full, bs);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 3 * bs / 512 + 16, 8, data, NULL), 0);
+	memcpy(model + 3 * bs + 16 * 512, data, 4096);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 5 * bs / 512, (uint32_t)(bs / 512), full, NULL), 0);
+	memcpy(model + 5 * bs, full, bs);
+	td_disk_close(disk);
+
+	lib_check(pa);
+	lib_read_all(pa, back, size);
+	ck_assert_int_eq(memcmp(back, model, size), 0);
+
+	ck_assert_int_eq(vhd_file_open(&vf, pa, VHD_FILE_RDONLY, &err), 0);
+	fd = open(pa, O_RDONLY);
+	ck_assert_int_ge(fd, 0);
+	for (uint32_t b = 0; b < 6; b++) {
+		uint64_t bm = (uint64_t)vf->m.bat[b] * 512;
+
+		if (b != 0 && b != 3 && b != 5) {
+			ck_assert_uint_eq(vf->m.bat[b], VHD_BAT_UNUSED);
+			continue;
+		}
+		/* data 4 KiB aligned, bitmap just below it */
+		ck_assert_uint_eq((bm + 512) % 4096, 0);
+		if (prev_end) {
+			/* the page under the bitmap is padding after the previous block */
+			ck_assert_uint_ge(bm - 3584, prev_end);
+			ck_assert_int_eq(pread(fd, page, 4096, (off_t)(bm - 3584)), 4096);
+			for (int i = 0; i < 3584; i++)
+				ck_assert_int_eq(page[i], 0);
+		}
+		prev_end = bm + 512 + bs;
+	}
+	close(fd);
+	vhd_file_close(vf);
+	free(full);
+	free(data);
+	free(model);
+	free(back);
+	free(page);
+}
+END_TEST
+
 START_TEST(online_make_empty)
 {
 	const uint64_t size = 8 * MIB;
@@ -872,6 +937,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, block_status);
 	tcase_add_test(tc, online_make_empty);
 	tcase_add_test(tc, first_touch_stays_sparse);
+	tcase_add_test(tc, bitmap_page_keeps_neighbours);
 	tcase_add_test(tc, make_empty_then_allocate_waits_for_sync);
 	tcase_add_test(tc, online_commit);
 	tcase_add_test(tc, bad_file_untouched);
