@@ -98,6 +98,7 @@ struct replica_stats {
 	uint64_t ckpt_last_ns, ckpt_max_ns, ckpt_total_ns;
 	uint64_t dirty_bytes;			/* primary: changes not yet on the secondary */
 	uint64_t link_errors;
+	uint64_t fo_hold_ns;			/* secondary: SVM writes held by the last failover */
 };
 
 /* Every counter of struct replica_stats by name, for the interfaces that list them. */

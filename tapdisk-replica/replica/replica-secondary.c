@@ -43,8 +43,8 @@
 #include "tdr/nbd.h"
 #include "tdr/vhd.h"
 
-#define FO_MAX_COPIES   8	/* failover copies in flight */
-#define FO_RUN_CHUNKS   16	/* chunks merged into one failover copy (1 MiB at 64 KiB) */
+#define FO_MAX_COPIES   16	/* failover copies in flight */
+#define FO_RUN_CHUNKS   32	/* chunks merged into one failover copy (1 MiB at 64 KiB) */
 /*
  * The last phase holds SVM writes while it copies what is left: enter it
  * when that is at most this many chunks (2 MiB at 64 KiB, a few ms), or
@@ -93,7 +93,10 @@ struct sec {
 	uint64_t fo_cursor;
 	int fo_err;
 	bool fo_final;
+	bool fo_preflushing, fo_preflushed;
+	uint64_t fo_hold_start_ns;	/* when the last phase began holding SVM writes */
 	struct td_request fo_flush;
+	struct td_request fo_preflush;
 };
 
 /* Per request that we pass down and must see complete. */
@@ -620,6 +623,8 @@ static void fo_release_done(struct sec *s)
 {
 	struct replica *r = s->r;
 
+	if (s->fo_final)
+		r->stats.fo_hold_ns = tdr_now_ns() - s->fo_hold_start_ns;
 	s->hold_writes = false;
 	s->fo_final = false;
 	s->fo_flushing = false;
@@ -740,21 +745,54 @@ static bool fo_copy_next(struct sec *s)
 	return true;
 }
 
+static void fo_preflushed(struct td_request *req, int err, void *arg)
+{
+	struct sec *s = arg;
+
+	s->fo_preflushing = false;
+	if (err && !s->fo_err)
+		s->fo_err = err;
+	s->fo_preflushed = true;
+	fo_pump(s);
+}
+
+/*
+ * Before the last phase holds SVM writes, flush what the commit wrote so
+ * far, while the SVM runs: the flush that ends the last phase then covers
+ * only its few chunks, not the whole commit (measured: 120-270 ms instead
+ * of under 1 ms with SVM I/O going on, all of it a stall for SVM writes).
+ */
+static void fo_preflush(struct sec *s)
+{
+	if (s->fo_preflushing)
+		return;
+	s->fo_preflushing = true;
+	td_request_init(&s->fo_preflush, TD_OP_FLUSH, 0, 0, NULL, fo_preflushed, s);
+	td_queue_request(s->secondary, &s->fo_preflush);
+}
+
 static void fo_pump(struct sec *s)
 {
 	struct replica *r = s->r;
 
 	if (r->state != REPLICA_STATE_FAILOVER)
 		return;
-	if (!s->fo_final && (replica_chunkset_count(&s->fo_dirty) <= FO_FINAL_CHUNKS ||
-			     s->fo_copied > 2 * r->progress_total)) {
+	if (!s->fo_final && !s->fo_err &&
+	    (replica_chunkset_count(&s->fo_dirty) <= FO_FINAL_CHUNKS ||
+	     s->fo_copied > 2 * r->progress_total)) {
+		if (!s->fo_preflushed) {
+			fo_preflush(s);
+			goto copy;
+		}
 		/* The last phase: SVM writes wait (reads go on) while the rest is copied. */
 		s->fo_final = true;
 		s->hold_writes = true;
+		s->fo_hold_start_ns = tdr_now_ns();
 	}
+copy:
 	while (!s->fo_err && s->fo_copies < FO_MAX_COPIES && fo_copy_next(s))
 		;
-	if (s->fo_copies)
+	if (s->fo_copies || s->fo_preflushing)
 		return;
 	if (s->fo_err) {
 		replica_set_state(r, REPLICA_STATE_FAILOVER_FAILED);
@@ -801,6 +839,7 @@ static void fo_begin(struct sec *s)
 	s->fo_err = 0;
 	s->fo_cursor = 0;
 	s->fo_final = false;
+	s->fo_preflushed = false;
 	s->fo_copied = 0;
 	r->progress_done = 0;
 	r->progress_total = replica_chunkset_count(&s->fo_dirty) * ((uint64_t)s->chunk_secs << TD_SECTOR_SHIFT);

@@ -352,6 +352,13 @@ START_TEST(failover_secondary_equals_svm_view)
 	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 0, 8, w), -EPERM);	/* refused now */
 	wait_state_not(REPLICA_STATE_FAILOVER);
 	ck_assert_int_eq(state(), REPLICA_STATE_DONE);
+	{
+		struct replica_status st;
+
+		/* The last phase held SVM writes, and says for how long. */
+		replica_get_status(rep, &st);
+		ck_assert_uint_gt(st.stats.fo_hold_ns, 0);
+	}
 	/* The secondary disk is exactly what the SVM saw, including the
 	 * checkpoint-time content of what the primary overwrote. */
 	ck_assert_int_eq(iio(secondary, TD_OP_READ, 0, DISK_SECS, got), 0);
