@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "tdr/io.h"
@@ -37,6 +38,9 @@ struct tdr_io_ctx {
 
 	enum tdr_io_fault_mode fault_mode;
 	uint64_t fault_after;
+	bool fault_one_file;	/* only writes to the file fault_dev/fault_ino */
+	dev_t fault_dev;
+	ino_t fault_ino;
 	uint64_t writes_issued;
 	uint64_t writes_done;
 };
@@ -267,6 +271,16 @@ int tdr_io_open(const char *path, int flags, mode_t mode, bool *direct)
 	return fd;
 }
 
+static bool io_fault_applies(const struct tdr_io_ctx *ctx, const struct tdr_iocb *io)
+{
+	struct stat st;
+
+	if (!ctx->fault_one_file)
+		return true;
+	return fstat((int)io->iocb.aio_fildes, &st) == 0 && st.st_dev == ctx->fault_dev &&
+	       st.st_ino == ctx->fault_ino;
+}
+
 static void io_queue(struct tdr_io_ctx *ctx, struct tdr_iocb *io, tdr_io_cb cb, void *arg)
 {
 	io->cb = cb;
@@ -274,7 +288,7 @@ static void io_queue(struct tdr_io_ctx *ctx, struct tdr_iocb *io, tdr_io_cb cb, 
 	io->iocb.data = io;
 	io_set_eventfd(&io->iocb, ctx->efd);
 
-	if (ctx->fault_mode != TDR_FAULT_NONE && io_is_write(io)) {
+	if (ctx->fault_mode != TDR_FAULT_NONE && io_is_write(io) && io_fault_applies(ctx, io)) {
 		if (ctx->writes_issued >= ctx->fault_after) {
 			if (ctx->fault_mode == TDR_FAULT_KILL) {
 				/* Everything issued before this write reaches the kernel. */
@@ -343,6 +357,19 @@ void tdr_io_set_fault(struct tdr_io_ctx *ctx, enum tdr_io_fault_mode mode, uint6
 	ctx->fault_mode = mode;
 	ctx->fault_after = after_writes;
 	ctx->writes_issued = 0;
+	ctx->fault_one_file = false;
+}
+
+int tdr_io_set_fault_file(struct tdr_io_ctx *ctx, const char *path)
+{
+	struct stat st;
+
+	if (stat(path, &st) < 0)
+		return -errno;
+	ctx->fault_one_file = true;
+	ctx->fault_dev = st.st_dev;
+	ctx->fault_ino = st.st_ino;
+	return 0;
 }
 
 uint64_t tdr_io_writes_done(const struct tdr_io_ctx *ctx)

@@ -79,6 +79,11 @@ void tdr_io_flush_queue(struct tdr_io_ctx *ctx);
 unsigned tdr_io_inflight(const struct tdr_io_ctx *ctx);
 
 void tdr_io_set_fault(struct tdr_io_ctx *ctx, enum tdr_io_fault_mode mode, uint64_t after_writes);
+/*
+ * After tdr_io_set_fault: only writes to the file at path count and fault
+ * (to fail one image of a chain).  0 or -errno.
+ */
+int tdr_io_set_fault_file(struct tdr_io_ctx *ctx, const char *path);
 /* Successful writes counted so far (for tests). */
 uint64_t tdr_io_writes_done(const struct tdr_io_ctx *ctx);
 

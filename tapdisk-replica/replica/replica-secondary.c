@@ -108,8 +108,11 @@ struct sec_fwd {
 	bool modifies;
 	bool locked;
 	struct replica_range range;
-	int copies_pending;
-	int copy_err;
+	/* Copy-before-write (see cbw_reads_done). */
+	struct sec_copy *copies;	/* one per chunk copied for this write */
+	int copies_pending;		/* reads of the originals */
+	int writes_pending;		/* hidden copies + the write itself, or undos */
+	int copy_err, child_err, undo_err;
 };
 
 struct sec_copy {
@@ -117,6 +120,8 @@ struct sec_copy {
 	char *buf;
 	struct sec *s;
 	struct sec_fwd *f;	/* copy-before-write: the write waiting for it */
+	struct sec_copy *next;	/* in f->copies */
+	int err;		/* its copy into hidden failed */
 	uint64_t first_chunk, nchunks;
 };
 
@@ -336,19 +341,87 @@ static void export_write_done(struct td_request *child, int err, void *arg)
 	sec_check_drained(s);
 }
 
-static void export_apply(struct sec_fwd *f)
+/*
+ * Copy-before-write, for a primary write that holds its chunks exclusively
+ * (so no SVM read and no other primary write sees the steps in between):
+ *   1. the original content of every chunk not yet copied is read from the
+ *      secondary disk;
+ *   2. the copies into hidden and the primary's write into the secondary
+ *      disk then go in parallel (the originals are in memory), so a write
+ *      costs the slower of the two, not their sum;
+ *   3. if a copy into hidden failed, the originals of those chunks are
+ *      written back into the secondary disk before the primary hears of the
+ *      error: the SVM's view is what it was, and get-error says what
+ *      happened.
+ */
+static void cbw_free_all(struct sec_fwd *f)
+{
+	while (f->copies) {
+		struct sec_copy *c = f->copies;
+
+		f->copies = c->next;
+		free(c->buf);
+		free(c);
+	}
+}
+
+static void cbw_finish(struct sec_fwd *f)
+{
+	struct sec *s = f->s;
+	int err = f->copy_err ? f->copy_err : f->child_err;
+
+	if (f->copy_err)
+		replica_set_error(s->r, f->copy_err,
+				  "copy-before-write into hidden (%s) failed: %s; the primary's write at sector %llu was refused%s",
+				  s->hidden->params, strerror(-f->copy_err),
+				  (unsigned long long)f->req->sec,
+				  f->undo_err ? " and restoring the secondary disk failed too: the SVM may read the primary's data there" :
+				  "");
+	cbw_free_all(f);
+	export_write_done(&f->child, err, f);
+}
+
+static void cbw_undone(struct td_request *wr, int err, void *arg)
+{
+	struct sec_copy *c = arg;
+	struct sec_fwd *f = c->f;
+
+	(void)wr;
+	if (err && !f->undo_err)
+		f->undo_err = err;
+	if (--f->writes_pending == 0)
+		cbw_finish(f);
+}
+
+/* The copies and the write are done: undo the write where a copy failed. */
+static void cbw_all_written(struct sec_fwd *f)
 {
 	struct sec *s = f->s;
 
-	if (f->copy_err) {
-		replica_set_error(s->r, f->copy_err,
-				  "copy-before-write into hidden (%s) failed: %s; the primary's write at sector %llu was refused",
-				  s->hidden->params, strerror(-f->copy_err),
-				  (unsigned long long)f->req->sec);
-		export_write_done(&f->child, f->copy_err, f);
+	if (!f->copy_err) {
+		cbw_finish(f);
 		return;
 	}
-	td_queue_request(s->secondary, &f->child);
+	f->writes_pending = 1;
+	for (struct sec_copy *c = f->copies; c; c = c->next) {
+		if (!c->err)
+			continue;
+		f->writes_pending++;
+		td_request_init(&c->wr, TD_OP_WRITE, c->rd.sec, c->rd.secs, c->buf, cbw_undone, c);
+		td_queue_request(s->secondary, &c->wr);
+	}
+	if (--f->writes_pending == 0)
+		cbw_finish(f);
+}
+
+static void cbw_child_done(struct td_request *child, int err, void *arg)
+{
+	struct sec_fwd *f = arg;
+
+	(void)child;
+	f->child_err = err;
+	if (--f->writes_pending == 0)
+		cbw_all_written(f);
 }
 
 static void cbw_wrote(struct td_request *wr, int err, void *arg)
@@ -358,33 +431,58 @@ static void cbw_wrote(struct td_request *wr, int err, void *arg)
 	struct sec_fwd *f = c->f;
 
 	if (err) {
+		c->err = err;
 		if (!f->copy_err)
 			f->copy_err = err;
 	} else {
 		/* Only now may later writes to the chunk skip the copy. */
 		replica_chunkset_set(&s->cbw, c->first_chunk);
 		s->r->stats.cbw_count++;
-		s->r->stats.cbw_bytes += (uint64_t)c->wr.secs << TD_SECTOR_SHIFT;
+		s->r->stats.cbw_bytes += (uint64_t)wr->secs << TD_SECTOR_SHIFT;
 	}
-	free(c->buf);
-	free(c);
-	if (--f->copies_pending == 0)
-		export_apply(f);
+	if (--f->writes_pending == 0)
+		cbw_all_written(f);
+}
+
+/* Every original is read (or a read failed): write them and the write itself. */
+static void cbw_reads_done(struct sec_fwd *f)
+{
+	struct sec *s = f->s;
+
+	if (f->copy_err) {
+		/* Nothing was written anywhere. */
+		cbw_finish(f);
+		return;
+	}
+	if (!f->copies) {
+		td_queue_request(s->secondary, &f->child);
+		return;
+	}
+	f->writes_pending = 2;
+	for (struct sec_copy *c = f->copies; c; c = c->next) {
+		f->writes_pending++;
+		td_request_init(&c->wr, TD_OP_WRITE, c->rd.sec, c->rd.secs, c->buf, cbw_wrote, c);
+		td_queue_request(s->hidden, &c->wr);
+	}
+	f->child.cb = cbw_child_done;
+	td_queue_request(s->secondary, &f->child);
+	if (--f->writes_pending == 0)
+		cbw_all_written(f);
 }
 
 static void cbw_read(struct td_request *rd, int err, void *arg)
 {
 	struct sec_copy *c = arg;
+	struct sec_fwd *f = c->f;
 
-	if (err) {
-		cbw_wrote(&c->wr, err, c);
-		return;
-	}
-	td_request_init(&c->wr, TD_OP_WRITE, rd->sec, rd->secs, c->buf, cbw_wrote, c);
-	td_queue_request(c->s->hidden, &c->wr);
+	(void)rd;
+	if (err && !f->copy_err)
+		f->copy_err = err;
+	if (--f->copies_pending == 0)
+		cbw_reads_done(f);
 }
 
-/* Copies chunk into hidden before f's write may go on. */
+/* Reads the original of chunk before f's write may go on. */
 static void cbw_copy(struct sec *s, struct sec_fwd *f, uint64_t chunk)
 {
 	uint64_t sec = chunk * s->chunk_secs;
@@ -396,20 +494,19 @@ static void cbw_copy(struct sec *s, struct sec_fwd *f, uint64_t chunk)
 	c = calloc(1, sizeof(*c));
 	if (c)
 		c->buf = tdr_io_alloc((size_t)secs << TD_SECTOR_SHIFT);
-	f->copies_pending++;
 	if (!c || !c->buf) {
-		if (c)
-			free(c);
+		free(c);
 		if (!f->copy_err)
 			f->copy_err = -ENOMEM;
-		if (--f->copies_pending == 0)
-			export_apply(f);
 		return;
 	}
 	c->s = s;
 	c->f = f;
 	c->first_chunk = chunk;
 	c->nchunks = 1;
+	c->next = f->copies;
+	f->copies = c;
+	f->copies_pending++;
 	td_request_init(&c->rd, TD_OP_READ, sec, (uint32_t)secs, c->buf, cbw_read, c);
 	td_queue_request(s->secondary, &c->rd);
 }
@@ -423,11 +520,11 @@ static void export_granted(struct replica_range *rr, void *arg)
 
 	/* Guard: the write may not start while copies are being issued. */
 	f->copies_pending = 1;
-	for (uint64_t c = first; c <= last; c++)
+	for (uint64_t c = first; c <= last && !f->copy_err; c++)
 		if (!replica_chunkset_test(&s->cbw, c))
 			cbw_copy(s, f, c);
 	if (--f->copies_pending == 0)
-		export_apply(f);
+		cbw_reads_done(f);
 }
 
 static void sec_dispatch_export(struct sec *s, struct td_request *req)

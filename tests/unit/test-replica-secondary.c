@@ -554,6 +554,42 @@ START_TEST(cbw_failure_reported)
 }
 END_TEST
 
+/*
+ * Only hidden fails: the primary's write into the secondary disk, which runs
+ * in parallel with the copy, succeeds and must be undone, so that the SVM
+ * keeps its view and the secondary disk its old content.
+ */
+START_TEST(cbw_failure_undoes_the_write)
+{
+	char *old = xalloc(MIB), *neu = xalloc(MIB);
+
+	fill(old, MIB, 25);
+	fill(neu, MIB, 26);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 0, 512, old), 0);
+	ck_assert_int_eq(op("start"), 0);
+	tdr_io_set_fault(io, TDR_FAULT_FAIL, 0);
+	ck_assert_int_eq(tdr_io_set_fault_file(io, p_hidden), 0);
+	/* two chunks (64 KiB each), both copies fail */
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 64, 128, neu), -EIO);
+	tdr_io_set_fault(io, TDR_FAULT_NONE, 0);
+	ck_assert_int_eq(op("get-error"), 0);
+	ck_assert_msg(strstr(last_msg, "EIO copy-before-write into hidden"), "%s", last_msg);
+	ck_assert_msg(!strstr(last_msg, "restoring"), "%s", last_msg);
+	/* The write was undone: both chunks hold their old content. */
+	expect_image(secondary, 0, 512, old);
+	expect_disk(disk, 0, 512, old);
+	ck_assert_int_eq(state(), REPLICA_STATE_RUNNING);
+	/* Retried, it copies and lands; the SVM still sees the old data. */
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 64, 128, neu), 0);
+	expect_disk(disk, 0, 512, old);
+	expect_image(secondary, 64, 128, neu);
+	expect_image(secondary, 0, 64, old);
+	expect_image(secondary, 192, 320, old + 192 * 512);
+	free(old);
+	free(neu);
+}
+END_TEST
+
 START_TEST(make_empty_failure_reported)
 {
 	char *w = xalloc(MIB);
@@ -864,6 +900,7 @@ int main(void)
 	tcase_add_test(tc, failover_refuses_in_flight_state_cleanly);
 	tcase_add_test(tc, primary_write_past_the_end);
 	tcase_add_test(tc, cbw_failure_reported);
+	tcase_add_test(tc, cbw_failure_undoes_the_write);
 	tcase_add_test(tc, make_empty_failure_reported);
 	tcase_add_test(tc, commit_failure_then_routing_then_retry);
 	tcase_add_test(tc, bad_chains);
