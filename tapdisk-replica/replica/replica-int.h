@@ -100,12 +100,23 @@ struct replica_range {
 	bool granted;
 	void (*granted_cb)(struct replica_range *rr, void *arg);
 	void *arg;
-	struct tdr_list entry;
+	struct tdr_list entry;		/* in held or waiting */
+	struct tdr_list bentry;		/* held: in its bucket, or in big */
 };
 
+/*
+ * Granted ranges are also indexed by where they start, so that a request
+ * checks the few ranges near it, not every range in flight (a primary with
+ * sync=local keeps thousands of writes in flight to the secondary).
+ */
+#define RLOCK_BUCKET_SHIFT 11u		/* 1 MiB of sectors per bucket */
+#define RLOCK_BUCKETS 256u
+
 struct replica_rlock {
-	struct tdr_list held;
+	struct tdr_list held;		/* every granted range */
 	struct tdr_list waiting;
+	struct tdr_list big;		/* granted ranges longer than a bucket */
+	struct tdr_list bucket[RLOCK_BUCKETS];	/* the others, by their first sector */
 };
 
 void replica_rlock_init(struct replica_rlock *l);
@@ -114,6 +125,8 @@ void replica_rlock_acquire(struct replica_rlock *l, struct replica_range *rr, ui
 			   uint64_t end, bool exclusive,
 			   void (*granted_cb)(struct replica_range *rr, void *arg), void *arg);
 void replica_rlock_release(struct replica_rlock *l, struct replica_range *rr);
+/* Drops a granted range without waking anyone (the owner is closing). */
+void replica_rlock_forget(struct replica_rlock *l, struct replica_range *rr);
 
 /*
  * A sparse set of fixed-size chunks (copy-before-write map, dirty maps):

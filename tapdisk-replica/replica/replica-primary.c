@@ -319,7 +319,7 @@ static void pw_finish(struct pwrite *pw)
 		return;
 	if (pw->granted) {
 		if (p->closing)
-			tdr_list_del(&pw->range.entry);	/* nobody waits any more */
+			replica_rlock_forget(&p->lock, &pw->range);	/* nobody waits any more */
 		else
 			replica_rlock_release(&p->lock, &pw->range);
 	}
@@ -628,7 +628,7 @@ static void rjob_end(struct rjob *j)
 		return;
 	}
 	if (p->closing)
-		tdr_list_del(&j->range.entry);	/* nobody waits any more */
+		replica_rlock_forget(&p->lock, &j->range);	/* nobody waits any more */
 	else
 		replica_rlock_release(&p->lock, &j->range);
 	p->rs.jobs--;
@@ -1105,7 +1105,7 @@ static void primary_fini(struct replica *r)
 		struct replica_range *rr = tdr_list_entry(pos, struct replica_range, entry);
 
 		if (rr->granted_cb == rjob_granted) {
-			tdr_list_del(&rr->entry);
+			replica_rlock_forget(&p->lock, rr);
 			rjob_free(rr->arg);
 		}
 	}
@@ -1115,7 +1115,7 @@ static void primary_fini(struct replica *r)
 		if (rr->granted_cb == rjob_granted) {
 			struct rjob *j = rr->arg;
 
-			tdr_list_del(&rr->entry);
+			replica_rlock_forget(&p->lock, rr);
 			if (j->local_busy)
 				j->p = NULL;
 			else

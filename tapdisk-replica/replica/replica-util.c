@@ -12,11 +12,52 @@ void replica_rlock_init(struct replica_rlock *l)
 {
 	tdr_list_init(&l->held);
 	tdr_list_init(&l->waiting);
+	tdr_list_init(&l->big);
+	for (unsigned i = 0; i < RLOCK_BUCKETS; i++)
+		tdr_list_init(&l->bucket[i]);
 }
 
 static bool ranges_conflict(const struct replica_range *a, const struct replica_range *b)
 {
 	return a->sec < b->end && b->sec < a->end && (a->exclusive || b->exclusive);
+}
+
+static bool range_is_big(const struct replica_range *rr)
+{
+	return rr->end > rr->sec && rr->end - rr->sec > (1ull << RLOCK_BUCKET_SHIFT);
+}
+
+static bool list_conflicts(const struct tdr_list *head, const struct replica_range *rr)
+{
+	const struct tdr_list *pos;
+
+	for (pos = head->next; pos != head; pos = pos->next)
+		if (ranges_conflict(tdr_list_entry(pos, struct replica_range, bentry), rr))
+			return true;
+	return false;
+}
+
+/*
+ * Whether a granted range conflicts with rr.  A small granted range (at
+ * most one bucket long) that overlaps rr starts less than a bucket before
+ * rr, so only the buckets from the one before rr's start to the one of its
+ * end need a look; the big ones are always checked.
+ */
+static bool held_conflicts(struct replica_rlock *l, const struct replica_range *rr)
+{
+	uint64_t first = rr->sec >> RLOCK_BUCKET_SHIFT;
+	uint64_t last = (rr->end > rr->sec ? rr->end - 1 : rr->sec) >> RLOCK_BUCKET_SHIFT;
+
+	if (first)
+		first--;
+	if (last - first + 1 >= RLOCK_BUCKETS) {
+		first = 0;
+		last = RLOCK_BUCKETS - 1;
+	}
+	for (uint64_t b = first; b <= last; b++)
+		if (list_conflicts(&l->bucket[b % RLOCK_BUCKETS], rr))
+			return true;
+	return list_conflicts(&l->big, rr);
 }
 
 /*
@@ -27,10 +68,8 @@ static bool range_may_go(struct replica_rlock *l, struct replica_range *rr)
 {
 	struct tdr_list *pos, *tmp;
 
-	tdr_list_for_each_safe(pos, tmp, &l->held) {
-		if (ranges_conflict(tdr_list_entry(pos, struct replica_range, entry), rr))
-			return false;
-	}
+	if (held_conflicts(l, rr))
+		return false;
 	tdr_list_for_each_safe(pos, tmp, &l->waiting) {
 		struct replica_range *w = tdr_list_entry(pos, struct replica_range, entry);
 
@@ -40,6 +79,19 @@ static bool range_may_go(struct replica_rlock *l, struct replica_range *rr)
 			return false;
 	}
 	return true;
+}
+
+static void range_grant(struct replica_rlock *l, struct replica_range *rr)
+{
+	tdr_list_del(&rr->entry);
+	tdr_list_add_tail(&rr->entry, &l->held);
+	if (range_is_big(rr))
+		tdr_list_add_tail(&rr->bentry, &l->big);
+	else
+		tdr_list_add_tail(&rr->bentry,
+				  &l->bucket[(rr->sec >> RLOCK_BUCKET_SHIFT) % RLOCK_BUCKETS]);
+	rr->granted = true;
+	rr->granted_cb(rr, rr->arg);
 }
 
 void replica_rlock_acquire(struct replica_rlock *l, struct replica_range *rr, uint64_t sec,
@@ -53,12 +105,8 @@ void replica_rlock_acquire(struct replica_rlock *l, struct replica_range *rr, ui
 	rr->granted_cb = granted_cb;
 	rr->arg = arg;
 	tdr_list_add_tail(&rr->entry, &l->waiting);
-	if (range_may_go(l, rr)) {
-		tdr_list_del(&rr->entry);
-		tdr_list_add_tail(&rr->entry, &l->held);
-		rr->granted = true;
-		granted_cb(rr, arg);
-	}
+	if (range_may_go(l, rr))
+		range_grant(l, rr);
 }
 
 /*
@@ -74,20 +122,26 @@ restart:
 		struct replica_range *w = tdr_list_entry(pos, struct replica_range, entry);
 
 		if (range_may_go(l, w)) {
-			tdr_list_del(&w->entry);
-			tdr_list_add_tail(&w->entry, &l->held);
-			w->granted = true;
-			w->granted_cb(w, w->arg);
+			range_grant(l, w);
 			goto restart;
 		}
 	}
 }
 
+void replica_rlock_forget(struct replica_rlock *l, struct replica_range *rr)
+{
+	(void)l;
+	tdr_list_del(&rr->entry);
+	if (rr->granted)
+		tdr_list_del(&rr->bentry);
+	rr->granted = false;
+}
+
 void replica_rlock_release(struct replica_rlock *l, struct replica_range *rr)
 {
-	tdr_list_del(&rr->entry);
-	rr->granted = false;
-	rlock_wake(l);
+	replica_rlock_forget(l, rr);
+	if (!tdr_list_empty(&l->waiting))
+		rlock_wake(l);
 }
 
 /* ------------------------------------------------------------ chunkset */

@@ -38,6 +38,12 @@ TESTS += tests/unit/test-replica-secondary
 tests_unit_test_replica_secondary_CFLAGS = $(UNIT_CFLAGS)
 tests_unit_test_replica_secondary_LDADD = $(UNIT_LDADD)
 
+# The replica driver's range lock, against a brute-force model.
+check_PROGRAMS += tests/unit/test-replica-util
+TESTS += tests/unit/test-replica-util
+tests_unit_test_replica_util_CFLAGS = $(UNIT_CFLAGS) -I$(top_srcdir)/tapdisk-replica/replica
+tests_unit_test_replica_util_LDADD = $(UNIT_LDADD)
+
 # Control socket: message layout, server over socketpairs and a socket path.
 check_PROGRAMS += tests/unit/test-ctl
 TESTS += tests/unit/test-ctl
