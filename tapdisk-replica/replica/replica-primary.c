@@ -51,7 +51,7 @@
 #define COPY_SECS        2048u		/* 1 MiB per resync copy */
 #define HOLE_MAX_SECS    (128u << 11)	/* 128 MiB per resync zeroing */
 #define SCAN_SECS        (1u << 21)	/* 1 GiB per block-status query */
-#define RESYNC_DEPTH     16u		/* resync copies in flight */
+#define RESYNC_DEPTH     32u		/* resync copies in flight */
 /* sync=local: bytes of copied writes in flight before writes wait for the secondary again. */
 #define LOCAL_SYNC_MAX_BYTES (16ull << 20)
 
