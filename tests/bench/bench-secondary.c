@@ -364,17 +364,16 @@ static void bench_checkpoint(int reps)
 	}
 }
 
-static double raw_bandwidth(void)
+/* A new sparse raw file of size bytes in the bench directory, opened with "aio". */
+static struct td_disk *open_scratch_raw(char *path, size_t len, const char *name, uint64_t size)
 {
-	char path[600];
-	int fd;
-	struct td_disk *raw;
 	char spec[700];
-	double iops;
+	struct td_disk *raw;
+	int fd;
 
-	snprintf(path, sizeof(path), "%s/bench-raw.img", dir);
+	snprintf(path, len, "%s/%s", dir, name);
 	fd = open(path, O_CREAT | O_TRUNC | O_WRONLY, 0600);
-	if (fd < 0 || ftruncate(fd, (off_t)(2 * GIB)) < 0) {
+	if (fd < 0 || ftruncate(fd, (off_t)size) < 0) {
 		perror(path);
 		exit(1);
 	}
@@ -382,6 +381,15 @@ static double raw_bandwidth(void)
 	snprintf(spec, sizeof(spec), "aio:%s", path);
 	if (td_disk_open(&raw, spec, 0, loop, io) < 0)
 		die("open raw");
+	return raw;
+}
+
+static double raw_bandwidth(void)
+{
+	char path[600];
+	struct td_disk *raw = open_scratch_raw(path, sizeof(path), "bench-raw.img", 2 * GIB);
+	double iops;
+
 	iops = pump_run(raw, 8, MIB, 2 * GIB, 1024, true);
 	td_disk_close(raw);
 	trash(path);
@@ -453,24 +461,13 @@ static void flush_done(struct td_request *req, int err, void *arg)
  */
 static double flush_stall(void)
 {
-	char path[600], spec[700];
-	struct td_disk *raw;
+	char path[600];
+	struct td_disk *raw = open_scratch_raw(path, sizeof(path), "bench-flush.img", GIB);
 	struct td_request req;
 	struct pump p;
 	bool done = false;
 	double t;
-	int fd;
 
-	snprintf(path, sizeof(path), "%s/bench-flush.img", dir);
-	fd = open(path, O_CREAT | O_TRUNC | O_WRONLY, 0600);
-	if (fd < 0 || ftruncate(fd, (off_t)GIB) < 0) {
-		perror(path);
-		exit(1);
-	}
-	close(fd);
-	snprintf(spec, sizeof(spec), "aio:%s", path);
-	if (td_disk_open(&raw, spec, 0, loop, io) < 0)
-		die("open raw");
 	pump_run(raw, 8, MIB, GIB, GIB / MIB, true);
 	pump_init(&p, disk, 8, 4096, SVM_REGION);
 	p.mixed = true;

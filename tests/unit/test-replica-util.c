@@ -14,7 +14,7 @@
 #include "tdr/log.h"
 #include "replica-int.h"
 
-#define NR 512
+#define NR 256
 
 struct slot {
 	struct replica_range rr;
@@ -175,7 +175,7 @@ START_TEST(randomized_against_model)
 		} else if (slots[i].granted) {
 			release(&l, i);
 		}
-		if (step % 7 == 0 || step > 19900)
+		if (step % 25 == 0 || step > 19900)
 			check_model();
 	}
 	/* Release everything: every waiter must get its turn. */
@@ -205,6 +205,7 @@ int main(void)
 	SRunner *sr;
 	int failed;
 
+	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, basic_rules);
 	tcase_add_test(tc, buckets_and_big_ranges);
 	tcase_add_test(tc, randomized_against_model);
