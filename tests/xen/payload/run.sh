@@ -16,14 +16,21 @@ hostchroot /bin/bash /run/host0/tests.sh &
 TP=$!
 # Read-write, so that opening never blocks and EOF never ends the loop.
 exec 3<>/run/tdr-cmd
-mkfifo /run/tdr-sleep
+mkfifo /run/tdr-sleep /run/tdr-sleep2
 exec 4<>/run/tdr-sleep
+# If the tests die without saying "exit", say it for them.  The command
+# loop reads without a timeout: a read that times out in the middle of a
+# line (bash reads a FIFO byte by byte) would split a command in two, and
+# "start-xsd" arriving just as a 2 s timeout expired did exactly that.
+(
+	exec 5<>/run/tdr-sleep2
+	while kill -0 $TP 2>/dev/null; do read -t 2 _ <&5; done
+	echo "exit 98" >&3
+) &
+WATCHER=$!
 RC=""
 while [ -z "$RC" ]; do
-	if ! read -t 2 -r cmd <&3; then
-		kill -0 $TP 2>/dev/null || RC=98
-		continue
-	fi
+	read -r cmd <&3 || continue
 	case $cmd in
 	kill-xsd)
 		kill -KILL "$(cat /run/xen/xenstored.pid)"
@@ -41,6 +48,7 @@ while [ -z "$RC" ]; do
 		echo "unknown" >/run/tdr-ack ;;
 	esac
 done
+kill $WATCHER 2>/dev/null
 wait $TP 2>/dev/null
 echo "INFO payload finished at uptime $(up) s with status $RC"
 exit "$RC"
