@@ -859,7 +859,6 @@ static void alloc_start(struct vhd_state *s, struct vhd_op *op)
 {
 	struct vhd_alloc *a = calloc(1, sizeof(*a));
 	uint64_t bs = s->m.header.block_size;
-
 	uint64_t page = s->next_free & ~(VHD_PAGE_SIZE - 1);
 
 	if (!a) {

@@ -142,6 +142,14 @@ static void lib_read_all(const char *path, char *buf, uint64_t size)
 	vhd_file_close(vf);
 }
 
+/* The file passes check and reads back exactly want (size bytes; back is scratch). */
+static void expect_file(const char *path, char *back, const char *want, uint64_t size)
+{
+	lib_check(path);
+	lib_read_all(path, back, size);
+	ck_assert_msg(memcmp(back, want, size) == 0, "%s differs from the model", path);
+}
+
 static void read_all(struct td_disk *disk, char *buf, uint64_t size)
 {
 	/* in 1 MiB pieces, all in flight at once */
@@ -215,9 +223,7 @@ START_TEST(parallel_random_io)
 	ck_assert_int_eq(run_req(disk, TD_OP_FLUSH, 0, 0, NULL, NULL), 0);
 	td_disk_close(disk);
 
-	lib_check(pa);
-	lib_read_all(pa, back, size);
-	ck_assert(memcmp(back, model, size) == 0);
+	expect_file(pa, back, model, size);
 	ck_assert_int_eq(vhd_file_open(&vf, pa, VHD_FILE_RDONLY, &err), 0);
 	ck_assert_uint_eq(vf->m.allocated, 12);
 	vhd_file_close(vf);
@@ -372,9 +378,7 @@ START_TEST(chain_three_deep)
 	ck_assert_uint_eq(hb, hb2);
 	ck_assert_uint_eq(sa, sa2);
 	ck_assert_uint_eq(sb, sb2);
-	lib_check(pc);
-	lib_read_all(pc, back, size);
-	ck_assert(memcmp(back, model, size) == 0);
+	expect_file(pc, back, model, size);
 	free(model);
 	free(back);
 	free(data);
@@ -513,9 +517,7 @@ START_TEST(make_empty_then_allocate_waits_for_sync)
 	ck_assert(memcmp(back, base, size) == 0);
 	ck_assert_uint_eq(fsize(pc), full);
 	td_disk_close(disk);
-	lib_check(pc);
-	lib_read_all(pc, back, size);
-	ck_assert(memcmp(back, base, size) == 0);
+	expect_file(pc, back, base, size);
 	free(model);
 	free(back);
 	free(data);
@@ -577,9 +579,7 @@ START_TEST(bitmap_page_keeps_neighbours)
 	memcpy(model + 5 * bs, full, bs);
 	td_disk_close(disk);
 
-	lib_check(pa);
-	lib_read_all(pa, back, size);
-	ck_assert_int_eq(memcmp(back, model, size), 0);
+	expect_file(pa, back, model, size);
 
 	ck_assert_int_eq(vhd_file_open(&vf, pa, VHD_FILE_RDONLY, &err), 0);
 	fd = open(pa, O_RDONLY);
@@ -645,9 +645,7 @@ START_TEST(online_make_empty)
 	ck_assert(memcmp(back, base, size) == 0);
 	ck_assert_uint_eq(fsize(pc), full);
 	td_disk_close(disk);
-	lib_check(pc);
-	lib_read_all(pc, back, size);
-	ck_assert(memcmp(back, base, size) == 0);
+	expect_file(pc, back, base, size);
 	free(model);
 	free(back);
 	free(data);
@@ -679,9 +677,7 @@ START_TEST(online_commit)
 	ck_assert(memcmp(back, model, size) == 0);
 	td_disk_close(disk);
 	/* b alone (over a) now reads c's content */
-	lib_check(pb);
-	lib_read_all(pb, back, size);
-	ck_assert(memcmp(back, model, size) == 0);
+	expect_file(pb, back, model, size);
 	/* and after make-empty of c through the library, c still reads the same */
 	{
 		struct vhd_error err;
