@@ -67,6 +67,10 @@ enum replica_sync {
 	REPLICA_SYNC_LOCAL,	/* completes at the local write; checkpoint waits for the rest */
 };
 
+/* sync=local: how far the guest may run ahead of the secondary (then it waits again). */
+#define REPLICA_LOCAL_AHEAD_BYTES (16ull << 20)
+#define REPLICA_LOCAL_AHEAD_REQS  256u
+
 #define REPLICA_ADDR_MAX 256
 #define REPLICA_NAME_MAX 256
 #define REPLICA_MSG_MAX  256

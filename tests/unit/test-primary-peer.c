@@ -639,34 +639,65 @@ int tp_guest_io(enum td_op op, uint64_t off, uint64_t len, void *buf, unsigned f
 	return res.err;
 }
 
+struct tp_batch {
+	unsigned n;
+	struct td_request *reqs;
+	struct io_result *res;
+};
+
+struct tp_batch *tp_batch_write(unsigned n, const uint64_t *offs, uint64_t len, char *const *bufs)
+{
+	struct tp_batch *b = calloc(1, sizeof(*b));
+
+	ck_assert_ptr_nonnull(b);
+	b->n = n;
+	b->reqs = calloc(n, sizeof(*b->reqs));
+	b->res = calloc(n, sizeof(*b->res));
+	ck_assert_ptr_nonnull(b->reqs);
+	ck_assert_ptr_nonnull(b->res);
+	for (unsigned i = 0; i < n; i++) {
+		td_request_init(&b->reqs[i], TD_OP_WRITE, offs[i] / 512, (uint32_t)(len / 512),
+				bufs[i], io_cb, &b->res[i]);
+		td_disk_submit(tp_disk, &b->reqs[i]);
+	}
+	return b;
+}
+
+unsigned tp_batch_done(const struct tp_batch *b)
+{
+	unsigned done = 0;
+
+	for (unsigned i = 0; i < b->n; i++)
+		done += b->res[i].done;
+	return done;
+}
+
+void tp_batch_run_until(struct tp_batch *b, unsigned want)
+{
+	uint64_t t0 = tdr_now_ns();
+
+	while (tp_batch_done(b) < want) {
+		ck_assert_int_ge(tdr_loop_run_once(tp_loop, 100), 0);
+		ck_assert_msg(tdr_now_ns() - t0 < DEADLINE_NS,
+			      "only %u of %u guest writes completed (waited for %u)", tp_batch_done(b),
+			      b->n, want);
+	}
+}
+
+void tp_batch_finish(struct tp_batch *b, int *errs)
+{
+	tp_batch_run_until(b, b->n);
+	for (unsigned i = 0; i < b->n; i++)
+		if (errs)
+			errs[i] = b->res[i].err;
+	free(b->reqs);
+	free(b->res);
+	free(b);
+}
+
 void tp_write_many(unsigned n, const uint64_t *offs, uint64_t len, char *const *bufs, int *errs)
 {
-	struct td_request *reqs = calloc(n, sizeof(*reqs));
-	struct io_result *res = calloc(n, sizeof(*res));
-	uint64_t t0 = tdr_now_ns();
-	unsigned left = n;
-
-	ck_assert_ptr_nonnull(reqs);
-	ck_assert_ptr_nonnull(res);
-	for (unsigned i = 0; i < n; i++) {
-		td_request_init(&reqs[i], TD_OP_WRITE, offs[i] / 512, (uint32_t)(len / 512), bufs[i],
-				io_cb, &res[i]);
-		td_disk_submit(tp_disk, &reqs[i]);
-	}
-	while (left) {
-		left = 0;
-		for (unsigned i = 0; i < n; i++)
-			left += !res[i].done;
-		if (!left)
-			break;
-		ck_assert_int_ge(tdr_loop_run_once(tp_loop, 100), 0);
-		ck_assert_msg(tdr_now_ns() - t0 < DEADLINE_NS, "guest writes never completed");
-	}
-	for (unsigned i = 0; i < n; i++)
-		if (errs)
-			errs[i] = res[i].err;
-	free(reqs);
-	free(res);
+	tp_batch_finish(tp_batch_write(n, offs, len, bufs), errs);
 }
 
 char *tp_pattern(uint64_t len, unsigned seed)

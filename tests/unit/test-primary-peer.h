@@ -85,6 +85,13 @@ void tp_run_for(unsigned ms);
 int tp_guest_io(enum td_op op, uint64_t off, uint64_t len, void *buf, unsigned flags);
 /* Many writes at once: n requests of len bytes at offs[i], data from bufs[i]. */
 void tp_write_many(unsigned n, const uint64_t *offs, uint64_t len, char *const *bufs, int *errs);
+/* The same in steps: submit, count completions, run the loop until want
+ * completed (fails after the deadline), wait for all and free. */
+struct tp_batch;
+struct tp_batch *tp_batch_write(unsigned n, const uint64_t *offs, uint64_t len, char *const *bufs);
+unsigned tp_batch_done(const struct tp_batch *b);
+void tp_batch_run_until(struct tp_batch *b, unsigned want);
+void tp_batch_finish(struct tp_batch *b, int *errs);
 /* A buffer of len bytes filled from seed. */
 char *tp_pattern(uint64_t len, unsigned seed);
 
