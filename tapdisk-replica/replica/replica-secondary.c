@@ -46,6 +46,12 @@
 #define FO_MAX_COPIES   16	/* failover copies in flight */
 #define FO_RUN_CHUNKS   32	/* chunks merged into one failover copy (2 MiB at 64 KiB) */
 /*
+ * Idle copy buffers kept for reuse (copy-before-write and failover): the
+ * failover's 2 MiB buffers would otherwise be mapped, faulted in and
+ * unmapped by glibc for every copy.
+ */
+#define SEC_BUFS_IDLE   ((size_t)FO_MAX_COPIES * (2u << 20) + (4u << 20))
+/*
  * The last phase holds SVM writes while it copies what is left: enter it
  * when that is at most this many chunks (2 MiB at 64 KiB, a few ms), or
  * once the engine has copied twice the initial set, whichever comes first,
@@ -73,6 +79,7 @@ struct sec {
 	struct replica_chunkset svm_written;	/* chunks the SVM wrote into active */
 	struct replica_chunkset fo_dirty;	/* failover: chunks still to copy */
 	uint32_t chunk_secs;
+	struct tdr_bufpool bufs;	/* copy buffers, reused (SEC_BUFS_IDLE) */
 
 	uint64_t svm_inflight, svm_writes_inflight, export_inflight;
 
@@ -116,7 +123,8 @@ struct sec_fwd {
 
 struct sec_copy {
 	struct td_request rd, wr;
-	char *buf;
+	char *buf;		/* from sec.bufs */
+	size_t buf_len;
 	struct sec *s;
 	struct sec_fwd *f;	/* copy-before-write: the write waiting for it */
 	struct sec_copy *next;	/* in f->copies */
@@ -359,7 +367,7 @@ static void cbw_free_all(struct sec_fwd *f)
 		struct sec_copy *c = f->copies;
 
 		f->copies = c->next;
-		free(c->buf);
+		tdr_bufpool_put(&f->s->bufs, c->buf, c->buf_len);
 		free(c);
 	}
 }
@@ -491,8 +499,10 @@ static void cbw_copy(struct sec *s, struct sec_fwd *f, uint64_t chunk)
 	if (sec + secs > s->secondary->size_secs)
 		secs = s->secondary->size_secs - sec;
 	c = calloc(1, sizeof(*c));
-	if (c)
-		c->buf = tdr_io_alloc((size_t)secs << TD_SECTOR_SHIFT);
+	if (c) {
+		c->buf_len = (size_t)secs << TD_SECTOR_SHIFT;
+		c->buf = tdr_bufpool_get(&s->bufs, c->buf_len);
+	}
 	if (!c || !c->buf) {
 		free(c);
 		if (!f->copy_err)
@@ -750,6 +760,7 @@ static void fo_flushed(struct td_request *req, int err, void *arg)
 	r->progress_done = r->progress_total;
 	replica_set_state(r, REPLICA_STATE_DONE);
 	TDR_INFO("replica secondary: failover done; serving %s directly", s->secondary->params);
+	tdr_bufpool_fini(&s->bufs);	/* no more copies */
 	/*
 	 * Active and hidden stay as they are: reads issued before the switch
 	 * may still be in flight through them, and nothing reads them later.
@@ -786,7 +797,7 @@ static void fo_copy_wrote(struct td_request *wr, int err, void *arg)
 			r->progress_done = r->progress_total;
 		replica_notify(r);
 	}
-	free(c->buf);
+	tdr_bufpool_put(&s->bufs, c->buf, c->buf_len);
 	free(c);
 	s->fo_copies--;
 	fo_pump(s);
@@ -820,8 +831,10 @@ static bool fo_copy_next(struct sec *s)
 	if (sec + secs > s->secondary->size_secs)
 		secs = s->secondary->size_secs - sec;
 	c = calloc(1, sizeof(*c));
-	if (c)
-		c->buf = tdr_io_alloc((size_t)secs << TD_SECTOR_SHIFT);
+	if (c) {
+		c->buf_len = (size_t)secs << TD_SECTOR_SHIFT;
+		c->buf = tdr_bufpool_get(&s->bufs, c->buf_len);
+	}
 	if (!c || !c->buf) {
 		free(c);
 		if (!s->fo_err)
@@ -1115,6 +1128,7 @@ static void sec_fini(struct replica *r)
 	replica_chunkset_free(&s->cbw);
 	replica_chunkset_free(&s->svm_written);
 	replica_chunkset_free(&s->fo_dirty);
+	tdr_bufpool_fini(&s->bufs);
 	free(s);
 	r->mode_priv = NULL;
 }
@@ -1131,6 +1145,7 @@ static int sec_init(struct replica *r)
 	r->mode_priv = s;
 	s->r = r;
 	s->chunk_secs = r->opts.cbw_secs;
+	tdr_bufpool_init(&s->bufs, SEC_BUFS_IDLE);
 	replica_rlock_init(&s->lock);
 	tdr_list_init(&s->held);
 
