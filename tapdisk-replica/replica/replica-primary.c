@@ -54,13 +54,12 @@
 #define RESYNC_DEPTH     32u		/* resync copies in flight */
 /*
  * sync=local: writes in flight to the secondary that the guest does not
- * wait for, bounded in bytes (the copies' memory) and in requests: libnbd
- * looks up each reply in a list of the commands in flight, so 4,096 small
- * writes in flight made every reply a long walk (4 KiB writes into a fast
- * secondary fell from 20,000 to 7,500 IOPS).
+ * wait for are bounded in bytes (REPLICA_LOCAL_AHEAD_BYTES, the copies'
+ * memory) and in requests (REPLICA_LOCAL_AHEAD_REQS): libnbd looks up each
+ * reply in a list of the commands in flight, so 4,096 small writes in
+ * flight made every reply a long walk (4 KiB writes into a fast secondary
+ * fell from 20,000 to 7,500 IOPS).
  */
-#define LOCAL_SYNC_MAX_BYTES REPLICA_LOCAL_AHEAD_BYTES
-#define LOCAL_SYNC_MAX_REQS  REPLICA_LOCAL_AHEAD_REQS
 
 struct primary;
 
@@ -82,7 +81,6 @@ struct pwrite {
 	int local_err;
 	bool granted, local_done, remote_active, wait_remote, guest_done;
 	bool remote_after_local;	/* FAST_ZERO: the secondary only if the local one worked */
-	bool ahead;			/* sync=local: counted in primary.ahead_reqs */
 };
 
 /* One resync copy: a data range copied, or a hole zeroed. */
@@ -141,7 +139,7 @@ struct primary {
 	uint64_t next_seq;
 	struct tdr_list rinflight;	/* writes with the secondary's half outstanding, by seq */
 	uint64_t copy_bytes;		/* sync=local copies in flight */
-	unsigned ahead_reqs;		/* sync=local: forwarded, the guest not waiting */
+	unsigned ahead_reqs;		/* forwarded with !wait_remote (sync=local) */
 	/*
 	 * Resync copy buffers, reused: a fresh 1 MiB buffer per copy costs an
 	 * mmap, 256 page faults and an munmap (glibc maps allocations that
@@ -359,10 +357,8 @@ static void pw_remote_done(struct replica_link_req *lr, int err)
 
 	pw->remote_active = false;
 	tdr_list_del(&pw->entry);
-	if (pw->ahead) {
-		pw->ahead = false;
+	if (!pw->wait_remote)
 		p->ahead_reqs--;
-	}
 	if (pw->copy) {
 		p->copy_bytes -= pw->copy_len;
 		free(pw->copy);
@@ -392,9 +388,9 @@ static void pw_send_remote(struct pwrite *pw)
 	p->r->stats.fwd_reqs++;
 	p->r->stats.fwd_bytes += len;
 	pw->wait_remote = true;
-	if (p->r->opts.sync != REPLICA_SYNC_LOCAL || p->ahead_reqs >= LOCAL_SYNC_MAX_REQS) {
+	if (p->r->opts.sync != REPLICA_SYNC_LOCAL || p->ahead_reqs >= REPLICA_LOCAL_AHEAD_REQS) {
 		/* The guest waits for the secondary. */
-	} else if (pw->op == TD_OP_WRITE && p->copy_bytes + len <= LOCAL_SYNC_MAX_BYTES) {
+	} else if (pw->op == TD_OP_WRITE && p->copy_bytes + len <= REPLICA_LOCAL_AHEAD_BYTES) {
 		/* The guest's buffer goes back to it at the local completion: send a copy. */
 		pw->copy = malloc(len);
 		if (pw->copy) {
@@ -407,10 +403,8 @@ static void pw_send_remote(struct pwrite *pw)
 	} else if (pw->op != TD_OP_WRITE) {
 		pw->wait_remote = false;	/* no buffer to keep */
 	}
-	if (!pw->wait_remote) {
-		pw->ahead = true;
+	if (!pw->wait_remote)
 		p->ahead_reqs++;
-	}
 	if (pw->op == TD_OP_WRITE) {
 		replica_link_pwrite(p->link, &pw->lr, buf, len, off, pw_remote_done, pw);
 	} else if (replica_link_can_zero(p->link)) {

@@ -209,7 +209,6 @@ static bool chunk_upper(const struct sec *s, uint64_t c)
 	return replica_chunkset_test(&s->svm_written, c) || replica_chunkset_test(&s->cbw, c);
 }
 
-
 static void svm_done(struct td_request *child, int err, void *arg)
 {
 	struct sec_fwd *f = arg;
