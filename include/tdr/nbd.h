@@ -222,6 +222,8 @@ void nbd_encode_structured_hdr(unsigned char buf[NBD_STRUCTURED_HDR_SIZE], uint1
 
 /* Maps a negative (or positive) errno to an NBD error value (EIO if unknown). */
 uint32_t nbd_errno_to_nbd(int err);
+/* Maps an NBD error value from a server to -errno (0 for 0; unknown values: -EINVAL). */
+int nbd_nbd_to_errno(uint32_t v);
 const char *nbd_cmd_name(uint16_t type);
 const char *nbd_opt_name(uint32_t opt);
 

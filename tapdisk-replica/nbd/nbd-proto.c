@@ -108,6 +108,33 @@ uint32_t nbd_errno_to_nbd(int err)
 	}
 }
 
+int nbd_nbd_to_errno(uint32_t v)
+{
+	switch (v) {
+	case 0:
+		return 0;
+	case NBD_EPERM:
+		return -EPERM;
+	case NBD_EIO:
+		return -EIO;
+	case NBD_ENOMEM:
+		return -ENOMEM;
+	case NBD_EINVAL:
+		return -EINVAL;
+	case NBD_ENOSPC:
+		return -ENOSPC;
+	case NBD_EOVERFLOW:
+		return -EOVERFLOW;
+	case NBD_ENOTSUP:
+		return -ENOTSUP;
+	case NBD_ESHUTDOWN:
+		return -ESHUTDOWN;
+	default:
+		/* A value outside the protocol's list says only that the request failed. */
+		return -EINVAL;
+	}
+}
+
 const char *nbd_cmd_name(uint16_t type)
 {
 	switch (type) {

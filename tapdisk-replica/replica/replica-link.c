@@ -1,13 +1,11 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /*
- * The primary's NBD link to its secondary, on libnbd's asynchronous API.
- *
- * libnbd runs its state machine only when we call it: after every command
- * we queue (it sends what the socket takes) and when the loop reports the
- * socket readable or writable (nbd_aio_notify_read/write).  Its completion
- * callbacks run inside those calls with the handle locked, so they only
- * move our request to the "done" list; the owner's callbacks run afterwards,
- * from link_process(), where calling libnbd (or closing the link) is safe.
+ * The primary's NBD link to its secondary: the part common to both
+ * clients (replica-link-int.h).  It keeps the requests in submission
+ * order, each with its deadline, splits them into NBD commands, turns any
+ * failure into a broken link and runs the owner's callbacks, always from
+ * link_process(): never inside a client's callback, never inside a
+ * submission.
  *
  * Bounded waits: requests are kept in submission order, all with the same
  * timeout, so one timer armed for the oldest deadline is enough.
@@ -15,87 +13,25 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <inttypes.h>
-#include <libnbd.h>
 #include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 
-#include "replica-link.h"
+#include "replica-link-int.h"
 #include "tdr/log.h"
 
-/* Without the server's block size constraints, 32 MiB is what the NBD protocol promises. */
-#define DEFAULT_MAX_PAYLOAD (32u << 20)
 /* Zeroing carries no payload, but keep each command's length well inside 32 bits. */
 #define MAX_ZERO_LEN (1u << 30)
 
-enum link_state {
-	LINK_CONNECTING,
-	LINK_READY,
-	LINK_DEAD,
-};
-
-enum link_op {
-	LOP_WRITE,
-	LOP_ZERO,
-	LOP_FLUSH,
-};
-
-/* Per NBD command: which link request it belongs to, for the error message. */
-struct link_piece {
-	struct replica_link_req *lr;
-	enum link_op op;
-	uint64_t off, len;
-};
-
-struct replica_link {
-	struct tdr_loop *loop;
-	struct nbd_handle *h;
-	enum link_state state;
-	char addr[256];
-	char export_name[256];
-	uint64_t timeout_ns;
-	uint64_t expect_size;
-	uint64_t connect_deadline_ns;
-	uint64_t max_payload;
-	bool can_flush, can_zero;
-
-	struct replica_link_cbs cbs;
-	void *cbs_arg;
-
-	struct tdr_fd_watch watch;
-	bool watching;
-	uint32_t watch_events;
-	struct tdr_timer timer;
-	struct tdr_defer defer;
-
-	struct tdr_list pending;	/* submission order: the head is the oldest */
-	struct tdr_list done;		/* completed, owner not told yet */
-	unsigned npending;
-
-	/* The first failure; the link is abandoned at the next link_process(). */
-	int fail_err;
-	char fail_msg[512];
-	/*
-	 * The first error a command reported.  It yields to a connection error
-	 * seen in the same notify call: when the connection dies libnbd fails
-	 * every command with ENOTCONN, which says less than why it died.
-	 */
-	int cmd_err;
-	char cmd_msg[512];
-
-	bool processing;		/* inside link_process(): defer frees */
-	bool close_requested;
-
-	struct replica_link_stats stats;
-};
-
 static void link_process(struct replica_link *l);
+static void link_on_fd(struct tdr_fd_watch *w, uint32_t events, void *arg);
 
-static const char *op_name(enum link_op op)
+const char *link_op_name(enum link_op op)
 {
 	switch (op) {
 	case LOP_WRITE:
@@ -109,10 +45,7 @@ static const char *op_name(enum link_op op)
 }
 
 /* Records the first failure and makes sure link_process() runs soon. */
-static void link_fail(struct replica_link *l, int err, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void link_fail(struct replica_link *l, int err, const char *fmt, ...)
+void link_fail(struct replica_link *l, int err, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -123,21 +56,6 @@ static void link_fail(struct replica_link *l, int err, const char *fmt, ...)
 		va_end(ap);
 	}
 	tdr_loop_defer(l->loop, &l->defer);
-}
-
-/* libnbd's error for the call that just failed, as -errno (never 0). */
-static int nbd_err(void)
-{
-	int e = nbd_get_errno();
-
-	return e > 0 ? -e : -EIO;
-}
-
-static const char *nbd_msg(void)
-{
-	const char *m = nbd_get_error();
-
-	return m ? m : "unknown libnbd error";
 }
 
 /* -------------------------------------------------------- addresses */
@@ -221,22 +139,34 @@ bad_tcp:
 
 static void link_update_watch(struct replica_link *l)
 {
-	uint32_t ev = 0;
-	int dir;
+	uint32_t ev;
 
-	if (!l->h || !l->watching)
+	if (!l->watching)
 		return;
-	dir = nbd_aio_get_direction(l->h);
-	if (dir & LIBNBD_AIO_DIRECTION_READ)
-		ev |= EPOLLIN;
-	if (dir & LIBNBD_AIO_DIRECTION_WRITE)
-		ev |= EPOLLOUT;
+	ev = l->ops->events(l);
 	if (ev != l->watch_events) {
 		if (tdr_loop_update_fd(&l->watch, ev) < 0)
 			link_fail(l, -EIO, "cannot watch the link's socket");
 		else
 			l->watch_events = ev;
 	}
+}
+
+int link_watch_fd(struct replica_link *l, int fd)
+{
+	int err;
+
+	if (l->watching)
+		tdr_loop_unwatch_fd(&l->watch);
+	l->watching = false;
+	err = tdr_loop_watch_fd(l->loop, &l->watch, fd, 0, link_on_fd, l);
+	if (err < 0) {
+		link_fail(l, err, "cannot watch the link's socket: %s", strerror(-err));
+		return 0;
+	}
+	l->watching = true;
+	l->watch_events = 0;
+	return 0;
 }
 
 static void link_arm_timer(struct replica_link *l)
@@ -256,66 +186,38 @@ static void link_arm_timer(struct replica_link *l)
 }
 
 /* The handshake finished: check that this export can be our secondary. */
-static void link_check_ready(struct replica_link *l)
+void link_handshake_done(struct replica_link *l, const struct link_export_info *info)
 {
-	int64_t size, max;
-
-	size = nbd_get_size(l->h);
-	if (size < 0) {
-		link_fail(l, nbd_err(), "cannot read the export's size: %s", nbd_msg());
-		return;
-	}
-	if ((uint64_t)size != l->expect_size) {
+	if (info->size != l->expect_size) {
 		link_fail(l, -EINVAL,
-			  "export '%s' has %" PRId64 " bytes but the local disk has %" PRIu64 " bytes; the secondary disk must have exactly the primary's size",
-			  l->export_name, size, l->expect_size);
+			  "export '%s' has %" PRIu64 " bytes but the local disk has %" PRIu64 " bytes; the secondary disk must have exactly the primary's size",
+			  l->export_name, info->size, l->expect_size);
 		return;
 	}
-	if (nbd_is_read_only(l->h) == 1) {
+	if (info->read_only) {
 		link_fail(l, -EROFS, "export '%s' is read-only; the secondary must accept writes",
 			  l->export_name);
 		return;
 	}
-	l->can_flush = nbd_can_flush(l->h) == 1;
-	l->can_zero = nbd_can_zero(l->h) == 1;
-	max = nbd_get_block_size(l->h, LIBNBD_SIZE_MAXIMUM);
-	l->max_payload = max > 0 && (uint64_t)max < DEFAULT_MAX_PAYLOAD ? (uint64_t)max
-								  : DEFAULT_MAX_PAYLOAD;
+	l->can_flush = info->can_flush;
+	l->can_zero = info->can_zero;
+	l->max_payload = info->max_payload && info->max_payload < LINK_DEFAULT_MAX_PAYLOAD
+				 ? info->max_payload : LINK_DEFAULT_MAX_PAYLOAD;
 	l->state = LINK_READY;
-	TDR_INFO("replica link: connected to %s export '%s' (%" PRId64 " bytes%s%s)", l->addr,
-		 l->export_name, size, l->can_flush ? ", flush" : "", l->can_zero ? ", zero" : "");
-	if (l->cbs.connected)
-		l->cbs.connected(l->cbs_arg, 0, "");
+	l->announce = true;	/* from link_process(), outside the client */
+	tdr_loop_defer(l->loop, &l->defer);
+	TDR_INFO("replica link: connected to %s export '%s' (%" PRIu64 " bytes%s%s, %s client)",
+		 l->addr, l->export_name, info->size, l->can_flush ? ", flush" : "",
+		 l->can_zero ? ", zero" : "", l->ops->name);
 }
 
 static void link_on_fd(struct tdr_fd_watch *w, uint32_t events, void *arg)
 {
 	struct replica_link *l = arg;
-	int dir, r = 0;
 
 	(void)w;
-	if (!l->h || l->fail_err)
-		goto out;
-	dir = nbd_aio_get_direction(l->h);
-	/* Both ready: reading first, as libnbd advises (a reply may change what to write). */
-	if ((dir & LIBNBD_AIO_DIRECTION_READ) && (events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
-		r = nbd_aio_notify_read(l->h);
-	else if ((dir & LIBNBD_AIO_DIRECTION_WRITE) && (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)))
-		r = nbd_aio_notify_write(l->h);
-	if (r == -1 || nbd_aio_is_dead(l->h) == 1 || nbd_aio_is_closed(l->h) == 1) {
-		/* libnbd gives no errno for a server breaking the protocol. */
-		int err = r == -1 ? (nbd_get_errno() > 0 ? -nbd_get_errno() : -EPROTO) : -ECONNRESET;
-		const char *m = r == -1 ? nbd_msg() : "the connection was closed";
-
-		if (l->state == LINK_CONNECTING)
-			link_fail(l, err, "NBD handshake failed: %s", m);
-		else
-			link_fail(l, err, "connection lost: %s", m);
-		goto out;
-	}
-	if (l->state == LINK_CONNECTING && nbd_aio_is_ready(l->h) == 1)
-		link_check_ready(l);
-out:
+	if (!l->fail_err)
+		l->ops->on_fd(l, events);
 	link_process(l);
 }
 
@@ -357,37 +259,27 @@ static void req_finish(struct replica_link *l, struct replica_link_req *lr, int 
 	tdr_list_add_tail(&lr->entry, &l->done);
 }
 
-/* libnbd's completion callback: runs with the handle locked, so only bookkeeping. */
-static int piece_done(void *user_data, int *error)
+void link_piece_done(struct link_piece *p, int err)
 {
-	struct link_piece *p = user_data;
 	struct replica_link_req *lr = p->lr;
 	struct replica_link *l = lr->link;
 
-	if (*error) {
-		int err = -*error;
-
+	if (err) {
 		if (!l->cmd_err) {
-			l->cmd_err = err;
+			l->cmd_err = -err;
 			snprintf(l->cmd_msg, sizeof(l->cmd_msg),
 				 "the secondary failed a %s of %" PRIu64 " bytes at offset %" PRIu64 ": %s",
-				 op_name(p->op), p->len, p->off, strerror(*error));
+				 link_op_name(p->op), p->len, p->off, strerror(err));
 		}
 		if (!lr->err)
-			lr->err = err;
+			lr->err = -err;
 		tdr_loop_defer(l->loop, &l->defer);
 	}
 	if (lr->pieces && --lr->pieces == 0)
 		req_finish(l, lr, 0);
-	return 1;	/* retire the command: we never ask for it again */
 }
 
-/*
- * Stops talking to the server at once.  nbd_close() frees the commands
- * (their completion callbacks do not run; the free callbacks do) and
- * closes the socket without sending anything, so a frozen peer cannot
- * hold us up.
- */
+/* Stops talking to the server at once: a frozen peer cannot hold us up. */
 static void link_abandon(struct replica_link *l, int err)
 {
 	struct tdr_list *pos, *tmp;
@@ -397,10 +289,7 @@ static void link_abandon(struct replica_link *l, int err)
 		l->watching = false;
 	}
 	tdr_timer_cancel(&l->timer);
-	if (l->h) {
-		nbd_close(l->h);
-		l->h = NULL;
-	}
+	l->ops->close(l);
 	l->state = LINK_DEAD;
 	tdr_list_for_each_safe(pos, tmp, &l->pending) {
 		struct replica_link_req *lr = tdr_list_entry(pos, struct replica_link_req, entry);
@@ -427,7 +316,7 @@ static void link_run_done(struct replica_link *l)
 	}
 }
 
-/* Where the owner's callbacks run: never inside libnbd, never inside a submission. */
+/* Where the owner's callbacks run: never inside a client, never inside a submission. */
 static void link_process(struct replica_link *l)
 {
 	if (l->processing)
@@ -439,13 +328,19 @@ static void link_process(struct replica_link *l)
 		enum link_state was = l->state;
 
 		link_abandon(l, l->fail_err);
-		if (was == LINK_READY) {
+		if (was == LINK_READY && !l->announce) {
 			TDR_WARN("replica link to %s: %s", l->addr, l->fail_msg);
 			if (l->cbs.broken)
 				l->cbs.broken(l->cbs_arg, l->fail_err, l->fail_msg);
 		} else if (l->cbs.connected) {
 			l->cbs.connected(l->cbs_arg, l->fail_err, l->fail_msg);
 		}
+		l->announce = false;
+	}
+	if (l->announce && !l->close_requested) {
+		l->announce = false;
+		if (l->cbs.connected)
+			l->cbs.connected(l->cbs_arg, 0, "");
 	}
 	link_run_done(l);
 	if (l->close_requested) {
@@ -468,7 +363,7 @@ int replica_link_open(struct replica_link **out, struct tdr_loop *loop,
 	struct replica_link *l = NULL;
 	struct sockaddr_storage ss;
 	socklen_t sslen = 0;
-	int err, fd;
+	int err;
 
 	*out = NULL;
 	err = parse_addr(cfg->addr, &ss, &sslen, msg, msglen);
@@ -488,7 +383,7 @@ int replica_link_open(struct replica_link **out, struct tdr_loop *loop,
 	strcpy(l->export_name, cfg->export_name);
 	l->timeout_ns = (uint64_t)cfg->timeout_ms * 1000000u;
 	l->expect_size = cfg->expect_size;
-	l->max_payload = DEFAULT_MAX_PAYLOAD;
+	l->max_payload = LINK_DEFAULT_MAX_PAYLOAD;
 	l->cbs = *cbs;
 	l->cbs_arg = arg;
 	l->state = LINK_CONNECTING;
@@ -497,49 +392,18 @@ int replica_link_open(struct replica_link **out, struct tdr_loop *loop,
 	tdr_timer_init(&l->timer, loop, link_on_timer, l);
 	tdr_defer_init(&l->defer, link_on_defer, l);
 
-	l->h = nbd_create();
-	if (!l->h) {
-		err = nbd_err();
-		snprintf(msg, msglen, "cannot create an NBD handle: %s", nbd_msg());
-		goto fail;
-	}
-	if (nbd_set_export_name(l->h, cfg->export_name) == -1 ||
-	    nbd_set_request_structured_replies(l->h, true) == -1 ||
-	    nbd_set_request_block_size(l->h, true) == -1) {
-		err = nbd_err();
-		snprintf(msg, msglen, "cannot configure the NBD handle: %s", nbd_msg());
-		goto fail;
-	}
+	l->ops = cfg->client == REPLICA_LINK_LIBNBD ? &link_libnbd_ops : &link_native_ops;
 	l->connect_deadline_ns = tdr_now_ns() + l->timeout_ns;
-	if (nbd_aio_connect(l->h, (struct sockaddr *)&ss, sslen) == -1) {
-		/* An immediate refusal: report it from the loop, like any other. */
-		link_fail(l, nbd_err(), "cannot connect: %s", nbd_msg());
-		*out = l;
-		return 0;
-	}
-	fd = nbd_aio_get_fd(l->h);
-	if (fd < 0) {
-		link_fail(l, nbd_err(), "no socket after connecting: %s", nbd_msg());
-		*out = l;
-		return 0;
-	}
-	err = tdr_loop_watch_fd(loop, &l->watch, fd, 0, link_on_fd, l);
+	err = l->ops->open(l, (const struct sockaddr *)&ss, sslen, msg, msglen);
 	if (err < 0) {
-		snprintf(msg, msglen, "cannot watch the link's socket: %s", strerror(-err));
-		goto fail;
+		l->ops->close(l);
+		link_free(l);
+		return err;
 	}
-	l->watching = true;
-	l->watch_events = 0;
 	link_update_watch(l);
 	link_arm_timer(l);
 	*out = l;
 	return 0;
-
-fail:
-	if (l->h)
-		nbd_close(l->h);
-	link_free(l);
-	return err;
 }
 
 void replica_link_close(struct replica_link *l)
@@ -613,7 +477,6 @@ static bool issue_piece(struct replica_link *l, struct replica_link_req *lr, enu
 			const void *buf, uint64_t len, uint64_t off, bool no_hole)
 {
 	struct link_piece *p;
-	int64_t cookie;
 
 	if (l->state != LINK_READY || l->fail_err || l->close_requested) {
 		if (!lr->err)
@@ -623,37 +486,18 @@ static bool issue_piece(struct replica_link *l, struct replica_link_req *lr, enu
 	p = malloc(sizeof(*p));
 	if (!p) {
 		/* Without memory the secondary misses this write: that is a broken link. */
-		link_fail(l, -ENOMEM, "out of memory queuing a %s", op_name(op));
+		link_fail(l, -ENOMEM, "out of memory queuing a %s", link_op_name(op));
 		lr->err = -ENOMEM;
 		return false;
 	}
-	p->lr = lr;
-	p->op = op;
-	p->off = off;
-	p->len = len;
+	*p = (struct link_piece){ .lr = lr, .op = op, .off = off, .len = len, .buf = buf,
+				  .no_hole = no_hole };
 	lr->pieces++;
-	nbd_completion_callback cb = { .callback = piece_done, .user_data = p, .free = free };
-
-	switch (op) {
-	case LOP_WRITE:
-		cookie = nbd_aio_pwrite(l->h, buf, len, off, cb, 0);
-		break;
-	case LOP_ZERO:
-		cookie = nbd_aio_zero(l->h, len, off, cb, no_hole ? LIBNBD_CMD_FLAG_NO_HOLE : 0);
-		break;
-	default:
-		cookie = nbd_aio_flush(l->h, cb, 0);
-		break;
-	}
-	if (cookie == -1) {
-		/* The free callback has run; the completion callback has not. */
-		int err = nbd_err();
-
+	if (!l->ops->queue(l, p)) {
+		/* p is gone and will not complete; the client called link_fail(). */
 		lr->pieces--;
-		link_fail(l, err, "cannot queue a %s of %" PRIu64 " bytes at offset %" PRIu64 ": %s",
-			  op_name(op), len, off, nbd_msg());
 		if (!lr->err)
-			lr->err = err;
+			lr->err = l->fail_err ? l->fail_err : -EIO;
 		return false;
 	}
 	return true;

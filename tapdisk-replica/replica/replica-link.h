@@ -1,15 +1,15 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /*
- * The primary's link to its secondary: an NBD client built on libnbd's
- * asynchronous API and driven by our event loop.
+ * The primary's link to its secondary: an NBD client driven by our event
+ * loop, our own (the default) or libnbd's asynchronous API (client=libnbd).
  *
  * Guarantees the primary relies on:
  *  - Nothing blocks.  Connecting uses numeric addresses only (a name lookup
  *    would block the loop); the handshake, every command and the close run
  *    on the loop.  A link whose peer is frozen is abandoned by closing its
- *    socket: libnbd's nbd_close() does not talk to the server.
+ *    socket, without a word to the server.
  *  - Every request's done callback runs exactly once, never from inside
- *    the call that queued it and never from inside a libnbd callback (so a
+ *    the call that queued it and never from inside a client's callback (so a
  *    done callback may queue more requests or close the link).
  *  - Every request completes within the timeout: when the oldest request
  *    has waited that long, or any request fails, or the connection dies,
@@ -17,8 +17,8 @@
  *    handle and completes everything still pending with the error; from
  *    then on new requests fail at once (-ENOTCONN).  A link never recovers:
  *    the owner opens a new one.
- *  - When a request's done callback runs, libnbd no longer references its
- *    buffer.
+ *  - When a request's done callback runs, the client no longer references
+ *    its buffer.
  */
 #ifndef TDR_REPLICA_LINK_H
 #define TDR_REPLICA_LINK_H
@@ -61,11 +61,17 @@ struct replica_link_cbs {
 	void (*broken)(void *arg, int err, const char *msg);
 };
 
+enum replica_link_client {
+	REPLICA_LINK_NATIVE = 0,	/* replica-link-native.c */
+	REPLICA_LINK_LIBNBD,		/* replica-link-libnbd.c */
+};
+
 struct replica_link_config {
 	const char *addr;		/* tcp:HOST:PORT or unix:PATH */
 	const char *export_name;
 	uint32_t timeout_ms;		/* per request, and for the whole handshake */
 	uint64_t expect_size;		/* bytes; the export must have this size */
+	enum replica_link_client client;
 };
 
 struct replica_link_stats {

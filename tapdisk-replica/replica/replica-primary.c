@@ -312,6 +312,7 @@ static int open_link(struct primary *p, char *msg, size_t msglen)
 		.addr = r->opts.addr,
 		.export_name = r->opts.export_name,
 		.timeout_ms = r->opts.timeout_ms,
+		.client = r->opts.client_libnbd ? REPLICA_LINK_LIBNBD : REPLICA_LINK_NATIVE,
 		.expect_size = bytes(p->size_secs),
 	};
 

@@ -105,7 +105,7 @@ static int copy_value(char *dst, size_t len, const char *v)
 /* One key=value of a start request or of the spec's options. */
 static int apply_option(const char *key, const char *val, enum replica_mode *mode, char *addr,
 			char *export_name, bool *has_export, uint32_t *timeout_ms,
-			enum replica_sync *sync, uint32_t *cbw_secs, char *msg, size_t msglen)
+			enum replica_sync *sync, struct replica_opts *spec, char *msg, size_t msglen)
 {
 	uint32_t n;
 
@@ -141,16 +141,25 @@ static int apply_option(const char *key, const char *val, enum replica_mode *mod
 			snprintf(msg, msglen, "sync=%s: expected sync=both or sync=local", val);
 			return -EINVAL;
 		}
-	} else if (cbw_secs && strcmp(key, "cbw") == 0) {
+	} else if (spec && strcmp(key, "cbw") == 0) {
 		if (parse_u32(val, 512, 64u << 20, &n) < 0 || (n & (n - 1)) || n % 512) {
 			snprintf(msg, msglen, "cbw=%s: expected a power of two of bytes from 512 to 64 MiB",
 				 val);
 			return -EINVAL;
 		}
-		*cbw_secs = n / 512;
+		spec->cbw_secs = n / 512;
+	} else if (spec && strcmp(key, "client") == 0) {
+		if (strcmp(val, "native") == 0) {
+			spec->client_libnbd = false;
+		} else if (strcmp(val, "libnbd") == 0) {
+			spec->client_libnbd = true;
+		} else {
+			snprintf(msg, msglen, "client=%s: expected client=native or client=libnbd", val);
+			return -EINVAL;
+		}
 	} else {
 		snprintf(msg, msglen, "unknown option '%s' (known: mode, addr, export, timeout, sync%s)",
-			 key, cbw_secs ? ", cbw" : "");
+			 key, spec ? ", cbw, client" : "");
 		return -EINVAL;
 	}
 	return 0;
@@ -504,7 +513,7 @@ static int spec_option(const char *key, const char *value, void *arg)
 	struct opt_ctx *c = arg;
 
 	return apply_option(key, value, &c->o->mode, c->o->addr, c->o->export_name, &c->has_export,
-			    &c->o->timeout_ms, &c->o->sync, &c->o->cbw_secs, c->msg, sizeof(c->msg));
+			    &c->o->timeout_ms, &c->o->sync, c->o, c->msg, sizeof(c->msg));
 }
 
 static int replica_open(struct td_image *img, const char *params, unsigned flags)

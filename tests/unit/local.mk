@@ -57,6 +57,9 @@ tests_unit_test_primary_SOURCES = tests/unit/test-primary.c tests/unit/test-prim
 	tests/unit/test-primary-peer.h
 tests_unit_test_primary_CFLAGS = $(UNIT_CFLAGS)
 tests_unit_test_primary_LDADD = $(UNIT_LDADD) -lpthread
+# The same tests on the link's libnbd client (client=libnbd).
+TESTS += tests/unit/test-primary-libnbd.sh
+EXTRA_DIST += tests/unit/test-primary-libnbd.sh
 
 # xenstore control protocol, against an in-memory xenstored.
 if HAVE_XENSTORE

@@ -125,6 +125,15 @@ START_TEST(test_errno_map)
 	ck_assert_uint_eq(nbd_errno_to_nbd(-ESHUTDOWN), 108);
 	ck_assert_uint_eq(nbd_errno_to_nbd(-ENOENT), 5);
 	ck_assert_uint_eq(nbd_errno_to_nbd(EINVAL), 22);
+
+	/* And back, for what a server answers; every listed value survives the round trip. */
+	static const int listed[] = { EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP,
+				      ESHUTDOWN };
+	for (size_t i = 0; i < sizeof(listed) / sizeof(listed[0]); i++)
+		ck_assert_int_eq(nbd_nbd_to_errno(nbd_errno_to_nbd(-listed[i])), -listed[i]);
+	ck_assert_int_eq(nbd_nbd_to_errno(0), 0);
+	ck_assert_int_eq(nbd_nbd_to_errno(2), -EINVAL);		/* ENOENT: not in the list */
+	ck_assert_int_eq(nbd_nbd_to_errno(0xffffffffu), -EINVAL);
 }
 END_TEST
 

@@ -231,6 +231,7 @@ static int fake_stop_pipe[2] = { -1, -1 };
 static pthread_mutex_t fake_mu = PTHREAD_MUTEX_INITIALIZER;
 static enum tp_fake_mode fake_mode;
 static unsigned fake_nth;
+static uint32_t fake_err = 5;
 static struct tp_fake_stats fake_stats;
 
 static uint64_t be64(uint64_t v)
@@ -291,13 +292,16 @@ static bool opt_reply(int fd, uint32_t opt, uint32_t type, const void *data, uin
 	return xwrite(fd, &h, sizeof(h)) && (!len || xwrite(fd, data, len));
 }
 
-/* Fixed newstyle handshake; true once in transmission. */
-static bool fake_handshake(int fd, uint64_t size)
+/*
+ * Fixed newstyle handshake; true once in transmission.  old: a server from
+ * before NBD_OPT_GO and NBD_FLAG_NO_ZEROES.
+ */
+static bool fake_handshake(int fd, uint64_t size, bool old)
 {
 	struct __attribute__((packed)) {
 		uint64_t magic, ihaveopt;
 		uint16_t flags;
-	} hello = { be64(0x4e42444d41474943ull), be64(IHAVEOPT), be16(1 | 2) };
+	} hello = { be64(0x4e42444d41474943ull), be64(IHAVEOPT), be16(old ? 1 : 1 | 2) };
 	uint32_t cflags;
 
 	if (!xwrite(fd, &hello, sizeof(hello)) || !xread(fd, &cflags, 4))
@@ -315,7 +319,18 @@ static bool fake_handshake(int fd, uint64_t size)
 		len = be32(oh.len);
 		if (len > sizeof(data) || !xread(fd, data, len))
 			return false;
-		switch (be32(oh.opt)) {
+		switch (be32(oh.opt) == 7 && old ? 0 : be32(oh.opt)) {
+		case 1: {	/* NBD_OPT_EXPORT_NAME: size, flags, 124 zeroes */
+			struct __attribute__((packed)) {
+				uint64_t size;
+				uint16_t flags;
+				char zeroes[124];
+			} ans = { be64(size), be16(1 | 4 | 32 | 64), { 0 } };
+
+			if (len != strlen("secondary") || memcmp(data, "secondary", len) != 0)
+				return false;
+			return xwrite(fd, &ans, old ? sizeof(ans) : sizeof(ans) - 124);
+		}
 		case 7: {	/* NBD_OPT_GO */
 			uint32_t nl;
 			struct __attribute__((packed)) {
@@ -345,11 +360,16 @@ static bool fake_handshake(int fd, uint64_t size)
 
 static void fake_serve(int fd, int file)
 {
+	enum tp_fake_mode mode;
 	unsigned nreq = 0;
 	char *buf = malloc(32u << 20);
 	struct stat st;
 
-	if (!buf || fstat(file, &st) < 0 || !fake_handshake(fd, (uint64_t)st.st_size))
+	pthread_mutex_lock(&fake_mu);
+	mode = fake_mode;
+	pthread_mutex_unlock(&fake_mu);
+	if (!buf || fstat(file, &st) < 0 ||
+	    !fake_handshake(fd, (uint64_t)st.st_size, mode == TP_FAKE_NO_GO))
 		goto out;
 	for (;;) {
 		struct __attribute__((packed)) {
@@ -362,7 +382,6 @@ static void fake_serve(int fd, int file)
 			uint32_t magic, error;
 			uint64_t handle;
 		} rp;
-		enum tp_fake_mode mode;
 		unsigned nth;
 		uint32_t len, err = 0;
 		uint64_t off;
@@ -414,8 +433,24 @@ static void fake_serve(int fd, int file)
 		rp.magic = be32(0x67446698u);
 		rp.error = be32(err);
 		rp.handle = rq.handle;
-		if (mode != TP_FAKE_GOOD && nreq >= nth) {
-			if (mode == TP_FAKE_GARBAGE) {
+		if (mode != TP_FAKE_GOOD && mode != TP_FAKE_NO_GO && nreq >= nth) {
+			if (mode == TP_FAKE_STRUCTURED) {
+				/* Magic, flags DONE, type NONE, the right handle, length 0. */
+				struct __attribute__((packed)) {
+					uint32_t magic;
+					uint16_t flags, type;
+					uint64_t handle;
+					uint32_t len;
+				} sr = { be32(0x668e33efu), be16(1), be16(0), rq.handle, 0 };
+
+				if (!xwrite(fd, &sr, sizeof(sr)))
+					goto out;
+				continue;
+			} else if (mode == TP_FAKE_ERROR) {
+				pthread_mutex_lock(&fake_mu);
+				rp.error = be32(fake_err);
+				pthread_mutex_unlock(&fake_mu);
+			} else if (mode == TP_FAKE_GARBAGE) {
 				memset(&rp, 0xa5, sizeof(rp));
 			} else if (mode == TP_FAKE_BOGUS_HANDLE) {
 				rp.handle = be64(0xdeadbeefcafeull);
@@ -480,6 +515,13 @@ void tp_fake_start(enum tp_fake_mode mode, unsigned nth)
 	fake_running = true;
 }
 
+void tp_fake_set_error(uint32_t nbd_err)
+{
+	pthread_mutex_lock(&fake_mu);
+	fake_err = nbd_err;
+	pthread_mutex_unlock(&fake_mu);
+}
+
 void tp_fake_set_mode(enum tp_fake_mode mode, unsigned nth)
 {
 	pthread_mutex_lock(&fake_mu);
@@ -508,6 +550,7 @@ void tp_fake_reset_stats(void)
  */
 void tp_fake_stop(void)
 {
+	tp_fake_set_error(5);
 	if (!fake_running)
 		return;
 	if (write(fake_stop_pipe[1], "x", 1) != 1)
@@ -522,13 +565,19 @@ void tp_fake_stop(void)
 
 /* ----------------------------------------------------------- primary */
 
+/*
+ * TDR_TEST_CLIENT=libnbd runs every test on the libnbd client (the suite
+ * runs the program twice, see tests/unit/local.mk).
+ */
 void tp_open(const char *extra_opts)
 {
+	const char *client = getenv("TDR_TEST_CLIENT");
 	char spec[512];
 	int r;
 
-	snprintf(spec, sizeof(spec), "replica:mode=primary,addr=unix:%s%s|aio:%s", tp_sock,
-		 extra_opts ? extra_opts : "", tp_local);
+	snprintf(spec, sizeof(spec), "replica:mode=primary,addr=unix:%s%s%s%s|aio:%s", tp_sock,
+		 extra_opts ? extra_opts : "", client && *client ? ",client=" : "",
+		 client && *client ? client : "", tp_local);
 	r = td_disk_open(&tp_disk, spec, 0, tp_loop, tp_io);
 	ck_assert_msg(r == 0, "td_disk_open(%s): %d %s", spec, r, tdr_last_error());
 	tp_rimg = replica_find(tp_disk);

@@ -53,6 +53,9 @@ enum tp_fake_mode {
 	TP_FAKE_BOGUS_HANDLE,	/* answers the Nth request with a handle never issued */
 	TP_FAKE_SILENT,		/* never answers from the Nth request on */
 	TP_FAKE_CLOSE,		/* closes the connection at the Nth request */
+	TP_FAKE_STRUCTURED,	/* answers the Nth request with a structured reply (not negotiated) */
+	TP_FAKE_ERROR,		/* fails the Nth request with NBD error value nth_err */
+	TP_FAKE_NO_GO,		/* an old server: no NBD_OPT_GO, no NO_ZEROES; otherwise good */
 };
 
 struct tp_fake_stats {
@@ -65,6 +68,8 @@ struct tp_fake_stats {
 /* Serves tp_sec (export name "secondary", size of the file) on tp_sock. */
 void tp_fake_start(enum tp_fake_mode mode, unsigned nth);
 void tp_fake_set_mode(enum tp_fake_mode mode, unsigned nth);
+/* The NBD error value TP_FAKE_ERROR answers with (default 5, EIO). */
+void tp_fake_set_error(uint32_t nbd_err);
 void tp_fake_get_stats(struct tp_fake_stats *st);
 void tp_fake_reset_stats(void);
 void tp_fake_stop(void);

@@ -425,6 +425,41 @@ START_TEST(t_fake_bogus_handle)
 }
 END_TEST
 
+START_TEST(t_fake_structured)
+{
+	fake_break(TP_FAKE_STRUCTURED, -EPROTO, "link dropped");
+}
+END_TEST
+
+/* An error value from the server becomes the link's errno (unknown values: EINVAL). */
+START_TEST(t_fake_error_values)
+{
+	static const struct {
+		uint32_t nbd;
+		int err;
+	} cases[] = { { 28, -ENOSPC }, { 1, -EPERM }, { 108, -ESHUTDOWN }, { 99, -EINVAL } };
+
+	tp_fake_set_error(cases[_i].nbd);
+	fake_break(TP_FAKE_ERROR, cases[_i].err, "failed a write of 4096 bytes at offset 1048576");
+}
+END_TEST
+
+/* A server from before NBD_OPT_GO (and NO_ZEROES): NBD_OPT_EXPORT_NAME, then as usual. */
+START_TEST(t_fake_old_server)
+{
+	struct tp_fake_stats fs;
+
+	tp_fake_start(TP_FAKE_NO_GO, 0);
+	tp_open("");
+	replicate_and_compare();
+	tp_fake_get_stats(&fs);
+	ck_assert_uint_eq(fs.connections, 1);
+	ck_assert_uint_gt(fs.write_cmds, 0);
+	ck_assert_uint_gt(fs.zero_cmds, 0);
+	ck_assert_uint_gt(fs.flush_cmds, 0);
+}
+END_TEST
+
 START_TEST(t_fake_silent)
 {
 	fake_break(TP_FAKE_SILENT, -ETIMEDOUT, "did not answer");
@@ -683,7 +718,14 @@ static Suite *suite(void)
 	ADD("nbdkit-pause", setup16, t_nbdkit_pause);
 	ADD("fake-garbage", setup16, t_fake_garbage);
 	ADD("fake-bogus-handle", setup16, t_fake_bogus_handle);
+	ADD("fake-structured", setup16, t_fake_structured);
+	ADD("fake-old-server", setup16, t_fake_old_server);
 	ADD("fake-silent", setup16, t_fake_silent);
+	tc = tcase_create("fake-error-values");
+	tcase_add_checked_fixture(tc, setup16, teardown);
+	tcase_set_timeout(tc, 120);
+	tcase_add_loop_test(tc, t_fake_error_values, 0, 4);
+	suite_add_tcase(s, tc);
 	ADD("fake-close", setup16, t_fake_close);
 	ADD("refused", setup16, t_refused);
 	ADD("bad-export", setup16, t_bad_export);
