@@ -296,6 +296,35 @@ static bool opt_reply(int fd, uint32_t opt, uint32_t type, const void *data, uin
  * Fixed newstyle handshake; true once in transmission.  old: a server from
  * before NBD_OPT_GO and NBD_FLAG_NO_ZEROES.
  */
+/*
+ * Junk for TP_FAKE_JUNK_HS: 1 to 300 random bytes, half the time behind a
+ * well-formed option reply header (type and length random too), so that
+ * the client's checks past the magic get exercised.
+ */
+static void fake_junk(int fd, unsigned seed)
+{
+	unsigned char junk[320];
+	unsigned st = seed * 2654435761u + 1, n, off = 0;
+
+#define JUNK_NEXT() (st = st * 1103515245u + 12345u, (st >> 16) & 0xff)
+	n = 1 + (JUNK_NEXT() << 8 | JUNK_NEXT()) % 300;
+	if (seed & 1) {
+		struct __attribute__((packed)) {
+			uint64_t magic;
+			uint32_t opt, type, len;
+		} h = { be64(NBD_REPLY_MAGIC_OPT), be32(7), 0, 0 };
+
+		h.type = be32((seed & 2 ? 0x80000000u : 0) | (JUNK_NEXT() % 12));
+		h.len = be32(seed & 4 ? JUNK_NEXT() % 32 : (uint32_t)JUNK_NEXT() << 24);
+		memcpy(junk, &h, sizeof(h));
+		off = sizeof(h);
+	}
+	for (unsigned i = off; i < off + n; i++)
+		junk[i] = (unsigned char)JUNK_NEXT();
+#undef JUNK_NEXT
+	(void)xwrite(fd, junk, off + n);
+}
+
 static bool fake_handshake(int fd, uint64_t size, bool old)
 {
 	struct __attribute__((packed)) {
@@ -319,6 +348,15 @@ static bool fake_handshake(int fd, uint64_t size, bool old)
 		len = be32(oh.len);
 		if (len > sizeof(data) || !xread(fd, data, len))
 			return false;
+		pthread_mutex_lock(&fake_mu);
+		if (fake_mode == TP_FAKE_JUNK_HS) {
+			unsigned seed = fake_nth;
+
+			pthread_mutex_unlock(&fake_mu);
+			fake_junk(fd, seed);
+			return false;
+		}
+		pthread_mutex_unlock(&fake_mu);
 		switch (be32(oh.opt) == 7 && old ? 0 : be32(oh.opt)) {
 		case 1: {	/* NBD_OPT_EXPORT_NAME: size, flags, 124 zeroes */
 			struct __attribute__((packed)) {

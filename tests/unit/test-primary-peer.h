@@ -56,6 +56,7 @@ enum tp_fake_mode {
 	TP_FAKE_STRUCTURED,	/* answers the Nth request with a structured reply (not negotiated) */
 	TP_FAKE_ERROR,		/* fails the Nth request with NBD error value nth_err */
 	TP_FAKE_NO_GO,		/* an old server: no NBD_OPT_GO, no NO_ZEROES; otherwise good */
+	TP_FAKE_JUNK_HS,	/* answers the first option with junk from seed nth, then closes */
 };
 
 struct tp_fake_stats {

@@ -460,6 +460,29 @@ START_TEST(t_fake_old_server)
 }
 END_TEST
 
+/*
+ * A server whose answer to NBD_OPT_GO is junk (64 seeds): start fails with
+ * an error and a message, nothing is left half-connected, and the disk
+ * keeps serving.  Under AddressSanitizer (CI) this also checks the
+ * client's parsing of what it cannot trust.
+ */
+START_TEST(t_fake_junk_handshake)
+{
+	struct replica_status st;
+	char msg[512];
+	int err;
+
+	tp_fake_start(TP_FAKE_JUNK_HS, (unsigned)_i);
+	tp_open(",timeout=300");
+	err = tp_op("start", msg, sizeof(msg));
+	ck_assert_msg(err < 0, "seed %d: start succeeded against junk", _i);
+	ck_assert_msg(strstr(msg, "cannot connect to the secondary"), "seed %d: '%s'", _i, msg);
+	tp_status(&st);
+	ck_assert_int_eq(st.state, REPLICA_STATE_NONE);
+	write_check(0, 4 * KIB, (unsigned)_i);
+}
+END_TEST
+
 START_TEST(t_fake_silent)
 {
 	fake_break(TP_FAKE_SILENT, -ETIMEDOUT, "did not answer");
@@ -721,6 +744,11 @@ static Suite *suite(void)
 	ADD("fake-structured", setup16, t_fake_structured);
 	ADD("fake-old-server", setup16, t_fake_old_server);
 	ADD("fake-silent", setup16, t_fake_silent);
+	tc = tcase_create("fake-junk-handshake");
+	tcase_add_checked_fixture(tc, setup16, teardown);
+	tcase_set_timeout(tc, 120);
+	tcase_add_loop_test(tc, t_fake_junk_handshake, 0, 64);
+	suite_add_tcase(s, tc);
 	tc = tcase_create("fake-error-values");
 	tcase_add_checked_fixture(tc, setup16, teardown);
 	tcase_set_timeout(tc, 120);
