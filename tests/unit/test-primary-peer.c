@@ -301,27 +301,32 @@ static bool opt_reply(int fd, uint32_t opt, uint32_t type, const void *data, uin
  * well-formed option reply header (type and length random too), so that
  * the client's checks past the magic get exercised.
  */
+static unsigned junk_next(unsigned *st)
+{
+	*st = *st * 1103515245u + 12345u;
+	return (*st >> 16) & 0xff;
+}
+
 static void fake_junk(int fd, unsigned seed)
 {
 	unsigned char junk[320];
-	unsigned st = seed * 2654435761u + 1, n, off = 0;
+	unsigned st = seed * 2654435761u + 1, n, off = 0, hi;
 
-#define JUNK_NEXT() (st = st * 1103515245u + 12345u, (st >> 16) & 0xff)
-	n = 1 + (JUNK_NEXT() << 8 | JUNK_NEXT()) % 300;
+	hi = junk_next(&st) << 8;
+	n = 1 + (hi | junk_next(&st)) % 300;
 	if (seed & 1) {
 		struct __attribute__((packed)) {
 			uint64_t magic;
 			uint32_t opt, type, len;
 		} h = { be64(NBD_REPLY_MAGIC_OPT), be32(7), 0, 0 };
 
-		h.type = be32((seed & 2 ? 0x80000000u : 0) | (JUNK_NEXT() % 12));
-		h.len = be32(seed & 4 ? JUNK_NEXT() % 32 : (uint32_t)JUNK_NEXT() << 24);
+		h.type = be32((seed & 2 ? 0x80000000u : 0) | (junk_next(&st) % 12));
+		h.len = be32(seed & 4 ? junk_next(&st) % 32 : (uint32_t)junk_next(&st) << 24);
 		memcpy(junk, &h, sizeof(h));
 		off = sizeof(h);
 	}
 	for (unsigned i = off; i < off + n; i++)
-		junk[i] = (unsigned char)JUNK_NEXT();
-#undef JUNK_NEXT
+		junk[i] = (unsigned char)junk_next(&st);
 	(void)xwrite(fd, junk, off + n);
 }
 
