@@ -124,8 +124,8 @@ struct replica_link {
 /* For clients. */
 void link_fail(struct replica_link *l, int err, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
-/* The client's socket: watch it (events from ops->events()). */
-int link_watch_fd(struct replica_link *l, int fd);
+/* The client's socket, once per link: watch it (events from ops->events()); failures go to link_fail(). */
+void link_watch_fd(struct replica_link *l, int fd);
 /* The handshake finished: checks the export and tells the owner. */
 void link_handshake_done(struct replica_link *l, const struct link_export_info *info);
 /* The server answered p: err is 0 or a positive errno.  Does not free p. */

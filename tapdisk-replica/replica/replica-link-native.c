@@ -85,8 +85,6 @@ struct nat {
 	bool have_export;
 };
 
-static void nat_flush(void *arg);
-
 /* ------------------------------------------------------------ slots */
 
 static uint32_t nat_slot_get(struct nat *n)
@@ -601,7 +599,8 @@ static int nat_open(struct replica_link *l, const struct sockaddr *sa, socklen_t
 		}
 		n->phase = NAT_CONNECTING;
 	}
-	return link_watch_fd(l, n->fd);
+	link_watch_fd(l, n->fd);
+	return 0;
 }
 
 static uint32_t nat_events(struct replica_link *l)

@@ -152,21 +152,16 @@ static void link_update_watch(struct replica_link *l)
 	}
 }
 
-int link_watch_fd(struct replica_link *l, int fd)
+void link_watch_fd(struct replica_link *l, int fd)
 {
-	int err;
+	int err = tdr_loop_watch_fd(l->loop, &l->watch, fd, 0, link_on_fd, l);
 
-	if (l->watching)
-		tdr_loop_unwatch_fd(&l->watch);
-	l->watching = false;
-	err = tdr_loop_watch_fd(l->loop, &l->watch, fd, 0, link_on_fd, l);
 	if (err < 0) {
 		link_fail(l, err, "cannot watch the link's socket: %s", strerror(-err));
-		return 0;
+		return;
 	}
 	l->watching = true;
 	l->watch_events = 0;
-	return 0;
 }
 
 static void link_arm_timer(struct replica_link *l)
