@@ -1,4 +1,5 @@
 # (filled in by the subsystem)
+EXTRA_DIST += docs/architecture.md docs/replica.md docs/vhd.md docs/xenstore.md docs/benchmarks.md
 
 # The tapdisk-replica program (serve command).
 dist_man_MANS += docs/man/tapdisk-replica.8

@@ -17,7 +17,8 @@
  *   2. if the block does not fit under the footer, the footer moves a
  *      whole step (64 MiB; the file stays sparse) past it and is made
  *      durable, so the file always ends with a footer and most
- *      allocations need no footer write at all;
+ *      allocations need no footer write at all; the old footer is then
+ *      zeroed, for later blocks cover it;
  *   3. bitmap and data of the new block are written;
  *   4. fdsync (group commit: one sync answers every allocation whose
  *      writes completed before it was issued);
@@ -141,6 +142,8 @@ struct vhd_state {
 	struct tdr_list footer_waiters;
 	struct tdr_iocb footer_iocb;
 	uint8_t *footer_buf;
+	uint8_t *zero_sec;	/* one zero sector, to clear an old footer */
+	uint8_t *zero_block;	/* a block of zeroes, allocated when first needed */
 
 	struct vhd_bm *bm_hash[BM_HASH];
 	struct vhd_alloc *al_hash[BM_HASH];
@@ -545,15 +548,11 @@ static void footer_kick(struct vhd_state *s);
 static void alloc_write(struct vhd_alloc *a);
 static void alloc_fail(struct vhd_alloc *a, int err);
 
-static void footer_synced(struct tdr_iocb *io, ssize_t res, void *arg)
+static void footer_release(struct vhd_state *s, int err)
 {
-	struct vhd_state *s = arg;
 	struct tdr_list *pos, *tmp;
-	int err = res < 0 ? (int)res : 0;
 
 	s->footer_busy = false;
-	if (!err)
-		s->footer_off = s->footer_target;
 	tdr_list_for_each_safe(pos, tmp, &s->footer_waiters) {
 		struct vhd_alloc *a = tdr_list_entry(pos, struct vhd_alloc, entry);
 
@@ -568,6 +567,39 @@ static void footer_synced(struct tdr_iocb *io, ssize_t res, void *arg)
 	footer_kick(s);
 }
 
+static void footer_old_zeroed(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_state *s = arg;
+
+	if (res >= 0 && res != VHD_SECTOR_SIZE)
+		res = -EIO;
+	footer_release(s, res < 0 ? (int)res : 0);
+}
+
+static void footer_synced(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_state *s = arg;
+	uint64_t old = s->footer_off;
+
+	if (res < 0) {
+		footer_release(s, (int)res);
+		return;
+	}
+	s->footer_off = s->footer_target;
+	/*
+	 * The old footer stays where it was, in the gap below the new one,
+	 * and the next blocks are placed over that gap: their data area would
+	 * carry a stale footer under clear bitmap bits.  We read such sectors
+	 * as zeroes (or the parent's), but readers that ignore a dynamic
+	 * disk's bitmap (qemu's vpc driver reads an allocated block's whole
+	 * data area) would see 512 bytes of "conectix..." in the guest's disk.
+	 * Zero it before any block is written over it; the allocations'
+	 * group sync makes it durable before their BAT entries.
+	 */
+	tdr_io_pwrite(s->img->io, &s->footer_iocb, s->fd, s->zero_sec, VHD_SECTOR_SIZE, old,
+		      footer_old_zeroed, s);
+}
+
 /* The new footer must be durable before a block overwrites the old one. */
 static void footer_done(struct tdr_iocb *io, ssize_t res, void *arg)
 {
@@ -576,7 +608,7 @@ static void footer_done(struct tdr_iocb *io, ssize_t res, void *arg)
 	if (res >= 0 && res != VHD_FOOTER_SIZE)
 		res = -EIO;
 	if (res < 0) {
-		footer_synced(io, res, arg);
+		footer_release(s, (int)res);
 		return;
 	}
 	tdr_io_fdsync(s->img->io, &s->footer_iocb, s->fd, footer_synced, s);
@@ -814,6 +846,69 @@ static void alloc_data_done(struct tdr_iocb *io, ssize_t res, void *arg)
 	alloc_piece_done(alloc_find(op->s, op->block), res, (size_t)op->n << TD_SECTOR_SHIFT);
 }
 
+/* A run of zeroes written by an allocation. */
+struct vhd_zero_run {
+	struct tdr_iocb iocb;
+	struct vhd_alloc *a;
+	size_t len;
+};
+
+static void alloc_zero_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_zero_run *z = arg;
+	struct vhd_alloc *a = z->a;
+	size_t len = z->len;
+
+	free(z);
+	alloc_piece_done(a, res, len);
+}
+
+/*
+ * A dynamic disk's block placed in space that an online make-empty gave
+ * back: the sectors its batch does not write still hold an old block's
+ * data.  We never read them (their bits are clear), but qemu's vpc driver
+ * reads an allocated block's whole data area, bitmap or not, and would
+ * show the old data in the guest's disk.  Write zeroes there, as part of
+ * the allocation (durable before the BAT entry).  Differencing disks need
+ * none of this: there a clear bit means "the parent's", for every reader.
+ */
+static void alloc_zero_gaps(struct vhd_alloc *a)
+{
+	struct vhd_state *s = a->s;
+	uint32_t spb = s->m.spb, i = 0, j;
+
+	if (!s->zero_block) {
+		s->zero_block = tdr_io_alloc(s->m.header.block_size);
+		if (!s->zero_block) {
+			a->err = a->err ? a->err : -ENOMEM;
+			return;
+		}
+		memset(s->zero_block, 0, s->m.header.block_size);
+	}
+	while (i < spb) {
+		struct vhd_zero_run *z;
+
+		if (vhd_bitmap_test(a->map, i)) {
+			i++;
+			continue;
+		}
+		for (j = i + 1; j < spb && !vhd_bitmap_test(a->map, j); j++)
+			;
+		z = malloc(sizeof(*z));
+		if (!z) {
+			a->err = a->err ? a->err : -ENOMEM;
+			return;
+		}
+		z->a = a;
+		z->len = (size_t)(j - i) << TD_SECTOR_SHIFT;
+		a->pending++;
+		tdr_io_pwrite(s->img->io, &z->iocb, s->fd, s->zero_block, z->len,
+			      a->off + s->bm_bytes + ((uint64_t)i << TD_SECTOR_SHIFT),
+			      alloc_zero_done, z);
+		i = j;
+	}
+}
+
 /* Footer is past the block: write the bitmap and every batched piece. */
 static void alloc_write(struct vhd_alloc *a)
 {
@@ -837,6 +932,8 @@ static void alloc_write(struct vhd_alloc *a)
 			      a->off + s->bm_bytes + ((uint64_t)op->in << TD_SECTOR_SHIFT),
 			      alloc_data_done, op);
 	}
+	if (!is_diff(s) && a->off < s->reuse_end)
+		alloc_zero_gaps(a);
 	memcpy(a->wbuf + a->lead, a->map, s->bm_bytes);
 	tdr_io_pwrite(s->img->io, &a->iocb, s->fd, a->wbuf, a->lead + s->bm_bytes, a->off - a->lead,
 		      alloc_map_done, a);
@@ -993,13 +1090,12 @@ static void bm_flush(struct vhd_bm *bm)
 	/*
 	 * In a differencing disk a bit durable before its data would expose
 	 * garbage instead of the parent's sectors.  In a dynamic disk the data
-	 * area under a clear bit is never written (bits only go from 0 to 1
-	 * and new blocks come from fresh file space), so it reads as the zeroes
-	 * it replaces either way: no barrier needed - unless an online
-	 * make-empty made the file reuse its space, where old data may lie
-	 * under a clear bit.
+	 * area under a clear bit holds zeroes (a new block lands in a hole
+	 * whose old footer was zeroed, or, in space an online make-empty gave
+	 * back, is zero-filled by its allocation), so a bit durable before
+	 * its data exposes the zeroes it replaces: no barrier needed.
 	 */
-	if (is_diff(s) || s->reuse_end)
+	if (is_diff(s))
 		gsync_request(s, &bm->sync, bm_synced);
 	else
 		bm_sync_done(&bm->iocb, 0, bm);
@@ -1326,6 +1422,10 @@ static void vhd_free_state(struct vhd_state *s)
 	s->nalloc_list = s->alloc_list_cap = 0;
 	free(s->footer_buf);
 	s->footer_buf = NULL;
+	free(s->zero_sec);
+	s->zero_sec = NULL;
+	free(s->zero_block);
+	s->zero_block = NULL;
 	vhd_meta_free(&s->m);
 	if (s->fd >= 0)
 		close(s->fd);
@@ -1406,11 +1506,13 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 	s->bat_disk = malloc((size_t)s->m.bat_entries * sizeof(uint32_t) + 1);
 	s->bsec = calloc(s->nbsec ? s->nbsec : 1, sizeof(*s->bsec));
 	s->footer_buf = tdr_io_alloc(VHD_FOOTER_SIZE);
-	if (!s->bat_disk || !s->bsec || !s->footer_buf) {
+	s->zero_sec = tdr_io_alloc(VHD_SECTOR_SIZE);
+	if (!s->bat_disk || !s->bsec || !s->footer_buf || !s->zero_sec) {
 		vhd_free_state(s);
 		tdr_set_error("%s: out of memory", params);
 		return -ENOMEM;
 	}
+	memset(s->zero_sec, 0, VHD_SECTOR_SIZE);
 	memcpy(s->bat_disk, s->m.bat, (size_t)s->m.bat_entries * sizeof(uint32_t));
 	/* The one full scan: at open. */
 	for (uint32_t b = 0; b < s->m.bat_entries; b++)

@@ -51,6 +51,10 @@ EXTRA_DIST += tests/integration/primary-peers.sh tests/integration/primary-filte
 TESTS += tests/integration/replica-secondary.sh
 EXTRA_DIST += tests/integration/replica-secondary.sh
 
+# The replication demo itself (tools/replication-demo), shortened.
+TESTS += tests/integration/replication-demo.sh
+EXTRA_DIST += tests/integration/replication-demo.sh
+
 # The xenstore control directory against the in-memory xenstored.
 if HAVE_XENSTORE
 TESTS += tests/integration/xenstore.sh

@@ -612,6 +612,127 @@ START_TEST(bitmap_page_keeps_neighbours)
 }
 END_TEST
 
+/*
+ * Reads a dynamic VHD as qemu's vpc driver does: an allocated block's whole
+ * data area, whatever its bitmap says; an unallocated block as zeroes.
+ */
+static void read_ignoring_bitmaps(const char *path, char *buf, uint64_t size)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	uint64_t bs;
+	int fd;
+
+	ck_assert_int_eq(vhd_file_open(&vf, path, VHD_FILE_RDONLY, &err), 0);
+	ck_assert_int_eq(vf->m.footer.type, VHD_TYPE_DYNAMIC);
+	bs = vf->m.header.block_size;
+	fd = open(path, O_RDONLY);
+	ck_assert_int_ge(fd, 0);
+	memset(buf, 0, size);
+	for (uint32_t b = 0; b < vf->m.bat_entries && (uint64_t)b * bs < size; b++) {
+		uint64_t off = ((uint64_t)vf->m.bat[b] + vf->m.bm_secs) * 512;
+
+		if (vf->m.bat[b] == VHD_BAT_UNUSED)
+			continue;
+		ck_assert_int_eq(pread(fd, buf + (uint64_t)b * bs, bs, (off_t)off), (ssize_t)bs);
+	}
+	close(fd);
+	vhd_file_close(vf);
+}
+
+/* The first byte where two buffers differ, or -1. */
+static long long first_diff(const char *a, const char *b, uint64_t len)
+{
+	for (uint64_t i = 0; i < len; i++)
+		if (a[i] != b[i])
+			return (long long)i;
+	return -1;
+}
+
+/*
+ * The footer moves 64 MiB ahead when the file must grow, and later blocks
+ * are placed over where it was: its old copy must not be left in their data
+ * area (under clear bits), where qemu's vpc driver would read it as the
+ * guest's data.  First touches of 100 blocks (about 200 MiB of file space:
+ * three footer moves), 4 KiB each, then the file read bitmap-blind.
+ */
+START_TEST(moved_footer_leaves_no_trace)
+{
+	const uint64_t size = 256 * MIB, bs = 2 * MIB;
+	char *data = abuf(4096), *model = calloc(1, size), *back = abuf(size);
+	struct td_disk *disk;
+	struct vhd_error err;
+
+	ck_assert_ptr_nonnull(model);
+	ck_assert_ptr_nonnull(back);
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	disk = open_disk(pa, 0);
+	for (unsigned b = 0; b < 100; b++) {
+		fill_random(data, 4096, 100 + b);
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (b * bs + 4096) / 512, 8, data, NULL), 0);
+		memcpy(model + b * bs + 4096, data, 4096);
+	}
+	ck_assert_uint_ge(image_stat(disk, "footer_writes"), 3);
+	td_disk_close(disk);
+	lib_check(pa);
+	expect_file(pa, back, model, size);
+	read_ignoring_bitmaps(pa, back, size);
+	ck_assert_msg(first_diff(back, model, size) < 0, "bitmap-blind read differs at byte %lld",
+		      first_diff(back, model, size));
+	free(data);
+	free(model);
+	free(back);
+}
+END_TEST
+
+/*
+ * After an online make-empty of a dynamic disk, new blocks reuse the space
+ * of the old ones: what a partial write leaves of the block must read as
+ * zeroes for a bitmap-blind reader too, not as the old block's data.
+ */
+START_TEST(dynamic_reuse_hides_old_data)
+{
+	const uint64_t size = 16 * MIB, bs = 2 * MIB;
+	char *full = abuf(bs), *data = abuf(4096), *model = calloc(1, size), *back = abuf(size);
+	struct td_disk *disk;
+	struct vhd_error err;
+
+	ck_assert_ptr_nonnull(model);
+	ck_assert_ptr_nonnull(back);
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	disk = open_disk(pa, 0);
+	fill_random(full, bs, 31);
+	for (unsigned b = 0; b < 3; b++)
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, b * bs / 512, (uint32_t)(bs / 512), full, NULL), 0);
+	drain(disk);
+	op_done = false;
+	vhd_image_make_empty(disk->top, on_done, NULL);
+	while (!op_done)
+		ck_assert_int_ge(tdr_loop_run_once(loop, 1000), 0);
+	ck_assert_int_eq(op_err, 0);
+	/* three partial writes into new blocks, placed where the old ones were */
+	fill_random(data, 4096, 32);
+	for (unsigned b = 5; b < 8; b++) {
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (b * bs + 8192) / 512, 8, data, NULL), 0);
+		memcpy(model + b * bs + 8192, data, 4096);
+	}
+	/* and a later write into one of them, through its bitmap */
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (6 * bs + MIB) / 512, 8, data, NULL), 0);
+	memcpy(model + 6 * bs + MIB, data, 4096);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	td_disk_close(disk);
+	lib_check(pa);
+	read_ignoring_bitmaps(pa, back, size);
+	ck_assert_msg(first_diff(back, model, size) < 0, "bitmap-blind read differs at byte %lld",
+		      first_diff(back, model, size));
+	free(full);
+	free(data);
+	free(model);
+	free(back);
+}
+END_TEST
+
 START_TEST(online_make_empty)
 {
 	const uint64_t size = 8 * MIB;
@@ -935,6 +1056,8 @@ static Suite *suite(void)
 	tcase_add_test(tc, first_touch_stays_sparse);
 	tcase_add_test(tc, bitmap_page_keeps_neighbours);
 	tcase_add_test(tc, make_empty_then_allocate_waits_for_sync);
+	tcase_add_test(tc, moved_footer_leaves_no_trace);
+	tcase_add_test(tc, dynamic_reuse_hides_old_data);
 	tcase_add_test(tc, online_commit);
 	tcase_add_test(tc, bad_file_untouched);
 	tcase_add_test(tc, crash_safety_dynamic);
