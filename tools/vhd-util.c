@@ -236,15 +236,51 @@ static int do_query(int argc, char **argv)
 	return ret;
 }
 
+static void print_progress(void *arg, uint64_t done, uint64_t total);
+
+/* vhd-util check -z: data under clear bits of a dynamic disk is a defect. */
+static int check_stale(const char *name)
+{
+	struct vhd_error err = { 0 };
+	struct vhd_scrub sc;
+	struct vhd_file *vf;
+	int r;
+
+	r = vhd_file_open(&vf, name, VHD_FILE_RDONLY, &err);
+	if (r < 0)
+		return fail(&err, r);
+	if (vf->m.footer.type != VHD_TYPE_DYNAMIC) {
+		vhd_file_close(vf);
+		return 0;	/* nothing to look for: see vhd_file_scrub */
+	}
+	r = vhd_file_scrub(vf, false, &sc, NULL, NULL, &err);
+	vhd_file_close(vf);
+	if (r < 0)
+		return fail(&err, r);
+	if (sc.stale_sectors) {
+		fprintf(stderr,
+			"vhd-util check: %s: %" PRIu64 " sectors in %" PRIu64 " of %" PRIu64
+			" allocated blocks hold data under clear bitmap bits (first: block %u, sector %u); "
+			"tapdisk-replica reads them as zeroes, but readers that ignore the bitmap (qemu) "
+			"see the data; zero them with: vhd-util repair -n %s -z [%s]\n",
+			name, sc.stale_sectors, sc.stale_blocks, sc.blocks, sc.first_block,
+			sc.first_sector, name, vhd_defect_name(VHD_ERR_STALE_DATA));
+		return 1;
+	}
+	return 0;
+}
+
 static int do_check(int argc, char **argv)
 {
-	const char *usage = "-n NAME [-p check parents] [-i ignore a bad primary footer] [-t strict parent timestamps]";
+	const char *usage = "-n NAME [-p check parents] [-i ignore a bad primary footer] "
+			    "[-t strict parent timestamps] [-z look for data under clear bitmap bits]";
 	const char *name = NULL;
 	unsigned flags = 0;
+	bool stale = false;
 	struct vhd_error err = { 0 };
 	int c, r;
 
-	while ((c = getopt(argc, argv, "n:ipth")) != -1) {
+	while ((c = getopt(argc, argv, "n:ipthz")) != -1) {
 		switch (c) {
 		case 'n':
 			name = optarg;
@@ -257,6 +293,9 @@ static int do_check(int argc, char **argv)
 			break;
 		case 't':
 			flags |= VHD_FILE_STRICT_TIME;
+			break;
+		case 'z':
+			stale = true;
 			break;
 		default:
 			return usage_error(usage);
@@ -272,6 +311,8 @@ static int do_check(int argc, char **argv)
 	}
 	if (err.code != VHD_OK)
 		fprintf(stderr, "vhd-util check: warning: %s\n", err.msg);
+	if (stale && (r = check_stale(name)) != 0)
+		return r;
 	printf("%s is valid\n", name);
 	return 0;
 }
@@ -344,21 +385,49 @@ static int do_modify(int argc, char **argv)
 	return r < 0 ? fail(&err, r) : 0;
 }
 
+/* vhd-util repair -z: zero the data under clear bits of a dynamic disk. */
+static int repair_stale(const char *name)
+{
+	struct vhd_error err = { 0 };
+	struct vhd_scrub sc;
+	struct vhd_file *vf;
+	int r;
+
+	r = vhd_file_open(&vf, name, 0, &err);
+	if (r < 0)
+		return fail(&err, r);
+	r = vhd_file_scrub(vf, true, &sc, isatty(STDOUT_FILENO) ? print_progress : NULL, NULL,
+			   &err);
+	vhd_file_close(vf);
+	if (isatty(STDOUT_FILENO))
+		printf("\n");
+	if (r < 0)
+		return fail(&err, r);
+	printf("%s: zeroed %" PRIu64 " sectors under clear bitmap bits in %" PRIu64 " of %" PRIu64
+	       " allocated blocks\n", name, sc.stale_sectors, sc.stale_blocks, sc.blocks);
+	return 0;
+}
+
 static int do_repair(int argc, char **argv)
 {
-	const char *usage = "-n NAME";
+	const char *usage = "-n NAME [-z zero data under clear bitmap bits (dynamic disks)]";
 	const char *name = NULL;
+	bool stale = false;
 	struct vhd_error err = { 0 };
 	int c, r;
 
-	while ((c = getopt(argc, argv, "n:h")) != -1) {
+	while ((c = getopt(argc, argv, "n:zh")) != -1) {
 		if (c == 'n')
 			name = optarg;
+		else if (c == 'z')
+			stale = true;
 		else
 			return usage_error(usage);
 	}
 	if (!name || optind != argc)
 		return usage_error(usage);
+	if (stale)
+		return repair_stale(name);
 	r = vhd_file_repair(name, &err);
 	return r < 0 ? fail(&err, r) : 0;
 }
@@ -615,7 +684,7 @@ static const struct {
 	{ "coalesce", do_coalesce, "write a child's data into its parent" },
 	{ "modify", do_modify, "-z: drop all data of a dynamic or differencing VHD" },
 	{ "read", do_read, "print headers, BAT entries, bitmaps or data" },
-	{ "repair", do_repair, "restore the footer from its copy at offset 0" },
+	{ "repair", do_repair, "restore the footer from its copy at offset 0; -z: zero data under clear bits" },
 };
 
 static void usage(FILE *out)

@@ -259,6 +259,7 @@ enum vhd_defect {
 	VHD_ERR_PARENT_LOOP,
 	VHD_ERR_PARENT_SIZE,		/* parent larger than the child */
 	VHD_ERR_FIXED_SIZE,		/* fixed disk: file size is not size + 512 */
+	VHD_ERR_STALE_DATA,		/* dynamic disk: data under clear bitmap bits */
 	VHD_ERR__COUNT
 };
 
@@ -419,6 +420,24 @@ int vhd_file_coalesce(const char *child, vhd_progress_fn progress, void *arg,
 /* Zeroes blktap's batmap (if m has one) through a buffered fd, so that it
  * never claims a dropped block is full. */
 int vhd_meta_clear_batmap(int fd, const struct vhd_meta *m);
+/* What vhd_file_scrub found (and zeroed, if asked). */
+struct vhd_scrub {
+	uint64_t blocks;		/* allocated blocks looked at */
+	uint64_t stale_blocks;		/* of them, with data under a clear bit */
+	uint64_t stale_sectors;		/* non-zero sectors under clear bits */
+	uint32_t first_block, first_sector;	/* the first one found */
+};
+
+/*
+ * Dynamic disks only: looks for non-zero data under clear bitmap bits, which
+ * we read as zeroes but readers that ignore a dynamic disk's bitmap (qemu's
+ * vpc driver) return as the guest's data.  Builds before November 2026 left
+ * old footers there.  With fix (vf opened read-write), writes zeroes over
+ * each such sector (never into holes) and syncs.  progress (may be NULL)
+ * gets blocks done / allocated.  Returns 0 (results in *out) or -errno.
+ */
+int vhd_file_scrub(struct vhd_file *vf, bool fix, struct vhd_scrub *out,
+		   vhd_progress_fn progress, void *arg, struct vhd_error *err);
 /* Rewrites a bad footer at EOF from the valid copy at offset 0. */
 int vhd_file_repair(const char *path, struct vhd_error *err);
 

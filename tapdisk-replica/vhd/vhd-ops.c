@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* Synchronous maintenance operations: make-empty, coalesce, repair. */
+/* Synchronous maintenance operations: make-empty, coalesce, scrub, repair. */
 #include "config.h"
 
 #include <errno.h>
@@ -184,6 +184,107 @@ out:
 	free(buf);
 	vhd_file_close(pf);
 	vhd_file_close(cf);
+	return r;
+}
+
+static bool sector_is_zero(const uint8_t *p)
+{
+	for (size_t i = 0; i < VHD_SECTOR_SIZE; i++)
+		if (p[i])
+			return false;
+	return true;
+}
+
+/*
+ * One run of clear bits [i, i + run) of block b: count the non-zero
+ * sectors and, with fix, zero each run of them.
+ */
+static int scrub_run(struct vhd_file *vf, uint32_t b, uint32_t i, uint32_t run, bool fix,
+		     uint8_t *buf, const uint8_t *zero, struct vhd_scrub *out, bool *stale)
+{
+	uint64_t data = vhd_meta_block_off(&vf->m, b) + ((uint64_t)vf->m.bm_secs << VHD_SECTOR_SHIFT);
+	uint32_t k = 0, bad;
+	int r;
+
+	r = vhd_src_fd_pread((void *)(intptr_t)vf->fd, buf, (size_t)run << VHD_SECTOR_SHIFT,
+			     data + ((uint64_t)i << VHD_SECTOR_SHIFT));
+	while (!r && k < run) {
+		if (sector_is_zero(buf + ((size_t)k << VHD_SECTOR_SHIFT))) {
+			k++;
+			continue;
+		}
+		for (bad = 1; k + bad < run &&
+		     !sector_is_zero(buf + ((size_t)(k + bad) << VHD_SECTOR_SHIFT)); bad++)
+			;
+		if (!out->stale_sectors) {
+			out->first_block = b;
+			out->first_sector = i + k;
+		}
+		out->stale_sectors += bad;
+		*stale = true;
+		if (fix)
+			r = vhd_pwrite_all(vf->fd, zero, (size_t)bad << VHD_SECTOR_SHIFT,
+					   data + ((uint64_t)(i + k) << VHD_SECTOR_SHIFT));
+		k += bad;
+	}
+	return r;
+}
+
+int vhd_file_scrub(struct vhd_file *vf, bool fix, struct vhd_scrub *out,
+		   vhd_progress_fn progress, void *arg, struct vhd_error *err)
+{
+	uint64_t total = vf->m.footer.current_size >> VHD_SECTOR_SHIFT;
+	uint8_t *map = NULL, *buf = NULL, *zero = NULL;
+	uint32_t b;
+	int r = 0;
+
+	memset(out, 0, sizeof(*out));
+	if (vf->m.footer.type != VHD_TYPE_DYNAMIC)
+		return vhd_fail(err, VHD_ERR_FOOTER_TYPE,
+				"%s: a %s disk has no data under clear bits to look for (only dynamic disks; "
+				"in a differencing disk a clear bit means the parent's data)",
+				vf->path, vhd_type_name(vf->m.footer.type));
+	if (fix && vf->rdonly)
+		return vhd_fail(err, VHD_ERR_IO, "%s: opened read-only", vf->path);
+	map = malloc((size_t)vf->m.bm_secs * VHD_SECTOR_SIZE);
+	buf = malloc(vf->m.header.block_size);
+	zero = calloc(1, vf->m.header.block_size);
+	if (!map || !buf || !zero) {
+		r = vhd_fail(err, VHD_ERR_NOMEM, "%s: out of memory", vf->path);
+		goto out;
+	}
+	for (b = 0; b < vf->m.blocks; b++) {
+		uint64_t base = (uint64_t)b * vf->m.spb;
+		uint32_t n = total - base < vf->m.spb ? (uint32_t)(total - base) : vf->m.spb;
+		uint32_t i = 0;
+		bool stale = false;
+
+		if (vf->m.bat[b] == VHD_BAT_UNUSED)
+			continue;
+		r = vhd_file_read_bitmap(vf, b, map);
+		while (!r && i < n) {
+			bool set;
+			uint32_t run = vhd_bitmap_run(map, i, n - i, &set);
+
+			if (!set)
+				r = scrub_run(vf, b, i, run, fix, buf, zero, out, &stale);
+			i += run;
+		}
+		if (r) {
+			r = vhd_fail(err, VHD_ERR_IO, "%s: block %u: %s", vf->path, b, strerror(-r));
+			goto out;
+		}
+		out->blocks++;
+		out->stale_blocks += stale;
+		if (progress)
+			progress(arg, out->blocks, vf->m.allocated);
+	}
+	if (fix && out->stale_sectors && fdatasync(vf->fd) < 0)
+		r = vhd_fail(err, VHD_ERR_IO, "%s: cannot sync: %s", vf->path, strerror(errno));
+out:
+	free(map);
+	free(buf);
+	free(zero);
 	return r;
 }
 

@@ -51,6 +51,7 @@ static const char *const defect_names[VHD_ERR__COUNT] = {
 	[VHD_ERR_PARENT_LOOP] = "parent-loop",
 	[VHD_ERR_PARENT_SIZE] = "parent-size",
 	[VHD_ERR_FIXED_SIZE] = "fixed-size",
+	[VHD_ERR_STALE_DATA] = "stale-data",
 };
 
 const char *vhd_defect_name(enum vhd_defect d)

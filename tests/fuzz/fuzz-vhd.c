@@ -3,7 +3,8 @@
  * libFuzzer harness: parse, validate and read a VHD given as bytes.
  * Metadata goes through vhd_meta_load() from memory (both with and without
  * the footer copy fallback); a file that validates is then opened through a
- * memfd with vhd_file_open() and read: bitmaps, sectors, locators.
+ * memfd with vhd_file_open() and read: bitmaps, sectors, locators, and the
+ * stale-data scrub (vhd-util check -z).
  */
 #include "config.h"
 
@@ -97,6 +98,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 				for (uint64_t s = 0; s < secs && s < 64 * 8; s += 8)
 					(void)vhd_file_read(vf, s, secs - s < 8 ? (uint32_t)(secs - s) : 8, buf);
+				if (vf->m.footer.type == VHD_TYPE_DYNAMIC) {
+					struct vhd_scrub sc;
+
+					(void)vhd_file_scrub(vf, false, &sc, NULL, NULL, &err);
+				}
 				vhd_file_close(vf);
 			}
 		}

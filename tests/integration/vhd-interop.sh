@@ -9,7 +9,11 @@
 #     written by qemu-io reads back exactly through tapdisk-replica;
 #  3. vhdiinfo (libvhdi) reports the right type, size and parent for our
 #     dynamic and differencing files;
-#  4. vhd-util check passes on all of them and names the defect on a bad one.
+#  4. vhd-util check passes on all of them and names the defect on a bad one;
+#  5. a file that grew past its first footer steps (64 MiB, 128 MiB: the
+#     driver moves its footer ahead in steps) converts identically too, and
+#     `vhd-util check -z` / `repair -z` find and zero data planted under
+#     clear bitmap bits, which qemu would otherwise read as the guest's.
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
 need_cmd qemu-img qemu-io vhdiinfo cmp
@@ -112,4 +116,39 @@ st=0
 "$TDR_BIN" serve --socket "$T/bad.sock" "vhd:$T/bad.vhd" >"$T/bad-serve.out" 2>&1 || st=$?
 [ "$st" -ne 0 ] || fail "serve accepted a corrupted VHD"
 grep -q "bad checksum" "$T/bad-serve.out" || fail "serve message: $(cat "$T/bad-serve.out")"
+log "4: a bad header is named by check and refused by serve"
+
+# ---- 5. footer steps, and data under clear bits
+"$VU" create -n "$T/big.vhd" -s 256 || fail "vhd-util create failed"
+mkraw "$T/big-ref.raw" 256M
+bw=()
+for ((b = 0; b < 100; b++)); do bw+=("write -P $((b + 1)) $((b * 2097152 + 4096)) 4k"); done
+tdr_start "vhd:$T/big.vhd"
+qio "$URI" "${bw[@]}" flush
+tdr_stop || fail "daemon exited with status $? on SIGTERM"
+qio "$T/big-ref.raw" "${bw[@]}"
+[ "$(stat -c %s "$T/big.vhd")" -gt $((192 * 1048576)) ] || fail "big.vhd did not grow past 192 MiB"
+qemu-img convert -f vpc -O raw "$T/big.vhd" "$T/big.raw" || fail "qemu-img convert -f vpc failed"
+same_file "$T/big.raw" "$T/big-ref.raw"
+"$VU" check -n "$T/big.vhd" -z >"$T/z0.out" 2>&1 || fail "check -z on a clean file: $(cat "$T/z0.out")"
+# plant 8 bytes in block 3, sector 100: its bit is clear (only sectors 8-15 were written)
+off=$("$VU" read -n "$T/big.vhd" -t $((3 * 4096 + 100)) | sed -n 's/.*file offset: //p')
+[ -n "$off" ] || fail "vhd-util read -t gave no file offset"
+printf 'stale!!!' | dd of="$T/big.vhd" bs=1 seek="$off" conv=notrunc status=none
+"$VU" check -n "$T/big.vhd" >/dev/null || fail "check without -z must still pass (the file is valid)"
+st=0
+"$VU" check -n "$T/big.vhd" -z >"$T/z1.out" 2>&1 || st=$?
+assert_eq "check -z exit status with stale data" 1 "$st"
+grep -qF "$T/big.vhd: 1 sectors in 1 of 100 allocated blocks hold data under clear bitmap bits (first: block 3, sector 100)" "$T/z1.out" ||
+	fail "check -z message: $(cat "$T/z1.out")"
+grep -qF "[stale-data]" "$T/z1.out" || fail "check -z defect name: $(cat "$T/z1.out")"
+qemu-img convert -f vpc -O raw "$T/big.vhd" "$T/big.raw"
+cmp -s "$T/big.raw" "$T/big-ref.raw" && fail "qemu-img did not see the planted data: the test plants nothing"
+"$VU" repair -n "$T/big.vhd" -z >"$T/z2.out" 2>&1 || fail "repair -z: $(cat "$T/z2.out")"
+grep -qF "zeroed 1 sectors under clear bitmap bits in 1 of 100 allocated blocks" "$T/z2.out" ||
+	fail "repair -z message: $(cat "$T/z2.out")"
+"$VU" check -n "$T/big.vhd" -z >/dev/null || fail "check -z after repair -z"
+qemu-img convert -f vpc -O raw "$T/big.vhd" "$T/big.raw"
+same_file "$T/big.raw" "$T/big-ref.raw"
+log "5: a 256 MiB file past three footer steps converts identically; check -z / repair -z"
 pass

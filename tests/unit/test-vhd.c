@@ -1027,6 +1027,78 @@ START_TEST(rule_fixed_size)
 END_TEST
 
 /* Every defect code but I/O and memory has a test above. */
+/*
+ * Data under clear bits of a dynamic disk (the "stale-data" defect of
+ * vhd-util check -z): found, located, zeroed without filling holes, and
+ * refused where it means nothing (differencing) or cannot be fixed
+ * (read-only).
+ */
+START_TEST(scrub_stale_data)
+{
+	char data[4096], junk[VHD_SECTOR_SIZE], back[VHD_SECTOR_SIZE];
+	struct vhd_error err;
+	struct vhd_scrub sc;
+	struct vhd_file *vf;
+	uint64_t data_off;
+	struct stat st1, st2;
+
+	ck_assert_int_eq(vhd_file_create(pa, 16 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_open(&vf, pa, 0, &err), 0);
+	fill_random(data, sizeof(data), 7);
+	/* blocks 1 and 4, sectors 8-15 each */
+	ck_assert_int_eq(vhd_file_write(vf, 4096 + 8, 8, data), 0);
+	ck_assert_int_eq(vhd_file_write(vf, 4 * 4096 + 8, 8, data), 0);
+	ck_assert_int_eq(vhd_file_scrub(vf, false, &sc, NULL, NULL, &err), 0);
+	ck_assert_uint_eq(sc.blocks, 2);
+	ck_assert_uint_eq(sc.stale_sectors, 0);
+	data_off = vhd_meta_block_off(&vf->m, 4) + (uint64_t)vf->m.bm_secs * VHD_SECTOR_SIZE;
+	vhd_file_close(vf);
+
+	/* plant: block 4, sectors 100-101 (clear bits) and 9 (set: real data) */
+	memset(junk, 0xA5, sizeof(junk));
+	raw_write(pa, junk, sizeof(junk), (off_t)(data_off + 100 * 512));
+	raw_write(pa, junk, sizeof(junk), (off_t)(data_off + 101 * 512));
+	raw_write(pa, junk, sizeof(junk), (off_t)(data_off + 9 * 512));
+	ck_assert_int_eq(vhd_file_open(&vf, pa, VHD_FILE_RDONLY, &err), 0);
+	ck_assert_int_eq(vhd_file_scrub(vf, false, &sc, NULL, NULL, &err), 0);
+	ck_assert_uint_eq(sc.blocks, 2);
+	ck_assert_uint_eq(sc.stale_blocks, 1);
+	ck_assert_uint_eq(sc.stale_sectors, 2);
+	ck_assert_uint_eq(sc.first_block, 4);
+	ck_assert_uint_eq(sc.first_sector, 100);
+	/* read-only: no fix */
+	ck_assert_int_lt(vhd_file_scrub(vf, true, &sc, NULL, NULL, &err), 0);
+	ck_assert_ptr_nonnull(strstr(err.msg, "read-only"));
+	vhd_file_close(vf);
+
+	ck_assert_int_eq(stat(pa, &st1), 0);
+	ck_assert_int_eq(vhd_file_open(&vf, pa, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_scrub(vf, true, &sc, NULL, NULL, &err), 0);
+	ck_assert_uint_eq(sc.stale_sectors, 2);
+	ck_assert_int_eq(vhd_file_scrub(vf, false, &sc, NULL, NULL, &err), 0);
+	ck_assert_uint_eq(sc.stale_sectors, 0);
+	vhd_file_close(vf);
+	/* zeroes written over the junk only: no hole filled */
+	ck_assert_int_eq(stat(pa, &st2), 0);
+	ck_assert_int_eq(st2.st_blocks, st1.st_blocks);
+	raw_read(pa, back, sizeof(back), (off_t)(data_off + 100 * 512));
+	for (size_t i = 0; i < sizeof(back); i++)
+		ck_assert_int_eq(back[i], 0);
+	/* the sector under a set bit is data and stays */
+	raw_read(pa, back, sizeof(back), (off_t)(data_off + 9 * 512));
+	ck_assert(memcmp(back, junk, sizeof(back)) == 0);
+	ck_assert_int_eq(vhd_file_check(pa, 0, &err), 0);
+
+	/* a differencing disk: refused, with the reason */
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+	ck_assert_int_eq(vhd_file_open(&vf, pb, VHD_FILE_RDONLY, &err), 0);
+	ck_assert_int_lt(vhd_file_scrub(vf, false, &sc, NULL, NULL, &err), 0);
+	ck_assert_int_eq(err.code, VHD_ERR_FOOTER_TYPE);
+	ck_assert_ptr_nonnull(strstr(err.msg, "parent's data"));
+	vhd_file_close(vf);
+}
+END_TEST
+
 START_TEST(defect_names_distinct)
 {
 	for (int i = 0; i < VHD_ERR__COUNT; i++)
@@ -1063,6 +1135,7 @@ static Suite *vhd_suite(void)
 	tcase_add_test(tc, make_empty);
 	tcase_add_test(tc, coalesce_keeps_content);
 	tcase_add_test(tc, repair_from_backup);
+	tcase_add_test(tc, scrub_stale_data);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("rules");
