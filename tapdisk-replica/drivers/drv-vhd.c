@@ -875,7 +875,8 @@ static void alloc_zero_done(struct tdr_iocb *io, ssize_t res, void *arg)
 static void alloc_zero_gaps(struct vhd_alloc *a)
 {
 	struct vhd_state *s = a->s;
-	uint32_t spb = s->m.spb, i = 0, j;
+	uint32_t spb = s->m.spb, i = 0, run;
+	bool set;
 
 	if (!s->zero_block) {
 		s->zero_block = tdr_io_alloc(s->m.header.block_size);
@@ -885,27 +886,23 @@ static void alloc_zero_gaps(struct vhd_alloc *a)
 		}
 		memset(s->zero_block, 0, s->m.header.block_size);
 	}
-	while (i < spb) {
+	for (; i < spb; i += run) {
 		struct vhd_zero_run *z;
 
-		if (vhd_bitmap_test(a->map, i)) {
-			i++;
+		run = vhd_bitmap_run(a->map, i, spb - i, &set);
+		if (set)
 			continue;
-		}
-		for (j = i + 1; j < spb && !vhd_bitmap_test(a->map, j); j++)
-			;
 		z = malloc(sizeof(*z));
 		if (!z) {
 			a->err = a->err ? a->err : -ENOMEM;
 			return;
 		}
 		z->a = a;
-		z->len = (size_t)(j - i) << TD_SECTOR_SHIFT;
+		z->len = (size_t)run << TD_SECTOR_SHIFT;
 		a->pending++;
 		tdr_io_pwrite(s->img->io, &z->iocb, s->fd, s->zero_block, z->len,
 			      a->off + s->bm_bytes + ((uint64_t)i << TD_SECTOR_SHIFT),
 			      alloc_zero_done, z);
-		i = j;
 	}
 }
 
