@@ -259,12 +259,12 @@ static int check_stale(const char *name)
 		return fail(&err, r);
 	if (sc.stale_sectors) {
 		fprintf(stderr,
-			"vhd-util check: %s: %" PRIu64 " sectors in %" PRIu64 " of %" PRIu64
+			"vhd-util check: %s: %" PRIu64 " sector%s in %" PRIu64 " of %" PRIu64
 			" allocated blocks hold data under clear bitmap bits (first: block %u, sector %u); "
 			"tapdisk-replica reads them as zeroes, but readers that ignore the bitmap (qemu) "
 			"see the data; zero them with: vhd-util repair -n %s -z [%s]\n",
-			name, sc.stale_sectors, sc.stale_blocks, sc.blocks, sc.first_block,
-			sc.first_sector, name, vhd_defect_name(VHD_ERR_STALE_DATA));
+			name, sc.stale_sectors, sc.stale_sectors == 1 ? "" : "s", sc.stale_blocks, sc.blocks,
+			sc.first_block, sc.first_sector, name, vhd_defect_name(VHD_ERR_STALE_DATA));
 		return 1;
 	}
 	return 0;
@@ -403,8 +403,9 @@ static int repair_stale(const char *name)
 		printf("\n");
 	if (r < 0)
 		return fail(&err, r);
-	printf("%s: zeroed %" PRIu64 " sectors under clear bitmap bits in %" PRIu64 " of %" PRIu64
-	       " allocated blocks\n", name, sc.stale_sectors, sc.stale_blocks, sc.blocks);
+	printf("%s: zeroed %" PRIu64 " sector%s under clear bitmap bits in %" PRIu64 " of %" PRIu64
+	       " allocated blocks\n", name, sc.stale_sectors, sc.stale_sectors == 1 ? "" : "s",
+	       sc.stale_blocks, sc.blocks);
 	return 0;
 }
 

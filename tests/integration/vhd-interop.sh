@@ -139,13 +139,13 @@ printf 'stale!!!' | dd of="$T/big.vhd" bs=1 seek="$off" conv=notrunc status=none
 st=0
 "$VU" check -n "$T/big.vhd" -z >"$T/z1.out" 2>&1 || st=$?
 assert_eq "check -z exit status with stale data" 1 "$st"
-grep -qF "$T/big.vhd: 1 sectors in 1 of 100 allocated blocks hold data under clear bitmap bits (first: block 3, sector 100)" "$T/z1.out" ||
+grep -qF "$T/big.vhd: 1 sector in 1 of 100 allocated blocks hold data under clear bitmap bits (first: block 3, sector 100)" "$T/z1.out" ||
 	fail "check -z message: $(cat "$T/z1.out")"
 grep -qF "[stale-data]" "$T/z1.out" || fail "check -z defect name: $(cat "$T/z1.out")"
 qemu-img convert -f vpc -O raw "$T/big.vhd" "$T/big.raw"
 cmp -s "$T/big.raw" "$T/big-ref.raw" && fail "qemu-img did not see the planted data: the test plants nothing"
 "$VU" repair -n "$T/big.vhd" -z >"$T/z2.out" 2>&1 || fail "repair -z: $(cat "$T/z2.out")"
-grep -qF "zeroed 1 sectors under clear bitmap bits in 1 of 100 allocated blocks" "$T/z2.out" ||
+grep -qF "zeroed 1 sector under clear bitmap bits in 1 of 100 allocated blocks" "$T/z2.out" ||
 	fail "repair -z message: $(cat "$T/z2.out")"
 "$VU" check -n "$T/big.vhd" -z >/dev/null || fail "check -z after repair -z"
 qemu-img convert -f vpc -O raw "$T/big.vhd" "$T/big.raw"
