@@ -239,14 +239,14 @@ static int do_query(int argc, char **argv)
 static void print_progress(void *arg, uint64_t done, uint64_t total);
 
 /* vhd-util check -z: data under clear bits of a dynamic disk is a defect. */
-static int check_stale(const char *name)
+static int check_stale(const char *name, unsigned flags)
 {
 	struct vhd_error err = { 0 };
 	struct vhd_scrub sc;
 	struct vhd_file *vf;
 	int r;
 
-	r = vhd_file_open(&vf, name, VHD_FILE_RDONLY, &err);
+	r = vhd_file_open(&vf, name, VHD_FILE_RDONLY | (flags & VHD_FILE_USE_BACKUP), &err);
 	if (r < 0)
 		return fail(&err, r);
 	if (vf->m.footer.type != VHD_TYPE_DYNAMIC) {
@@ -260,11 +260,12 @@ static int check_stale(const char *name)
 	if (sc.stale_sectors) {
 		fprintf(stderr,
 			"vhd-util check: %s: %" PRIu64 " sector%s in %" PRIu64 " of %" PRIu64
-			" allocated blocks hold data under clear bitmap bits (first: block %u, sector %u); "
+			" allocated blocks hold%s data under clear bitmap bits (first: block %u, sector %u); "
 			"tapdisk-replica reads them as zeroes, but readers that ignore the bitmap (qemu) "
 			"see the data; zero them with: vhd-util repair -n %s -z [%s]\n",
 			name, sc.stale_sectors, sc.stale_sectors == 1 ? "" : "s", sc.stale_blocks, sc.blocks,
-			sc.first_block, sc.first_sector, name, vhd_defect_name(VHD_ERR_STALE_DATA));
+			sc.stale_sectors == 1 ? "s" : "", sc.first_block, sc.first_sector, name,
+			vhd_defect_name(VHD_ERR_STALE_DATA));
 		return 1;
 	}
 	return 0;
@@ -311,7 +312,7 @@ static int do_check(int argc, char **argv)
 	}
 	if (err.code != VHD_OK)
 		fprintf(stderr, "vhd-util check: warning: %s\n", err.msg);
-	if (stale && (r = check_stale(name)) != 0)
+	if (stale && (r = check_stale(name, flags)) != 0)
 		return r;
 	printf("%s is valid\n", name);
 	return 0;
@@ -411,7 +412,7 @@ static int repair_stale(const char *name)
 
 static int do_repair(int argc, char **argv)
 {
-	const char *usage = "-n NAME [-z zero data under clear bitmap bits (dynamic disks)]";
+	const char *usage = "-n NAME [-z zero data under clear bitmap bits (dynamic disks; only while no tapdisk has the file open)]";
 	const char *name = NULL;
 	bool stale = false;
 	struct vhd_error err = { 0 };

@@ -142,8 +142,9 @@ struct vhd_state {
 	struct tdr_list footer_waiters;
 	struct tdr_iocb footer_iocb;
 	uint8_t *footer_buf;
-	uint8_t *zero_sec;	/* one zero sector, to clear an old footer */
-	uint8_t *zero_block;	/* a block of zeroes, allocated when first needed */
+	uint8_t *zero_sec;	/* two zero sectors, to clear an old footer */
+	size_t footer_zero_len;
+	uint8_t *zero_block;	/* ZERO_BUF bytes of zeroes, allocated when first needed */
 
 	struct vhd_bm *bm_hash[BM_HASH];
 	struct vhd_alloc *al_hash[BM_HASH];
@@ -493,6 +494,9 @@ static void read_runs(struct vhd_op *op)
  */
 #define FOOTER_STEP (64ull << 20)
 
+/* The zero buffer of alloc_zero_gaps: longer runs go in several writes. */
+#define ZERO_BUF (1u << 20)
+
 /* ------------------------------------------------------------------ */
 /* Group commit */
 
@@ -571,7 +575,7 @@ static void footer_old_zeroed(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct vhd_state *s = arg;
 
-	if (res >= 0 && res != VHD_SECTOR_SIZE)
+	if (res >= 0 && res != (ssize_t)s->footer_zero_len)
 		res = -EIO;
 	footer_release(s, res < 0 ? (int)res : 0);
 }
@@ -596,8 +600,15 @@ static void footer_synced(struct tdr_iocb *io, ssize_t res, void *arg)
 	 * Zero it before any block is written over it; the allocations'
 	 * group sync makes it durable before their BAT entries.
 	 */
-	tdr_io_pwrite(s->img->io, &s->footer_iocb, s->fd, s->zero_sec, VHD_SECTOR_SIZE, old,
-		      footer_old_zeroed, s);
+	s->footer_zero_len = old % VHD_SECTOR_SIZE ? 2 * VHD_SECTOR_SIZE : VHD_SECTOR_SIZE;
+	/*
+	 * A file whose length was not a multiple of 512 has its footer across
+	 * two sectors: zero both (direct I/O needs whole sectors).  The part
+	 * of the first one below the footer is not data: blocks end on sector
+	 * boundaries, at or below the footer.
+	 */
+	tdr_io_pwrite(s->img->io, &s->footer_iocb, s->fd, s->zero_sec, s->footer_zero_len,
+		      old & ~(uint64_t)(VHD_SECTOR_SIZE - 1), footer_old_zeroed, s);
 }
 
 /* The new footer must be durable before a block overwrites the old one. */
@@ -875,21 +886,21 @@ static void alloc_zero_done(struct tdr_iocb *io, ssize_t res, void *arg)
 static void alloc_zero_gaps(struct vhd_alloc *a)
 {
 	struct vhd_state *s = a->s;
-	uint32_t spb = s->m.spb, i = 0, run;
+	uint32_t spb = s->m.spb, i = 0, run, max = ZERO_BUF >> TD_SECTOR_SHIFT;
 	bool set;
 
 	if (!s->zero_block) {
-		s->zero_block = tdr_io_alloc(s->m.header.block_size);
+		s->zero_block = tdr_io_alloc(ZERO_BUF);
 		if (!s->zero_block) {
 			a->err = a->err ? a->err : -ENOMEM;
 			return;
 		}
-		memset(s->zero_block, 0, s->m.header.block_size);
+		memset(s->zero_block, 0, ZERO_BUF);
 	}
 	for (; i < spb; i += run) {
 		struct vhd_zero_run *z;
 
-		run = vhd_bitmap_run(a->map, i, spb - i, &set);
+		run = vhd_bitmap_run(a->map, i, spb - i < max ? spb - i : max, &set);
 		if (set)
 			continue;
 		z = malloc(sizeof(*z));
@@ -1503,13 +1514,13 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 	s->bat_disk = malloc((size_t)s->m.bat_entries * sizeof(uint32_t) + 1);
 	s->bsec = calloc(s->nbsec ? s->nbsec : 1, sizeof(*s->bsec));
 	s->footer_buf = tdr_io_alloc(VHD_FOOTER_SIZE);
-	s->zero_sec = tdr_io_alloc(VHD_SECTOR_SIZE);
+	s->zero_sec = tdr_io_alloc(2 * VHD_SECTOR_SIZE);
 	if (!s->bat_disk || !s->bsec || !s->footer_buf || !s->zero_sec) {
 		vhd_free_state(s);
 		tdr_set_error("%s: out of memory", params);
 		return -ENOMEM;
 	}
-	memset(s->zero_sec, 0, VHD_SECTOR_SIZE);
+	memset(s->zero_sec, 0, 2 * VHD_SECTOR_SIZE);
 	memcpy(s->bat_disk, s->m.bat, (size_t)s->m.bat_entries * sizeof(uint32_t));
 	/* The one full scan: at open. */
 	for (uint32_t b = 0; b < s->m.bat_entries; b++)
@@ -1737,10 +1748,16 @@ static void mk_bat_done(struct tdr_iocb *io, ssize_t res, void *arg)
 		}
 		rs->s = s;
 		tdr_list_add_tail(&rs->entry, &s->reuse_syncs);
-		if (s->assigned_end > s->reuse_end)
-			s->reuse_end = s->assigned_end;
 		tdr_io_fdsync(s->img->io, &rs->iocb, s->fd, reuse_synced, rs);
 	}
+	/*
+	 * Everything below assigned_end may hold old data, whether or not this
+	 * make-empty dropped a block (the file may have been emptied by an
+	 * earlier process and kept its length): a dynamic disk's new blocks
+	 * there are zero-filled (alloc_zero_gaps).
+	 */
+	if (s->assigned_end > s->reuse_end)
+		s->reuse_end = s->assigned_end;
 	s->m.data_end = s->m.meta_end;
 	s->m.allocated = 0;
 	set_next_free(s, mk->end);

@@ -195,11 +195,15 @@ static bool sector_is_zero(const uint8_t *p)
 	return true;
 }
 
+/* The scrub reads (and zeroes) at most this much at a time. */
+#define SCRUB_CHUNK (1u << 20)
+
 /*
- * One run of clear bits [i, i + run) of block b: count the non-zero
- * sectors and, with fix, zero each run of them.
+ * One run of clear bits [i, i + run) of block b (run at most SCRUB_CHUNK
+ * bytes): count the non-zero sectors and, with zero (fix), zero each run of
+ * them.
  */
-static int scrub_run(struct vhd_file *vf, uint32_t b, uint32_t i, uint32_t run, bool fix,
+static int scrub_run(struct vhd_file *vf, uint32_t b, uint32_t i, uint32_t run,
 		     uint8_t *buf, const uint8_t *zero, struct vhd_scrub *out, bool *stale)
 {
 	uint64_t data = vhd_meta_block_off(&vf->m, b) + ((uint64_t)vf->m.bm_secs << VHD_SECTOR_SHIFT);
@@ -222,7 +226,7 @@ static int scrub_run(struct vhd_file *vf, uint32_t b, uint32_t i, uint32_t run, 
 		}
 		out->stale_sectors += bad;
 		*stale = true;
-		if (fix)
+		if (zero)
 			r = vhd_pwrite_all(vf->fd, zero, (size_t)bad << VHD_SECTOR_SHIFT,
 					   data + ((uint64_t)(i + k) << VHD_SECTOR_SHIFT));
 		k += bad;
@@ -234,6 +238,7 @@ int vhd_file_scrub(struct vhd_file *vf, bool fix, struct vhd_scrub *out,
 		   vhd_progress_fn progress, void *arg, struct vhd_error *err)
 {
 	uint64_t total = vf->m.footer.current_size >> VHD_SECTOR_SHIFT;
+	uint32_t max = SCRUB_CHUNK >> VHD_SECTOR_SHIFT;
 	uint8_t *map = NULL, *buf = NULL, *zero = NULL;
 	uint32_t b;
 	int r = 0;
@@ -247,9 +252,9 @@ int vhd_file_scrub(struct vhd_file *vf, bool fix, struct vhd_scrub *out,
 	if (fix && vf->rdonly)
 		return vhd_fail(err, VHD_ERR_IO, "%s: opened read-only", vf->path);
 	map = malloc((size_t)vf->m.bm_secs * VHD_SECTOR_SIZE);
-	buf = malloc(vf->m.header.block_size);
-	zero = calloc(1, vf->m.header.block_size);
-	if (!map || !buf || !zero) {
+	buf = malloc(SCRUB_CHUNK);
+	zero = fix ? calloc(1, SCRUB_CHUNK) : NULL;
+	if (!map || !buf || (fix && !zero)) {
 		r = vhd_fail(err, VHD_ERR_NOMEM, "%s: out of memory", vf->path);
 		goto out;
 	}
@@ -264,10 +269,10 @@ int vhd_file_scrub(struct vhd_file *vf, bool fix, struct vhd_scrub *out,
 		r = vhd_file_read_bitmap(vf, b, map);
 		while (!r && i < n) {
 			bool set;
-			uint32_t run = vhd_bitmap_run(map, i, n - i, &set);
+			uint32_t run = vhd_bitmap_run(map, i, n - i < max ? n - i : max, &set);
 
 			if (!set)
-				r = scrub_run(vf, b, i, run, fix, buf, zero, out, &stale);
+				r = scrub_run(vf, b, i, run, buf, zero, out, &stale);
 			i += run;
 		}
 		if (r) {

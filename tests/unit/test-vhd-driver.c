@@ -746,6 +746,98 @@ START_TEST(dynamic_reuse_hides_old_data)
 }
 END_TEST
 
+static void make_empty_now(struct td_disk *disk)
+{
+	drain(disk);
+	op_done = false;
+	vhd_image_make_empty(disk->top, on_done, NULL);
+	while (!op_done)
+		ck_assert_int_ge(tdr_loop_run_once(loop, 1000), 0);
+	ck_assert_int_eq(op_err, 0);
+}
+
+/*
+ * The same across processes: a file emptied online keeps its length and
+ * its old blocks' data.  Reopened and made empty again, with no block to
+ * drop this time, its new blocks still land on the old data and must still
+ * be zero-filled.
+ */
+START_TEST(dynamic_reuse_after_reopen)
+{
+	const uint64_t size = 16 * MIB, bs = 2 * MIB;
+	char *full = abuf(bs), *data = abuf(4096), *model = calloc(1, size), *back = abuf(size);
+	struct td_disk *disk;
+	struct vhd_error err;
+
+	ck_assert_ptr_nonnull(model);
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	disk = open_disk(pa, 0);
+	fill_random(full, bs, 41);
+	for (unsigned b = 0; b < 3; b++)
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, b * bs / 512, (uint32_t)(bs / 512), full, NULL), 0);
+	make_empty_now(disk);
+	td_disk_close(disk);
+
+	disk = open_disk(pa, 0);
+	make_empty_now(disk);
+	fill_random(data, 4096, 42);
+	for (unsigned b = 4; b < 7; b++) {
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (b * bs + 8192) / 512, 8, data, NULL), 0);
+		memcpy(model + b * bs + 8192, data, 4096);
+	}
+	td_disk_close(disk);
+	lib_check(pa);
+	expect_bitmap_blind(pa, back, model, size);
+	free(full);
+	free(data);
+	free(model);
+	free(back);
+}
+END_TEST
+
+/*
+ * A file whose length is not a multiple of 512 (the footer then sits at an
+ * unaligned offset; the format allows it): when the footer moves, the old
+ * one is zeroed with whole-sector direct writes, and allocation goes on.
+ */
+START_TEST(unaligned_footer_moves)
+{
+	const uint64_t size = 256 * MIB, bs = 2 * MIB;
+	char *data = abuf(4096), *model = calloc(1, size), *back = abuf(size);
+	char foot[512], pad[100];
+	struct td_disk *disk;
+	struct vhd_error err;
+	struct stat st;
+	int fd;
+
+	ck_assert_ptr_nonnull(model);
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(stat(pa, &st), 0);
+	fd = open(pa, O_RDWR);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pread(fd, foot, sizeof(foot), st.st_size - 512), 512);
+	memset(pad, 0, sizeof(pad));
+	ck_assert_int_eq(pwrite(fd, pad, sizeof(pad), st.st_size - 512), (ssize_t)sizeof(pad));
+	ck_assert_int_eq(pwrite(fd, foot, sizeof(foot), st.st_size - 512 + 100), 512);
+	close(fd);
+	lib_check(pa);
+	disk = open_disk(pa, 0);
+	fill_random(data, 4096, 51);
+	for (unsigned b = 0; b < 40; b++) {
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (b * bs + 4096) / 512, 8, data, NULL), 0);
+		memcpy(model + b * bs + 4096, data, 4096);
+	}
+	ck_assert_uint_ge(image_stat(disk, "footer_writes"), 2);
+	td_disk_close(disk);
+	lib_check(pa);
+	expect_file(pa, back, model, size);
+	expect_bitmap_blind(pa, back, model, size);
+	free(data);
+	free(model);
+	free(back);
+}
+END_TEST
+
 START_TEST(online_make_empty)
 {
 	const uint64_t size = 8 * MIB;
@@ -1071,6 +1163,8 @@ static Suite *suite(void)
 	tcase_add_test(tc, make_empty_then_allocate_waits_for_sync);
 	tcase_add_test(tc, moved_footer_leaves_no_trace);
 	tcase_add_test(tc, dynamic_reuse_hides_old_data);
+	tcase_add_test(tc, dynamic_reuse_after_reopen);
+	tcase_add_test(tc, unaligned_footer_moves);
 	tcase_add_test(tc, online_commit);
 	tcase_add_test(tc, bad_file_untouched);
 	tcase_add_test(tc, crash_safety_dynamic);

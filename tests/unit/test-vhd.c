@@ -1026,7 +1026,6 @@ START_TEST(rule_fixed_size)
 }
 END_TEST
 
-/* Every defect code but I/O and memory has a test above. */
 /*
  * Data under clear bits of a dynamic disk (the "stale-data" defect of
  * vhd-util check -z): found, located, zeroed without filling holes, and
@@ -1099,6 +1098,7 @@ START_TEST(scrub_stale_data)
 }
 END_TEST
 
+/* Every defect code but I/O and memory has a test above. */
 START_TEST(defect_names_distinct)
 {
 	for (int i = 0; i < VHD_ERR__COUNT; i++)
