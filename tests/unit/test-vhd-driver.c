@@ -667,6 +667,36 @@ static void expect_bitmap_blind(const char *path, char *back, const char *want, 
 }
 
 /*
+ * Writes 4 KiB at 4 KiB into each of the first nblocks 2 MiB blocks of the
+ * dynamic disk at path (size bytes), each with its own data; checks that
+ * the footer moved at least min_moves times, then the file: valid, our
+ * read, and a bitmap-blind read.
+ */
+static void first_touches_then_check(const char *path, uint64_t size, unsigned nblocks,
+				     unsigned min_moves)
+{
+	const uint64_t bs = 2 * MIB;
+	char *data = abuf(4096), *model = calloc(1, size), *back = abuf(size);
+	struct td_disk *disk;
+
+	ck_assert_ptr_nonnull(model);
+	disk = open_disk(path, 0);
+	for (unsigned b = 0; b < nblocks; b++) {
+		fill_random(data, 4096, 100 + b);
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (b * bs + 4096) / 512, 8, data, NULL), 0);
+		memcpy(model + b * bs + 4096, data, 4096);
+	}
+	ck_assert_uint_ge(image_stat(disk, "footer_writes"), min_moves);
+	td_disk_close(disk);
+	lib_check(path);
+	expect_file(path, back, model, size);
+	expect_bitmap_blind(path, back, model, size);
+	free(data);
+	free(model);
+	free(back);
+}
+
+/*
  * The footer moves 64 MiB ahead when the file must grow, and later blocks
  * are placed over where it was: its old copy must not be left in their data
  * area (under clear bits), where qemu's vpc driver would read it as the
@@ -675,74 +705,10 @@ static void expect_bitmap_blind(const char *path, char *back, const char *want, 
  */
 START_TEST(moved_footer_leaves_no_trace)
 {
-	const uint64_t size = 256 * MIB, bs = 2 * MIB;
-	char *data = abuf(4096), *model = calloc(1, size), *back = abuf(size);
-	struct td_disk *disk;
 	struct vhd_error err;
 
-	ck_assert_ptr_nonnull(model);
-	ck_assert_ptr_nonnull(back);
-	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
-	disk = open_disk(pa, 0);
-	for (unsigned b = 0; b < 100; b++) {
-		fill_random(data, 4096, 100 + b);
-		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (b * bs + 4096) / 512, 8, data, NULL), 0);
-		memcpy(model + b * bs + 4096, data, 4096);
-	}
-	ck_assert_uint_ge(image_stat(disk, "footer_writes"), 3);
-	td_disk_close(disk);
-	lib_check(pa);
-	expect_file(pa, back, model, size);
-	expect_bitmap_blind(pa, back, model, size);
-	free(data);
-	free(model);
-	free(back);
-}
-END_TEST
-
-/*
- * After an online make-empty of a dynamic disk, new blocks reuse the space
- * of the old ones: what a partial write leaves of the block must read as
- * zeroes for a bitmap-blind reader too, not as the old block's data.
- */
-START_TEST(dynamic_reuse_hides_old_data)
-{
-	const uint64_t size = 16 * MIB, bs = 2 * MIB;
-	char *full = abuf(bs), *data = abuf(4096), *model = calloc(1, size), *back = abuf(size);
-	struct td_disk *disk;
-	struct vhd_error err;
-
-	ck_assert_ptr_nonnull(model);
-	ck_assert_ptr_nonnull(back);
-	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
-	disk = open_disk(pa, 0);
-	fill_random(full, bs, 31);
-	for (unsigned b = 0; b < 3; b++)
-		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, b * bs / 512, (uint32_t)(bs / 512), full, NULL), 0);
-	drain(disk);
-	op_done = false;
-	vhd_image_make_empty(disk->top, on_done, NULL);
-	while (!op_done)
-		ck_assert_int_ge(tdr_loop_run_once(loop, 1000), 0);
-	ck_assert_int_eq(op_err, 0);
-	/* three partial writes into new blocks, placed where the old ones were */
-	fill_random(data, 4096, 32);
-	for (unsigned b = 5; b < 8; b++) {
-		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (b * bs + 8192) / 512, 8, data, NULL), 0);
-		memcpy(model + b * bs + 8192, data, 4096);
-	}
-	/* and a later write into one of them, through its bitmap */
-	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (6 * bs + MIB) / 512, 8, data, NULL), 0);
-	memcpy(model + 6 * bs + MIB, data, 4096);
-	read_all(disk, back, size);
-	ck_assert(memcmp(back, model, size) == 0);
-	td_disk_close(disk);
-	lib_check(pa);
-	expect_bitmap_blind(pa, back, model, size);
-	free(full);
-	free(data);
-	free(model);
-	free(back);
+	ck_assert_int_eq(vhd_file_create(pa, 256 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	first_touches_then_check(pa, 256 * MIB, 100, 3);
 }
 END_TEST
 
@@ -756,6 +722,67 @@ static void make_empty_now(struct td_disk *disk)
 	ck_assert_int_eq(op_err, 0);
 }
 
+/* Fills blocks 0-2 of a fresh dynamic disk with data, then empties it. */
+static struct td_disk *three_blocks_then_empty(void)
+{
+	const uint64_t bs = 2 * MIB;
+	char *full = abuf(bs);
+	struct td_disk *disk;
+	struct vhd_error err;
+
+	ck_assert_int_eq(vhd_file_create(pa, 16 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	disk = open_disk(pa, 0);
+	fill_random(full, bs, 31);
+	for (unsigned b = 0; b < 3; b++)
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, b * bs / 512, (uint32_t)(bs / 512), full, NULL), 0);
+	make_empty_now(disk);
+	free(full);
+	return disk;
+}
+
+/* 4 KiB at 8 KiB into blocks [from, to): new blocks, in the reused space. */
+static void partial_writes(struct td_disk *disk, char *model, unsigned from, unsigned to)
+{
+	const uint64_t bs = 2 * MIB;
+	char *data = abuf(4096);
+
+	fill_random(data, 4096, 32 + from);
+	for (unsigned b = from; b < to; b++) {
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (b * bs + 8192) / 512, 8, data, NULL), 0);
+		memcpy(model + b * bs + 8192, data, 4096);
+	}
+	free(data);
+}
+
+/*
+ * After an online make-empty of a dynamic disk, new blocks reuse the space
+ * of the old ones: what a partial write leaves of the block must read as
+ * zeroes for a bitmap-blind reader too, not as the old block's data.
+ */
+START_TEST(dynamic_reuse_hides_old_data)
+{
+	const uint64_t size = 16 * MIB, bs = 2 * MIB;
+	char *data = abuf(4096), *model = calloc(1, size), *back = abuf(size);
+	struct td_disk *disk;
+
+	ck_assert_ptr_nonnull(model);
+	disk = three_blocks_then_empty();
+	partial_writes(disk, model, 5, 8);
+	/* and a later write into one of them, through its bitmap */
+	fill_random(data, 4096, 33);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (6 * bs + MIB) / 512, 8, data, NULL), 0);
+	memcpy(model + 6 * bs + MIB, data, 4096);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	td_disk_close(disk);
+	lib_check(pa);
+	expect_bitmap_blind(pa, back, model, size);
+	free(data);
+	free(model);
+	free(back);
+}
+END_TEST
+
 /*
  * The same across processes: a file emptied online keeps its length and
  * its old blocks' data.  Reopened and made empty again, with no block to
@@ -764,32 +791,18 @@ static void make_empty_now(struct td_disk *disk)
  */
 START_TEST(dynamic_reuse_after_reopen)
 {
-	const uint64_t size = 16 * MIB, bs = 2 * MIB;
-	char *full = abuf(bs), *data = abuf(4096), *model = calloc(1, size), *back = abuf(size);
+	const uint64_t size = 16 * MIB;
+	char *model = calloc(1, size), *back = abuf(size);
 	struct td_disk *disk;
-	struct vhd_error err;
 
 	ck_assert_ptr_nonnull(model);
-	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
-	disk = open_disk(pa, 0);
-	fill_random(full, bs, 41);
-	for (unsigned b = 0; b < 3; b++)
-		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, b * bs / 512, (uint32_t)(bs / 512), full, NULL), 0);
-	make_empty_now(disk);
-	td_disk_close(disk);
-
+	td_disk_close(three_blocks_then_empty());
 	disk = open_disk(pa, 0);
 	make_empty_now(disk);
-	fill_random(data, 4096, 42);
-	for (unsigned b = 4; b < 7; b++) {
-		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (b * bs + 8192) / 512, 8, data, NULL), 0);
-		memcpy(model + b * bs + 8192, data, 4096);
-	}
+	partial_writes(disk, model, 4, 7);
 	td_disk_close(disk);
 	lib_check(pa);
 	expect_bitmap_blind(pa, back, model, size);
-	free(full);
-	free(data);
 	free(model);
 	free(back);
 }
@@ -802,16 +815,12 @@ END_TEST
  */
 START_TEST(unaligned_footer_moves)
 {
-	const uint64_t size = 256 * MIB, bs = 2 * MIB;
-	char *data = abuf(4096), *model = calloc(1, size), *back = abuf(size);
 	char foot[512], pad[100];
-	struct td_disk *disk;
 	struct vhd_error err;
 	struct stat st;
 	int fd;
 
-	ck_assert_ptr_nonnull(model);
-	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_create(pa, 256 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
 	ck_assert_int_eq(stat(pa, &st), 0);
 	fd = open(pa, O_RDWR);
 	ck_assert_int_ge(fd, 0);
@@ -821,20 +830,7 @@ START_TEST(unaligned_footer_moves)
 	ck_assert_int_eq(pwrite(fd, foot, sizeof(foot), st.st_size - 512 + 100), 512);
 	close(fd);
 	lib_check(pa);
-	disk = open_disk(pa, 0);
-	fill_random(data, 4096, 51);
-	for (unsigned b = 0; b < 40; b++) {
-		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (b * bs + 4096) / 512, 8, data, NULL), 0);
-		memcpy(model + b * bs + 4096, data, 4096);
-	}
-	ck_assert_uint_ge(image_stat(disk, "footer_writes"), 2);
-	td_disk_close(disk);
-	lib_check(pa);
-	expect_file(pa, back, model, size);
-	expect_bitmap_blind(pa, back, model, size);
-	free(data);
-	free(model);
-	free(back);
+	first_touches_then_check(pa, 256 * MIB, 40, 2);
 }
 END_TEST
 
