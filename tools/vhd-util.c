@@ -236,25 +236,16 @@ static int do_query(int argc, char **argv)
 	return ret;
 }
 
-static void print_progress(void *arg, uint64_t done, uint64_t total);
-
 /* vhd-util check -z: data under clear bits of a dynamic disk is a defect. */
-static int check_stale(const char *name, unsigned flags)
+static int check_stale(struct vhd_file *vf, const char *name)
 {
 	struct vhd_error err = { 0 };
 	struct vhd_scrub sc;
-	struct vhd_file *vf;
 	int r;
 
-	r = vhd_file_open(&vf, name, VHD_FILE_RDONLY | (flags & VHD_FILE_USE_BACKUP), &err);
-	if (r < 0)
-		return fail(&err, r);
-	if (vf->m.footer.type != VHD_TYPE_DYNAMIC) {
-		vhd_file_close(vf);
+	if (vf->m.footer.type != VHD_TYPE_DYNAMIC)
 		return 0;	/* nothing to look for: see vhd_file_scrub */
-	}
 	r = vhd_file_scrub(vf, false, &sc, NULL, NULL, &err);
-	vhd_file_close(vf);
 	if (r < 0)
 		return fail(&err, r);
 	if (sc.stale_sectors) {
@@ -279,6 +270,7 @@ static int do_check(int argc, char **argv)
 	unsigned flags = 0;
 	bool stale = false;
 	struct vhd_error err = { 0 };
+	struct vhd_file *vf;
 	int c, r;
 
 	while ((c = getopt(argc, argv, "n:ipthz")) != -1) {
@@ -304,15 +296,20 @@ static int do_check(int argc, char **argv)
 	}
 	if (!name || optind != argc)
 		return usage_error(usage);
-	/* A differencing disk is only usable with its parent: check it too. */
-	r = vhd_file_check(name, flags | VHD_FILE_CHAIN, &err);
+	/*
+	 * Opening validates (vhd_file_check is this open and a close).  A
+	 * differencing disk is only usable with its parent: check it too.
+	 */
+	r = vhd_file_open(&vf, name, flags | VHD_FILE_CHAIN | VHD_FILE_RDONLY, &err);
 	if (r < 0) {
 		fprintf(stderr, "vhd-util check: %s [%s]\n", err.msg, vhd_defect_name(err.code));
 		return 1;
 	}
 	if (err.code != VHD_OK)
 		fprintf(stderr, "vhd-util check: warning: %s\n", err.msg);
-	if (stale && (r = check_stale(name, flags)) != 0)
+	r = stale ? check_stale(vf, name) : 0;
+	vhd_file_close(vf);
+	if (r)
 		return r;
 	printf("%s is valid\n", name);
 	return 0;

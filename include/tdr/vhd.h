@@ -195,6 +195,8 @@ static inline void vhd_bitmap_clear(uint8_t *map, uint32_t bit)
 void vhd_bitmap_set_range(uint8_t *map, uint32_t first, uint32_t n);
 /* Length of the run of equal bits starting at first, at most max. */
 uint32_t vhd_bitmap_run(const uint8_t *map, uint32_t first, uint32_t max, bool *set);
+/* Whether all len bytes at p are zero. */
+bool vhd_all_zero(const void *p, size_t len);
 
 /* Sectors of bitmap in front of each block. */
 static inline uint32_t vhd_bitmap_secs(uint32_t block_size)

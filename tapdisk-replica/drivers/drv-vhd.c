@@ -142,8 +142,7 @@ struct vhd_state {
 	struct tdr_list footer_waiters;
 	struct tdr_iocb footer_iocb;
 	uint8_t *footer_buf;
-	uint8_t *zero_sec;	/* two zero sectors, to clear an old footer */
-	size_t footer_zero_len;
+	uint8_t *zero_sec;	/* FOOTER_ZERO_LEN zero bytes, to clear an old footer */
 	uint8_t *zero_block;	/* ZERO_BUF bytes of zeroes, allocated when first needed */
 
 	struct vhd_bm *bm_hash[BM_HASH];
@@ -494,6 +493,9 @@ static void read_runs(struct vhd_op *op)
  */
 #define FOOTER_STEP (64ull << 20)
 
+/* What footer_synced zeroes where the old footer was. */
+#define FOOTER_ZERO_LEN (2 * VHD_SECTOR_SIZE)
+
 /* The zero buffer of alloc_zero_gaps: longer runs go in several writes. */
 #define ZERO_BUF (1u << 20)
 
@@ -575,7 +577,7 @@ static void footer_old_zeroed(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct vhd_state *s = arg;
 
-	if (res >= 0 && res != (ssize_t)s->footer_zero_len)
+	if (res >= 0 && res != (ssize_t)FOOTER_ZERO_LEN)
 		res = -EIO;
 	footer_release(s, res < 0 ? (int)res : 0);
 }
@@ -600,14 +602,14 @@ static void footer_synced(struct tdr_iocb *io, ssize_t res, void *arg)
 	 * Zero it before any block is written over it; the allocations'
 	 * group sync makes it durable before their BAT entries.
 	 */
-	s->footer_zero_len = old % VHD_SECTOR_SIZE ? 2 * VHD_SECTOR_SIZE : VHD_SECTOR_SIZE;
 	/*
-	 * A file whose length was not a multiple of 512 has its footer across
-	 * two sectors: zero both (direct I/O needs whole sectors).  The part
-	 * of the first one below the footer is not data: blocks end on sector
-	 * boundaries, at or below the footer.
+	 * Two whole sectors from the one the footer starts in (direct I/O
+	 * writes whole sectors): a file whose length was not a multiple of
+	 * 512 has its footer across two.  Nothing else is there: blocks end on
+	 * sector boundaries at or below the footer, and past it was the end of
+	 * the file, now the gap below the new footer.
 	 */
-	tdr_io_pwrite(s->img->io, &s->footer_iocb, s->fd, s->zero_sec, s->footer_zero_len,
+	tdr_io_pwrite(s->img->io, &s->footer_iocb, s->fd, s->zero_sec, FOOTER_ZERO_LEN,
 		      old & ~(uint64_t)(VHD_SECTOR_SIZE - 1), footer_old_zeroed, s);
 }
 
@@ -1514,13 +1516,13 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 	s->bat_disk = malloc((size_t)s->m.bat_entries * sizeof(uint32_t) + 1);
 	s->bsec = calloc(s->nbsec ? s->nbsec : 1, sizeof(*s->bsec));
 	s->footer_buf = tdr_io_alloc(VHD_FOOTER_SIZE);
-	s->zero_sec = tdr_io_alloc(2 * VHD_SECTOR_SIZE);
+	s->zero_sec = tdr_io_alloc(FOOTER_ZERO_LEN);
 	if (!s->bat_disk || !s->bsec || !s->footer_buf || !s->zero_sec) {
 		vhd_free_state(s);
 		tdr_set_error("%s: out of memory", params);
 		return -ENOMEM;
 	}
-	memset(s->zero_sec, 0, 2 * VHD_SECTOR_SIZE);
+	memset(s->zero_sec, 0, FOOTER_ZERO_LEN);
 	memcpy(s->bat_disk, s->m.bat, (size_t)s->m.bat_entries * sizeof(uint32_t));
 	/* The one full scan: at open. */
 	for (uint32_t b = 0; b < s->m.bat_entries; b++)

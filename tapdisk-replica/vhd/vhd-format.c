@@ -497,6 +497,16 @@ void vhd_bitmap_set_range(uint8_t *map, uint32_t first, uint32_t n)
 		vhd_bitmap_set(map, i++);
 }
 
+bool vhd_all_zero(const void *p, size_t len)
+{
+	const uint8_t *b = p;
+
+	for (size_t i = 0; i < len; i++)
+		if (b[i])
+			return false;
+	return true;
+}
+
 uint32_t vhd_bitmap_run(const uint8_t *map, uint32_t first, uint32_t max, bool *set)
 {
 	bool v = vhd_bitmap_test(map, first);

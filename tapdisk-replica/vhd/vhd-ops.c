@@ -187,14 +187,6 @@ out:
 	return r;
 }
 
-static bool sector_is_zero(const uint8_t *p)
-{
-	for (size_t i = 0; i < VHD_SECTOR_SIZE; i++)
-		if (p[i])
-			return false;
-	return true;
-}
-
 /* The scrub reads (and zeroes) at most this much at a time. */
 #define SCRUB_CHUNK (1u << 20)
 
@@ -213,12 +205,12 @@ static int scrub_run(struct vhd_file *vf, uint32_t b, uint32_t i, uint32_t run,
 	r = vhd_src_fd_pread((void *)(intptr_t)vf->fd, buf, (size_t)run << VHD_SECTOR_SHIFT,
 			     data + ((uint64_t)i << VHD_SECTOR_SHIFT));
 	while (!r && k < run) {
-		if (sector_is_zero(buf + ((size_t)k << VHD_SECTOR_SHIFT))) {
+		if (vhd_all_zero(buf + ((size_t)k << VHD_SECTOR_SHIFT), VHD_SECTOR_SIZE)) {
 			k++;
 			continue;
 		}
 		for (bad = 1; k + bad < run &&
-		     !sector_is_zero(buf + ((size_t)(k + bad) << VHD_SECTOR_SHIFT)); bad++)
+		     !vhd_all_zero(buf + ((size_t)(k + bad) << VHD_SECTOR_SHIFT), VHD_SECTOR_SIZE); bad++)
 			;
 		if (!out->stale_sectors) {
 			out->first_block = b;

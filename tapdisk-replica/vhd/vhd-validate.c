@@ -378,16 +378,6 @@ static int cmp_ext(const void *a, const void *b)
 	return x->start < y->start ? -1 : x->start > y->start;
 }
 
-static bool all_zero(const void *p, size_t len)
-{
-	const uint8_t *b = p;
-
-	for (size_t i = 0; i < len; i++)
-		if (b[i])
-			return false;
-	return true;
-}
-
 static int check_bat(struct vhd_meta *m, const struct vhd_src *src, const struct region *reg,
 		     int nreg, uint64_t limit, struct vhd_error *err)
 {
@@ -528,8 +518,8 @@ static int load_dynamic(struct vhd_meta *m, const struct vhd_src *src, unsigned 
 		for (int i = 0; i < VHD_MAX_LOCATORS; i++)
 			if (h->loc[i].code != VHD_PLAT_NONE)
 				locs = true;
-		if (!all_zero(h->parent_uuid, 16) || h->parent_timestamp ||
-		    !all_zero(h->parent_name, sizeof(h->parent_name)) || locs)
+		if (!vhd_all_zero(h->parent_uuid, 16) || h->parent_timestamp ||
+		    !vhd_all_zero(h->parent_name, sizeof(h->parent_name)) || locs)
 			return vhd_fail(err, VHD_ERR_PARENT_FIELDS,
 					"%s: a %s disk has parent fields set (UUID, timestamp, name or locators)",
 					src->name, vhd_type_name(m->footer.type));
