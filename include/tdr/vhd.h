@@ -262,6 +262,7 @@ enum vhd_defect {
 	VHD_ERR_PARENT_SIZE,		/* parent larger than the child */
 	VHD_ERR_FIXED_SIZE,		/* fixed disk: file size is not size + 512 */
 	VHD_ERR_STALE_DATA,		/* dynamic disk: data under clear bitmap bits */
+	VHD_ERR_BUSY,			/* locked by another process (tdr/filelock.h) */
 	VHD_ERR__COUNT
 };
 
@@ -375,6 +376,12 @@ struct vhd_file {
 #define VHD_FILE_USE_BACKUP  (1u << 1)	/* see VHD_LOAD_USE_BACKUP; forces read-only use */
 #define VHD_FILE_CHAIN       (1u << 2)	/* also open and validate every parent */
 #define VHD_FILE_STRICT_TIME (1u << 3)	/* see VHD_PARENT_STRICT_TIME */
+/*
+ * Take no lock (tdr/filelock.h) on this file: the caller already holds the
+ * exclusive one through another descriptor (vhd_file_repair).  Parents
+ * are still locked.
+ */
+#define VHD_FILE_NO_LOCK     (1u << 4)
 
 int vhd_file_open(struct vhd_file **out, const char *path, unsigned flags,
 		  struct vhd_error *err);
@@ -442,6 +449,12 @@ int vhd_file_scrub(struct vhd_file *vf, bool fix, struct vhd_scrub *out,
 		   vhd_progress_fn progress, void *arg, struct vhd_error *err);
 /* Rewrites a bad footer at EOF from the valid copy at offset 0. */
 int vhd_file_repair(const char *path, struct vhd_error *err);
+/*
+ * Locks fd (tdr/filelock.h): shared for a reader, exclusive for a writer.
+ * Returns 0, or -EBUSY with VHD_ERR_BUSY and a message naming path and what
+ * to do, or another negative errno.
+ */
+int vhd_lock_fd(int fd, bool writer, const char *path, struct vhd_error *err);
 
 /* ------------------------------------------------------------------ */
 /* The tapdisk driver "vhd" (drivers/drv-vhd.c) */

@@ -19,6 +19,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "tdr/filelock.h"
 #include "tdr/image.h"
 #include "tdr/log.h"
 
@@ -279,6 +280,11 @@ static int aio_open(struct td_image *img, const char *params, unsigned flags)
 		return r;
 	}
 	p->fd = r;
+	r = tdr_file_lock(p->fd, TDR_LOCK_SHARED);
+	if (r < 0) {
+		tdr_set_error("%s: %s", params, r == -EBUSY ? TDR_LOCK_BUSY_HINT : strerror(-r));
+		goto fail;
+	}
 	if (fstat(p->fd, &st) < 0) {
 		r = -errno;
 		tdr_set_error("%s: cannot stat: %s", params, strerror(-r));

@@ -41,6 +41,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "tdr/filelock.h"
 #include "tdr/image.h"
 #include "tdr/log.h"
 #include "tdr/vhd.h"
@@ -1478,13 +1479,20 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 		tdr_set_error("%s: not a regular file; a VHD is a file", params);
 		return -EINVAL;
 	}
+	/* Held until the serving fd has its own: no tool rewrites the file in between. */
+	r = tdr_file_lock(mfd, TDR_LOCK_SHARED);
+	if (r < 0) {
+		close(mfd);
+		tdr_set_error("%s: %s", params, r == -EBUSY ? TDR_LOCK_BUSY_HINT : strerror(-r));
+		return r;
+	}
 	src.pread = vhd_src_fd_pread;
 	src.ctx = (void *)(intptr_t)mfd;
 	src.size = (uint64_t)st.st_size;
 	src.name = params;
 	r = vhd_meta_load(&s->m, &src, 0, &err);
-	close(mfd);
 	if (r < 0) {
+		close(mfd);
 		tdr_set_error("%s", err.msg);
 		vhd_meta_free(&s->m);
 		return r;
@@ -1498,6 +1506,7 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 		r = tdr_io_open(params, (flags & TD_OPEN_RDONLY) ? O_RDONLY : O_RDWR, 0, &s->direct);
 	}
 	if (r < 0) {
+		close(mfd);
 		tdr_set_error("%s: cannot open for %s: %s%s", params,
 			      (flags & TD_OPEN_RDONLY) ? "reading" : "writing", strerror(-r),
 			      (r == -EACCES || r == -EROFS) ? "; check its permissions or use --read-only" : "");
@@ -1505,6 +1514,14 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 		return r;
 	}
 	s->fd = r;
+	r = tdr_file_lock(s->fd, TDR_LOCK_SHARED);
+	close(mfd);
+	if (r < 0) {
+		/* Cannot be -EBUSY: mfd's shared lock kept writers out. */
+		tdr_set_error("%s: cannot lock: %s", params, strerror(-r));
+		vhd_free_state(s);
+		return r;
+	}
 	s->size_secs = s->m.footer.current_size >> VHD_SECTOR_SHIFT;
 	img->size_secs = s->size_secs;
 	img->info_discard = false;

@@ -25,6 +25,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "tdr/filelock.h"
 #include "tdr/vhd.h"
 
 #define MAX_CHAIN 64
@@ -59,6 +60,27 @@ struct visited {
 	int n;
 };
 
+/*
+ * Readers share the file with tapdisk-replica processes serving it (which
+ * hold shared locks too); a writer must have it alone.
+ */
+int vhd_lock_fd(int fd, bool writer, const char *path, struct vhd_error *err)
+{
+	int r = tdr_file_lock(fd, writer ? TDR_LOCK_EXCLUSIVE : TDR_LOCK_SHARED);
+
+	if (r == -EBUSY && !writer)
+		return vhd_fail(err, VHD_ERR_BUSY,
+				"%s: another program is changing it (vhd-util modify, coalesce or repair); try again when it has finished",
+				path);
+	if (r == -EBUSY)
+		return vhd_fail(err, VHD_ERR_BUSY,
+				"%s: in use: a tapdisk-replica serves it (or another program has it open); close that disk first ('tdr-ctl list -f %s' shows which), then try again",
+				path, path);
+	if (r < 0)
+		return vhd_fail(err, VHD_ERR_IO, "%s: cannot lock: %s", path, strerror(-r));
+	return 0;
+}
+
 static int open_internal(struct vhd_file **out, const char *path, unsigned flags,
 			 struct vhd_error *err, struct visited *seen)
 {
@@ -89,6 +111,9 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 		r = vhd_fail(err, VHD_ERR_IO, "%s: not a regular file or block device", path);
 		goto fail;
 	}
+	r = (flags & VHD_FILE_NO_LOCK) ? 0 : vhd_lock_fd(vf->fd, !vf->rdonly, path, err);
+	if (r < 0)
+		goto fail;
 	if (seen) {
 		for (int i = 0; i < seen->n; i++)
 			if (seen->dev[i] == st.st_dev && seen->ino[i] == st.st_ino) {
@@ -129,7 +154,8 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 		r = vhd_resolve_parent(&vf->m, path, ppath, sizeof(ppath), err);
 		if (r < 0)
 			goto fail;
-		r = open_internal(&vf->parent, ppath, (flags | VHD_FILE_RDONLY) & ~VHD_FILE_USE_BACKUP,
+		r = open_internal(&vf->parent, ppath,
+				  (flags | VHD_FILE_RDONLY) & ~(VHD_FILE_USE_BACKUP | VHD_FILE_NO_LOCK),
 				  err, seen);
 		if (r < 0) {
 			if (err && err->code != VHD_ERR_PARENT_LOOP && err->code != VHD_ERR_PARENT_MISSING &&

@@ -293,39 +293,50 @@ int vhd_file_repair(const char *path, struct vhd_error *err)
 	uint64_t end;
 	int r, fd;
 
-	/* Nothing to do for a valid file. */
-	r = vhd_file_open(&vf, path, VHD_FILE_RDONLY, &first);
-	if (r == 0) {
-		vhd_file_close(vf);
-		return 0;
-	}
-	r = vhd_file_open(&vf, path, VHD_FILE_USE_BACKUP, err);
+	/*
+	 * The exclusive lock first, held to the end: a file a daemon is
+	 * growing can look broken for a moment, and must not be "repaired".
+	 * It comes from a bare descriptor, because a writable vhd_file_open
+	 * of an invalid file fails validation and lets its lock go.
+	 */
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return vhd_fail(err, errno == ENOENT ? VHD_ERR_PARENT_MISSING : VHD_ERR_IO,
+				"%s: cannot open for writing: %s", path, strerror(errno));
+	r = vhd_lock_fd(fd, true, path, err);
 	if (r < 0)
-		return r;
+		goto out;
+	/* Nothing to do for a valid file. */
+	r = vhd_file_open(&vf, path, VHD_FILE_RDONLY | VHD_FILE_NO_LOCK, &first);
+	if (r == 0)
+		goto out;
+	r = vhd_file_open(&vf, path, VHD_FILE_USE_BACKUP | VHD_FILE_NO_LOCK, err);
+	if (r < 0)
+		goto out;
 	if (!vf->m.used_backup) {
 		/* The footer is fine: the defect is elsewhere and not ours to guess. */
 		if (err)
 			*err = first;
-		vhd_file_close(vf);
-		return -EINVAL;
+		r = -EINVAL;
+		goto out;
 	}
 	end = vf->m.data_end > vf->m.meta_end ? vf->m.data_end : vf->m.meta_end;
 	end = (end + VHD_SECTOR_SIZE - 1) & ~(uint64_t)(VHD_SECTOR_SIZE - 1);
 	vhd_footer_encode(&vf->m.footer, fb);
 	vhd_file_close(vf);
-
-	fd = open(path, O_RDWR | O_CLOEXEC);
-	if (fd < 0)
-		return vhd_fail(err, VHD_ERR_IO, "%s: cannot open for writing: %s", path,
-				strerror(errno));
+	vf = NULL;
 	r = vhd_pwrite_all(fd, fb, sizeof(fb), end);
 	if (!r && ftruncate(fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0)
 		r = -errno;
 	if (!r && fsync(fd) < 0)
 		r = -errno;
+	if (r) {
+		vhd_fail(err, VHD_ERR_IO, "%s: cannot write the footer: %s", path, strerror(-r));
+		goto out;
+	}
+	r = vhd_file_open(&vf, path, VHD_FILE_RDONLY | VHD_FILE_NO_LOCK, err);
+out:
+	vhd_file_close(vf);
 	close(fd);
-	if (r)
-		return vhd_fail(err, VHD_ERR_IO, "%s: cannot write the footer: %s", path,
-				strerror(-r));
-	return vhd_file_check(path, 0, err);
+	return r;
 }

@@ -52,6 +52,7 @@ static const char *const defect_names[VHD_ERR__COUNT] = {
 	[VHD_ERR_PARENT_SIZE] = "parent-size",
 	[VHD_ERR_FIXED_SIZE] = "fixed-size",
 	[VHD_ERR_STALE_DATA] = "stale-data",
+	[VHD_ERR_BUSY] = "in-use",
 };
 
 const char *vhd_defect_name(enum vhd_defect d)
@@ -72,6 +73,8 @@ static int defect_errno(enum vhd_defect d)
 		return -ENOMEM;
 	case VHD_ERR_PARENT_MISSING:
 		return -ENOENT;
+	case VHD_ERR_BUSY:
+		return -EBUSY;
 	case VHD_ERR_PARENT_LOOP:
 		return -ELOOP;
 	case VHD_ERR_PARENT_UUID:

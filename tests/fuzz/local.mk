@@ -10,7 +10,8 @@ if ENABLE_FUZZING
 check_PROGRAMS += tests/fuzz/fuzz-vhd
 tests_fuzz_fuzz_vhd_SOURCES = tests/fuzz/fuzz-vhd.c \
 	tapdisk-replica/vhd/vhd-format.c tapdisk-replica/vhd/vhd-validate.c \
-	tapdisk-replica/vhd/vhd-file.c tapdisk-replica/vhd/vhd-ops.c
+	tapdisk-replica/vhd/vhd-file.c tapdisk-replica/vhd/vhd-ops.c \
+	tapdisk-replica/filelock.c
 tests_fuzz_fuzz_vhd_CFLAGS = $(AM_CFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_vhd_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_vhd_LDADD = $(UUID_LIBS)

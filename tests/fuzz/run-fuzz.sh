@@ -24,6 +24,7 @@ clang -std=c11 -g -O1 -D_GNU_SOURCE -I"$src/include" -I"$out/inc" \
 	"$src"/tapdisk-replica/vhd/vhd-validate.c \
 	"$src"/tapdisk-replica/vhd/vhd-file.c \
 	"$src"/tapdisk-replica/vhd/vhd-ops.c \
+	"$src"/tapdisk-replica/filelock.c \
 	-luuid -o "$out/fuzz-vhd"
 
 cp "$src"/tests/fuzz/corpus-vhd/* "$out/corpus/"

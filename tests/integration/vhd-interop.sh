@@ -14,6 +14,10 @@
 #     driver moves its footer ahead in steps) converts identically too, and
 #     `vhd-util check -z` / `repair -z` find and zero data planted under
 #     clear bitmap bits, which qemu would otherwise read as the guest's.
+#  6. while tapdisk-replica serves a chain, vhd-util's writers (modify -z,
+#     coalesce into the served parent, repair, repair -z) are refused and
+#     change no byte; query and check still work; once the daemon is gone
+#     the same command succeeds.
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
 need_cmd qemu-img qemu-io vhdiinfo cmp
@@ -154,4 +158,29 @@ grep -qF "zeroed 1 sector under clear bitmap bits in 1 of 100 allocated blocks" 
 qemu-img convert -f vpc -O raw "$T/big.vhd" "$T/big.raw"
 same_file "$T/big.raw" "$T/big-ref.raw"
 log "5: a 256 MiB file past three footer steps converts identically; check -z / repair -z"
+
+# ---- 6. files a daemon serves are locked against vhd-util's writers
+"$VU" snapshot -n "$T/lk.vhd" -p "$T/ours.vhd" || fail "vhd-util snapshot failed"
+tdr_start "vhd:$T/lk.vhd"
+qio "$URI" "write -P 0x33 0 64k" flush
+sum_child=$(md5sum <"$T/lk.vhd")
+sum_parent=$(md5sum <"$T/ours.vhd")
+for c in "modify -z" "coalesce" "repair" "repair -z"; do
+	st=0
+	# shellcheck disable=SC2086 # c holds the subcommand and its options
+	"$VU" $c -n "$T/lk.vhd" >"$T/lk.out" 2>&1 || st=$?
+	assert_eq "exit status of vhd-util $c on a served file" 1 "$st"
+	who=$T/lk.vhd
+	[ "$c" = coalesce ] && who=$(realpath "$T/ours.vhd")
+	grep -qF "$who: in use" "$T/lk.out" || fail "vhd-util $c message: $(cat "$T/lk.out")"
+	grep -qF "tdr-ctl list -f $who" "$T/lk.out" || fail "vhd-util $c hint: $(cat "$T/lk.out")"
+done
+assert_eq "served child unchanged by refused writers" "$sum_child" "$(md5sum <"$T/lk.vhd")"
+assert_eq "served parent unchanged by refused writers" "$sum_parent" "$(md5sum <"$T/ours.vhd")"
+assert_eq "vhd-util query -v on a served file" 32 "$("$VU" query -n "$T/lk.vhd" -v)"
+"$VU" check -n "$T/lk.vhd" >/dev/null || fail "vhd-util check on a served file"
+tdr_stop || fail "daemon exited with status $? on SIGTERM"
+"$VU" modify -n "$T/lk.vhd" -z || fail "vhd-util modify -z after the daemon stopped"
+assert_eq "child size after modify -z" 4096 "$("$VU" query -n "$T/lk.vhd" -s)"
+log "6: vhd-util's writers are refused on a served chain and change nothing; readers work"
 pass

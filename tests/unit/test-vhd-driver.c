@@ -1142,6 +1142,78 @@ START_TEST(bad_file_untouched)
 }
 END_TEST
 
+/*
+ * The file locks (tdr/filelock.h): a disk the driver serves, parents
+ * included, cannot be rewritten by the library's writers (vhd-util modify,
+ * coalesce, repair), only read; a file a writer holds cannot be served; two
+ * disks may share a parent.  Nothing refused changes a byte.
+ */
+START_TEST(served_files_are_locked)
+{
+	struct vhd_error err;
+	struct vhd_file *vf = NULL, *rd = NULL;
+	struct td_disk *disk, *other;
+	char spec[PATH_MAX + 8], *buf = abuf(64 * 1024);
+	unsigned long h1, h2;
+	uint64_t s1, s2;
+
+	ck_assert_int_eq(vhd_file_create(pa, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+	ck_assert_int_eq(vhd_file_snapshot(pc, pa, &err), 0);
+	disk = open_disk(pb, 0);
+	fill_random(buf, 64 * 1024, 7);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 0, 128, buf, NULL), 0);
+
+	/* the leaf and its parent: readers yes, writers no */
+	sha_like(pb, &h1, &s1);
+	ck_assert_int_eq(vhd_file_open(&vf, pb, 0, &err), -EBUSY);
+	ck_assert_ptr_null(vf);
+	ck_assert_int_eq(err.code, VHD_ERR_BUSY);
+	ck_assert_str_eq(vhd_defect_name(err.code), "in-use");
+	ck_assert_msg(strstr(err.msg, pb) && strstr(err.msg, "in use") && strstr(err.msg, "tdr-ctl list -f"),
+		      "%s", err.msg);
+	ck_assert_int_eq(vhd_file_open(&vf, pa, 0, &err), -EBUSY);
+	ck_assert_int_lt(vhd_file_coalesce(pb, NULL, NULL, &err), 0);
+	ck_assert_int_eq(err.code, VHD_ERR_BUSY);
+	ck_assert_int_eq(vhd_file_open(&rd, pb, VHD_FILE_RDONLY | VHD_FILE_CHAIN, &err), 0);
+	vhd_file_close(rd);
+	sha_like(pb, &h2, &s2);
+	ck_assert_uint_eq(h1, h2);
+	ck_assert_uint_eq(s1, s2);
+
+	/* a second disk over the same parent */
+	other = open_disk(pc, 0);
+	td_disk_close(other);
+
+	/* closed: the writer gets the file */
+	td_disk_close(disk);
+	ck_assert_msg(vhd_file_open(&vf, pb, 0, &err) == 0, "%s", err.msg);
+
+	/* held by a writer: not served, not read */
+	snprintf(spec, sizeof(spec), "vhd:%s", pb);
+	disk = NULL;
+	ck_assert_int_eq(td_disk_open(&disk, spec, 0, loop, io), -EBUSY);
+	ck_assert_ptr_null(disk);
+	ck_assert_msg(strstr(tdr_last_error(), pb) && strstr(tdr_last_error(), "another program is changing it"),
+		      "%s", tdr_last_error());
+	snprintf(spec, sizeof(spec), "aio:%s", pb);
+	ck_assert_int_eq(td_disk_open(&disk, spec, 0, loop, io), -EBUSY);
+	ck_assert_int_eq(vhd_file_open(&rd, pb, VHD_FILE_RDONLY, &err), -EBUSY);
+	ck_assert_int_eq(err.code, VHD_ERR_BUSY);
+	ck_assert_msg(strstr(err.msg, "another program is changing it"), "%s", err.msg);
+	ck_assert_int_eq(vhd_file_make_empty(vf, &err), 0);
+	vhd_file_close(vf);
+
+	/* and the data written before is gone only by make-empty */
+	disk = open_disk(pb, 0);
+	memset(buf, 0xAA, 64 * 1024);
+	ck_assert_int_eq(run_req(disk, TD_OP_READ, 0, 128, buf, NULL), 0);
+	ck_assert(vhd_all_zero(buf, 64 * 1024));
+	td_disk_close(disk);
+	free(buf);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("vhd-driver");
@@ -1163,6 +1235,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, unaligned_footer_moves);
 	tcase_add_test(tc, online_commit);
 	tcase_add_test(tc, bad_file_untouched);
+	tcase_add_test(tc, served_files_are_locked);
 	tcase_add_test(tc, crash_safety_dynamic);
 	tcase_add_test(tc, crash_safety_differencing);
 	suite_add_tcase(s, tc);
