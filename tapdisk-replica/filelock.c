@@ -24,7 +24,8 @@ int tdr_file_lock(int fd, enum tdr_lock_kind kind)
 		return 0;
 	if (errno == EAGAIN || errno == EACCES)
 		return -EBUSY;
-	if (errno == ENOLCK || errno == EOPNOTSUPP || errno == ENOSYS)
+	/* EINVAL: a kernel before 3.15, without OFD locks. */
+	if (errno == ENOLCK || errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL)
 		return 0;
 	return -errno;
 }

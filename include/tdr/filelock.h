@@ -5,8 +5,8 @@
  *
  * Every image the daemon opens (aio and vhd drivers, parents included)
  * holds a shared lock; vhd-util's read-only commands do the same, and its
- * modifying commands (modify, coalesce into a parent, repair, commit) ask
- * for an exclusive one, which is refused while anyone holds the file.  Two
+ * modifying commands (modify, coalesce into a parent, repair) ask for an
+ * exclusive one, which is refused while anyone holds the file.  Two
  * daemons may share a read-only parent, and query/check may look at a file
  * in use, as administrators expect from blktap's vhd-util.
  *
@@ -25,9 +25,9 @@ enum tdr_lock_kind {
 /*
  * Takes the lock on fd without waiting.  Returns 0; -EBUSY when another
  * descriptor holds a lock that conflicts (in this process or another);
- * another negative errno when locking itself failed.  A file system
- * without lock support (ENOLCK, EOPNOTSUPP) counts as success: the lock is
- * a safety net, not a requirement for serving.
+ * another negative errno when locking itself failed.  No lock support (a
+ * file system's ENOLCK or EOPNOTSUPP, an old kernel's EINVAL) counts as
+ * success: the lock is a safety net, not a requirement for serving.
  */
 int tdr_file_lock(int fd, enum tdr_lock_kind kind);
 

@@ -74,8 +74,8 @@ int vhd_lock_fd(int fd, bool writer, const char *path, struct vhd_error *err)
 				path);
 	if (r == -EBUSY)
 		return vhd_fail(err, VHD_ERR_BUSY,
-				"%s: in use: a tapdisk-replica serves it (or another program has it open); close that disk first ('tdr-ctl list -f %s' shows which), then try again",
-				path, path);
+				"%s: in use: a tapdisk-replica serves it or a disk stacked on it (or another program has it open); close that disk first ('tdr-ctl list' shows each daemon's disks), then try again",
+				path);
 	if (r < 0)
 		return vhd_fail(err, VHD_ERR_IO, "%s: cannot lock: %s", path, strerror(-r));
 	return 0;
@@ -111,9 +111,6 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 		r = vhd_fail(err, VHD_ERR_IO, "%s: not a regular file or block device", path);
 		goto fail;
 	}
-	r = (flags & VHD_FILE_NO_LOCK) ? 0 : vhd_lock_fd(vf->fd, !vf->rdonly, path, err);
-	if (r < 0)
-		goto fail;
 	if (seen) {
 		for (int i = 0; i < seen->n; i++)
 			if (seen->dev[i] == st.st_dev && seen->ino[i] == st.st_ino) {
@@ -130,6 +127,10 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 		seen->ino[seen->n] = st.st_ino;
 		seen->n++;
 	}
+	/* After the loop check: a chain that comes back to a locked file is a loop. */
+	r = (flags & VHD_FILE_NO_LOCK) ? 0 : vhd_lock_fd(vf->fd, !vf->rdonly, path, err);
+	if (r < 0)
+		goto fail;
 	src.pread = vhd_src_fd_pread;
 	src.ctx = (void *)(intptr_t)vf->fd;
 	src.size = (uint64_t)st.st_size;
@@ -160,7 +161,8 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 		if (r < 0) {
 			if (err && err->code != VHD_ERR_PARENT_LOOP && err->code != VHD_ERR_PARENT_MISSING &&
 			    err->code != VHD_ERR_PARENT_UUID && err->code != VHD_ERR_PARENT_INVALID &&
-			    err->code != VHD_ERR_PARENT_SIZE && err->code != VHD_ERR_PARENT_TIMESTAMP) {
+			    err->code != VHD_ERR_PARENT_SIZE && err->code != VHD_ERR_PARENT_TIMESTAMP &&
+			    err->code != VHD_ERR_BUSY) {
 				char inner[sizeof(err->msg)];
 
 				snprintf(inner, sizeof(inner), "%s", err->msg);

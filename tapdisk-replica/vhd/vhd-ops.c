@@ -105,7 +105,7 @@ int vhd_file_coalesce(const char *child, vhd_progress_fn progress, void *arg,
 	struct vhd_file *cf = NULL, *pf = NULL;
 	char ppath[PATH_MAX];
 	struct vhd_error perr;
-	struct stat st;
+	struct stat st, cst;
 	uint8_t *map = NULL;
 	char *buf = NULL;
 	uint64_t done = 0;
@@ -124,6 +124,13 @@ int vhd_file_coalesce(const char *child, vhd_progress_fn progress, void *arg,
 	r = vhd_resolve_parent(&cf->m, child, ppath, sizeof(ppath), err);
 	if (r < 0)
 		goto out;
+	/* Its own parent: a loop, not a lock conflict with our own cf. */
+	if (stat(ppath, &st) == 0 && fstat(cf->fd, &cst) == 0 && st.st_dev == cst.st_dev &&
+	    st.st_ino == cst.st_ino) {
+		r = vhd_fail(err, VHD_ERR_PARENT_LOOP, "%s: the parent chain loops back to this file",
+			     child);
+		goto out;
+	}
 	/* The parent is written: it and its chain must be valid first. */
 	r = vhd_file_open(&pf, ppath, VHD_FILE_CHAIN, err);
 	if (r < 0)
@@ -300,6 +307,16 @@ int vhd_file_repair(const char *path, struct vhd_error *err)
 	 * of an invalid file fails validation and lets its lock go.
 	 */
 	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0 && (errno == EACCES || errno == EROFS)) {
+		/* Unwritable: fine if there is nothing to repair. */
+		int e = errno;
+
+		r = vhd_file_open(&vf, path, VHD_FILE_RDONLY, err);
+		vhd_file_close(vf);
+		if (r == 0)
+			return 0;
+		errno = e;
+	}
 	if (fd < 0)
 		return vhd_fail(err, errno == ENOENT ? VHD_ERR_PARENT_MISSING : VHD_ERR_IO,
 				"%s: cannot open for writing: %s", path, strerror(errno));

@@ -1170,10 +1170,12 @@ START_TEST(served_files_are_locked)
 	ck_assert_ptr_null(vf);
 	ck_assert_int_eq(err.code, VHD_ERR_BUSY);
 	ck_assert_str_eq(vhd_defect_name(err.code), "in-use");
-	ck_assert_msg(strstr(err.msg, pb) && strstr(err.msg, "in use") && strstr(err.msg, "tdr-ctl list -f"),
+	ck_assert_msg(strstr(err.msg, pb) && strstr(err.msg, "in use") && strstr(err.msg, "tdr-ctl list"),
 		      "%s", err.msg);
 	ck_assert_int_eq(vhd_file_open(&vf, pa, 0, &err), -EBUSY);
 	ck_assert_int_lt(vhd_file_coalesce(pb, NULL, NULL, &err), 0);
+	ck_assert_int_eq(err.code, VHD_ERR_BUSY);
+	ck_assert_int_eq(vhd_file_repair(pb, &err), -EBUSY);
 	ck_assert_int_eq(err.code, VHD_ERR_BUSY);
 	ck_assert_int_eq(vhd_file_open(&rd, pb, VHD_FILE_RDONLY | VHD_FILE_CHAIN, &err), 0);
 	vhd_file_close(rd);
@@ -1202,6 +1204,14 @@ START_TEST(served_files_are_locked)
 	ck_assert_int_eq(err.code, VHD_ERR_BUSY);
 	ck_assert_msg(strstr(err.msg, "another program is changing it"), "%s", err.msg);
 	ck_assert_int_eq(vhd_file_make_empty(vf, &err), 0);
+	vhd_file_close(vf);
+
+	/* a parent held by a writer: the child's chain says so, not "invalid" */
+	ck_assert_msg(vhd_file_open(&vf, pa, 0, &err) == 0, "%s", err.msg);
+	ck_assert_int_eq(vhd_file_check(pb, VHD_FILE_CHAIN, &err), -EBUSY);
+	ck_assert_int_eq(err.code, VHD_ERR_BUSY);
+	ck_assert_msg(strstr(err.msg, pa) && strstr(err.msg, "another program is changing it"), "%s",
+		      err.msg);
 	vhd_file_close(vf);
 
 	/* and the data written before is gone only by make-empty */
