@@ -582,41 +582,24 @@ static void mz_done(void *arg, int err)
 #define MZ_BLOCKS 32
 
 /*
- * Writes MZ_BLOCKS whole 2 MiB blocks at 32 GiB strides with pattern pat,
- * then reads them back through the disk and compares: what make-empty drops
- * must have been there.  Returns the number of requests that failed.
+ * Writes MZ_BLOCKS whole 2 MiB blocks at 32 GiB strides, all filled with
+ * byte c, or reads them and checks that every byte is c.  Returns 0, a
+ * request's error, or -EIO for a byte that differs.
  */
-static int mz_fill(struct td_disk *d, char **bufs, int pat)
+static int mz_blocks(struct td_disk *d, enum td_op op, char **bufs, int c)
 {
 	struct td_request req[MZ_BLOCKS];
 	struct mz_wait w = { .left = MZ_BLOCKS };
 
 	for (int i = 0; i < MZ_BLOCKS; i++) {
-		memset(bufs[i], pat, 2 * MIB);
-		td_request_init(&req[i], TD_OP_WRITE, (uint64_t)i * 32 * GIB / 512, 2 * MIB / 512,
-				bufs[i], mz_req_done, &w);
+		memset(bufs[i], op == TD_OP_WRITE ? c : ~c, 2 * MIB);
+		td_request_init(&req[i], op, (uint64_t)i * 32 * GIB / 512, 2 * MIB / 512, bufs[i],
+				mz_req_done, &w);
 		td_disk_submit(d, &req[i]);
 	}
 	while (w.left)
 		tdr_loop_run_once(loop, -1);
-	return w.err;
-}
-
-/* Reads the MZ_BLOCKS blocks; returns 0 if every byte is c. */
-static int mz_expect(struct td_disk *d, char **bufs, int c)
-{
-	struct td_request req[MZ_BLOCKS];
-	struct mz_wait w = { .left = MZ_BLOCKS };
-
-	for (int i = 0; i < MZ_BLOCKS; i++) {
-		memset(bufs[i], ~c, 2 * MIB);
-		td_request_init(&req[i], TD_OP_READ, (uint64_t)i * 32 * GIB / 512, 2 * MIB / 512,
-				bufs[i], mz_req_done, &w);
-		td_disk_submit(d, &req[i]);
-	}
-	while (w.left)
-		tdr_loop_run_once(loop, -1);
-	if (w.err)
+	if (w.err || op == TD_OP_WRITE)
 		return w.err;
 	for (int i = 0; i < MZ_BLOCKS; i++)
 		for (uint64_t j = 0; j < 2 * MIB; j++)
@@ -650,7 +633,8 @@ static void bench_make_empty(int reps)
 		struct mz_wait w = { .left = 1 };
 		double t0;
 
-		if (mz_fill(d, bufs, 0x40 + r) || mz_expect(d, bufs, 0x40 + r)) {
+		if (mz_blocks(d, TD_OP_WRITE, bufs, 0x40 + r) ||
+		    mz_blocks(d, TD_OP_READ, bufs, 0x40 + r)) {
 			fprintf(stderr, "bench-secondary: make-empty: writing 64 MiB failed or read back wrong\n");
 			exit(1);
 		}
@@ -663,7 +647,7 @@ static void bench_make_empty(int reps)
 			fprintf(stderr, "bench-secondary: make-empty failed: %s\n", strerror(-w.err));
 			exit(1);
 		}
-		if (mz_expect(d, bufs, 0)) {
+		if (mz_blocks(d, TD_OP_READ, bufs, 0)) {
 			fprintf(stderr, "bench-secondary: make-empty: the dropped blocks do not read as zeroes\n");
 			exit(1);
 		}
