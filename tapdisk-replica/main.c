@@ -18,7 +18,9 @@
 
 #include "serve.h"
 #include "tdr/ctl-server.h"
+#include "tdr/image.h"
 #include "tdr/log.h"
+#include "tdr/readahead.h"
 
 #define PROG "tapdisk-replica"
 
@@ -41,6 +43,9 @@ static void usage(FILE *out)
 		"  -e, --export-name NAME   export name (default \"\"; clients asking for\n"
 		"                           \"\" get this export whatever its name)\n"
 		"  -r, --read-only          serve read-only\n"
+		"      --readahead SIZE     read-ahead for sequential reads of raw images\n"
+		"                           (aio), in whole MiB: 8M (default), 32M, 0 (off);\n"
+		"                           a bare number is KiB, as in read_ahead_kb\n"
 		"  -l, --log-level LEVEL    err, warn, info (default) or debug\n"
 		"      --syslog             log to syslog instead of stderr\n"
 		"  -p, --pid-file PATH      write the process id to PATH once ready\n"
@@ -72,6 +77,7 @@ static int cmd_serve(int argc, char **argv)
 		{ "tcp", required_argument, NULL, 't' },
 		{ "export-name", required_argument, NULL, 'e' },
 		{ "read-only", no_argument, NULL, 'r' },
+		{ "readahead", required_argument, NULL, 'A' },
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "syslog", no_argument, NULL, 'S' },
 		{ "pid-file", required_argument, NULL, 'p' },
@@ -108,6 +114,15 @@ static int cmd_serve(int argc, char **argv)
 		case 'r':
 			o.readonly = true;
 			break;
+		case 'A': {
+			size_t window;
+
+			if (tdr_ra_parse_window(optarg, &window) < 0)
+				return usage_error("bad --readahead '%s'; give whole MiB up to 256M, e.g. 8M or 32M, or 0 to turn it off",
+						   optarg);
+			td_set_readahead(window);
+			break;
+		}
 		case 'l':
 			if (tdr_log_parse_level(optarg, &level) < 0)
 				return usage_error("bad --log-level '%s'; use err, warn, info or debug",

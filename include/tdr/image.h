@@ -173,6 +173,15 @@ int td_driver_register(const struct td_driver *drv);
 /* Comma-separated list of known driver names, for error messages. */
 const char *td_driver_names(void);
 
+/*
+ * Read-ahead window of the aio driver for sequential reads of O_DIRECT
+ * images (tdr/readahead.h), in bytes: 0 turns it off.  Applies to images
+ * opened afterwards; set from --readahead before any disk is opened.
+ */
+#define TD_READAHEAD_DEFAULT ((size_t)8 << 20)
+void td_set_readahead(size_t window);
+size_t td_get_readahead(void);
+
 /* ------------------------------------------------------------------ */
 /* Request flow */
 

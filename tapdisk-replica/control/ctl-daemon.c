@@ -24,6 +24,7 @@
 #include "tdr/log.h"
 #include "tdr/loop.h"
 #include "tdr/nbd.h"
+#include "tdr/readahead.h"
 
 #define DAEMON_IO_DEPTH 256
 #define DEFAULT_NBD_DIR "/var/run/tapdisk-replica"
@@ -325,6 +326,7 @@ int tdr_daemon_main(int argc, char **argv, const char *prog)
 		{ "nbd-dir", required_argument, NULL, 'n' },
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "syslog", no_argument, NULL, 'S' },
+		{ "readahead", required_argument, NULL, 'A' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -355,13 +357,25 @@ int tdr_daemon_main(int argc, char **argv, const char *prog)
 		case 'S':
 			use_syslog = true;
 			break;
+		case 'A': {
+			size_t window;
+
+			if (tdr_ra_parse_window(optarg, &window) < 0)
+				return usage_error(prog, "bad --readahead '%s'; give whole MiB up to 256M, e.g. 8M or 32M, or 0 to turn it off",
+						   optarg);
+			td_set_readahead(window);
+			break;
+		}
 		case 'h':
 			printf("Usage: %s daemon [--control PATH] [--nbd-dir DIR] [--log-level LEVEL] [--syslog]\n"
+			       "       [--readahead SIZE]\n"
 			       "\n"
 			       "Starts with no disk; tap-ctl or tdr-ctl open disks over the control socket\n"
 			       "(default: a socket ctlPID in $TDR_CONTROL_DIR or " BLKTAP_CONTROL_DIR ").\n"
 			       "Each disk is served over NBD on DIR/nbdPID.MINOR (default DIR "
 			       DEFAULT_NBD_DIR ").\n"
+			       "--readahead: read-ahead for sequential reads of raw (aio) images, whole\n"
+			       "MiB, default 8M, 0 turns it off.\n"
 			       "SIGTERM or SIGINT closes every disk (drain, flush) and exits.\n", prog);
 			return 0;
 		case ':':

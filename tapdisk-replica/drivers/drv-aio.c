@@ -7,6 +7,10 @@
  * (devices).  Those are synchronous system calls, but they only change
  * metadata on files and are short; when a filesystem cannot punch holes,
  * WRITE_ZEROES falls back to asynchronous writes of zeroes.
+ *
+ * Sequential reads get a read-ahead of their own (tdr/readahead.h): with
+ * O_DIRECT there is no page cache to do it.  Every write, discard and
+ * write-zeroes tells it the range, when queued and when done.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -22,6 +26,7 @@
 #include "tdr/filelock.h"
 #include "tdr/image.h"
 #include "tdr/log.h"
+#include "tdr/readahead.h"
 
 struct aio_priv {
 	int fd;
@@ -32,7 +37,21 @@ struct aio_priv {
 	struct aio_op *free_ops;	/* per-request state, recycled */
 	unsigned ops_live;
 	uint64_t short_io_retries;
+	struct tdr_ra *ra;	/* NULL: no read-ahead */
+	uint64_t rd_bytes_live;	/* reads queued here and not completed */
 };
+
+static size_t aio_readahead = TD_READAHEAD_DEFAULT;
+
+void td_set_readahead(size_t window)
+{
+	aio_readahead = window;
+}
+
+size_t td_get_readahead(void)
+{
+	return aio_readahead;
+}
 
 /* The state of one request at the file. */
 struct aio_op {
@@ -42,6 +61,7 @@ struct aio_op {
 	size_t done;		/* bytes transferred so far */
 	size_t len;
 	struct aio_op *next_free;
+	struct tdr_ra_read ra;
 };
 
 static struct aio_op *aio_op_get(struct td_image *img, struct td_request *req)
@@ -73,6 +93,12 @@ static void aio_op_put(struct aio_op *op)
 static void aio_finish(struct aio_op *op, int err)
 {
 	struct td_request *req = op->req;
+	struct aio_priv *p = op->img->priv;
+
+	if (req->op != TD_OP_READ)
+		tdr_ra_invalidate(p->ra, req->sec << TD_SECTOR_SHIFT, op->len);
+	else
+		p->rd_bytes_live -= op->len;
 
 	aio_op_put(op);
 	td_complete_request(req, err);
@@ -126,13 +152,36 @@ static void aio_submit_rw(struct aio_op *op)
 		tdr_io_pwrite(img->io, &op->io, p->fd, buf, len, off, aio_rw_done, op);
 }
 
+static void aio_ra_done(struct tdr_ra_read *rd, bool ok)
+{
+	struct aio_op *op = tdr_container_of(rd, struct aio_op, ra);
+
+	if (ok)
+		aio_finish(op, 0);
+	else
+		aio_submit_rw(op);	/* the read-ahead failed: read it ourselves */
+}
+
 static void aio_queue_rw(struct td_image *img, struct td_request *req)
 {
+	struct aio_priv *p = img->priv;
 	struct aio_op *op = aio_op_get(img, req);
 
 	if (!op) {
 		td_complete_request(req, -ENOMEM);
 		return;
+	}
+	if (req->op == TD_OP_READ)
+		p->rd_bytes_live += op->len;
+	if (p->ra && req->op == TD_OP_READ) {
+		op->ra.buf = req->buf;
+		op->ra.off = req->sec << TD_SECTOR_SHIFT;
+		op->ra.len = op->len;
+		op->ra.done = aio_ra_done;
+		if (tdr_ra_read(p->ra, &op->ra, p->rd_bytes_live - op->len))
+			return;
+	} else if (req->op != TD_OP_READ) {
+		tdr_ra_invalidate(p->ra, req->sec << TD_SECTOR_SHIFT, op->len);
 	}
 	aio_submit_rw(op);
 }
@@ -170,6 +219,12 @@ static void aio_queue_discard(struct td_image *img, struct td_request *req)
 	off_t len = (off_t)((uint64_t)req->secs << TD_SECTOR_SHIFT);
 	int r;
 
+	/*
+	 * fallocate and the ioctls complete before they return, so one
+	 * invalidation covers both ends; the emulated write-zeroes goes
+	 * through queue_write, which does its own.
+	 */
+	tdr_ra_invalidate(p->ra, (uint64_t)off, (uint64_t)len);
 	if (req->op == TD_OP_DISCARD) {
 		if (p->blockdev)
 			r = aio_blkdev_range(p, BLKDISCARD, (uint64_t)off, (uint64_t)len);
@@ -318,6 +373,13 @@ static int aio_open(struct td_image *img, const char *params, unsigned flags)
 			 (unsigned long long)(p->size % TD_SECTOR_SIZE));
 	img->size_secs = p->size >> TD_SECTOR_SHIFT;
 	img->info_discard = true;
+	/* Buffered I/O has the kernel's read-ahead already. */
+	if (p->direct && !(flags & TD_OPEN_NO_O_DIRECT) && aio_readahead) {
+		r = tdr_ra_new(&p->ra, img->loop, p->fd, img->size_secs << TD_SECTOR_SHIFT,
+			       aio_readahead);
+		if (r < 0)
+			TDR_WARN("%s: no read-ahead: %s", params, strerror(-r));
+	}
 	return 0;
 
 fail:
@@ -332,6 +394,8 @@ static void aio_close(struct td_image *img)
 
 	if (p->ops_live)
 		TDR_WARN("%s: closed with %u requests in flight", img->params, p->ops_live);
+	tdr_ra_free(p->ra);
+	p->ra = NULL;
 	while (p->free_ops) {
 		struct aio_op *op = p->free_ops;
 
@@ -357,6 +421,17 @@ static void aio_stats(struct td_image *img, FILE *out)
 	struct aio_priv *p = img->priv;
 
 	fprintf(out, "    short_io_retries=%llu\n", (unsigned long long)p->short_io_retries);
+	if (p->ra) {
+		struct tdr_ra_stats st;
+
+		tdr_ra_get_stats(p->ra, &st);
+		fprintf(out, "    readahead: streams=%llu hits=%llu misses=%llu deep=%llu chunks=%llu unused=%llu invalidated=%llu reading=%llu memory=%zu\n",
+			(unsigned long long)st.streams, (unsigned long long)st.hits,
+			(unsigned long long)st.misses, (unsigned long long)st.deep,
+			(unsigned long long)st.chunks,
+			(unsigned long long)st.unused, (unsigned long long)st.invalidated,
+			(unsigned long long)st.reading, tdr_ra_memory(p->ra));
+	}
 }
 
 const struct td_driver td_drv_aio = {

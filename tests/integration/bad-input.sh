@@ -63,6 +63,10 @@ refuse "unknown command" 2 frobnicate
 refuse "no SPEC" 2 serve --socket "$S"
 refuse "unknown option" 2 serve --socket "$S" --bogus "aio:$T/disk.img"
 refuse "bad log level" 2 serve --socket "$S" --log-level loud "aio:$T/disk.img"
+refuse "read-ahead not in whole MiB" 2 serve --socket "$S" --readahead 3K "aio:$T/disk.img"
+refuse "read-ahead too large" 2 serve --socket "$S" --readahead 1G "aio:$T/disk.img"
+refuse "read-ahead not a size" 2 serve --socket "$S" --readahead lots "aio:$T/disk.img"
+refuse "daemon: negative read-ahead" 2 daemon --readahead -8M
 refuse "option without its value" 2 serve "aio:$T/disk.img" --socket
 refuse "bad --tcp" 2 serve --tcp nonsense "aio:$T/disk.img"
 refuse "bad --tcp port" 2 serve --tcp 127.0.0.1:99999 "aio:$T/disk.img"

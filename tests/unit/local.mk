@@ -4,9 +4,9 @@ UNIT_LDADD = $(TDR_LIBS) $(CHECK_LIBS)
 
 # Runtime: event loop, I/O backend, request/driver model, raw driver.
 check_PROGRAMS += tests/unit/test-loop tests/unit/test-io tests/unit/test-request \
-	tests/unit/test-drv-aio
+	tests/unit/test-drv-aio tests/unit/test-readahead
 TESTS += tests/unit/test-loop tests/unit/test-io tests/unit/test-request \
-	tests/unit/test-drv-aio
+	tests/unit/test-drv-aio tests/unit/test-readahead
 tests_unit_test_loop_CFLAGS = $(UNIT_CFLAGS)
 tests_unit_test_loop_LDADD = $(UNIT_LDADD)
 tests_unit_test_io_CFLAGS = $(UNIT_CFLAGS)
@@ -15,6 +15,8 @@ tests_unit_test_request_CFLAGS = $(UNIT_CFLAGS)
 tests_unit_test_request_LDADD = $(UNIT_LDADD)
 tests_unit_test_drv_aio_CFLAGS = $(UNIT_CFLAGS)
 tests_unit_test_drv_aio_LDADD = $(UNIT_LDADD)
+tests_unit_test_readahead_CFLAGS = $(UNIT_CFLAGS)
+tests_unit_test_readahead_LDADD = $(UNIT_LDADD)
 
 # NBD server: pure protocol helpers, and a server driven over a socketpair.
 check_PROGRAMS += tests/unit/test-nbd-proto tests/unit/test-nbd
