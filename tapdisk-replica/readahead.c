@@ -45,6 +45,7 @@ struct tdr_ra {
 
 	unsigned in_cb;		/* inside waiters' callbacks */
 	bool dying;		/* tdr_ra_free() was called from one of them */
+	bool broken;		/* no libaio context could be had: off for good */
 	struct tdr_defer free_defer;
 
 	bool streaming;
@@ -258,8 +259,12 @@ static bool ra_start_stream(struct tdr_ra *ra, uint64_t end, uint64_t busy)
 {
 	if (!ra->io) {
 		ra->io = tdr_io_ctx_new(ra->loop, ra->nslots);
-		if (!ra->io)
-			return false;	/* no read-ahead; reads go on as before */
+		if (!ra->io) {
+			/* Once: every later stream would fail the same way. */
+			TDR_WARN("read-ahead turned off: %s", tdr_last_error());
+			ra->broken = true;
+			return false;
+		}
 	}
 	ra->streaming = true;
 	ra->st.streams++;
@@ -302,6 +307,8 @@ bool tdr_ra_read(struct tdr_ra *ra, struct tdr_ra_read *rd, uint64_t busy)
 	uint64_t end = rd->off + rd->len, k0, k1;
 	bool served;
 
+	if (ra->broken)
+		return false;
 	if (!rd->len || rd->len > TDR_RA_CHUNK || end > ra->size) {
 		if (ra->streaming)
 			ra_stop_stream(ra);

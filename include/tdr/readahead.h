@@ -21,6 +21,9 @@
  *   already waiting for a chunk when a write arrives may still get the old
  *   data; NBD and the block layer leave overlapping concurrent requests
  *   unordered.
+ * - Writes by other processes straight into the file are not seen by
+ *   chunks read before them (as with any cache): --readahead 0 for files
+ *   others write while they are served.
  * - Chunks are read through a libaio context of the module's own, so that
  *   closing can wait for them without running anyone else's callbacks.
  *
