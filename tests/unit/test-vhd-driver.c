@@ -921,6 +921,15 @@ END_TEST
 
 #define CRASH_WRITES 12
 
+/*
+ * Set by the reused-space series: besides the acknowledged writes, the
+ * whole disk must read as the plan's data or zeroes (nothing older, from
+ * before the make-empty), and a sector under a clear bit may hold only
+ * zeroes or the data of a write the cut left unacknowledged (what
+ * bitmap-blind readers such as qemu see).
+ */
+static bool crash_strict;
+
 struct cw {
 	uint64_t sec;
 	uint32_t secs;
@@ -958,6 +967,9 @@ static void crash_child(const char *path, enum tdr_io_fault_mode mode, uint64_t 
 	snprintf(spec, sizeof(spec), "vhd:%s", path);
 	if (td_disk_open(&disk, spec, 0, l, c) < 0)
 		_exit(3);
+	/* A new process reuses the emptied space once it has made the disk empty itself. */
+	if (crash_strict)
+		make_empty_now(disk);
 	if (mode != TDR_FAULT_NONE)
 		tdr_io_set_fault(c, mode, n);
 	for (int i = 0; i < CRASH_WRITES; i++) {
@@ -992,6 +1004,71 @@ static void crash_child(const char *path, enum tdr_io_fault_mode mode, uint64_t 
 	_exit(0);
 }
 
+#define CRASH_DISK_SECS (8 * MIB / 512)
+
+/* The plan's write covering sector sec, or -1 (the writes do not overlap). */
+static int crash_cover(uint64_t sec)
+{
+	for (int i = 0; i < CRASH_WRITES; i++)
+		if (sec >= crash_plan[i].sec && sec < crash_plan[i].sec + crash_plan[i].secs)
+			return i;
+	return -1;
+}
+
+/* got is sector sec's content: the plan's data there, or (unless acked) zeroes. */
+static bool crash_sector_ok(uint64_t sec, const char *got, const bool *acked, char *want)
+{
+	static const char zero[512];
+	int w = crash_cover(sec);
+
+	if (w < 0)
+		return !memcmp(got, zero, 512);
+	fill_random(want, (size_t)crash_plan[w].secs * 512, crash_plan[w].seed);
+	if (!memcmp(got, want + (sec - crash_plan[w].sec) * 512, 512))
+		return true;
+	return !acked[w] && !memcmp(got, zero, 512);
+}
+
+static void verify_nothing_old(struct vhd_file *vf, const bool *acked)
+{
+	char *disk = malloc(8 * MIB), *want = malloc(512 * 512);
+	static const char zero[512];
+
+	ck_assert_int_eq(vhd_file_read(vf, 0, CRASH_DISK_SECS, disk), 0);
+	for (uint64_t sec = 0; sec < CRASH_DISK_SECS; sec++)
+		ck_assert_msg(crash_sector_ok(sec, disk + sec * 512, acked, want),
+			      "sector %llu reads neither its data nor zeroes", (unsigned long long)sec);
+	/* Raw, as a bitmap-blind reader (qemu) reads the blocks. */
+	for (uint32_t b = 0; b < vf->m.blocks; b++) {
+		uint64_t base = (uint64_t)vf->m.bat[b] * 512;
+		size_t bm_len = (size_t)vf->m.bm_secs * 512, len = (size_t)vf->m.spb * 512;
+		uint8_t *map;
+		char *raw;
+
+		if (vf->m.bat[b] == VHD_BAT_UNUSED)
+			continue;
+		map = malloc(bm_len);
+		raw = malloc(len);
+		ck_assert_int_eq(pread(vf->fd, map, bm_len, (off_t)base), (ssize_t)bm_len);
+		ck_assert_int_eq(pread(vf->fd, raw, len, (off_t)(base + bm_len)), (ssize_t)len);
+		for (uint32_t i = 0; i < vf->m.spb; i++) {
+			const char *got = raw + (size_t)i * 512;
+			uint64_t sec = (uint64_t)b * vf->m.spb + i;
+			int w = crash_cover(sec);
+
+			if ((map[i / 8] & (0x80 >> (i % 8))) || !memcmp(got, zero, 512))
+				continue;
+			/* Data under a clear bit: only a write the cut left unacknowledged. */
+			ck_assert_msg(w >= 0 && !acked[w] && crash_sector_ok(sec, got, acked, want),
+				      "block %u sector %u: old data under a clear bit", b, i);
+		}
+		free(map);
+		free(raw);
+	}
+	free(disk);
+	free(want);
+}
+
 static void verify_after_crash(const char *path, const bool *acked)
 {
 	struct vhd_error err;
@@ -1011,6 +1088,8 @@ static void verify_after_crash(const char *path, const bool *acked)
 		ck_assert_msg(memcmp(buf, want, (size_t)p->secs * 512) == 0,
 			      "acknowledged write %d lost", i);
 	}
+	if (crash_strict)
+		verify_nothing_old(vf, acked);
 	vhd_file_close(vf);
 	free(buf);
 	free(want);
@@ -1080,6 +1159,39 @@ START_TEST(crash_safety_dynamic)
 	ck_assert_int_eq(vhd_file_create(pristine, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
 	crash_series(pa, pristine, TDR_FAULT_KILL);
 	crash_series(pa, pristine, TDR_FAULT_FAIL);
+}
+END_TEST
+
+/*
+ * The same cuts in a file whose four blocks were filled and then emptied
+ * online (the file keeps its length): every allocation lands in reused
+ * space over old data, with zeroes written over what its writes do not
+ * cover.  After every cut nothing of the old data may show, through the
+ * bitmaps or under clear bits.
+ */
+START_TEST(crash_safety_reused_space)
+{
+	struct vhd_error err;
+	struct td_disk *disk;
+	char pristine[PATH_MAX];
+	char *old = abuf(2 * MIB);
+	struct stat st;
+
+	snprintf(pristine, sizeof(pristine), "%s/pristine.vhd", dir);
+	ck_assert_int_eq(vhd_file_create(pristine, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	disk = open_disk(pristine, 0);
+	memset(old, 0xEE, 2 * MIB);
+	for (unsigned b = 0; b < 4; b++)
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, b * 4096, 4096, old, NULL), 0);
+	make_empty_now(disk);
+	td_disk_close(disk);
+	ck_assert_int_eq(stat(pristine, &st), 0);
+	ck_assert_int_gt(st.st_size, 8 * MIB);	/* the old blocks are still in the file */
+	crash_strict = true;
+	crash_series(pa, pristine, TDR_FAULT_KILL);
+	crash_series(pa, pristine, TDR_FAULT_FAIL);
+	crash_strict = false;
+	free(old);
 }
 END_TEST
 
@@ -1248,6 +1360,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, served_files_are_locked);
 	tcase_add_test(tc, crash_safety_dynamic);
 	tcase_add_test(tc, crash_safety_differencing);
+	tcase_add_test(tc, crash_safety_reused_space);
 	suite_add_tcase(s, tc);
 	return s;
 }
