@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tdr/filelock.h"
 #include "tdr/image.h"
 #include "tdr/log.h"
 
@@ -414,4 +415,13 @@ void td_disk_debug(struct td_disk *disk, FILE *out)
 		if (img->drv->stats)
 			img->drv->stats(img, out);
 	}
+}
+
+int td_image_lock_file(int fd, const char *name)
+{
+	int r = tdr_file_lock(fd, TDR_LOCK_SHARED);
+
+	if (r < 0)
+		tdr_set_error("%s: %s", name, r == -EBUSY ? TDR_LOCK_BUSY_HINT : strerror(-r));
+	return r;
 }

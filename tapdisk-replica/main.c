@@ -118,8 +118,7 @@ static int cmd_serve(int argc, char **argv)
 			size_t window;
 
 			if (tdr_ra_parse_window(optarg, &window) < 0)
-				return usage_error("bad --readahead '%s'; give whole MiB up to 256M, e.g. 8M or 32M, or 0 to turn it off",
-						   optarg);
+				return usage_error(TDR_RA_WINDOW_ERROR, optarg);
 			td_set_readahead(window);
 			break;
 		}

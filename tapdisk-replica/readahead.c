@@ -92,19 +92,12 @@ int tdr_ra_new(struct tdr_ra **out, struct tdr_loop *loop, int fd, uint64_t size
 	return 0;
 }
 
-static void ra_release_buffers(struct tdr_ra *ra)
+/* Frees slot s for another chunk, counting a chunk no read used. */
+static void ra_drop(struct tdr_ra *ra, struct ra_slot *s)
 {
-	for (unsigned i = 0; i < ra->nslots; i++) {
-		struct ra_slot *s = &ra->slots[i];
-
-		if (s->state == RA_READING)
-			continue;
-		if (s->state == RA_READY && !s->used)
-			ra->st.unused++;
-		s->state = RA_FREE;
-		free(s->buf);
-		s->buf = NULL;
-	}
+	if (s->state != RA_FREE && !s->used)
+		ra->st.unused++;
+	s->state = RA_FREE;
 }
 
 static void ra_destroy(struct tdr_ra *ra)
@@ -180,13 +173,10 @@ static void ra_chunk_done(struct tdr_iocb *io, ssize_t res, void *arg)
 			ready = w;
 		}
 	}
-	if (ok && !s->stale) {
+	if (ok && !s->stale)
 		s->state = RA_READY;
-	} else {
-		if (!s->used)
-			ra->st.unused++;
-		s->state = RA_FREE;
-	}
+	else
+		ra_drop(ra, s);
 	s->stale = false;
 	ra_prefetch(ra);
 	ra->in_cb++;
@@ -234,12 +224,9 @@ static void ra_prefetch(struct tdr_ra *ra)
 
 		if (s->state == RA_READING)
 			break;		/* an older chunk still has its slot */
-		if (s->state == RA_READY && !s->used)
-			ra->st.unused++;
-		if (!ra_start_chunk(ra, s, ra->next_key)) {
-			s->state = RA_FREE;
+		ra_drop(ra, s);
+		if (!ra_start_chunk(ra, s, ra->next_key))
 			break;
-		}
 		ra->next_key++;
 	}
 }
@@ -248,11 +235,18 @@ static void ra_stop_stream(struct tdr_ra *ra)
 {
 	ra->streaming = false;
 	ra->seq = 0;
-	/* Chunks in flight finish on their own (and serve their waiters). */
-	for (unsigned i = 0; i < ra->nslots; i++)
-		if (ra->slots[i].state == RA_READING)
-			ra->slots[i].stale = true;
-	ra_release_buffers(ra);
+	for (unsigned i = 0; i < ra->nslots; i++) {
+		struct ra_slot *s = &ra->slots[i];
+
+		/* Chunks in flight finish on their own (and serve their waiters). */
+		if (s->state == RA_READING) {
+			s->stale = true;
+			continue;
+		}
+		ra_drop(ra, s);
+		free(s->buf);
+		s->buf = NULL;
+	}
 }
 
 static bool ra_start_stream(struct tdr_ra *ra, uint64_t end, uint64_t busy)
@@ -382,13 +376,10 @@ void tdr_ra_invalidate(struct tdr_ra *ra, uint64_t off, uint64_t len)
 		if (s->state == RA_FREE || end <= start || off >= start + TDR_RA_CHUNK)
 			continue;
 		ra->st.invalidated++;
-		if (s->state == RA_READING) {
+		if (s->state == RA_READING)
 			s->stale = true;
-		} else {
-			if (!s->used)
-				ra->st.unused++;
-			s->state = RA_FREE;
-		}
+		else
+			ra_drop(ra, s);
 	}
 }
 

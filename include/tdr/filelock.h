@@ -31,7 +31,7 @@ enum tdr_lock_kind {
  */
 int tdr_file_lock(int fd, enum tdr_lock_kind kind);
 
-/* What a driver tells the user when its shared lock is refused. */
+/* What a reader tells the user when its shared lock is refused. */
 #define TDR_LOCK_BUSY_HINT \
 	"another program is changing it (vhd-util modify, coalesce or repair); try again when it has finished"
 

@@ -180,7 +180,6 @@ const char *td_driver_names(void);
  */
 #define TD_READAHEAD_DEFAULT ((size_t)8 << 20)
 void td_set_readahead(size_t window);
-size_t td_get_readahead(void);
 
 /* ------------------------------------------------------------------ */
 /* Request flow */
@@ -234,6 +233,12 @@ void td_request_split_end(struct td_request *req);
  * request has TD_REQ_FAST_ZERO.
  */
 void td_emulate_write_zeroes(struct td_image *img, struct td_request *req);
+
+/*
+ * A driver's shared lock (tdr/filelock.h) on the file of the image it
+ * opens, name as in the spec: 0, or -errno with tdr_set_error() saying why.
+ */
+int td_image_lock_file(int fd, const char *name);
 
 /* ------------------------------------------------------------------ */
 /* Disks */

@@ -110,5 +110,8 @@ size_t tdr_ra_memory(const struct tdr_ra *ra);
 
 /* Parses a --readahead argument: bytes with an optional K, M or G suffix (KiB without). */
 int tdr_ra_parse_window(const char *s, size_t *window);
+/* The usage error for a bad --readahead (one %s: the argument). */
+#define TDR_RA_WINDOW_ERROR \
+	"bad --readahead '%s'; give whole MiB up to 256M, e.g. 8M or 32M, or 0 to turn it off"
 
 #endif

@@ -361,8 +361,7 @@ int tdr_daemon_main(int argc, char **argv, const char *prog)
 			size_t window;
 
 			if (tdr_ra_parse_window(optarg, &window) < 0)
-				return usage_error(prog, "bad --readahead '%s'; give whole MiB up to 256M, e.g. 8M or 32M, or 0 to turn it off",
-						   optarg);
+				return usage_error(prog, TDR_RA_WINDOW_ERROR, optarg);
 			td_set_readahead(window);
 			break;
 		}

@@ -23,7 +23,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "tdr/filelock.h"
 #include "tdr/image.h"
 #include "tdr/log.h"
 #include "tdr/readahead.h"
@@ -46,11 +45,6 @@ static size_t aio_readahead = TD_READAHEAD_DEFAULT;
 void td_set_readahead(size_t window)
 {
 	aio_readahead = window;
-}
-
-size_t td_get_readahead(void)
-{
-	return aio_readahead;
 }
 
 /* The state of one request at the file. */
@@ -171,17 +165,19 @@ static void aio_queue_rw(struct td_image *img, struct td_request *req)
 		td_complete_request(req, -ENOMEM);
 		return;
 	}
-	if (req->op == TD_OP_READ)
-		p->rd_bytes_live += op->len;
-	if (p->ra && req->op == TD_OP_READ) {
-		op->ra.buf = req->buf;
-		op->ra.off = req->sec << TD_SECTOR_SHIFT;
-		op->ra.len = op->len;
-		op->ra.done = aio_ra_done;
-		if (tdr_ra_read(p->ra, &op->ra, p->rd_bytes_live - op->len))
-			return;
-	} else if (req->op != TD_OP_READ) {
+	if (req->op != TD_OP_READ) {
 		tdr_ra_invalidate(p->ra, req->sec << TD_SECTOR_SHIFT, op->len);
+	} else {
+		p->rd_bytes_live += op->len;
+		if (p->ra) {
+			op->ra.buf = req->buf;
+			op->ra.off = req->sec << TD_SECTOR_SHIFT;
+			op->ra.len = op->len;
+			op->ra.done = aio_ra_done;
+			/* May complete op before it returns; busy is the other reads. */
+			if (tdr_ra_read(p->ra, &op->ra, p->rd_bytes_live - op->len))
+				return;
+		}
 	}
 	aio_submit_rw(op);
 }
@@ -335,11 +331,9 @@ static int aio_open(struct td_image *img, const char *params, unsigned flags)
 		return r;
 	}
 	p->fd = r;
-	r = tdr_file_lock(p->fd, TDR_LOCK_SHARED);
-	if (r < 0) {
-		tdr_set_error("%s: %s", params, r == -EBUSY ? TDR_LOCK_BUSY_HINT : strerror(-r));
+	r = td_image_lock_file(p->fd, params);
+	if (r < 0)
 		goto fail;
-	}
 	if (fstat(p->fd, &st) < 0) {
 		r = -errno;
 		tdr_set_error("%s: cannot stat: %s", params, strerror(-r));

@@ -1480,10 +1480,9 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 		return -EINVAL;
 	}
 	/* Held until the serving fd has its own: no tool rewrites the file in between. */
-	r = tdr_file_lock(mfd, TDR_LOCK_SHARED);
+	r = td_image_lock_file(mfd, params);
 	if (r < 0) {
 		close(mfd);
-		tdr_set_error("%s: %s", params, r == -EBUSY ? TDR_LOCK_BUSY_HINT : strerror(-r));
 		return r;
 	}
 	src.pread = vhd_src_fd_pread;

@@ -69,9 +69,7 @@ int vhd_lock_fd(int fd, bool writer, const char *path, struct vhd_error *err)
 	int r = tdr_file_lock(fd, writer ? TDR_LOCK_EXCLUSIVE : TDR_LOCK_SHARED);
 
 	if (r == -EBUSY && !writer)
-		return vhd_fail(err, VHD_ERR_BUSY,
-				"%s: another program is changing it (vhd-util modify, coalesce or repair); try again when it has finished",
-				path);
+		return vhd_fail(err, VHD_ERR_BUSY, "%s: " TDR_LOCK_BUSY_HINT, path);
 	if (r == -EBUSY)
 		return vhd_fail(err, VHD_ERR_BUSY,
 				"%s: in use: a tapdisk-replica serves it or a disk stacked on it (or another program has it open); close that disk first ('tdr-ctl list' shows each daemon's disks), then try again",

@@ -122,12 +122,15 @@ static void check_pattern(const char *buf, uint64_t off, size_t len)
 				     (unsigned long long)(off + i), buf[i], pattern(off + i));
 }
 
-/* The aio driver's read-ahead counters, from its stats output. */
-static unsigned long long ra_reading;
+/* The aio driver's read-ahead counters, from its stats output (all 0 without one). */
+struct ra_counts {
+	unsigned long long streams, hits, misses, deep, reading;
+	size_t memory;
+};
 
-static void ra_stats(unsigned long long *streams, unsigned long long *hits,
-		     unsigned long long *misses, size_t *memory)
+static struct ra_counts ra_stats(void)
 {
+	struct ra_counts c = { 0 };
 	char *text = NULL, *p;
 	size_t len = 0;
 	FILE *f = open_memstream(&text, &len);
@@ -135,29 +138,18 @@ static void ra_stats(unsigned long long *streams, unsigned long long *hits,
 	disk->top->drv->stats(disk->top, f);
 	fclose(f);
 	p = strstr(text, "readahead:");
-	if (!p) {
-		*streams = *hits = *misses = 0;
-		*memory = 0;
-		ra_reading = 0;
-	} else {
-		ck_assert_int_eq(sscanf(p, "readahead: streams=%llu hits=%llu misses=%llu deep=%*u chunks=%*u unused=%*u invalidated=%*u reading=%llu memory=%zu",
-					streams, hits, misses, &ra_reading, memory), 5);
-	}
+	if (p)
+		ck_assert_int_eq(sscanf(p, "readahead: streams=%llu hits=%llu misses=%llu deep=%llu chunks=%*u unused=%*u invalidated=%*u reading=%llu memory=%zu",
+					&c.streams, &c.hits, &c.misses, &c.deep, &c.reading, &c.memory), 6);
 	free(text);
+	return c;
 }
 
 /* Runs the loop until no chunk is being read ahead. */
 static void settle(void)
 {
-	unsigned long long a, b, c;
-	size_t m;
-
-	for (;;) {
-		ra_stats(&a, &b, &c, &m);
-		if (!ra_reading)
-			return;
+	while (ra_stats().reading)
 		ck_assert_int_ge(tdr_loop_run_once(loop, 100), 0);
-	}
 }
 
 /*
@@ -167,8 +159,8 @@ static void settle(void)
 START_TEST(sequential_reads_are_read_ahead_byte_exact)
 {
 	char *buf = tdr_io_alloc(256 * KIB);
-	unsigned long long streams, hits, misses;
-	size_t mem, n = 0;
+	struct ra_counts c;
+	size_t n = 0;
 
 	open_disk(32 * MIB);
 	for (uint64_t off = 0; off < file_size; off += 256 * KIB, n++) {
@@ -176,32 +168,27 @@ START_TEST(sequential_reads_are_read_ahead_byte_exact)
 		ck_assert_int_eq(run(TD_OP_READ, off, 256 * KIB, buf), 0);
 		check_pattern(buf, off, 256 * KIB);
 	}
-	ra_stats(&streams, &hits, &misses, &mem);
-	ck_assert_uint_eq(streams, 1);
-	ck_assert_uint_eq(hits, n - TDR_RA_TRIGGER - TDR_RA_PROBE);
-	ck_assert_uint_eq(misses, 0);
-	ck_assert_uint_gt(mem, 0);
-	ck_assert_uint_le(mem, TDR_RA_SLOTS_PER_WINDOW * TD_READAHEAD_DEFAULT);
+	c = ra_stats();
+	ck_assert_uint_eq(c.streams, 1);
+	ck_assert_uint_eq(c.hits, n - TDR_RA_TRIGGER - TDR_RA_PROBE);
+	ck_assert_uint_eq(c.misses, 0);
+	ck_assert_uint_gt(c.memory, 0);
+	ck_assert_uint_le(c.memory, TDR_RA_SLOTS_PER_WINDOW * TD_READAHEAD_DEFAULT);
 	free(buf);
 }
 END_TEST
 
 /*
  * depth reads of 1 MiB in flight at once, two passes over the file (the
- * second starts a new stream at 0).  Returns the read-ahead's hits and
- * the reads it left to the client.
+ * second starts a new stream at 0).  Returns the read-ahead's counters.
  */
-static void read_deep(unsigned depth, unsigned long long *hits, unsigned long long *deep)
+static struct ra_counts read_deep(unsigned depth)
 {
 	struct op ops[32];
 	bool active[32];
-	unsigned long long streams, misses;
-	size_t mem;
+	struct ra_counts c;
 	uint64_t next = 0, end;
 	unsigned i, nactive = depth;
-	char *text = NULL;
-	size_t len = 0;
-	FILE *f;
 
 	ck_assert_uint_le(depth, 32);
 	open_disk(64 * MIB);
@@ -228,15 +215,11 @@ static void read_deep(unsigned depth, unsigned long long *hits, unsigned long lo
 			}
 		}
 	}
-	ra_stats(&streams, hits, &misses, &mem);
-	ck_assert_uint_eq(streams, 2);
-	f = open_memstream(&text, &len);
-	disk->top->drv->stats(disk->top, f);
-	fclose(f);
-	ck_assert_int_eq(sscanf(strstr(text, "deep="), "deep=%llu", deep), 1);
-	free(text);
+	c = ra_stats();
+	ck_assert_uint_eq(c.streams, 2);
 	for (i = 0; i < depth; i++)
 		free(ops[i].buf);
+	return c;
 }
 
 /*
@@ -245,22 +228,20 @@ static void read_deep(unsigned depth, unsigned long long *hits, unsigned long lo
  */
 START_TEST(deep_client_is_left_alone)
 {
-	unsigned long long hits, deep;
+	struct ra_counts c = read_deep(32);
 
-	read_deep(32, &hits, &deep);
-	ck_assert_uint_eq(hits, 0);
-	ck_assert_uint_gt(deep, 0);
+	ck_assert_uint_eq(c.hits, 0);
+	ck_assert_uint_gt(c.deep, 0);
 }
 END_TEST
 
 /* Four reads of 1 MiB in flight: 3 MiB at most, below the window: read ahead. */
 START_TEST(shallow_client_is_read_ahead)
 {
-	unsigned long long hits, deep;
+	struct ra_counts c = read_deep(4);
 
-	read_deep(4, &hits, &deep);
-	ck_assert_uint_gt(hits, 0);
-	ck_assert_uint_eq(deep, 0);
+	ck_assert_uint_gt(c.hits, 0);
+	ck_assert_uint_eq(c.deep, 0);
 }
 END_TEST
 
@@ -272,8 +253,7 @@ START_TEST(writes_invalidate_chunks)
 {
 	char *buf = tdr_io_alloc(MIB), *w = tdr_io_alloc(64 * KIB);
 	struct op wr = { .buf = w };
-	unsigned long long streams, hits, misses;
-	size_t mem;
+	struct ra_counts c;
 
 	open_disk(32 * MIB);
 	/* Start a stream; chunks up to 8 MiB ahead are asked for. */
@@ -306,9 +286,9 @@ START_TEST(writes_invalidate_chunks)
 					     buf[i], want);
 		}
 	}
-	ra_stats(&streams, &hits, &misses, &mem);
-	ck_assert_uint_eq(streams, 1);
-	ck_assert_uint_gt(hits, 0);
+	c = ra_stats();
+	ck_assert_uint_eq(c.streams, 1);
+	ck_assert_uint_gt(c.hits, 0);
 	free(buf);
 	free(w);
 }
@@ -345,8 +325,7 @@ START_TEST(odd_sized_file_end)
 {
 	size_t size = 5 * MIB + 12 * KIB + 512;
 	char *buf = tdr_io_alloc(MIB);
-	unsigned long long streams, hits, misses;
-	size_t mem;
+	struct ra_counts c;
 	uint64_t off;
 
 	open_disk(size);
@@ -358,9 +337,9 @@ START_TEST(odd_sized_file_end)
 	ck_assert_int_eq(run(TD_OP_READ, off, size - off, buf), 0);
 	check_pattern(buf, off, size - off);
 	ck_assert_int_eq(run(TD_OP_READ, size - 512, 1024, buf), -EINVAL);
-	ra_stats(&streams, &hits, &misses, &mem);
-	ck_assert_uint_eq(streams, 1);
-	ck_assert_uint_gt(hits, 0);
+	c = ra_stats();
+	ck_assert_uint_eq(c.streams, 1);
+	ck_assert_uint_gt(c.hits, 0);
 	free(buf);
 }
 END_TEST
@@ -369,8 +348,7 @@ END_TEST
 START_TEST(random_reads_start_nothing)
 {
 	char *buf = tdr_io_alloc(64 * KIB);
-	unsigned long long streams, hits, misses;
-	size_t mem;
+	struct ra_counts c;
 	uint64_t x = 12345;
 
 	open_disk(32 * MIB);
@@ -382,10 +360,10 @@ START_TEST(random_reads_start_nothing)
 		ck_assert_int_eq(run(TD_OP_READ, off, 64 * KIB, buf), 0);
 		check_pattern(buf, off, 64 * KIB);
 	}
-	ra_stats(&streams, &hits, &misses, &mem);
-	ck_assert_uint_eq(streams, 0);
-	ck_assert_uint_eq(hits, 0);
-	ck_assert_uint_eq(mem, 0);
+	c = ra_stats();
+	ck_assert_uint_eq(c.streams, 0);
+	ck_assert_uint_eq(c.hits, 0);
+	ck_assert_uint_eq(c.memory, 0);
 	free(buf);
 }
 END_TEST
@@ -394,20 +372,19 @@ END_TEST
 START_TEST(stream_end_frees_buffers)
 {
 	char *buf = tdr_io_alloc(64 * KIB);
-	unsigned long long streams, hits, misses;
-	size_t mem;
+	struct ra_counts c;
 
 	open_disk(32 * MIB);
 	for (uint64_t off = 0; off < MIB; off += 64 * KIB)
 		ck_assert_int_eq(run(TD_OP_READ, off, 64 * KIB, buf), 0);
 	settle();
-	ra_stats(&streams, &hits, &misses, &mem);
-	ck_assert_uint_gt(mem, 0);
+	c = ra_stats();
+	ck_assert_uint_gt(c.memory, 0);
 	/* Far away: the stream ends. */
 	ck_assert_int_eq(run(TD_OP_READ, 30 * MIB, 64 * KIB, buf), 0);
 	check_pattern(buf, 30 * MIB, 64 * KIB);
-	ra_stats(&streams, &hits, &misses, &mem);
-	ck_assert_uint_eq(mem, 0);
+	c = ra_stats();
+	ck_assert_uint_eq(c.memory, 0);
 	free(buf);
 }
 END_TEST
@@ -429,8 +406,7 @@ END_TEST
 START_TEST(readahead_off)
 {
 	char *buf = tdr_io_alloc(MIB);
-	unsigned long long streams, hits, misses;
-	size_t mem;
+	struct ra_counts c;
 
 	td_set_readahead(0);
 	open_disk(8 * MIB);
@@ -438,9 +414,9 @@ START_TEST(readahead_off)
 		ck_assert_int_eq(run(TD_OP_READ, off, MIB, buf), 0);
 		check_pattern(buf, off, MIB);
 	}
-	ra_stats(&streams, &hits, &misses, &mem);
-	ck_assert_uint_eq(streams, 0);
-	ck_assert_uint_eq(mem, 0);
+	c = ra_stats();
+	ck_assert_uint_eq(c.streams, 0);
+	ck_assert_uint_eq(c.memory, 0);
 	free(buf);
 }
 END_TEST

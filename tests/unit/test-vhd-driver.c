@@ -1024,15 +1024,14 @@ static int crash_cover(uint64_t sec)
 /* got is sector sec's content: the plan's data there, or (unless acked) zeroes. */
 static bool crash_sector_ok(uint64_t sec, const char *got, const bool *acked, char *want)
 {
-	static const char zero[512];
 	int w = crash_cover(sec);
 
 	if (w < 0)
-		return !memcmp(got, zero, 512);
+		return vhd_all_zero(got, 512);
 	fill_random(want, (size_t)plan[w].secs * 512, plan[w].seed);
 	if (!memcmp(got, want + (sec - plan[w].sec) * 512, 512))
 		return true;
-	return !acked[w] && !memcmp(got, zero, 512);
+	return !acked[w] && vhd_all_zero(got, 512);
 }
 
 /*
@@ -1046,7 +1045,6 @@ static bool crash_sector_ok(uint64_t sec, const char *got, const bool *acked, ch
 static void verify_nothing_old(struct vhd_file *vf, const bool *acked)
 {
 	char *want = malloc(512 * 512);
-	static const char zero[512];
 
 	for (uint32_t b = 0; b < vf->m.blocks; b++) {
 		uint64_t base = (uint64_t)vf->m.bat[b] * 512;
@@ -1065,13 +1063,13 @@ static void verify_nothing_old(struct vhd_file *vf, const bool *acked)
 			uint64_t sec = (uint64_t)b * vf->m.spb + i;
 			int w;
 
-			if (map[i / 8] & (0x80 >> (i % 8))) {
+			if (vhd_bitmap_test(map, i)) {
 				ck_assert_msg(crash_sector_ok(sec, got, acked, want),
 					      "sector %llu reads neither its data nor zeroes",
 					      (unsigned long long)sec);
 				continue;
 			}
-			if (!memcmp(got, zero, 512))
+			if (vhd_all_zero(got, 512))
 				continue;
 			/* Data under a clear bit: only a write the cut left unacknowledged. */
 			w = crash_cover(sec);
