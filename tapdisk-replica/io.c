@@ -229,20 +229,57 @@ fail:
 	return NULL;
 }
 
+static void io_orphan_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	free(arg);
+}
+
+void tdr_io_orphan(struct tdr_iocb *io, void *mem)
+{
+	io->cb = io_orphan_done;
+	io->arg = mem;
+	io->orphan = true;
+}
+
+/* At teardown, requests that never reached the kernel: only orphans are freed. */
+static void io_free_orphans(struct tdr_iocb *io)
+{
+	while (io) {
+		struct tdr_iocb *next = io->next;
+
+		if (io->orphan)
+			io->cb(io, -ECANCELED, io->arg);
+		io = next;
+	}
+}
+
 void tdr_io_ctx_free(struct tdr_io_ctx *ctx)
 {
 	if (!ctx)
 		return;
-	/* Wait for requests in the kernel: their buffers belong to the callers. */
+	/*
+	 * Wait for requests in the kernel: their buffers belong to the callers.
+	 * Owners still alive are not called back (they are being torn down
+	 * too); orphans have no owner and are freed here.
+	 */
 	while (ctx->in_kernel) {
 		struct io_event evs[IO_BATCH];
 		int n = io_getevents(ctx->aio, 1, IO_BATCH, evs, NULL);
 
 		if (n < 0 && n != -EINTR)
 			break;
-		if (n > 0)
-			ctx->in_kernel -= (unsigned)n;
+		if (n <= 0)
+			continue;
+		ctx->in_kernel -= (unsigned)n;
+		for (int i = 0; i < n; i++) {
+			struct tdr_iocb *io = evs[i].data;
+
+			if (io->orphan)
+				io->cb(io, (ssize_t)(long)evs[i].res, io->arg);
+		}
 	}
+	io_free_orphans(ctx->q_head);
+	io_free_orphans(ctx->failed_head);
 	tdr_loop_cancel_defer(ctx->loop, &ctx->failed_defer);
 	tdr_loop_remove_prepare(ctx->loop, &ctx->prepare);
 	tdr_loop_unwatch_fd(&ctx->efd_watch);
@@ -285,6 +322,7 @@ static void io_queue(struct tdr_io_ctx *ctx, struct tdr_iocb *io, tdr_io_cb cb, 
 {
 	io->cb = cb;
 	io->arg = arg;
+	io->orphan = false;
 	io->iocb.data = io;
 	io_set_eventfd(&io->iocb, ctx->efd);
 

@@ -37,6 +37,7 @@ struct tdr_iocb {
 	struct tdr_iocb *next;
 	tdr_io_cb cb;
 	void *arg;
+	bool orphan;	/* set by tdr_io_orphan */
 };
 
 enum tdr_io_fault_mode {
@@ -71,6 +72,14 @@ void tdr_io_pwritev(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd,
 		    const struct iovec *iov, int iovcnt, uint64_t off, tdr_io_cb cb, void *arg);
 /* Durability barrier for everything written to fd before (IOCB_CMD_FDSYNC). */
 void tdr_io_fdsync(struct tdr_io_ctx *ctx, struct tdr_iocb *io, int fd, tdr_io_cb cb, void *arg);
+
+/*
+ * The owner of a request still in flight goes away (an image closed while
+ * its background sync runs): the request keeps its memory, mem (the block
+ * the tdr_iocb is embedded in), and frees it when it completes instead of
+ * calling back; if the context is freed first, tdr_io_ctx_free frees it.
+ */
+void tdr_io_orphan(struct tdr_iocb *io, void *mem);
 
 /* Submits the queued batch now (normally done before each loop wait). */
 void tdr_io_flush_queue(struct tdr_io_ctx *ctx);

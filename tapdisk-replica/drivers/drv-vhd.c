@@ -185,7 +185,7 @@ struct vhd_state {
 
 struct vhd_reuse_sync {
 	struct tdr_iocb iocb;
-	struct vhd_state *s;	/* NULL once the image is closed: just free */
+	struct vhd_state *s;
 	struct tdr_list entry;
 };
 
@@ -1414,11 +1414,13 @@ static void vhd_free_state(struct vhd_state *s)
 {
 	struct tdr_list *pos, *tmp;
 
-	/* A sync still in the kernel completes later, into its own memory. */
+	/* A sync still in flight frees itself when it completes. */
 	if (s->reuse_syncs.next)
 		tdr_list_for_each_safe(pos, tmp, &s->reuse_syncs) {
-			tdr_list_entry(pos, struct vhd_reuse_sync, entry)->s = NULL;
+			struct vhd_reuse_sync *rs = tdr_list_entry(pos, struct vhd_reuse_sync, entry);
+
 			tdr_list_del(pos);
+			tdr_io_orphan(&rs->iocb, rs);
 		}
 	bm_drop_all(s);
 	if (s->bsec)
@@ -1715,10 +1717,6 @@ static void reuse_synced(struct tdr_iocb *io, ssize_t res, void *arg)
 	struct vhd_state *s = rs->s;
 	struct tdr_list *pos, *tmp;
 
-	if (!s) {
-		free(rs);
-		return;
-	}
 	tdr_list_del(&rs->entry);
 	free(rs);
 	if (!tdr_list_empty(&s->reuse_syncs))
