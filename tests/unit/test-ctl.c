@@ -27,6 +27,7 @@
 #include "tdr/image.h"
 #include "tdr/log.h"
 #include "tdr/replica.h"
+#include "check-run.h"
 
 #define MIB (1u << 20)
 
@@ -901,8 +902,6 @@ int main(void)
 {
 	Suite *s = suite_create("ctl");
 	TCase *tc = tcase_create("core");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 30);
@@ -925,10 +924,5 @@ int main(void)
 	tcase_add_test(tc, test_socket_path);
 	tcase_add_test(tc, test_shutdown_releases);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_set_fork_status(sr, CK_NOFORK);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return check_run(s, CHECK_RUN_NOFORK);
 }

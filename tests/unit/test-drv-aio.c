@@ -11,6 +11,7 @@
 
 #include "tdr/image.h"
 #include "tdr/log.h"
+#include "check-run.h"
 
 static struct tdr_loop *loop;
 static struct tdr_io_ctx *io;
@@ -221,8 +222,6 @@ int main(void)
 {
 	Suite *s = suite_create("drv-aio");
 	TCase *tc = tcase_create("raw");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 30);
@@ -233,10 +232,5 @@ int main(void)
 	tcase_add_test(tc, read_only_open);
 	tcase_add_test(tc, bad_files);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_set_fork_status(sr, CK_NOFORK);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return check_run(s, CHECK_RUN_NOFORK);
 }

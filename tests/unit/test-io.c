@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "tdr/io.h"
+#include "check-run.h"
 
 static struct tdr_loop *loop;
 static struct tdr_io_ctx *ctx;
@@ -387,8 +388,6 @@ int main(void)
 {
 	Suite *s = suite_create("io");
 	TCase *tc = tcase_create("aio");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 30);
@@ -404,10 +403,5 @@ int main(void)
 	tcase_add_test(tc, bufpool_reuses_by_size_class);
 	tcase_add_test(tc, bufpool_bounds_idle_memory);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_set_fork_status(sr, CK_NOFORK);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return check_run(s, CHECK_RUN_NOFORK);
 }

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "tdr/loop.h"
+#include "check-run.h"
 
 static struct tdr_loop *loop;
 
@@ -317,8 +318,6 @@ int main(void)
 {
 	Suite *s = suite_create("loop");
 	TCase *tc = tcase_create("core");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_add_test(tc, timers_fire_in_deadline_order);
@@ -332,9 +331,5 @@ int main(void)
 	tcase_add_test(tc, prepare_runs_every_turn);
 	tcase_add_test(tc, run_until_stop);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return check_run(s, CHECK_RUN_FORK);
 }

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "tdr/nbd.h"
+#include "check-run.h"
 
 START_TEST(test_endian)
 {
@@ -306,11 +307,5 @@ static Suite *suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return check_run(suite(), CHECK_RUN_FORK);
 }

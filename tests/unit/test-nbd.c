@@ -22,6 +22,7 @@
 #include "tdr/log.h"
 #include "tdr/loop.h"
 #include "tdr/nbd.h"
+#include "check-run.h"
 
 #define MIB (1u << 20)
 #define DISK_SIZE (8 * MIB)
@@ -1321,11 +1322,5 @@ static Suite *suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return check_run(suite(), CHECK_RUN_FORK);
 }

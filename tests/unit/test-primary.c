@@ -21,6 +21,7 @@
 
 #include "test-primary-peer.h"
 #include "tdr/log.h"
+#include "check-run.h"
 
 #define DISK (16u * TP_MIB)
 #define KIB 1024u
@@ -770,12 +771,6 @@ static Suite *suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(suite());
-	int failed;
-
 	tdr_log_init("test-primary", false, TDR_LOG_WARN);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return check_run(suite(), CHECK_RUN_FORK);
 }

@@ -17,6 +17,7 @@
 #include "tdr/image.h"
 #include "tdr/log.h"
 #include "tdr/readahead.h"
+#include "check-run.h"
 
 #define MIB ((size_t)1 << 20)
 #define KIB ((size_t)1 << 10)
@@ -452,8 +453,6 @@ int main(void)
 {
 	Suite *s = suite_create("readahead");
 	TCase *tc = tcase_create("aio");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 60);
@@ -469,10 +468,5 @@ int main(void)
 	tcase_add_test(tc, readahead_off);
 	tcase_add_test(tc, parse_window);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_set_fork_status(sr, CK_NOFORK);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return check_run(s, CHECK_RUN_NOFORK);
 }

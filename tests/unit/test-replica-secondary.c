@@ -17,6 +17,7 @@
 #include "tdr/log.h"
 #include "tdr/replica.h"
 #include "tdr/vhd.h"
+#include "check-run.h"
 
 extern const struct td_driver td_drv_replica;
 
@@ -886,8 +887,6 @@ int main(void)
 {
 	Suite *s = suite_create("replica-secondary");
 	TCase *tc = tcase_create("secondary");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 120);
@@ -907,10 +906,5 @@ int main(void)
 	tcase_add_test(tc, mismatched_sizes);
 	tcase_add_test(tc, randomized_model);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_set_fork_status(sr, CK_NOFORK);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return check_run(s, CHECK_RUN_NOFORK);
 }

@@ -13,6 +13,7 @@
 
 #include "tdr/log.h"
 #include "replica-int.h"
+#include "check-run.h"
 
 #define NR 256
 
@@ -202,18 +203,12 @@ int main(void)
 {
 	Suite *s = suite_create("replica-util");
 	TCase *tc = tcase_create("rlock");
-	SRunner *sr;
-	int failed;
 
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, basic_rules);
 	tcase_add_test(tc, buckets_and_big_ranges);
 	tcase_add_test(tc, randomized_against_model);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
 	tdr_log_init("test-replica-util", false, TDR_LOG_WARN);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return check_run(s, CHECK_RUN_FORK);
 }

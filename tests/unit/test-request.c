@@ -15,6 +15,7 @@
 
 #include "tdr/image.h"
 #include "tdr/log.h"
+#include "check-run.h"
 
 static struct tdr_loop *loop;
 static struct tdr_io_ctx *io;
@@ -655,8 +656,6 @@ int main(void)
 {
 	Suite *s = suite_create("request");
 	TCase *tc = tcase_create("model");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_add_test(tc, spec_entry_split);
@@ -671,10 +670,5 @@ int main(void)
 	tcase_add_test(tc, drain_waits_for_in_flight);
 	tcase_add_test(tc, write_zeroes_emulated);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_set_fork_status(sr, CK_NOFORK);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return check_run(s, CHECK_RUN_NOFORK);
 }

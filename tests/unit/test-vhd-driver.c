@@ -20,6 +20,7 @@
 #include "tdr/image.h"
 #include "tdr/log.h"
 #include "tdr/vhd.h"
+#include "check-run.h"
 
 #define MIB (1ull << 20)
 
@@ -1416,12 +1417,6 @@ static Suite *suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(suite());
-	int failed;
-
 	tdr_log_init("test-vhd-driver", false, TDR_LOG_WARN);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return check_run(suite(), CHECK_RUN_FORK);
 }

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "tdr/vhd.h"
+#include "check-run.h"
 
 #define MIB (1ull << 20)
 
@@ -1179,11 +1180,5 @@ static Suite *vhd_suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(vhd_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return check_run(vhd_suite(), CHECK_RUN_FORK);
 }

@@ -19,6 +19,7 @@
 #include "tdr/loop.h"
 #include "tdr/replica.h"
 #include "tdr/xenstore.h"
+#include "check-run.h"
 
 #define DIR_ "/local/domain/0/backend/tapdisk-replica/7/51712"
 
@@ -780,11 +781,5 @@ static Suite *suite(void)
 
 int main(void)
 {
-	SRunner *sr = srunner_create(suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return check_run(suite(), CHECK_RUN_FORK);
 }
