@@ -103,6 +103,8 @@ struct replica_stats {
 	uint64_t dirty_bytes;			/* primary: changes not yet on the secondary */
 	uint64_t link_errors;
 	uint64_t fo_hold_ns;			/* secondary: SVM writes held by the last failover */
+	uint64_t fo_flushes;			/* secondary: the last failover's background flushes */
+	uint64_t fo_svm_peak_bytes;		/* secondary: its most copy bytes in flight, SVM busy */
 };
 
 /* Every counter of struct replica_stats by name, for the interfaces that list them. */

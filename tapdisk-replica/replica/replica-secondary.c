@@ -44,6 +44,28 @@
 #include "tdr/vhd.h"
 
 #define FO_MAX_COPIES   16	/* failover copies in flight */
+/*
+ * While the SVM does I/O, the commit keeps at most FO_SVM_BYTES of copies in
+ * flight (at least one chunk): every SVM request queues in the disk behind
+ * the commit's bytes (16 copies of 2 MiB, read and written: 64 MiB, tens of
+ * ms on a disk that moves 1-2 GB/s; measured: the SVM's 4 KiB I/O fell to
+ * 2% of its rate and stopped for 25 ms at a time).  A budget in bytes, not
+ * copies, so that the chunks the SVM dirties again at random, 64 KiB each,
+ * still go 16 at a time and the commit converges.  After FO_SVM_QUIET_NS
+ * without an SVM request, the commit goes back to full speed.
+ */
+#define FO_SVM_BYTES    (4ull << 20)
+#define FO_SVM_QUIET_NS (20 * 1000 * 1000ull)
+/*
+ * The commit flushes the secondary disk every FO_FLUSH_BYTES it writes, in
+ * the background, copies going on: on a disk with a volatile cache (here, a
+ * virtual disk cached by its host) a flush stalls every request until the
+ * cache is written back, so many small flushes stop the SVM for a few ms
+ * each where the one before the last phase, with the whole commit behind
+ * it, stopped it for 60-110 ms (docs/benchmarks.md, bench-secondary).
+ */
+#define FO_FLUSH_BYTES  (16ull << 20)
+#define FO_SVM_QUIET_NS (20 * 1000 * 1000ull)
 #define FO_RUN_CHUNKS   32	/* chunks merged into one failover copy (2 MiB at 64 KiB) */
 /*
  * Idle copy buffers kept for reuse (copy-before-write and failover): the
@@ -82,6 +104,7 @@ struct sec {
 	struct tdr_bufpool bufs;	/* copy buffers, reused (SEC_BUFS_IDLE) */
 
 	uint64_t svm_inflight, svm_writes_inflight, export_inflight;
+	uint64_t svm_last_ns;		/* when the SVM last sent a request */
 
 	/* Checkpoint/stop: hold everything.  Failover's last phase: hold SVM writes. */
 	bool hold_all, hold_writes;
@@ -95,6 +118,7 @@ struct sec {
 
 	/* Failover. */
 	unsigned fo_copies;
+	uint64_t fo_bytes_inflight;	/* of those copies */
 	uint64_t fo_copied;		/* bytes copied, re-copies included */
 	bool fo_flushing;		/* the last flush before the switch is in flight */
 	uint64_t fo_cursor;
@@ -103,6 +127,9 @@ struct sec {
 	bool fo_preflushing, fo_preflushed;
 	uint64_t fo_hold_start_ns;	/* when the last phase began holding SVM writes */
 	struct td_request fo_flush;	/* the flush before, then the one ending, the last phase */
+	struct td_request fo_bgflush;	/* every FO_FLUSH_BYTES */
+	bool fo_bgflushing;
+	uint64_t fo_unflushed;		/* bytes written since the last flush began */
 };
 
 /* Per request that we pass down and must see complete. */
@@ -330,7 +357,11 @@ static void sec_dispatch_svm(struct sec *s, struct td_request *req)
 
 static void sec_queue_svm(struct replica *r, struct td_request *req)
 {
-	sec_dispatch_svm(r->mode_priv, req);
+	struct sec *s = r->mode_priv;
+
+	if (r->state == REPLICA_STATE_FAILOVER)
+		s->svm_last_ns = tdr_now_ns();
+	sec_dispatch_svm(s, req);
 }
 
 /* ----------------------------------------------------- export door */
@@ -791,12 +822,14 @@ static void fo_copy_wrote(struct td_request *wr, int err, void *arg)
 		uint64_t bytes = (uint64_t)c->wr.secs << TD_SECTOR_SHIFT;
 
 		s->fo_copied += bytes;
+		s->fo_unflushed += bytes;
 		r->progress_done += bytes;
 		if (r->progress_done > r->progress_total)
 			r->progress_done = r->progress_total;
 		replica_notify(r);
 	}
 	tdr_bufpool_put(&s->bufs, c->buf, c->buf_len);
+	s->fo_bytes_inflight -= c->buf_len;
 	free(c);
 	s->fo_copies--;
 	fo_pump(s);
@@ -814,8 +847,33 @@ static void fo_copy_read(struct td_request *rd, int err, void *arg)
 	td_queue_request(c->s->secondary, &c->wr);
 }
 
+/* The SVM sent a request lately (the last phase, which holds its writes, does not count). */
+static bool fo_svm_busy(const struct sec *s)
+{
+	return !s->fo_final &&
+	       (s->svm_inflight || tdr_now_ns() - s->svm_last_ns < FO_SVM_QUIET_NS);
+}
+
+/*
+ * How many chunks the next copy may take, 0 for none now.  The SVM comes
+ * first (FO_SVM_BYTES); the last phase, which holds SVM writes, goes full
+ * speed.
+ */
+static uint64_t fo_copy_budget(const struct sec *s)
+{
+	uint64_t chunk = (uint64_t)s->chunk_secs << TD_SECTOR_SHIFT;
+
+	if (s->fo_copies >= FO_MAX_COPIES)
+		return 0;
+	if (!fo_svm_busy(s) || !s->fo_copies)
+		return FO_RUN_CHUNKS;
+	if (s->fo_bytes_inflight + chunk > FO_SVM_BYTES)
+		return 0;
+	return (FO_SVM_BYTES - s->fo_bytes_inflight) / chunk;
+}
+
 /* Takes the next run of dirty chunks and copies the SVM's view of it. */
-static bool fo_copy_next(struct sec *s)
+static bool fo_copy_next(struct sec *s, uint64_t max_chunks)
 {
 	uint64_t first, n = 1, sec, secs;
 	struct sec_copy *c;
@@ -823,7 +881,7 @@ static bool fo_copy_next(struct sec *s)
 	if (!replica_chunkset_next(&s->fo_dirty, s->fo_cursor, &first) &&
 	    !replica_chunkset_next(&s->fo_dirty, 0, &first))
 		return false;
-	while (n < FO_RUN_CHUNKS && replica_chunkset_test(&s->fo_dirty, first + n))
+	while (n < FO_RUN_CHUNKS && n < max_chunks && replica_chunkset_test(&s->fo_dirty, first + n))
 		n++;
 	sec = first * s->chunk_secs;
 	secs = n * s->chunk_secs;
@@ -847,6 +905,9 @@ static bool fo_copy_next(struct sec *s)
 	c->first_chunk = first;
 	c->nchunks = n;
 	s->fo_copies++;
+	s->fo_bytes_inflight += c->buf_len;
+	if (fo_svm_busy(s) && s->fo_bytes_inflight > s->r->stats.fo_svm_peak_bytes)
+		s->r->stats.fo_svm_peak_bytes = s->fo_bytes_inflight;
 	/* A read through active is the SVM's view: active over hidden over secondary. */
 	td_request_init(&c->rd, TD_OP_READ, sec, (uint32_t)secs, c->buf, fo_copy_read, c);
 	td_queue_request(s->active, &c->rd);
@@ -876,8 +937,30 @@ static void fo_preflush(struct sec *s)
 	if (s->fo_preflushing)
 		return;
 	s->fo_preflushing = true;
+	s->fo_unflushed = 0;
 	td_request_init(&s->fo_flush, TD_OP_FLUSH, 0, 0, NULL, fo_preflushed, s);
 	td_queue_request(s->secondary, &s->fo_flush);
+}
+
+static void fo_bgflushed(struct td_request *req, int err, void *arg)
+{
+	struct sec *s = arg;
+
+	s->fo_bgflushing = false;
+	if (err && !s->fo_err)
+		s->fo_err = err;
+	fo_pump(s);
+}
+
+static void fo_bgflush(struct sec *s)
+{
+	if (s->fo_bgflushing || s->fo_preflushing || s->fo_final || s->fo_unflushed < FO_FLUSH_BYTES)
+		return;
+	s->fo_bgflushing = true;
+	s->fo_unflushed = 0;
+	s->r->stats.fo_flushes++;
+	td_request_init(&s->fo_bgflush, TD_OP_FLUSH, 0, 0, NULL, fo_bgflushed, s);
+	td_queue_request(s->secondary, &s->fo_bgflush);
 }
 
 static void fo_pump(struct sec *s)
@@ -898,9 +981,10 @@ static void fo_pump(struct sec *s)
 			s->fo_hold_start_ns = tdr_now_ns();
 		}
 	}
-	while (!s->fo_err && s->fo_copies < FO_MAX_COPIES && fo_copy_next(s))
+	for (uint64_t n; !s->fo_err && (n = fo_copy_budget(s)) && fo_copy_next(s, n);)
 		;
-	if (s->fo_copies || s->fo_preflushing)
+	fo_bgflush(s);
+	if (s->fo_copies || s->fo_preflushing || s->fo_bgflushing)
 		return;
 	if (s->fo_err) {
 		replica_set_state(r, REPLICA_STATE_FAILOVER_FAILED);
@@ -949,6 +1033,11 @@ static void fo_begin(struct sec *s)
 	s->fo_final = false;
 	s->fo_preflushed = false;
 	s->fo_copied = 0;
+	s->fo_unflushed = 0;
+	/* Start gently: the SVM is running, whether or not it sent a request yet. */
+	s->svm_last_ns = tdr_now_ns();
+	r->stats.fo_flushes = 0;
+	r->stats.fo_svm_peak_bytes = 0;
 	r->progress_done = 0;
 	r->progress_total = replica_chunkset_count(&s->fo_dirty) * ((uint64_t)s->chunk_secs << TD_SECTOR_SHIFT);
 	replica_notify(r);

@@ -382,6 +382,106 @@ START_TEST(failover_secondary_equals_svm_view)
 }
 END_TEST
 
+/*
+ * A failover with the SVM busy: the commit keeps at most 4 MiB of copies in
+ * flight while SVM requests come (FO_SVM_BYTES), flushes the secondary disk
+ * every 16 MiB it writes (FO_FLUSH_BYTES), and the SVM's reads and writes,
+ * four at a time, stay byte-exact throughout; at the end the secondary disk
+ * is the SVM's view.
+ */
+#define FO_BIG (64 * MIB)
+#define FO_SLOTS 4
+
+struct fo_slot {
+	struct td_request req;
+	struct done dn;
+	char *buf;
+	bool busy, is_read;
+};
+
+START_TEST(failover_with_busy_svm)
+{
+	char *view = xalloc(FO_BIG), *got = xalloc(FO_BIG), *w = xalloc(MIB);
+	struct fo_slot slots[FO_SLOTS];
+	struct replica_status st;
+	unsigned seed = 99;
+	uint64_t svm_ops = 0;
+	const uint64_t region = 4 * MIB / 512;	/* each slot has its own 4 MiB, at 40 MiB + i * 4 MiB */
+
+	td_disk_close(disk);
+	disk = NULL;
+	unlink(p_active);
+	unlink(p_hidden);
+	unlink(p_sec);
+	make_chain(FO_BIG);
+	open_disk();
+	ck_assert_int_eq(op("start"), 0);
+	/* 24 MiB from the primary (copied into hidden first), 24 MiB by the SVM. */
+	for (unsigned i = 0; i < 24; i++) {
+		fill(w, MIB, 100 + i);
+		ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, (uint64_t)i * 2 * MIB / 512, MIB / 512, w), 0);
+		fill(w, MIB, 200 + i);
+		ck_assert_int_eq(dio(disk, TD_OP_WRITE, ((uint64_t)i * 2 + 1) * MIB / 512, MIB / 512, w), 0);
+	}
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, FO_BIG / 512, view), 0);
+
+	memset(slots, 0, sizeof(slots));
+	for (int i = 0; i < FO_SLOTS; i++)
+		slots[i].buf = xalloc(64 * 1024);
+	ck_assert_int_eq(op("failover"), 0);
+	while (state() == REPLICA_STATE_FAILOVER || slots[0].busy || slots[1].busy ||
+	       slots[2].busy || slots[3].busy) {
+		for (int i = 0; i < FO_SLOTS; i++) {
+			struct fo_slot *sl = &slots[i];
+			uint64_t base = (40 * MIB / 512) + (uint64_t)i * region, sec;
+			uint32_t secs = 8u << (rand_r(&seed) % 4);	/* 4 to 32 KiB */
+
+			if (sl->busy && !sl->dn.done)
+				continue;
+			if (sl->busy) {
+				ck_assert_int_eq(sl->dn.err, 0);
+				if (sl->is_read)
+					ck_assert_msg(memcmp(sl->buf, view + sl->req.sec * 512,
+							     (size_t)sl->req.secs * 512) == 0,
+						      "SVM read at %llu during the failover differs",
+						      (unsigned long long)sl->req.sec);
+				sl->busy = false;
+				svm_ops++;
+			}
+			if (state() != REPLICA_STATE_FAILOVER)
+				continue;
+			sec = base + (uint64_t)(rand_r(&seed) % (region / secs)) * secs;
+			sl->is_read = rand_r(&seed) % 2;
+			memset(&sl->dn, 0, sizeof(sl->dn));
+			if (!sl->is_read) {
+				fill(sl->buf, (size_t)secs * 512, (unsigned)rand_r(&seed));
+				memcpy(view + sec * 512, sl->buf, (size_t)secs * 512);
+			}
+			td_request_init(&sl->req, sl->is_read ? TD_OP_READ : TD_OP_WRITE, sec, secs,
+					sl->buf, req_done, &sl->dn);
+			sl->busy = true;
+			td_disk_submit(disk, &sl->req);
+		}
+		ck_assert_int_ge(tdr_loop_run_once(loop, 100), 0);
+	}
+	ck_assert_int_eq(state(), REPLICA_STATE_DONE);
+	ck_assert_uint_gt(svm_ops, 0);
+	replica_get_status(rep, &st);
+	/* 48 MiB committed and more (the SVM rewrote chunks): a flush per 16 MiB. */
+	ck_assert_uint_ge(st.progress_total, 48 * MIB);
+	ck_assert_uint_gt(st.stats.fo_svm_peak_bytes, 0);
+	ck_assert_uint_le(st.stats.fo_svm_peak_bytes, 4 * MIB);
+	ck_assert_uint_ge(st.stats.fo_flushes, 2);
+	ck_assert_int_eq(iio(secondary, TD_OP_READ, 0, FO_BIG / 512, got), 0);
+	ck_assert(memcmp(got, view, FO_BIG) == 0);
+	for (int i = 0; i < FO_SLOTS; i++)
+		free(slots[i].buf);
+	free(view);
+	free(got);
+	free(w);
+}
+END_TEST
+
 START_TEST(stop_without_failover)
 {
 	char *w = xalloc(MIB), *z = xalloc(MIB);
@@ -891,6 +991,7 @@ int main(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, io_before_start);
+	tcase_add_test(tc, failover_with_busy_svm);
 	tcase_add_test(tc, primary_write_svm_sees_old_data);
 	tcase_add_test(tc, svm_write_then_read_then_checkpoint);
 	tcase_add_test(tc, failover_secondary_equals_svm_view);
