@@ -218,8 +218,9 @@ static void meta_free_locators(struct vhd_meta *m)
 
 void vhd_meta_free(struct vhd_meta *m)
 {
-	free(m->bat);
+	vhd_big_free(m->bat, m->bat_alloc);
 	m->bat = NULL;
+	m->bat_alloc = 0;
 	meta_free_locators(m);
 }
 
@@ -450,7 +451,6 @@ static int load_dynamic(struct vhd_meta *m, const struct vhd_src *src, unsigned 
 	uint64_t bat_bytes, limit;
 	int nreg = 0, r;
 	uint32_t sum;
-	uint8_t *raw;
 
 	r = src_read(src, buf, sizeof(buf), m->footer.data_offset, "dynamic header", err);
 	if (r < 0)
@@ -542,21 +542,17 @@ static int load_dynamic(struct vhd_meta *m, const struct vhd_src *src, unsigned 
 					src->name);
 	}
 
-	raw = malloc(bat_bytes);
-	m->bat = malloc((size_t)h->max_bat_entries * sizeof(uint32_t) + 1);
-	if (!raw || !m->bat) {
-		free(raw);
+	/* Read and decoded in place: one buffer, its pages mapped up front. */
+	m->bat = vhd_big_alloc(bat_bytes);
+	if (!m->bat)
 		return vhd_fail(err, VHD_ERR_NOMEM, "%s: out of memory for a BAT of %u entries",
 				src->name, h->max_bat_entries);
-	}
-	r = src_read(src, raw, bat_bytes, h->table_offset, "BAT", err);
-	if (r == 0) {
-		vhd_bat_decode(m->bat, raw, h->max_bat_entries);
-		m->bat_entries = h->max_bat_entries;
-	}
-	free(raw);
+	m->bat_alloc = bat_bytes;
+	r = src_read(src, m->bat, bat_bytes, h->table_offset, "BAT", err);
 	if (r < 0)
 		return r;
+	vhd_bat_decode(m->bat, m->bat, h->max_bat_entries);
+	m->bat_entries = h->max_bat_entries;
 
 	/* With the footer lost, blocks may run up to the end of the file. */
 	limit = m->used_backup ? m->file_size : m->file_size - VHD_FOOTER_SIZE;

@@ -451,6 +451,27 @@ START_TEST(parent_resolution)
 }
 END_TEST
 
+/* Large tables: zeroed, writable to the last byte, freed with their length. */
+START_TEST(big_alloc)
+{
+	const size_t sizes[] = { 0, 1, 100 << 10, 256 << 10, (2 << 20) - 512, 2 << 20,
+				 (2 << 20) + 4096, 5 << 20 };
+
+	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+		size_t len = sizes[i];
+		uint8_t *p = vhd_big_alloc(len);
+
+		ck_assert_ptr_nonnull(p);
+		ck_assert_msg(vhd_all_zero(p, len), "vhd_big_alloc(%zu) not zeroed", len);
+		memset(p, 0xA5, len);
+		if (len)
+			ck_assert_uint_eq(p[len - 1], 0xA5);
+		vhd_big_free(p, len);
+	}
+	vhd_big_free(NULL, 2 << 20);
+}
+END_TEST
+
 START_TEST(make_empty)
 {
 	const uint64_t size = 8 * MIB;
@@ -1133,6 +1154,7 @@ static Suite *vhd_suite(void)
 	tcase_add_test(tc, write_read_dynamic);
 	tcase_add_test(tc, chain_three_deep);
 	tcase_add_test(tc, parent_resolution);
+	tcase_add_test(tc, big_alloc);
 	tcase_add_test(tc, make_empty);
 	tcase_add_test(tc, coalesce_keeps_content);
 	tcase_add_test(tc, repair_from_backup);
