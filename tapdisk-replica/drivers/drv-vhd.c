@@ -129,6 +129,7 @@ struct vhd_state {
 	bool direct;
 	struct vhd_meta m;	/* m.bat: the live BAT (what reads see) */
 	uint32_t *bat_disk;	/* what is on disk or being written */
+	size_t bat_disk_len;	/* its bytes (vhd_big_alloc) */
 	struct bat_sec *bsec;
 	uint32_t nbsec;
 	uint64_t size_secs;
@@ -1428,8 +1429,9 @@ static void vhd_free_state(struct vhd_state *s)
 			free(s->bsec[i].buf);
 	free(s->bsec);
 	s->bsec = NULL;
-	free(s->bat_disk);
+	vhd_big_free(s->bat_disk, s->bat_disk_len);
 	s->bat_disk = NULL;
+	s->bat_disk_len = 0;
 	free(s->alloc_list);
 	s->alloc_list = NULL;
 	s->nalloc_list = s->alloc_list_cap = 0;
@@ -1531,7 +1533,9 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 
 	s->bm_bytes = s->m.bm_secs * VHD_SECTOR_SIZE;
 	s->nbsec = (uint32_t)(((uint64_t)s->m.bat_entries * 4 + VHD_SECTOR_SIZE - 1) / VHD_SECTOR_SIZE);
-	s->bat_disk = malloc((size_t)s->m.bat_entries * sizeof(uint32_t) + 1);
+	/* 2 MiB for 1 TiB: mapped up front, not faulted in page by page by the copy below. */
+	s->bat_disk_len = (size_t)s->m.bat_entries * sizeof(uint32_t);
+	s->bat_disk = vhd_big_alloc(s->bat_disk_len);
 	s->bsec = calloc(s->nbsec ? s->nbsec : 1, sizeof(*s->bsec));
 	s->footer_buf = tdr_io_alloc(VHD_FOOTER_SIZE);
 	s->zero_sec = tdr_io_alloc(FOOTER_ZERO_LEN);

@@ -2,4 +2,5 @@
 # Run them by hand; figures and commands live in docs/benchmarks.md.
 check_PROGRAMS += tests/bench/bench-secondary
 tests_bench_bench_secondary_LDADD = $(TDR_LIBS)
-EXTRA_DIST += tests/bench/nbd-export tests/bench/primary tests/bench/control tests/bench/vhd tests/bench/ext4-first-touch
+EXTRA_DIST += tests/bench/nbd-export tests/bench/primary tests/bench/control tests/bench/vhd tests/bench/ext4-first-touch \
+	tests/bench/vhd-open
