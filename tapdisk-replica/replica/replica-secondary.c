@@ -863,7 +863,8 @@ static bool fo_svm_busy(const struct sec *s)
 }
 
 /*
- * How many chunks the next copy may take, 0 for none now.  The SVM comes
+ * How many chunks the next copy may take (at most FO_RUN_CHUNKS), 0 for
+ * none now.  The SVM comes
  * first (FO_SVM_BYTES); the last phase, which holds SVM writes, goes full
  * speed.
  */
@@ -878,7 +879,8 @@ static uint64_t fo_copy_budget(const struct sec *s)
 		return FO_RUN_CHUNKS;
 	if (s->fo_bytes_inflight + chunk > budget)
 		return 0;
-	return (budget - s->fo_bytes_inflight) / chunk;
+	budget = (budget - s->fo_bytes_inflight) / chunk;
+	return budget < FO_RUN_CHUNKS ? budget : FO_RUN_CHUNKS;
 }
 
 /* Takes the next run of dirty chunks and copies the SVM's view of it. */
@@ -890,7 +892,7 @@ static bool fo_copy_next(struct sec *s, uint64_t max_chunks)
 	if (!replica_chunkset_next(&s->fo_dirty, s->fo_cursor, &first) &&
 	    !replica_chunkset_next(&s->fo_dirty, 0, &first))
 		return false;
-	while (n < FO_RUN_CHUNKS && n < max_chunks && replica_chunkset_test(&s->fo_dirty, first + n))
+	while (n < max_chunks && replica_chunkset_test(&s->fo_dirty, first + n))
 		n++;
 	sec = first * s->chunk_secs;
 	secs = n * s->chunk_secs;

@@ -430,6 +430,24 @@ struct copy_run {
 	int active, errors;
 };
 
+static void copy_step(struct td_request *req, int err, void *arg);
+
+/* The slot's next chunk: its read, or the slot retires when none is left. */
+static void copy_next(struct copy_slot *sl)
+{
+	struct copy_run *c = sl->c;
+
+	if (c->next >= COPY_BYTES) {
+		c->active--;
+		return;
+	}
+	sl->sec = c->next / 512;
+	c->next += COPY_CHUNK;
+	sl->writing = false;
+	td_request_init(&sl->req, TD_OP_READ, sl->sec, COPY_CHUNK / 512, sl->buf, copy_step, sl);
+	td_disk_submit(c->src, &sl->req);
+}
+
 static void copy_step(struct td_request *req, int err, void *arg)
 {
 	struct copy_slot *sl = arg;
@@ -444,15 +462,7 @@ static void copy_step(struct td_request *req, int err, void *arg)
 		return;
 	}
 	c->done += COPY_CHUNK;
-	if (c->next >= COPY_BYTES) {
-		c->active--;
-		return;
-	}
-	sl->sec = c->next / 512;
-	c->next += COPY_CHUNK;
-	sl->writing = false;
-	td_request_init(&sl->req, TD_OP_READ, sl->sec, COPY_CHUNK / 512, sl->buf, copy_step, sl);
-	td_disk_submit(c->src, &sl->req);
+	copy_next(sl);
 }
 
 static double raw_copy_bandwidth(void)
@@ -472,14 +482,11 @@ static double raw_copy_bandwidth(void)
 	t0 = now_s();
 	for (int i = 0; i < COPY_QD; i++) {
 		slots[i].buf = tdr_io_alloc(COPY_CHUNK);
+		if (!slots[i].buf)
+			die("copy buffer");
 		slots[i].c = &c;
-		slots[i].sec = c.next / 512;
-		slots[i].writing = false;
-		c.next += COPY_CHUNK;
 		c.active++;
-		td_request_init(&slots[i].req, TD_OP_READ, slots[i].sec, COPY_CHUNK / 512,
-				slots[i].buf, copy_step, &slots[i]);
-		td_disk_submit(src, &slots[i].req);
+		copy_next(&slots[i]);
 	}
 	while (c.active)
 		tdr_loop_run_once(loop, -1);
