@@ -224,6 +224,19 @@ void nbd_encode_structured_hdr(unsigned char buf[NBD_STRUCTURED_HDR_SIZE], uint1
 uint32_t nbd_errno_to_nbd(int err);
 /* Maps an NBD error value from a server to -errno (0 for 0; unknown values: -EINVAL). */
 int nbd_nbd_to_errno(uint32_t v);
+
+/*
+ * Socket options for an NBD connection of either side, server or client.
+ * TCP: Nagle off (proto.md; requests and replies are small and batched by
+ * their sender).  UNIX: a send buffer of NBD_UNIX_SNDBUF, for the kernel's
+ * default (net.core.wmem_default, 208 KiB) makes a 1 MiB READ reply or
+ * WRITE command go out in five sendmsg() calls and as many EPOLLOUT
+ * wakeups; the kernel caps it at net.core.wmem_max.  The send buffer is
+ * left alone on TCP, where setting it would turn off autotuning.
+ * Best effort: a socket that refuses the options still works.
+ */
+#define NBD_UNIX_SNDBUF (4 << 20)
+void nbd_socket_tune(int fd, bool tcp);
 const char *nbd_cmd_name(uint16_t type);
 const char *nbd_opt_name(uint32_t opt);
 

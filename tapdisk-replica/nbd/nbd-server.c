@@ -7,7 +7,6 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,14 +24,6 @@
 #define NBD_ACCEPT_RETRY_NS	(100ull * 1000 * 1000)
 #define NBD_SHUTDOWN_GRACE_NS	(5ull * 1000 * 1000 * 1000)
 #define NBD_MAX_TCP_LISTENERS	8
-/*
- * A UNIX socket holds at most its send buffer of unread replies
- * (net.core.wmem_default, 208 KiB): a 1 MiB READ reply then takes five
- * sendmsg() calls and as many EPOLLOUT wakeups.  Ask for room for a few
- * large replies; the kernel caps it at net.core.wmem_max.
- */
-#define NBD_UNIX_SNDBUF		(4 << 20)
-
 static void server_done_cb(void *arg)
 {
 	struct nbd_server *srv = arg;
@@ -235,18 +226,7 @@ static void listener_cb(struct tdr_fd_watch *w, uint32_t events, void *arg)
 			tdr_timer_arm(&l->retry, NBD_ACCEPT_RETRY_NS);
 			break;
 		}
-		if (l->tcp) {
-			int one = 1;
-
-			/* proto.md: disable Nagle; replies are small. */
-			setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-		} else {
-			/* Not on TCP: it would turn off the kernel's own
-			 * send buffer autotuning there. */
-			int sz = NBD_UNIX_SNDBUF;
-
-			setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
-		}
+		nbd_socket_tune(fd, l->tcp);
 		server_take_fd(l->srv, fd);
 	}
 }

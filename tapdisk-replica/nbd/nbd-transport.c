@@ -5,6 +5,8 @@
  * NBD_OPT_STARTTLS without touching the protocol code.
  */
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -66,4 +68,14 @@ void nbd_transport_plain_init(struct nbd_transport *t, int fd)
 	t->ops = &plain_ops;
 	t->fd = fd;
 	t->priv = NULL;
+}
+
+void nbd_socket_tune(int fd, bool tcp)
+{
+	int one = 1, sz = NBD_UNIX_SNDBUF;
+
+	if (tcp)
+		(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	else
+		(void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
 }

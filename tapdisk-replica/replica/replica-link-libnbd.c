@@ -23,8 +23,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 
 #include "replica-link-int.h"
+#include "tdr/nbd.h"
 
 /* libnbd's error for the call that just failed, as -errno (never 0). */
 static int nbd_err(void)
@@ -72,6 +74,8 @@ static int lnbd_open(struct replica_link *l, const struct sockaddr *sa, socklen_
 		link_fail(l, nbd_err(), "no socket after connecting: %s", nbd_msg());
 		return 0;
 	}
+	/* The same socket options as the native client's. */
+	nbd_socket_tune(fd, sa->sa_family != AF_UNIX);
 	link_watch_fd(l, fd);
 	return 0;
 }

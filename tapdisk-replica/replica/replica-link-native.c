@@ -27,7 +27,6 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -569,7 +568,6 @@ static int nat_open(struct replica_link *l, const struct sockaddr *sa, socklen_t
 		    char *msg, size_t msglen)
 {
 	struct nat *n = calloc(1, sizeof(*n));
-	int one = 1;
 
 	if (!n || !(n->in = malloc(NAT_IN_SIZE))) {
 		free(n);
@@ -588,9 +586,9 @@ static int nat_open(struct replica_link *l, const struct sockaddr *sa, socklen_t
 		snprintf(msg, msglen, "cannot create a socket: %s", strerror(errno));
 		return err;
 	}
-	/* We batch ourselves: Nagle would only delay the last command of a batch. */
-	if (sa->sa_family != AF_UNIX)
-		(void)setsockopt(n->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	/* We batch ourselves: Nagle would only delay the last command of a
+	 * batch.  On UNIX sockets, room for several 1 MiB WRITEs. */
+	nbd_socket_tune(n->fd, sa->sa_family != AF_UNIX);
 	n->phase = NAT_GREETING;
 	if (connect(n->fd, sa, salen) < 0) {
 		if (errno != EINPROGRESS) {

@@ -2,7 +2,12 @@
 /* Unit tests of the pure NBD encode/decode and validation helpers. */
 #include <check.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "tdr/nbd.h"
 #include "check-run.h"
@@ -285,6 +290,39 @@ START_TEST(test_check_request)
 }
 END_TEST
 
+/* nbd_socket_tune: a large send buffer on UNIX sockets, Nagle off on TCP. */
+START_TEST(test_socket_tune)
+{
+	int sv[2], fd, before, after, nodelay = 0;
+	socklen_t len = sizeof(int);
+	long max = 0;
+	FILE *f = fopen("/proc/sys/net/core/wmem_max", "r");
+
+	ck_assert_ptr_nonnull(f);
+	ck_assert_int_eq(fscanf(f, "%ld", &max), 1);
+	fclose(f);
+
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	nbd_socket_tune(sv[0], false);
+	ck_assert_int_eq(getsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &after, &len), 0);
+	/* socket(7): the kernel doubles what is asked, capped at wmem_max. */
+	ck_assert_int_eq(after, 2 * (int)(max < NBD_UNIX_SNDBUF ? max : NBD_UNIX_SNDBUF));
+	close(sv[0]);
+	close(sv[1]);
+
+	fd = socket(AF_INET, SOCK_STREAM, 0);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &before, &len), 0);
+	nbd_socket_tune(fd, true);
+	ck_assert_int_eq(getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &nodelay, &len), 0);
+	ck_assert_int_eq(nodelay, 1);
+	/* Left to the kernel's autotuning. */
+	ck_assert_int_eq(getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &after, &len), 0);
+	ck_assert_int_eq(after, before);
+	close(fd);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("nbd-proto");
@@ -301,6 +339,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, test_info_req);
 	tcase_add_test(tc, test_meta_req);
 	tcase_add_test(tc, test_check_request);
+	tcase_add_test(tc, test_socket_tune);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -11,6 +11,7 @@
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +22,7 @@
 
 #include "test-primary-peer.h"
 #include "tdr/log.h"
+#include "tdr/nbd.h"
 #include "check-run.h"
 
 #define DISK (16u * TP_MIB)
@@ -121,6 +123,57 @@ static void replicate_and_compare(void)
 }
 
 /* ------------------------------------------------------------ peers */
+
+/* The send buffer the kernel gives a UNIX socket that asks for NBD_UNIX_SNDBUF. */
+static int expected_unix_sndbuf(void)
+{
+	FILE *f = fopen("/proc/sys/net/core/wmem_max", "r");
+	long max = 0;
+
+	ck_assert_ptr_nonnull(f);
+	ck_assert_int_eq(fscanf(f, "%ld", &max), 1);
+	fclose(f);
+	/* socket(7): the kernel doubles the value asked for (capped at wmem_max). */
+	return 2 * (int)(max < NBD_UNIX_SNDBUF ? max : NBD_UNIX_SNDBUF);
+}
+
+/* The send buffer of this process's socket connected to path (-1 if none). */
+static int sndbuf_of_socket_to(const char *path)
+{
+	int found = -1;
+
+	for (int fd = 3; fd < 1024 && found < 0; fd++) {
+		struct sockaddr_un peer;
+		socklen_t len = sizeof(peer);
+		int sz;
+
+		if (getpeername(fd, (struct sockaddr *)&peer, &len) < 0 || peer.sun_family != AF_UNIX ||
+		    len <= offsetof(struct sockaddr_un, sun_path) || strcmp(peer.sun_path, path))
+			continue;
+		len = sizeof(sz);
+		ck_assert_int_eq(getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, &len), 0);
+		found = sz;
+	}
+	return found;
+}
+
+/*
+ * The link asks for a send buffer of several 1 MiB WRITEs on a UNIX
+ * socket (the kernel's default holds one fifth of one), and still
+ * replicates byte for byte.
+ */
+START_TEST(t_link_socket_buffer)
+{
+	NEED_PEER("nbdkit");
+	tp_nbdkit(NULL, NULL);
+	tp_open("");
+	assert_op("start");
+	ck_assert_int_eq(sndbuf_of_socket_to(tp_sock), expected_unix_sndbuf());
+	write_check(0, 3 * TP_MIB, 7);
+	assert_op("checkpoint");
+	tp_assert_same();
+}
+END_TEST
 
 START_TEST(t_qemu_nbd)
 {
@@ -757,6 +810,7 @@ static Suite *suite(void)
 	suite_add_tcase(s, tc);
 	ADD("fake-close", setup16, t_fake_close);
 	ADD("refused", setup16, t_refused);
+	ADD("link-socket-buffer", setup16, t_link_socket_buffer);
 	ADD("bad-export", setup16, t_bad_export);
 	ADD("size-mismatch", setup16, t_size_mismatch);
 	ADD("bad-addr", setup16, t_bad_addr);
