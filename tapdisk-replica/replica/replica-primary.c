@@ -76,8 +76,9 @@ struct pwrite {
 	uint64_t seq;
 	enum td_op op;			/* what both halves do */
 	unsigned flags;
-	char *copy;			/* sync=local: the data the secondary gets */
+	char *copy;			/* what the secondary gets, if not req->buf */
 	uint64_t copy_len;
+	bool copy_zeroes;		/* copy is calloc()ed zeroes, not from local_bufs */
 	int local_err;
 	bool granted, local_done, remote_active, wait_remote, guest_done;
 	bool remote_after_local;	/* FAST_ZERO: the secondary only if the local one worked */
@@ -147,6 +148,10 @@ struct primary {
 	 * when a resync ends.
 	 */
 	struct tdr_bufpool rs_bufs;
+	/* sync=local copies, reused for the same reason: 1 MiB writes at
+	 * sync=local ran at half the speed of sync=both on malloc/free.  At
+	 * most REPLICA_LOCAL_AHEAD_BYTES idle; emptied at close. */
+	struct tdr_bufpool local_bufs;
 
 	enum pending_op pending;
 	bool pending_full;		/* resync full requested */
@@ -327,6 +332,20 @@ static int open_link(struct primary *p, char *msg, size_t msglen)
 
 static void checkpoint_check(struct primary *p);
 
+static void pw_drop_copy(struct pwrite *pw)
+{
+	struct primary *p = pw->p;
+
+	if (!pw->copy)
+		return;
+	p->copy_bytes -= pw->copy_len;
+	if (pw->copy_zeroes)
+		free(pw->copy);
+	else
+		tdr_bufpool_put(&p->local_bufs, pw->copy, pw->copy_len);
+	pw->copy = NULL;
+}
+
 static void pw_finish(struct pwrite *pw)
 {
 	struct primary *p = pw->p;
@@ -339,7 +358,7 @@ static void pw_finish(struct pwrite *pw)
 		else
 			replica_rlock_release(&p->lock, &pw->range);
 	}
-	free(pw->copy);
+	pw_drop_copy(pw);
 	free(pw);
 }
 
@@ -360,11 +379,7 @@ static void pw_remote_done(struct replica_link_req *lr, int err)
 	tdr_list_del(&pw->entry);
 	if (!pw->wait_remote)
 		p->ahead_reqs--;
-	if (pw->copy) {
-		p->copy_bytes -= pw->copy_len;
-		free(pw->copy);
-		pw->copy = NULL;
-	}
+	pw_drop_copy(pw);
 	if (err) {
 		/* The link broke (link_broken ran first): the secondary may lack this range. */
 		mark_dirty(p, pw->sec, pw->secs);
@@ -393,7 +408,7 @@ static void pw_send_remote(struct pwrite *pw)
 		/* The guest waits for the secondary. */
 	} else if (pw->op == TD_OP_WRITE && p->copy_bytes + len <= REPLICA_LOCAL_AHEAD_BYTES) {
 		/* The guest's buffer goes back to it at the local completion: send a copy. */
-		pw->copy = malloc(len);
+		pw->copy = tdr_bufpool_get(&p->local_bufs, len);
 		if (pw->copy) {
 			memcpy(pw->copy, req->buf, len);
 			pw->copy_len = len;
@@ -413,8 +428,10 @@ static void pw_send_remote(struct pwrite *pw)
 				  pw_remote_done, pw);
 	} else {
 		/* A secondary that cannot zero gets zeroes written. */
+		/* calloc(): up to a whole disk of zeroes, mapped to the zero page. */
 		pw->copy = calloc(1, len);
 		if (pw->copy) {
+			pw->copy_zeroes = true;
 			pw->copy_len = len;
 			p->copy_bytes += len;
 		}
@@ -1092,6 +1109,7 @@ static int primary_init(struct replica *r)
 	replica_rlock_init(&p->lock);
 	tdr_list_init(&p->rinflight);
 	tdr_bufpool_init(&p->rs_bufs, (size_t)RESYNC_DEPTH * bytes(COPY_SECS));
+	tdr_bufpool_init(&p->local_bufs, REPLICA_LOCAL_AHEAD_BYTES);
 	err = replica_chunkset_init(&p->dirty, p->size_secs, DIRTY_CHUNK_SECS);
 	if (!err)
 		err = replica_chunkset_init(&p->unflushed[0], p->size_secs, DIRTY_CHUNK_SECS);
@@ -1153,6 +1171,7 @@ static void primary_fini(struct replica *r)
 	if (p->rs.bs_busy)
 		TDR_WARN("replica primary: closed with a block-status query in flight");
 	tdr_bufpool_fini(&p->rs_bufs);
+	tdr_bufpool_fini(&p->local_bufs);
 	replica_chunkset_free(&p->dirty);
 	replica_chunkset_free(&p->unflushed[0]);
 	replica_chunkset_free(&p->unflushed[1]);
