@@ -489,6 +489,21 @@ extern const struct td_driver td_drv_vhd;
 void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err), void *arg);
 
 /*
+ * Scratch mode, for images whose content does not have to survive a crash
+ * of the host: the replica's active and hidden while it replicates (they
+ * are emptied at every checkpoint, and a secondary whose host crashed is
+ * rebuilt from the primary).  An allocation then writes its BAT entry,
+ * and a differencing disk its bitmap, as soon as the data and bitmap
+ * writes before it have completed, without the fdatasync that orders them
+ * on stable storage.  Writes keep their order of completion, so a crash
+ * of the process still leaves a valid file; a crash of the host may not.
+ * FLUSH requests still sync.  Turning it off does not make earlier writes
+ * durable: flush the image after.  0, or -EINVAL (with tdr_set_error) if
+ * img is not a dynamic or differencing VHD.
+ */
+int vhd_image_set_scratch(struct td_image *img, bool on);
+
+/*
  * Online commit: copies every sector present in child (per its bitmaps)
  * into child->parent with td_queue_request(), then flushes the parent.
  * progress (may be NULL) is called with blocks done / blocks allocated.  The

@@ -162,6 +162,7 @@ struct vhd_state {
 	struct tdr_list reuse_syncs;	/* struct vhd_reuse_sync in flight */
 
 	/* Group commit (struct vhd_sync_waiter). */
+	bool scratch;			/* vhd_image_set_scratch(): no ordering syncs */
 	struct tdr_iocb gsync_iocb;
 	bool gsync_inflight;
 	struct tdr_list gsync_next;	/* answered by the next sync */
@@ -181,6 +182,7 @@ struct vhd_state {
 	struct {
 		uint64_t allocs, bm_writes, bm_loads, bm_hits, bat_writes, footer_writes;
 		uint64_t joined_allocs, evictions, reuse_waits;
+		uint64_t gsyncs, gsyncs_skipped;	/* group syncs issued, not needed (scratch) */
 	} st;
 };
 
@@ -536,14 +538,24 @@ static void gsync_issue(struct vhd_state *s)
 		tdr_list_add_tail(pos, &s->gsync_covered);
 	}
 	s->gsync_inflight = true;
+	s->st.gsyncs++;
 	tdr_io_fdsync(s->img->io, &s->gsync_iocb, s->fd, gsync_done, s);
 }
 
-/* Calls w->cb once everything written before this call is durable. */
+/*
+ * Calls w->cb once everything written before this call is durable; in
+ * scratch mode at once: the writes it follows have completed, which is
+ * all that a crash of the process (not of the host) needs.
+ */
 static void gsync_request(struct vhd_state *s, struct vhd_sync_waiter *w,
 			  void (*cb)(struct vhd_sync_waiter *w, int err))
 {
 	w->cb = cb;
+	if (s->scratch) {
+		s->st.gsyncs_skipped++;
+		cb(w, 0);
+		return;
+	}
 	tdr_list_add_tail(&w->entry, &s->gsync_next);
 	if (!s->gsync_inflight)
 		gsync_issue(s);
@@ -1639,12 +1651,15 @@ static void vhd_stats(struct td_image *img, FILE *out)
 	fprintf(out, "    allocated_blocks=%u\n    allocations=%llu\n    joined_allocations=%llu\n"
 		"    bitmap_loads=%llu\n    bitmap_hits=%llu\n    bitmap_writes=%llu\n"
 		"    bitmap_evictions=%llu\n    bat_writes=%llu\n    footer_writes=%llu\n"
-		"    reuse_waits=%llu\n",
+		"    reuse_waits=%llu\n    group_syncs=%llu\n    group_syncs_skipped=%llu\n"
+		"    scratch=%d\n",
 		s->m.allocated, (unsigned long long)s->st.allocs,
 		(unsigned long long)s->st.joined_allocs, (unsigned long long)s->st.bm_loads,
 		(unsigned long long)s->st.bm_hits, (unsigned long long)s->st.bm_writes,
 		(unsigned long long)s->st.evictions, (unsigned long long)s->st.bat_writes,
-		(unsigned long long)s->st.footer_writes, (unsigned long long)s->st.reuse_waits);
+		(unsigned long long)s->st.footer_writes, (unsigned long long)s->st.reuse_waits,
+		(unsigned long long)s->st.gsyncs, (unsigned long long)s->st.gsyncs_skipped,
+		s->scratch);
 }
 
 const struct td_driver td_drv_vhd = {
@@ -1789,6 +1804,21 @@ static int cmp_u32(const void *a, const void *b)
 	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
 
 	return x < y ? -1 : x > y;
+}
+
+int vhd_image_set_scratch(struct td_image *img, bool on)
+{
+	struct vhd_state *s = img->priv;
+
+	if (img->drv != &td_drv_vhd || !is_dynamic(s)) {
+		tdr_set_error("%s: only dynamic and differencing VHDs have a scratch mode", img->params);
+		return -EINVAL;
+	}
+	if (s->scratch != on)
+		TDR_INFO("%s: scratch mode %s", img->params,
+			 on ? "on: no ordering syncs, not safe across a host crash" : "off");
+	s->scratch = on;
+	return 0;
 }
 
 void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err), void *arg)

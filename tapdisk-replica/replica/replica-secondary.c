@@ -23,6 +23,15 @@
  * Checkpoint: hold new requests at both doors, wait for those in flight,
  * empty active and hidden, clear the copy-before-write map, release.
  *
+ * Scratch mode.  While running, active and hidden hold nothing that must
+ * survive a crash of this host: they are emptied at every checkpoint, and
+ * a secondary whose host crashed is rebuilt from the primary.  So their
+ * allocations skip the syncs that order data before metadata on stable
+ * storage (vhd_image_set_scratch), which made the copy into hidden cost
+ * as much as the primary's write itself.  Failover turns the mode off and
+ * flushes both before anything depends on them: from then on they are
+ * the only copy of the SVM's disk.  The secondary disk never uses it.
+ *
  * Failover: the SVM's view differs from the secondary disk only in the
  * chunks that active or hidden hold, which we track (svm_written, cbw).
  * We copy the view of those chunks (a read through active) into the
@@ -137,6 +146,8 @@ struct sec {
 	struct td_request fo_flush;	/* the flush before, then the one ending, the last phase */
 	struct td_request fo_bgflush;	/* every FO_FLUSH_BYTES */
 	bool fo_bgflushing;
+	struct td_request fo_chainflush[2];	/* active and hidden, leaving scratch mode */
+	unsigned fo_chainflushing;
 	uint64_t fo_unflushed;		/* bytes written since the last flush began */
 };
 
@@ -698,6 +709,13 @@ static void record_checkpoint_time(struct sec *s)
 		st->ckpt_max_ns = ns;
 }
 
+static void sec_set_scratch(struct sec *s, bool on)
+{
+	/* Cannot fail: sec_init checked that both are dynamic or differencing VHDs. */
+	(void)vhd_image_set_scratch(s->active, on);
+	(void)vhd_image_set_scratch(s->hidden, on);
+}
+
 static void empty_finished(struct sec *s)
 {
 	struct replica *r = s->r;
@@ -711,11 +729,14 @@ static void empty_finished(struct sec *s)
 				  s->empty_what, strerror(-err));
 	}
 	if (s->stop_after_empty) {
+		sec_set_scratch(s, false);
 		replica_set_state(r, REPLICA_STATE_NONE);
 	} else if (r->state == REPLICA_STATE_NONE) {
 		/* start */
-		if (!err)
+		if (!err) {
+			sec_set_scratch(s, true);
 			replica_set_state(r, REPLICA_STATE_RUNNING);
+		}
 	} else {
 		record_checkpoint_time(s);
 		replica_notify(r);
@@ -963,6 +984,38 @@ static void fo_bgflushed(struct td_request *req, int err, void *arg)
 	fo_pump(s);
 }
 
+static void fo_chainflushed(struct td_request *req, int err, void *arg)
+{
+	struct sec *s = arg;
+
+	s->fo_chainflushing--;
+	if (err) {
+		TDR_ERR("replica secondary: failover: flushing %s failed: %s",
+			req == &s->fo_chainflush[0] ? s->active->params : s->hidden->params,
+			strerror(-err));
+		if (!s->fo_err)
+			s->fo_err = err;
+	}
+	fo_pump(s);
+}
+
+/*
+ * Out of scratch mode, and what active and hidden hold made durable: the
+ * SVM's view must survive a crash of the host from now on.  The commit
+ * runs meanwhile (it only reads them); the failover ends after this.
+ */
+static void fo_chainflush(struct sec *s)
+{
+	struct td_image *imgs[2] = { s->active, s->hidden };
+
+	sec_set_scratch(s, false);
+	s->fo_chainflushing = 2;
+	for (int i = 0; i < 2; i++) {
+		td_request_init(&s->fo_chainflush[i], TD_OP_FLUSH, 0, 0, NULL, fo_chainflushed, s);
+		td_queue_request(imgs[i], &s->fo_chainflush[i]);
+	}
+}
+
 static void fo_bgflush(struct sec *s)
 {
 	if (s->fo_bgflushing || s->fo_preflushing || s->fo_final || s->fo_unflushed < FO_FLUSH_BYTES)
@@ -995,7 +1048,7 @@ static void fo_pump(struct sec *s)
 	for (uint64_t n; !s->fo_err && (n = fo_copy_budget(s)) && fo_copy_next(s, n);)
 		;
 	fo_bgflush(s);
-	if (s->fo_copies || s->fo_preflushing || s->fo_bgflushing)
+	if (s->fo_copies || s->fo_preflushing || s->fo_bgflushing || s->fo_chainflushing)
 		return;
 	if (s->fo_err) {
 		replica_set_state(r, REPLICA_STATE_FAILOVER_FAILED);
@@ -1035,7 +1088,9 @@ static void fo_begin(struct sec *s)
 	s->hold_all = false;
 	err = fo_snapshot(s);
 	if (err) {
+		/* Failed, but the SVM goes on with active/hidden: make them safe too. */
 		s->fo_err = err;
+		fo_chainflush(s);
 		fo_pump(s);
 		return;
 	}
@@ -1055,6 +1110,7 @@ static void fo_begin(struct sec *s)
 	TDR_INFO("replica secondary: failover: committing %llu bytes of active/hidden into %s",
 		 (unsigned long long)r->progress_total, s->secondary->params);
 	release_held(s);
+	fo_chainflush(s);
 	fo_pump(s);
 }
 

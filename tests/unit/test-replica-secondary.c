@@ -148,6 +148,33 @@ static void expect_image(struct td_image *img, uint64_t sec, uint32_t secs, cons
 	free(got);
 }
 
+/* A statistic of img's driver (its "key=value" lines); fails the test if absent. */
+static unsigned long long img_stat(struct td_image *img, const char *key)
+{
+	char *text = NULL, *p, pat[64];
+	size_t len = 0;
+	FILE *f = open_memstream(&text, &len);
+	unsigned long long v;
+
+	ck_assert_ptr_nonnull(f);
+	img->drv->stats(img, f);
+	fclose(f);
+	snprintf(pat, sizeof(pat), " %s=", key);
+	p = strstr(text, pat);
+	ck_assert_msg(p, "%s: no %s in its statistics", img->params, key);
+	v = strtoull(p + strlen(pat), NULL, 10);
+	free(text);
+	return v;
+}
+
+/* Scratch mode of active and hidden (the secondary disk never has it). */
+static void expect_scratch(unsigned on)
+{
+	ck_assert_uint_eq(img_stat(active, "scratch"), on);
+	ck_assert_uint_eq(img_stat(hidden, "scratch"), on);
+	ck_assert_uint_eq(img_stat(secondary, "scratch"), 0);
+}
+
 static void expect_disk(struct td_disk *d, uint64_t sec, uint32_t secs, const char *want)
 {
 	char *got = xalloc((size_t)secs * 512);
@@ -336,7 +363,10 @@ START_TEST(failover_secondary_equals_svm_view)
 
 	fill(w, MIB, 7);
 	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 0, MIB / 512, w), 0);
+	expect_scratch(0);
 	ck_assert_int_eq(op("start"), 0);
+	/* Running: active and hidden allocate without ordering syncs. */
+	expect_scratch(1);
 	fill(w, MIB, 8);
 	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 300, 700, w), 0);		/* SVM */
 	fill(w, MIB, 9);
@@ -344,8 +374,15 @@ START_TEST(failover_secondary_equals_svm_view)
 	fill(w, MIB, 10);
 	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 9000, 256, w), 0);	/* PVM, elsewhere */
 	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, view), 0);
+	ck_assert_uint_eq(img_stat(active, "group_syncs"), 0);
+	ck_assert_uint_eq(img_stat(hidden, "group_syncs"), 0);
+	ck_assert_uint_gt(img_stat(active, "group_syncs_skipped"), 0);
+	ck_assert_uint_gt(img_stat(hidden, "group_syncs_skipped"), 0);
+	ck_assert_uint_gt(img_stat(secondary, "group_syncs"), 0);
 
 	ck_assert_int_eq(op("failover"), 0);
+	/* From the failover on, active and hidden are the SVM's only copy. */
+	expect_scratch(0);
 	/* The SVM keeps writing while the commit runs. */
 	fill(w, MIB, 11);
 	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 12000, 64, w), 0);
@@ -491,8 +528,10 @@ START_TEST(stop_without_failover)
 	fill(w, MIB, 13);
 	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 0, 64, w), 0);
 	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 4096, 64, w), 0);
+	expect_scratch(1);
 	ck_assert_int_eq(op("stop"), 0);
 	ck_assert_int_eq(state(), REPLICA_STATE_NONE);
+	expect_scratch(0);
 	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, 8, w), -EIO);
 	/* The SVM's writes are gone; active and hidden are empty files again. */
 	expect_image(active, 0, 64, z);
@@ -502,6 +541,7 @@ START_TEST(stop_without_failover)
 	/* And it can start again. */
 	ck_assert_int_eq(op("start"), 0);
 	ck_assert_int_eq(state(), REPLICA_STATE_RUNNING);
+	expect_scratch(1);
 	free(w);
 	free(z);
 }
@@ -773,6 +813,46 @@ START_TEST(commit_failure_then_routing_then_retry)
 }
 END_TEST
 
+/*
+ * Failover leaves scratch mode by flushing active and hidden; when that
+ * flush fails, the failover fails (nothing lost, the SVM keeps its view)
+ * and a retry completes it.
+ */
+START_TEST(failover_chain_flush_failure)
+{
+	char *view = xalloc(DISK_SIZE), *w = xalloc(MIB), *got = xalloc(DISK_SIZE);
+
+	ck_assert_int_eq(op("start"), 0);
+	fill(w, MIB, 23);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 0, 128, w), 0);		/* active */
+	fill(w, MIB, 24);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 8192, 128, w), 0);	/* hidden */
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, view), 0);
+
+	/* Only active's file fails, and nothing but its flush writes to it. */
+	tdr_io_set_fault(io, TDR_FAULT_FAIL, 0);
+	ck_assert_int_eq(tdr_io_set_fault_file(io, p_active), 0);
+	ck_assert_int_eq(op("failover"), 0);
+	wait_state_not(REPLICA_STATE_FAILOVER);
+	ck_assert_int_eq(state(), REPLICA_STATE_FAILOVER_FAILED);
+	tdr_io_set_fault(io, TDR_FAULT_NONE, 0);
+	expect_scratch(0);
+	ck_assert_int_eq(op("get-error"), 0);
+	ck_assert_msg(strstr(last_msg, "EIO failover commit"), "%s", last_msg);
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, got), 0);
+	ck_assert(memcmp(got, view, DISK_SIZE) == 0);
+
+	ck_assert_int_eq(op("failover"), 0);
+	wait_state_not(REPLICA_STATE_FAILOVER);
+	ck_assert_int_eq(state(), REPLICA_STATE_DONE);
+	ck_assert_int_eq(iio(secondary, TD_OP_READ, 0, DISK_SECS, got), 0);
+	ck_assert(memcmp(got, view, DISK_SIZE) == 0);
+	free(view);
+	free(w);
+	free(got);
+}
+END_TEST
+
 START_TEST(bad_chains)
 {
 	struct td_disk *d = NULL;
@@ -1003,6 +1083,7 @@ int main(void)
 	tcase_add_test(tc, cbw_failure_undoes_the_write);
 	tcase_add_test(tc, make_empty_failure_reported);
 	tcase_add_test(tc, commit_failure_then_routing_then_retry);
+	tcase_add_test(tc, failover_chain_flush_failure);
 	tcase_add_test(tc, bad_chains);
 	tcase_add_test(tc, mismatched_sizes);
 	tcase_add_test(tc, randomized_model);

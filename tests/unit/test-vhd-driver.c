@@ -932,6 +932,8 @@ END_TEST
 static bool crash_strict;
 /* Set by the reused-space series: the child empties the disk first, so it reuses the space. */
 static bool crash_empty_first;
+/* Set by the scratch series: the child runs the plan in scratch mode. */
+static bool crash_scratch;
 
 struct cw {
 	uint64_t sec;
@@ -978,6 +980,8 @@ static void crash_child(const char *path, enum tdr_io_fault_mode mode, uint64_t 
 	/* A new process reuses the emptied space once it has made the disk empty itself. */
 	if (crash_empty_first)
 		make_empty_now(disk);
+	if (crash_scratch && vhd_image_set_scratch(disk->top, true) < 0)
+		_exit(6);
 	if (mode != TDR_FAULT_NONE)
 		tdr_io_set_fault(c, mode, n);
 	for (int i = 0; i < plan_len; i++) {
@@ -1264,6 +1268,115 @@ START_TEST(crash_safety_differencing)
 }
 END_TEST
 
+/*
+ * Scratch mode skips only the syncs, not the order: a process killed
+ * after any number of writes leaves a valid file with every acknowledged
+ * write in it, for dynamic and differencing disks alike.
+ */
+START_TEST(crash_safety_scratch)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char pristine[PATH_MAX], base[PATH_MAX], data[64 * 512];
+
+	crash_scratch = true;
+	snprintf(pristine, sizeof(pristine), "%s/pristine-dyn.vhd", dir);
+	ck_assert_int_eq(vhd_file_create(pristine, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	crash_series(pa, pristine, TDR_FAULT_KILL);
+
+	snprintf(base, sizeof(base), "%s/base.vhd", dir);
+	snprintf(pristine, sizeof(pristine), "%s/pristine-diff.vhd", dir);
+	ck_assert_int_eq(vhd_file_create(base, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_open(&vf, base, 0, &err), 0);
+	memset(data, 0x5A, sizeof(data));
+	for (uint64_t s = 0; s < 16384; s += 1000)
+		ck_assert_int_eq(vhd_file_write(vf, s, 64, data), 0);
+	vhd_file_close(vf);
+	ck_assert_int_eq(vhd_file_snapshot(pristine, base, &err), 0);
+	crash_series(pb, pristine, TDR_FAULT_KILL);
+}
+END_TEST
+
+/* Writes 16 sectors at sec into disk and the model. */
+static void model_write(struct td_disk *disk, char *model, uint64_t sec, unsigned seed)
+{
+	char *data = abuf(16 * 512);
+
+	fill_random(data, 16 * 512, seed);
+	memcpy(model + sec * 512, data, 16 * 512);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, sec, 16, data, NULL), 0);
+	free(data);
+}
+
+/*
+ * Scratch mode (vhd_image_set_scratch): a differencing disk's allocations
+ * and bitmap updates run without a single group sync, and read back
+ * byte-exact over the parent's data; off again, they sync.  Refused for
+ * an image that is not a VHD.
+ */
+START_TEST(scratch_mode_skips_ordering_syncs)
+{
+	const uint64_t size = 16 * MIB;
+	char *model = calloc(1, size), *back = abuf(size), *data = malloc(64 * 512);
+	char raw[PATH_MAX + 8];
+	struct vhd_error err;
+	struct vhd_file *vf;
+	struct td_disk *disk, *aio;
+	int fd;
+
+	/* A parent with data in every block, a child over it. */
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_open(&vf, pa, 0, &err), 0);
+	for (uint64_t sec = 0; sec < size / 512; sec += 1500) {
+		fill_random(data, 64 * 512, (unsigned)sec + 1);
+		memcpy(model + sec * 512, data, 64 * 512);
+		ck_assert_int_eq(vhd_file_write(vf, sec, 64, data), 0);
+	}
+	vhd_file_close(vf);
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+
+	disk = open_disk(pb, 0);
+	ck_assert_uint_eq(image_stat(disk, "scratch"), 0);
+	ck_assert_int_eq(vhd_image_set_scratch(disk->top, true), 0);
+	ck_assert_uint_eq(image_stat(disk, "scratch"), 1);
+	for (unsigned b = 0; b < 4; b++) {
+		model_write(disk, model, b * 4096 + 7, 100 + b);	/* allocates block b */
+		model_write(disk, model, b * 4096 + 1490, 200 + b);	/* a bitmap update */
+	}
+	ck_assert_uint_eq(image_stat(disk, "allocations"), 4);
+	ck_assert_uint_eq(image_stat(disk, "group_syncs"), 0);
+	ck_assert_uint_eq(image_stat(disk, "group_syncs_skipped"), 8);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+
+	/* Off: the same kinds of writes sync again. */
+	ck_assert_int_eq(vhd_image_set_scratch(disk->top, false), 0);
+	model_write(disk, model, 5 * 4096 + 7, 300);
+	model_write(disk, model, 5 * 4096 + 1490, 301);
+	ck_assert_uint_eq(image_stat(disk, "group_syncs_skipped"), 8);
+	ck_assert_uint_ge(image_stat(disk, "group_syncs"), 2);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	td_disk_close(disk);
+	expect_file(pb, back, model, size);
+
+	/* Not a VHD: refused, with a reason. */
+	snprintf(raw, sizeof(raw), "%s/raw.img", dir);
+	fd = open(raw, O_CREAT | O_RDWR, 0600);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(ftruncate(fd, (off_t)MIB), 0);
+	close(fd);
+	snprintf(data, 64 * 512, "aio:%s", raw);
+	ck_assert_int_eq(td_disk_open(&aio, data, 0, loop, io), 0);
+	ck_assert_int_eq(vhd_image_set_scratch(aio->top, true), -EINVAL);
+	ck_assert_ptr_nonnull(strstr(tdr_last_error(), "scratch mode"));
+	td_disk_close(aio);
+	free(model);
+	free(back);
+	free(data);
+}
+END_TEST
+
 /* A file that fails validation is never written by the driver. */
 START_TEST(bad_file_untouched)
 {
@@ -1411,6 +1524,8 @@ static Suite *suite(void)
 	tcase_add_test(tc, crash_safety_differencing);
 	tcase_add_test(tc, crash_safety_reused_space);
 	tcase_add_test(tc, crash_safety_footer_moves);
+	tcase_add_test(tc, crash_safety_scratch);
+	tcase_add_test(tc, scratch_mode_skips_ordering_syncs);
 	suite_add_tcase(s, tc);
 	return s;
 }
