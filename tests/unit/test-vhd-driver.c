@@ -1248,15 +1248,19 @@ START_TEST(crash_safety_footer_moves)
 }
 END_TEST
 
-START_TEST(crash_safety_differencing)
+/*
+ * A pristine differencing disk (dir/NAME) over dir/base.vhd, an 8 MiB
+ * parent with data in every block.  The crash series copies it over the
+ * live child in the same directory, so both have the same parent.
+ */
+static void make_diff_pristine(char *pristine, size_t len, const char *name)
 {
 	struct vhd_error err;
 	struct vhd_file *vf;
-	char pristine[PATH_MAX], base[PATH_MAX], data[64 * 512];
+	char base[PATH_MAX], data[64 * 512];
 
-	/* the pristine child and the live child share the directory and the parent */
 	snprintf(base, sizeof(base), "%s/base.vhd", dir);
-	snprintf(pristine, sizeof(pristine), "%s/pristine.vhd", dir);
+	snprintf(pristine, len, "%s/%s", dir, name);
 	ck_assert_int_eq(vhd_file_create(base, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
 	ck_assert_int_eq(vhd_file_open(&vf, base, 0, &err), 0);
 	memset(data, 0x5A, sizeof(data));
@@ -1264,6 +1268,13 @@ START_TEST(crash_safety_differencing)
 		ck_assert_int_eq(vhd_file_write(vf, s, 64, data), 0);
 	vhd_file_close(vf);
 	ck_assert_int_eq(vhd_file_snapshot(pristine, base, &err), 0);
+}
+
+START_TEST(crash_safety_differencing)
+{
+	char pristine[PATH_MAX];
+
+	make_diff_pristine(pristine, sizeof(pristine), "pristine.vhd");
 	crash_series(pb, pristine, TDR_FAULT_KILL);
 }
 END_TEST
@@ -1276,23 +1287,14 @@ END_TEST
 START_TEST(crash_safety_scratch)
 {
 	struct vhd_error err;
-	struct vhd_file *vf;
-	char pristine[PATH_MAX], base[PATH_MAX], data[64 * 512];
+	char pristine[PATH_MAX];
 
 	crash_scratch = true;
 	snprintf(pristine, sizeof(pristine), "%s/pristine-dyn.vhd", dir);
 	ck_assert_int_eq(vhd_file_create(pristine, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
 	crash_series(pa, pristine, TDR_FAULT_KILL);
 
-	snprintf(base, sizeof(base), "%s/base.vhd", dir);
-	snprintf(pristine, sizeof(pristine), "%s/pristine-diff.vhd", dir);
-	ck_assert_int_eq(vhd_file_create(base, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
-	ck_assert_int_eq(vhd_file_open(&vf, base, 0, &err), 0);
-	memset(data, 0x5A, sizeof(data));
-	for (uint64_t s = 0; s < 16384; s += 1000)
-		ck_assert_int_eq(vhd_file_write(vf, s, 64, data), 0);
-	vhd_file_close(vf);
-	ck_assert_int_eq(vhd_file_snapshot(pristine, base, &err), 0);
+	make_diff_pristine(pristine, sizeof(pristine), "pristine-diff.vhd");
 	crash_series(pb, pristine, TDR_FAULT_KILL);
 }
 END_TEST
