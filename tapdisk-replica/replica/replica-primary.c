@@ -427,8 +427,8 @@ static void pw_send_remote(struct pwrite *pw)
 		replica_link_zero(p->link, &pw->lr, len, off, pw->flags & TD_REQ_NO_HOLE,
 				  pw_remote_done, pw);
 	} else {
-		/* A secondary that cannot zero gets zeroes written. */
-		/* calloc(): up to a whole disk of zeroes, mapped to the zero page. */
+		/* A secondary that cannot zero gets zeroes written; calloc(),
+		 * not the pool: up to a whole disk of them, on the zero page. */
 		pw->copy = calloc(1, len);
 		if (pw->copy) {
 			pw->copy_zeroes = true;

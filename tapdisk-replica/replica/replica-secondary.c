@@ -27,10 +27,11 @@
  * survive a crash of this host: they are emptied at every checkpoint, and
  * a secondary whose host crashed is rebuilt from the primary.  So their
  * allocations skip the syncs that order data before metadata on stable
- * storage (vhd_image_set_scratch), which made the copy into hidden cost
- * as much as the primary's write itself.  Failover turns the mode off and
- * flushes both before anything depends on them: from then on they are
- * the only copy of the SVM's disk.  The secondary disk never uses it.
+ * storage (vhd_image_set_scratch): the copy into hidden, which the
+ * primary's write waits for, no longer waits for a disk flush.  Failover
+ * turns the mode off and flushes both (the failover ends only after
+ * that): from then on they are the only copy of the SVM's disk.  The
+ * secondary disk never uses it.
  *
  * Failover: the SVM's view differs from the secondary disk only in the
  * chunks that active or hidden hold, which we track (svm_written, cbw).
@@ -1000,15 +1001,15 @@ static void fo_chainflushed(struct td_request *req, int err, void *arg)
 }
 
 /*
- * Out of scratch mode, and what active and hidden hold made durable: the
- * SVM's view must survive a crash of the host from now on.  The commit
- * runs meanwhile (it only reads them); the failover ends after this.
+ * Out of scratch mode (fo_begin), what active and hidden hold is made
+ * durable: the SVM's view must survive a crash of the host from now on.
+ * The commit runs meanwhile (it only reads them); the failover ends after
+ * this.
  */
 static void fo_chainflush(struct sec *s)
 {
 	struct td_image *imgs[2] = { s->active, s->hidden };
 
-	sec_set_scratch(s, false);
 	s->fo_chainflushing = 2;
 	for (int i = 0; i < 2; i++) {
 		td_request_init(&s->fo_chainflush[i], TD_OP_FLUSH, 0, 0, NULL, fo_chainflushed, s);
@@ -1085,6 +1086,8 @@ static void fo_begin(struct sec *s)
 	struct replica *r = s->r;
 	int err;
 
+	/* Before any SVM request is let go: from now on they write in safe mode. */
+	sec_set_scratch(s, false);
 	s->hold_all = false;
 	err = fo_snapshot(s);
 	if (err) {
