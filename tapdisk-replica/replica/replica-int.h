@@ -19,6 +19,7 @@ struct replica_opts {
 	uint32_t timeout_ms;			/* primary: per-request link timeout, default 5000 */
 	enum replica_sync sync;			/* primary: default BOTH */
 	uint32_t cbw_secs;			/* secondary: copy-before-write granularity, default 128 (64 KiB) */
+	bool scratch_off;			/* secondary: scratch=off, active/hidden always sync */
 	bool client_libnbd;			/* primary: the link on libnbd instead of our own client */
 };
 

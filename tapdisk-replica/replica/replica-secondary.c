@@ -31,7 +31,9 @@
  * primary's write waits for, no longer waits for a disk flush.  Failover
  * turns the mode off and flushes both (the failover ends only after
  * that): from then on they are the only copy of the SVM's disk.  The
- * secondary disk never uses it.
+ * secondary disk never uses it.  The cost: the disk's write-back is no
+ * longer spread over the allocations, so the primary's checkpoint flush
+ * has more to write; the spec's scratch=off keeps the old behaviour.
  *
  * Failover: the SVM's view differs from the secondary disk only in the
  * chunks that active or hidden hold, which we track (svm_written, cbw).
@@ -735,7 +737,7 @@ static void empty_finished(struct sec *s)
 	} else if (r->state == REPLICA_STATE_NONE) {
 		/* start */
 		if (!err) {
-			sec_set_scratch(s, true);
+			sec_set_scratch(s, !r->opts.scratch_off);
 			replica_set_state(r, REPLICA_STATE_RUNNING);
 		}
 	} else {

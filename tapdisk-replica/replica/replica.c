@@ -148,6 +148,15 @@ static int apply_option(const char *key, const char *val, enum replica_mode *mod
 			return -EINVAL;
 		}
 		spec->cbw_secs = n / 512;
+	} else if (spec && strcmp(key, "scratch") == 0) {
+		if (strcmp(val, "on") == 0) {
+			spec->scratch_off = false;
+		} else if (strcmp(val, "off") == 0) {
+			spec->scratch_off = true;
+		} else {
+			snprintf(msg, msglen, "scratch=%s: expected scratch=on or scratch=off", val);
+			return -EINVAL;
+		}
 	} else if (spec && strcmp(key, "client") == 0) {
 		if (strcmp(val, "native") == 0) {
 			spec->client_libnbd = false;
@@ -159,7 +168,7 @@ static int apply_option(const char *key, const char *val, enum replica_mode *mod
 		}
 	} else {
 		snprintf(msg, msglen, "unknown option '%s' (known: mode, addr, export, timeout, sync%s)",
-			 key, spec ? ", cbw, client" : "");
+			 key, spec ? ", cbw, scratch, client" : "");
 		return -EINVAL;
 	}
 	return 0;

@@ -205,9 +205,10 @@ static void make_chain(uint64_t size)
 	ck_assert_msg(vhd_file_snapshot(p_active, p_hidden, &e) == 0, "%s", e.msg);
 }
 
-static void open_disk(void)
+/* Opens the chain under "replica:mode=secondary" plus opts (",key=value..." or ""). */
+static void open_disk_with(const char *opts)
 {
-	snprintf(spec, sizeof(spec), "replica:mode=secondary|vhd:%s", p_active);
+	snprintf(spec, sizeof(spec), "replica:mode=secondary%s|vhd:%s", opts, p_active);
 	ck_assert_msg(td_disk_open(&disk, spec, 0, loop, io) == 0, "%s", tdr_last_error());
 	rep = disk->top;
 	active = rep->parent;
@@ -217,6 +218,11 @@ static void open_disk(void)
 	exp_disk = replica_export_disk(rep);
 	ck_assert_ptr_nonnull(exp_disk);
 	ck_assert_str_eq(replica_export_name(rep), "secondary");
+}
+
+static void open_disk(void)
+{
+	open_disk_with("");
 }
 
 static void setup(void)
@@ -850,6 +856,31 @@ START_TEST(failover_chain_flush_failure)
 }
 END_TEST
 
+/* scratch=off in the spec: active and hidden sync as any VHD; a bad value is refused. */
+START_TEST(scratch_off_option)
+{
+	char *w = xalloc(MIB), bad[700];
+	struct td_disk *d = NULL;
+
+	td_disk_close(disk);
+	disk = NULL;
+	snprintf(bad, sizeof(bad), "replica:mode=secondary,scratch=maybe|vhd:%s", p_active);
+	ck_assert_int_lt(td_disk_open(&d, bad, 0, loop, io), 0);
+	ck_assert_msg(strstr(tdr_last_error(), "scratch=maybe: expected scratch=on or scratch=off"),
+		      "%s", tdr_last_error());
+	open_disk_with(",scratch=off");
+
+	ck_assert_int_eq(op("start"), 0);
+	expect_scratch(0);
+	fill(w, MIB, 25);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 4096, 128, w), 0);	/* a copy into hidden */
+	ck_assert_uint_gt(img_stat(hidden, "group_syncs"), 0);
+	ck_assert_uint_eq(img_stat(hidden, "group_syncs_skipped"), 0);
+	expect_image(secondary, 4096, 128, w);
+	free(w);
+}
+END_TEST
+
 START_TEST(bad_chains)
 {
 	struct td_disk *d = NULL;
@@ -1081,6 +1112,7 @@ int main(void)
 	tcase_add_test(tc, make_empty_failure_reported);
 	tcase_add_test(tc, commit_failure_then_routing_then_retry);
 	tcase_add_test(tc, failover_chain_flush_failure);
+	tcase_add_test(tc, scratch_off_option);
 	tcase_add_test(tc, bad_chains);
 	tcase_add_test(tc, mismatched_sizes);
 	tcase_add_test(tc, randomized_model);
