@@ -388,6 +388,74 @@ void td_disk_drain(struct td_disk *disk, struct td_drain_waiter *w)
 	}
 }
 
+uint64_t td_disk_busy(struct td_disk *disk, struct td_image **who)
+{
+	uint64_t n = disk->inflight;
+
+	if (who)
+		*who = NULL;
+	for (struct td_image *img = disk->top; img; img = img->parent) {
+		uint64_t b = img->drv->busy ? img->drv->busy(img) : 0;
+
+		if (b && who && !*who)
+			*who = img;
+		n += b;
+	}
+	return n;
+}
+
+/*
+ * Polled rather than signalled: the images' own work ends in many places
+ * (a copy, a flush, a connection closing), a close is rare, and a 1 ms
+ * poll costs nothing next to the I/O it waits for.
+ */
+#define QUIESCE_POLL_NS (1000 * 1000ull)
+
+static void quiesce_poll(struct tdr_timer *t, void *arg)
+{
+	struct td_quiesce *q = arg;
+	struct td_image *who;
+	uint64_t now, n = td_disk_busy(q->disk, &who);
+
+	(void)t;
+	if (!n) {
+		q->cb(q->disk, q->arg);
+		return;
+	}
+	now = tdr_now_ns();
+	if (now - q->warn_ns >= TD_QUIESCE_WARN_NS) {
+		q->warn_ns = now;
+		TDR_WARN("%s: closing: still waiting after %llu s for %llu requests in flight (%s%s%s); the storage below may be stuck",
+			 q->disk->spec, (unsigned long long)((now - q->start_ns) / 1000000000ull),
+			 (unsigned long long)n, who ? who->drv->name : "guest requests",
+			 who ? ":" : "", who ? who->params : "");
+	}
+	tdr_timer_arm(&q->timer, QUIESCE_POLL_NS);
+}
+
+void td_disk_quiesce(struct td_disk *disk, struct td_quiesce *q,
+		     void (*cb)(struct td_disk *disk, void *arg), void *arg)
+{
+	q->disk = disk;
+	q->cb = cb;
+	q->arg = arg;
+	q->start_ns = q->warn_ns = tdr_now_ns();
+	tdr_timer_init(&q->timer, disk->loop, quiesce_poll, q);
+	if (!disk->quiesced) {
+		disk->quiesced = true;
+		for (struct td_image *img = disk->top; img; img = img->parent)
+			if (img->drv->quiesce)
+				img->drv->quiesce(img);
+	}
+	tdr_timer_arm(&q->timer, 0);
+}
+
+void td_disk_quiesce_cancel(struct td_quiesce *q)
+{
+	if (q->disk)
+		tdr_timer_cancel(&q->timer);
+}
+
 struct td_image *td_disk_find_image(struct td_disk *disk, const char *drv)
 {
 	for (struct td_image *img = disk->top; img; img = img->parent)

@@ -40,6 +40,7 @@ struct serve_ctx {
 	bool stopping;
 	int flush_err;
 	struct td_request flush_req;
+	struct td_quiesce quiesce;
 	bool pid_written;
 	struct ctl_server *ctl;
 #ifdef HAVE_XENSTORE
@@ -123,14 +124,23 @@ static void on_flush_done(struct td_request *req, int err, void *arg)
 	tdr_loop_stop(ctx->loop);
 }
 
+static void on_quiesced(struct td_disk *disk, void *arg)
+{
+	struct serve_ctx *ctx = arg;
+
+	TDR_DEBUG("nothing in flight; flushing %s", ctx->o->spec);
+	td_request_init(&ctx->flush_req, TD_OP_FLUSH, 0, 0, NULL, on_flush_done, ctx);
+	td_disk_submit(disk, &ctx->flush_req);
+}
+
 static void on_server_done(void *arg)
 {
 	struct serve_ctx *ctx = arg;
 
-	/* Every connection is gone, so nothing of ours is in flight. */
-	TDR_DEBUG("all connections closed; flushing %s", ctx->o->spec);
-	td_request_init(&ctx->flush_req, TD_OP_FLUSH, 0, 0, NULL, on_flush_done, ctx);
-	td_disk_submit(ctx->disk, &ctx->flush_req);
+	/* No client is left; the images' own work (a replica's export, a
+	 * failover's copies) ends before the flush and the close. */
+	TDR_DEBUG("all connections closed; quiescing %s", ctx->o->spec);
+	td_disk_quiesce(ctx->disk, &ctx->quiesce, on_quiesced, ctx);
 }
 
 static void on_signal(struct tdr_fd_watch *w, uint32_t events, void *arg)
@@ -347,6 +357,7 @@ out:
 	if (ctx.pid_written)
 		unlink(o->pid_file);
 	/* Before the disk closes: it may still hold paused requests. */
+	td_disk_quiesce_cancel(&ctx.quiesce);
 	ctl_server_free(ctx.ctl);
 #ifdef HAVE_XENSTORE
 	/* Before the disk: it observes the replica. */

@@ -139,6 +139,20 @@ struct td_driver {
 	/* Checks that parent is the image this one was made over; 0 or -errno. */
 	int (*validate_parent)(struct td_image *img, struct td_image *parent);
 
+	/*
+	 * Optional: the disk is about to close.  Start no more work of your
+	 * own (a background copy, an export of your own) and let what is in
+	 * flight finish; guest requests are already drained.  Called once.
+	 */
+	void (*quiesce)(struct td_image *img);
+	/*
+	 * Optional: how many requests or I/Os of this image are still in
+	 * flight, whoever issued them (its own included).  The disk closes
+	 * only when every image says 0: a driver's state must not be freed
+	 * under an I/O the kernel still writes into.  NULL: never busy.
+	 */
+	uint64_t (*busy)(struct td_image *img);
+
 	/* Human-readable state for diagnostics. */
 	void (*debug)(struct td_image *img, FILE *out);
 	/* Driver-specific statistics as "key=value" lines. */
@@ -256,6 +270,7 @@ struct td_disk {
 	/* Requests submitted and not yet completed. */
 	uint64_t inflight;
 	bool borrowed;			/* td_disk_wrap(): images not ours to close */
+	bool quiesced;			/* td_disk_quiesce() told the images */
 	/* Drain waiters, called when inflight drops to 0. */
 	struct tdr_list drain_waiters;
 };
@@ -291,6 +306,34 @@ void td_disk_submit(struct td_disk *disk, struct td_request *req);
 
 /* Calls w->cb once nothing is in flight (at once, deferred, if nothing is). */
 void td_disk_drain(struct td_disk *disk, struct td_drain_waiter *w);
+
+/*
+ * Requests in flight in the disk, guest requests and the images' own
+ * (their busy() hooks) together: td_disk_close() is safe at 0.  *who, if
+ * not NULL, names the first busy image (NULL when only guest requests are).
+ */
+uint64_t td_disk_busy(struct td_disk *disk, struct td_image **who);
+
+/*
+ * The stop before a close: calls every image's quiesce() (top first),
+ * then q->cb once td_disk_busy() is 0 (never from inside this call).  The
+ * caller must have stopped sending requests.  A wait longer than
+ * TD_QUIESCE_WARN_NS is logged, naming what is still busy, and logged again
+ * at that interval; it never gives up (closing under an I/O would let the
+ * kernel write into freed memory).
+ */
+#define TD_QUIESCE_WARN_NS (10ull * 1000 * 1000 * 1000)
+struct td_quiesce {
+	struct td_disk *disk;		/* private from here on */
+	struct tdr_timer timer;
+	uint64_t start_ns, warn_ns;
+	void (*cb)(struct td_disk *disk, void *arg);
+	void *arg;
+};
+void td_disk_quiesce(struct td_disk *disk, struct td_quiesce *q,
+		     void (*cb)(struct td_disk *disk, void *arg), void *arg);
+/* Stops waiting (the callback will not run); the images stay quiesced. */
+void td_disk_quiesce_cancel(struct td_quiesce *q);
 
 /* Finds the first image in the stack with driver name drv, or NULL. */
 struct td_image *td_disk_find_image(struct td_disk *disk, const char *drv);

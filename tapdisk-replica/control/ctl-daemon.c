@@ -40,6 +40,7 @@ struct dminor {
 	struct nbd_server *nbd;
 	char *sock;
 	struct td_request flush;
+	struct td_quiesce quiesce;
 	struct tdr_defer fin;		/* the disk is closed outside its own callback */
 	int flush_err;
 	ctl_done_fn done;		/* NULL when closing for the daemon's exit */
@@ -64,6 +65,7 @@ struct daemon {
 static void dminor_free(struct dminor *m)
 {
 	tdr_loop_cancel_defer(m->d->loop, &m->fin);
+	td_disk_quiesce_cancel(&m->quiesce);
 	tdr_list_del(&m->entry);
 	/* Removes the export's socket file. */
 	nbd_server_free(m->nbd);
@@ -113,13 +115,20 @@ static void on_flushed(struct td_request *req, int err, void *arg)
 	tdr_loop_defer(m->d->loop, &m->fin);
 }
 
+static void on_quiesced(struct td_disk *disk, void *arg)
+{
+	struct dminor *m = arg;
+
+	td_request_init(&m->flush, TD_OP_FLUSH, 0, 0, NULL, on_flushed, m);
+	td_disk_submit(disk, &m->flush);
+}
+
 static void on_nbd_stopped(void *arg)
 {
 	struct dminor *m = arg;
 
-	/* Every connection is gone: nothing of the export is in flight. */
-	td_request_init(&m->flush, TD_OP_FLUSH, 0, 0, NULL, on_flushed, m);
-	td_disk_submit(m->disk, &m->flush);
+	/* Every connection is gone; the images' own work ends next. */
+	td_disk_quiesce(m->disk, &m->quiesce, on_quiesced, m);
 }
 
 static void dminor_close(struct dminor *m, ctl_done_fn done, void *done_arg)

@@ -382,6 +382,14 @@ fail:
 	return r;
 }
 
+static uint64_t aio_busy(struct td_image *img)
+{
+	struct aio_priv *p = img->priv;
+
+	/* Read-ahead chunks run on their own context, which waits for them. */
+	return p->ops_live;
+}
+
 static void aio_close(struct td_image *img)
 {
 	struct aio_priv *p = img->priv;
@@ -438,6 +446,7 @@ const struct td_driver td_drv_aio = {
 	.queue_flush = aio_queue_flush,
 	.queue_discard = aio_queue_discard,
 	.queue_block_status = aio_queue_block_status,
+	.busy = aio_busy,
 	.debug = aio_debug,
 	.stats = aio_stats,
 };

@@ -179,6 +179,7 @@ struct vhd_state {
 	struct tdr_list reuse_waiters;	/* struct vhd_alloc */
 
 	unsigned ops_live;
+	unsigned jobs_live;		/* make-empty and commit runs */
 	struct {
 		uint64_t allocs, bm_writes, bm_loads, bm_hits, bat_writes, footer_writes;
 		uint64_t joined_allocs, evictions, reuse_waits;
@@ -1575,12 +1576,31 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 	return 0;
 }
 
+/*
+ * Requests, metadata writes and syncs still in flight.  A background
+ * sync after make-empty (reuse_syncs) is counted too: it would free
+ * itself, but a close that waits for it leaves nothing running.
+ */
+static uint64_t vhd_busy(struct td_image *img)
+{
+	struct vhd_state *s = img->priv;
+	uint64_t n = (uint64_t)s->ops_live + s->jobs_live + s->gsync_inflight + s->footer_busy;
+	struct tdr_list *pos;
+
+	if (s->reuse_syncs.next)
+		for (pos = s->reuse_syncs.next; pos != &s->reuse_syncs; pos = pos->next)
+			n++;
+	return n;
+}
+
 static void vhd_close(struct td_image *img)
 {
 	struct vhd_state *s = img->priv;
+	uint64_t busy = vhd_busy(img);
 
-	if (s->ops_live)
-		TDR_WARN("%s: closed with %u requests in flight", img->params, s->ops_live);
+	if (busy)
+		TDR_WARN("%s: closed with %llu requests or metadata writes in flight",
+			 img->params, (unsigned long long)busy);
 	vhd_free_state(s);
 }
 
@@ -1673,6 +1693,7 @@ const struct td_driver td_drv_vhd = {
 	.queue_block_status = vhd_queue_block_status,
 	.get_parent_id = vhd_get_parent_id,
 	.validate_parent = vhd_validate_parent,
+	.busy = vhd_busy,
 	.debug = vhd_debug,
 	.stats = vhd_stats,
 };
@@ -1692,6 +1713,7 @@ struct mk_empty {
 	uint64_t end;
 	struct tdr_defer defer;
 	int defer_err;
+	bool counted;		/* in s->jobs_live (the image is a VHD) */
 };
 
 static void mk_free(struct mk_empty *mk)
@@ -1709,8 +1731,11 @@ static void mk_finish(struct mk_empty *mk, int err)
 	void (*done)(void *, int) = mk->done;
 	void *arg = mk->arg;
 
-	if (err)
-		TDR_ERR("%s: make-empty failed: %s", mk->s->img->params, strerror(-err));
+	if (mk->counted) {
+		mk->s->jobs_live--;
+		if (err)
+			TDR_ERR("%s: make-empty failed: %s", mk->s->img->params, strerror(-err));
+	}
 	mk_free(mk);
 	done(arg, err);
 }
@@ -1837,6 +1862,9 @@ void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err)
 	mk->s = s;
 	mk->done = done;
 	mk->arg = arg;
+	mk->counted = img->drv == &td_drv_vhd;
+	if (mk->counted)
+		s->jobs_live++;
 	if (img->drv != &td_drv_vhd || !is_dynamic(s)) {
 		tdr_set_error("%s: only dynamic and differencing VHDs can be made empty", img->params);
 		r = -EINVAL;
@@ -1943,6 +1971,7 @@ struct commit {
 	int err;
 	struct tdr_defer defer;
 	struct td_request flush;
+	bool counted;		/* in s->jobs_live (the image is a VHD) */
 };
 
 static void commit_next(struct commit *c);
@@ -1955,6 +1984,8 @@ static void commit_finish(struct commit *c, int err)
 	if (err)
 		TDR_ERR("%s: commit into %s failed: %s", c->img->params,
 			c->img->parent ? c->img->parent->params : "(none)", strerror(-err));
+	if (c->counted)
+		c->s->jobs_live--;
 	free(c->map);
 	free(c->buf);
 	free(c->reqs);
@@ -2079,6 +2110,9 @@ void vhd_image_commit(struct td_image *child,
 	c->progress = progress;
 	c->done = done;
 	c->arg = arg;
+	c->counted = child->drv == &td_drv_vhd;
+	if (c->counted)
+		s->jobs_live++;
 	tdr_defer_init(&c->defer, commit_deferred, c);
 	if (child->drv != &td_drv_vhd || !is_dynamic(s) || !child->parent) {
 		tdr_set_error("%s: commit needs a dynamic or differencing VHD with a parent",

@@ -41,6 +41,13 @@ struct replica_mode_ops {
 	void (*checkpoint)(struct replica *r);
 	void (*stop)(struct replica *r, bool failover);
 	void (*resync)(struct replica *r, bool full);
+	/*
+	 * The disk is closing (or the mode is being replaced): start no more
+	 * work of the mode's own; busy() counts what is still in flight into
+	 * the images below.  Both optional.
+	 */
+	void (*quiesce)(struct replica *r);
+	uint64_t (*busy)(struct replica *r);
 	void (*debug)(struct replica *r, FILE *out);
 };
 
@@ -67,6 +74,12 @@ struct replica {
 	bool op_busy;
 	replica_done_fn op_done;
 	void *op_arg;
+
+	bool closing;			/* quiesced: operations are refused */
+	/* A start that changes mode waits until the old mode is idle. */
+	struct replica_cmd switch_cmd;
+	struct tdr_timer switch_timer;
+	bool switching;
 
 	void (*observer)(void *arg);
 	void *observer_arg;

@@ -108,6 +108,7 @@ struct resync {
 	bool bs_busy;
 	struct td_request bs_req;
 	unsigned jobs;
+	unsigned local_reads;		/* jobs with their local read or re-check in flight */
 	bool pumping, repump;
 	uint64_t done_bytes, total_bytes;
 	uint64_t t0_ns;
@@ -710,6 +711,7 @@ static void rjob_read_done(struct td_request *lreq, int err, void *arg)
 		rjob_free(j);
 		return;
 	}
+	p->rs.local_reads--;
 	if (err) {
 		char m[512];
 
@@ -741,6 +743,7 @@ static void rjob_hole_checked(struct td_request *lreq, int err, void *arg)
 		rjob_free(j);
 		return;
 	}
+	p->rs.local_reads--;
 	if (p->rs.aborting || !p->link_up) {
 		rjob_skip(j);
 		return;
@@ -773,6 +776,7 @@ static void rjob_granted(struct replica_range *rr, void *arg)
 		return;
 	}
 	j->local_busy = true;
+	p->rs.local_reads++;
 	if (j->hole) {
 		td_request_init(&j->lreq, TD_OP_BLOCK_STATUS, j->sec, j->secs, NULL,
 				rjob_hole_checked, j);
@@ -1136,6 +1140,26 @@ static int primary_init(struct replica *r)
 	return 0;
 }
 
+/* Closing: a resync stops (the dirty set keeps what it had left). */
+static void primary_quiesce(struct replica *r)
+{
+	struct primary *p = r->mode_priv;
+
+	if (p && p->rs.active)
+		rs_abort(p);
+}
+
+/*
+ * Only what reads the local image counts: the link's requests are the
+ * network's, and close_link() ends them at fini.
+ */
+static uint64_t primary_busy(struct replica *r)
+{
+	struct primary *p = r->mode_priv;
+
+	return p ? (uint64_t)p->rs.local_reads + p->rs.bs_busy : 0;
+}
+
 static void primary_fini(struct replica *r)
 {
 	struct primary *p = r->mode_priv;
@@ -1209,5 +1233,7 @@ const struct replica_mode_ops replica_primary_ops = {
 	.checkpoint = primary_checkpoint,
 	.stop = primary_stop,
 	.resync = primary_resync,
+	.quiesce = primary_quiesce,
+	.busy = primary_busy,
 	.debug = primary_debug,
 };

@@ -115,6 +115,8 @@ struct sec {
 	struct td_image export_img;
 	struct td_disk *export_disk;
 	struct nbd_server *srv;
+	bool closing;			/* quiesced: no new work of ours */
+	bool srv_stopped;		/* the export's connections are all closed */
 
 	struct replica_rlock lock;
 	struct replica_chunkset cbw;		/* chunks copied into hidden */
@@ -1036,6 +1038,8 @@ static void fo_pump(struct sec *s)
 
 	if (r->state != REPLICA_STATE_FAILOVER)
 		return;
+	if (s->closing && !s->fo_err)
+		s->fo_err = -ECANCELED;
 	if (!s->fo_final && !s->fo_err &&
 	    (replica_chunkset_count(&s->fo_dirty) <= FO_FINAL_CHUNKS ||
 	     s->fo_copied > 2 * r->progress_total)) {
@@ -1053,6 +1057,14 @@ static void fo_pump(struct sec *s)
 	fo_bgflush(s);
 	if (s->fo_copies || s->fo_preflushing || s->fo_bgflushing || s->fo_chainflushing)
 		return;
+	if (s->fo_err == -ECANCELED && s->closing) {
+		replica_set_state(r, REPLICA_STATE_FAILOVER_FAILED);
+		/* Short: the two paths must fit in REPLICA_MSG_MAX. */
+		replica_set_error(r, s->fo_err, "failover interrupted by a close; nothing is lost: commit offline with vhd-util coalesce -n %s, then -n %s",
+				  s->active->params, s->hidden->params);
+		fo_release_done(s);
+		return;
+	}
 	if (s->fo_err) {
 		replica_set_state(r, REPLICA_STATE_FAILOVER_FAILED);
 		replica_set_error(r, s->fo_err, "failover commit into %s failed: %s; the SVM keeps running on active/hidden, nothing is lost; retry with failover",
@@ -1197,6 +1209,44 @@ static void sec_stop(struct replica *r, bool failover)
 	/* Let the primary's writes in flight finish (new ones are refused now). */
 	s->hold_all = true;
 	wait_drained(s, fo_begin);
+}
+
+static void sec_srv_stopped(void *arg)
+{
+	struct sec *s = arg;
+
+	s->srv_stopped = true;
+}
+
+/*
+ * Closing (or becoming a primary): the export stops taking the primary's
+ * requests, and a failover in progress stops copying and fails (active
+ * and hidden keep the SVM's view).  A checkpoint in progress finishes.
+ */
+static void sec_quiesce(struct replica *r)
+{
+	struct sec *s = r->mode_priv;
+
+	if (!s || s->closing)
+		return;
+	s->closing = true;
+	if (s->srv)
+		nbd_server_shutdown(s->srv, sec_srv_stopped, s);
+	else
+		s->srv_stopped = true;
+	fo_pump(s);
+}
+
+static uint64_t sec_busy(struct replica *r)
+{
+	struct sec *s = r->mode_priv;
+
+	if (!s)
+		return 0;
+	/* The export's requests, held ones included, and our own. */
+	return (s->srv && !s->srv_stopped) + s->export_disk->inflight + (s->drained != NULL) +
+	       s->fo_copies + s->fo_preflushing + s->fo_bgflushing + s->fo_chainflushing +
+	       s->fo_flushing + (uint64_t)(s->empty_pending > 0 ? s->empty_pending : 0);
 }
 
 static void sec_debug(struct replica *r, FILE *out)
@@ -1385,5 +1435,7 @@ const struct replica_mode_ops replica_secondary_ops = {
 	.start = sec_start,
 	.checkpoint = sec_checkpoint,
 	.stop = sec_stop,
+	.quiesce = sec_quiesce,
+	.busy = sec_busy,
 	.debug = sec_debug,
 };

@@ -416,13 +416,8 @@ static const char *op_name(enum replica_op op)
  * become a primary (its secondary disk is then the local image), and a
  * primary that never started may be reconfigured.
  */
-static int switch_mode(struct replica *r, enum replica_mode m, char *msg, size_t msglen)
+static int switch_mode_check(struct replica *r, enum replica_mode m, char *msg, size_t msglen)
 {
-	const struct replica_mode_ops *ops = mode_ops(m);
-	int err;
-
-	if (m == r->opts.mode)
-		return 0;
 	if (!(r->state == REPLICA_STATE_DONE ||
 	      (r->state == REPLICA_STATE_NONE && r->opts.mode == REPLICA_MODE_PRIMARY))) {
 		snprintf(msg, msglen, "start mode=%s refused: a %s in state %s cannot change mode; only a secondary whose failover is done can become a primary",
@@ -430,6 +425,15 @@ static int switch_mode(struct replica *r, enum replica_mode m, char *msg, size_t
 			 replica_state_name(r->state));
 		return -EINVAL;
 	}
+	return 0;
+}
+
+/* The old mode is idle (see switch_poll): replace it. */
+static int switch_mode(struct replica *r, enum replica_mode m, char *msg, size_t msglen)
+{
+	const struct replica_mode_ops *ops = mode_ops(m);
+	int err;
+
 	r->ops->fini(r);
 	r->mode_priv = NULL;
 	r->opts.mode = m;
@@ -443,6 +447,38 @@ static int switch_mode(struct replica *r, enum replica_mode m, char *msg, size_t
 	}
 	replica_notify(r);
 	return 0;
+}
+
+static void switch_and_start(struct replica *r)
+{
+	char msg[REPLICA_MSG_MAX + 32];
+	int err;
+
+	r->switching = false;
+	err = switch_mode(r, r->switch_cmd.mode, msg, sizeof(msg));
+	if (err < 0) {
+		replica_op_done(r, err, "%s", msg);
+		return;
+	}
+	r->ops->start(r, &r->switch_cmd);
+}
+
+/*
+ * The old mode's requests into the images (a secondary's export still
+ * serving reads after its failover) must end before its state is freed:
+ * it is told to stop, then polled, as a closing disk is.
+ */
+#define SWITCH_POLL_NS (1000 * 1000ull)
+
+static void switch_poll(struct tdr_timer *t, void *arg)
+{
+	struct replica *r = arg;
+
+	if (r->ops->busy && r->ops->busy(r)) {
+		tdr_timer_arm(t, SWITCH_POLL_NS);
+		return;
+	}
+	switch_and_start(r);
 }
 
 void replica_execute(struct td_image *img, const struct replica_cmd *cmd,
@@ -466,6 +502,10 @@ void replica_execute(struct td_image *img, const struct replica_cmd *cmd,
 	default:
 		break;
 	}
+	if (r->closing) {
+		done(arg, -ESHUTDOWN, "refused: the disk is closing");
+		return;
+	}
 	if (r->op_busy) {
 		done(arg, -EBUSY, "refused: another operation is in progress; retry when it completes");
 		return;
@@ -478,12 +518,18 @@ void replica_execute(struct td_image *img, const struct replica_cmd *cmd,
 
 	switch (cmd->op) {
 	case REPLICA_OP_START:
-		if (cmd->mode != REPLICA_MODE_UNSET) {
-			err = switch_mode(r, cmd->mode, msg, sizeof(msg));
+		if (cmd->mode != REPLICA_MODE_UNSET && cmd->mode != r->opts.mode) {
+			err = switch_mode_check(r, cmd->mode, msg, sizeof(msg));
 			if (err < 0) {
 				replica_op_done(r, err, "%s", msg);
 				return;
 			}
+			r->switch_cmd = *cmd;
+			r->switching = true;
+			if (r->ops->quiesce)
+				r->ops->quiesce(r);
+			tdr_timer_arm(&r->switch_timer, 0);
+			return;
 		}
 		r->ops->start(r, cmd);
 		return;
@@ -539,6 +585,7 @@ static int replica_open(struct td_image *img, const char *params, unsigned flags
 	r->opts.sync = REPLICA_SYNC_BOTH;
 	strcpy(r->opts.export_name, DEFAULT_EXPORT);
 	tdr_defer_init(&r->notify, replica_notify_now, r);
+	tdr_timer_init(&r->switch_timer, img->loop, switch_poll, r);
 
 	err = td_parse_options(params, spec_option, &c);
 	if (err) {
@@ -567,9 +614,37 @@ static void replica_close(struct td_image *img)
 {
 	struct replica *r = img->priv;
 
+	if (r->switching) {
+		/* The start that was waiting for the old mode never runs. */
+		tdr_timer_cancel(&r->switch_timer);
+		r->switching = false;
+		replica_op_done(r, -ESHUTDOWN, "start refused: the disk closed first");
+	}
 	if (r->ops)
 		r->ops->fini(r);
 	tdr_loop_cancel_defer(img->loop, &r->notify);
+}
+
+static void replica_quiesce(struct td_image *img)
+{
+	struct replica *r = img->priv;
+
+	r->closing = true;
+	if (r->switching) {
+		tdr_timer_cancel(&r->switch_timer);
+		r->switching = false;
+		replica_op_done(r, -ESHUTDOWN, "start refused: the disk is closing");
+	}
+	if (r->ops->quiesce)
+		r->ops->quiesce(r);
+}
+
+/* A mode switch in progress counts: its start has yet to run. */
+static uint64_t replica_busy(struct td_image *img)
+{
+	struct replica *r = img->priv;
+
+	return (r->ops->busy ? r->ops->busy(r) : 0) + r->switching;
 }
 
 static void replica_queue_read(struct td_image *img, struct td_request *req)
@@ -624,5 +699,7 @@ const struct td_driver td_drv_replica = {
 	.queue_flush = replica_queue_other,
 	.queue_discard = replica_queue_other,
 	.queue_block_status = replica_queue_other,
+	.quiesce = replica_quiesce,
+	.busy = replica_busy,
 	.debug = replica_debug,
 };

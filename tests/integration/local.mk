@@ -50,6 +50,8 @@ EXTRA_DIST += tests/integration/primary-peers.sh tests/integration/primary-filte
 # Replica secondary: vhd-util chain, qemu-io as primary and SVM, tdr-ctl, failover.
 TESTS += tests/integration/replica-secondary.sh
 EXTRA_DIST += tests/integration/replica-secondary.sh
+TESTS += tests/integration/replica-close-failover.sh
+EXTRA_DIST += tests/integration/replica-close-failover.sh
 
 # The replication demo itself (tools/replication-demo), shortened.
 TESTS += tests/integration/replication-demo.sh

@@ -770,6 +770,57 @@ START_TEST(t_resync_broken)
 }
 END_TEST
 
+static int quiesced;
+
+static void on_quiesced(struct td_disk *disk, void *arg)
+{
+	quiesced++;
+}
+
+/*
+ * Closing during a resync: the resync stops, and the close waits for its
+ * reads of the local image (which would otherwise land in a closed image's
+ * freed state: AddressSanitizer, in CI, sees that).
+ */
+START_TEST(t_close_during_resync)
+{
+	struct td_quiesce q = { 0 };
+	struct tp_fake_stats fs;
+	struct td_image *who;
+	uint64_t sent;
+	char msg[512];
+
+	tp_fake_start(TP_FAKE_GOOD, 0);
+	write_file(tp_local, 0, DISK, 6);
+	tp_open("");
+	assert_op("start");
+	assert_op("resync full");
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_RESYNC);
+	/* The resync's own reads are in flight; no guest request is. */
+	ck_assert_uint_eq(tp_disk->inflight, 0);
+	ck_assert_uint_gt(td_disk_busy(tp_disk, &who), 0);
+	ck_assert_ptr_eq(who, tp_rimg);
+
+	quiesced = 0;
+	td_disk_quiesce(tp_disk, &q, on_quiesced, NULL);
+	for (int i = 0; i < 10000 && !quiesced; i++)
+		tdr_loop_run_once(tp_loop, 100);
+	ck_assert_int_eq(quiesced, 1);
+	ck_assert_uint_eq(td_disk_busy(tp_disk, NULL), 0);
+	/* Stopped, not finished; and nothing new starts. */
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_RESYNC);
+	tp_fake_get_stats(&fs);
+	sent = fs.write_bytes + fs.zero_bytes;
+	ck_assert_uint_lt(sent, DISK);
+	tp_run_for(100);
+	tp_fake_get_stats(&fs);
+	ck_assert_uint_eq(fs.write_bytes + fs.zero_bytes, sent);
+	ck_assert_int_eq(tp_op("checkpoint", msg, sizeof(msg)), -ESHUTDOWN);
+	ck_assert_msg(strstr(msg, "closing"), "%s", msg);
+	tp_close();
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("primary");
@@ -819,6 +870,7 @@ static Suite *suite(void)
 	ADD("resync-full-sparse", setup_sparse, t_resync_full_sparse);
 	ADD("resync-full-with-writes", setup16, t_resync_full_with_writes);
 	ADD("resync-broken", setup16, t_resync_broken);
+	ADD("close-during-resync", setup16, t_close_during_resync);
 #undef ADD
 	return s;
 }

@@ -450,14 +450,13 @@ struct fo_slot {
 	bool busy, is_read;
 };
 
-START_TEST(failover_with_busy_svm)
+/*
+ * A FO_BIG chain, started, with 24 MiB from the primary (copied into hidden
+ * first) and 24 MiB by the SVM; view gets the SVM's view (FO_BIG bytes).
+ */
+static void big_chain_written(char *view)
 {
-	char *view = xalloc(FO_BIG), *got = xalloc(FO_BIG), *w = xalloc(MIB);
-	struct fo_slot slots[FO_SLOTS];
-	struct replica_status st;
-	unsigned seed = 99;
-	uint64_t svm_ops = 0;
-	const uint64_t region = 4 * MIB / 512;	/* each slot has its own 4 MiB, at 40 MiB + i * 4 MiB */
+	char *w = xalloc(MIB);
 
 	td_disk_close(disk);
 	disk = NULL;
@@ -467,7 +466,6 @@ START_TEST(failover_with_busy_svm)
 	make_chain(FO_BIG);
 	open_disk();
 	ck_assert_int_eq(op("start"), 0);
-	/* 24 MiB from the primary (copied into hidden first), 24 MiB by the SVM. */
 	for (unsigned i = 0; i < 24; i++) {
 		fill(w, MIB, 100 + i);
 		ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, (uint64_t)i * 2 * MIB / 512, MIB / 512, w), 0);
@@ -475,6 +473,19 @@ START_TEST(failover_with_busy_svm)
 		ck_assert_int_eq(dio(disk, TD_OP_WRITE, ((uint64_t)i * 2 + 1) * MIB / 512, MIB / 512, w), 0);
 	}
 	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, FO_BIG / 512, view), 0);
+	free(w);
+}
+
+START_TEST(failover_with_busy_svm)
+{
+	char *view = xalloc(FO_BIG), *got = xalloc(FO_BIG);
+	struct fo_slot slots[FO_SLOTS];
+	struct replica_status st;
+	unsigned seed = 99;
+	uint64_t svm_ops = 0;
+	const uint64_t region = 4 * MIB / 512;	/* each slot has its own 4 MiB, at 40 MiB + i * 4 MiB */
+
+	big_chain_written(view);
 
 	memset(slots, 0, sizeof(slots));
 	for (int i = 0; i < FO_SLOTS; i++)
@@ -529,7 +540,129 @@ START_TEST(failover_with_busy_svm)
 		free(slots[i].buf);
 	free(view);
 	free(got);
-	free(w);
+}
+END_TEST
+
+static int quiesced;
+
+static void on_quiesced(struct td_disk *d, void *arg)
+{
+	quiesced++;
+}
+
+/* The stop before a close, as the daemon runs it; the images' own work must end. */
+static void quiesce_disk(void)
+{
+	struct td_quiesce q = { 0 };
+
+	quiesced = 0;
+	td_disk_quiesce(disk, &q, on_quiesced, NULL);
+	for (int i = 0; i < 200000 && !quiesced; i++)
+		ck_assert_int_ge(tdr_loop_run_once(loop, 100), 0);
+	ck_assert_int_eq(quiesced, 1);
+	ck_assert_uint_eq(td_disk_busy(disk, NULL), 0);
+}
+
+/* vhd-util coalesce -n path: path's data into its parent. */
+static void coalesce_offline(const char *path)
+{
+	struct vhd_error e = { 0 };
+
+	ck_assert_msg(vhd_file_coalesce(path, NULL, NULL, &e) == 0, "%s", e.msg);
+}
+
+/*
+ * A disk closed in the middle of a failover: the commit stops, the close
+ * waits for its copies in flight (under AddressSanitizer, in CI, a copy
+ * completing into a closed image is an error), the failover fails with
+ * ECANCELED, and nothing is lost: the chain still reads as the SVM's view,
+ * and coalescing it offline as the error message says makes the secondary
+ * disk that view.
+ */
+START_TEST(close_during_failover)
+{
+	char *view = xalloc(FO_BIG), *got = xalloc(FO_BIG);
+	struct replica_status st;
+	struct td_image *who;
+	char sp[700];
+	struct td_disk *plain;
+
+	big_chain_written(view);
+	ck_assert_int_eq(op("failover"), 0);
+	ck_assert_int_eq(state(), REPLICA_STATE_FAILOVER);
+	/* The commit's copies are in flight; no SVM request is. */
+	ck_assert_uint_eq(disk->inflight, 0);
+	ck_assert_uint_gt(td_disk_busy(disk, &who), 0);
+	ck_assert_ptr_eq(who, rep);
+
+	quiesce_disk();
+	ck_assert_int_eq(state(), REPLICA_STATE_FAILOVER_FAILED);
+	replica_get_status(rep, &st);
+	ck_assert_uint_lt(st.progress_done, st.progress_total);
+	ck_assert_int_eq(op("get-error"), 0);
+	ck_assert_msg(strstr(last_msg, "ECANCELED") && strstr(last_msg, "interrupted") &&
+		      strstr(last_msg, p_hidden) &&
+		      strstr(last_msg, "vhd-util coalesce"), "%s", last_msg);
+	ck_assert_int_eq(op("failover"), -ESHUTDOWN);
+	ck_assert_msg(strstr(last_msg, "closing"), "%s", last_msg);
+	td_disk_close(disk);
+	disk = NULL;
+
+	/* The chain on its own still reads as the SVM's view. */
+	snprintf(sp, sizeof(sp), "vhd:%s", p_active);
+	ck_assert_msg(td_disk_open(&plain, sp, 0, loop, io) == 0, "%s", tdr_last_error());
+	ck_assert_int_eq(dio(plain, TD_OP_READ, 0, FO_BIG / 512, got), 0);
+	ck_assert(memcmp(got, view, FO_BIG) == 0);
+	td_disk_close(plain);
+	coalesce_offline(p_active);
+	coalesce_offline(p_hidden);
+	snprintf(sp, sizeof(sp), "vhd:%s", p_sec);
+	ck_assert_msg(td_disk_open(&plain, sp, 0, loop, io) == 0, "%s", tdr_last_error());
+	ck_assert_int_eq(dio(plain, TD_OP_READ, 0, FO_BIG / 512, got), 0);
+	ck_assert(memcmp(got, view, FO_BIG) == 0);
+	td_disk_close(plain);
+	free(view);
+	free(got);
+}
+END_TEST
+
+/*
+ * The primary's writes in flight at the export when the disk closes: the
+ * close waits for each (its copy into hidden, then its write); each
+ * completes, and the SVM still sees the checkpoint's content.
+ */
+START_TEST(close_waits_for_export_writes)
+{
+	enum { N = 8 };
+	char *old = xalloc(N * MIB), *w[N];
+	struct td_request reqs[N];
+	struct done dn[N];
+	struct td_image *who;
+
+	fill(old, N * MIB, 40);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 0, N * MIB / 512, old), 0);
+	ck_assert_int_eq(op("start"), 0);
+	memset(dn, 0, sizeof(dn));
+	for (int i = 0; i < N; i++) {
+		w[i] = xalloc(MIB);
+		fill(w[i], MIB, 50 + i);
+		td_request_init(&reqs[i], TD_OP_WRITE, (uint64_t)i * MIB / 512, MIB / 512, w[i],
+				req_done, &dn[i]);
+		td_disk_submit(exp_disk, &reqs[i]);
+	}
+	ck_assert_uint_eq(disk->inflight, 0);
+	ck_assert_uint_ge(td_disk_busy(disk, &who), N);
+	ck_assert_ptr_eq(who, rep);
+
+	quiesce_disk();
+	for (int i = 0; i < N; i++) {
+		ck_assert(dn[i].done);
+		ck_assert_int_eq(dn[i].err, 0);
+		expect_image(secondary, (uint64_t)i * MIB / 512, MIB / 512, w[i]);
+		free(w[i]);
+	}
+	expect_disk(disk, 0, N * MIB / 512, old);
+	free(old);
 }
 END_TEST
 
@@ -1100,6 +1233,8 @@ int main(void)
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, io_before_start);
 	tcase_add_test(tc, failover_with_busy_svm);
+	tcase_add_test(tc, close_during_failover);
+	tcase_add_test(tc, close_waits_for_export_writes);
 	tcase_add_test(tc, primary_write_svm_sees_old_data);
 	tcase_add_test(tc, svm_write_then_read_then_checkpoint);
 	tcase_add_test(tc, failover_secondary_equals_svm_view);

@@ -213,6 +213,9 @@ static const struct td_driver tmem_drv = {
 /* ----------------------------------------------------- driver tfilter */
 
 static int tfilter_forwarded;
+/* Work of the filter's own in flight (a replica's copy, say), and quiesce() calls. */
+static uint64_t tfilter_own;
+static int tfilter_quiesced;
 
 static int tfilter_open(struct td_image *img, const char *params, unsigned flags)
 {
@@ -234,6 +237,16 @@ static void tfilter_queue(struct td_image *img, struct td_request *req)
 	td_forward_request(img, req);
 }
 
+static void tfilter_quiesce(struct td_image *img)
+{
+	tfilter_quiesced++;
+}
+
+static uint64_t tfilter_busy(struct td_image *img)
+{
+	return tfilter_own;
+}
+
 static const struct td_driver tfilter_drv = {
 	.name = "tfilter",
 	.is_filter = true,
@@ -241,6 +254,8 @@ static const struct td_driver tfilter_drv = {
 	.close = tfilter_close,
 	.queue_read = tfilter_queue,
 	.queue_write = tfilter_queue,
+	.quiesce = tfilter_quiesce,
+	.busy = tfilter_busy,
 };
 
 /* ------------------------------------------------------------ helpers */
@@ -305,6 +320,8 @@ static void setup(void)
 	tmem_hold = false;
 	tmem_open_count = 0;
 	tfilter_forwarded = 0;
+	tfilter_own = 0;
+	tfilter_quiesced = 0;
 }
 
 static void teardown(void)
@@ -626,6 +643,82 @@ START_TEST(drain_waits_for_in_flight)
 }
 END_TEST
 
+static int quiesced;
+
+static void on_quiesced(struct td_disk *disk, void *arg)
+{
+	quiesced++;
+	ck_assert_ptr_eq(arg, &quiesced);
+	ck_assert_uint_eq(td_disk_busy(disk, NULL), 0);
+}
+
+static void spin(int turns)
+{
+	for (int i = 0; i < turns; i++)
+		tdr_loop_run_once(loop, 2);
+}
+
+/* A close waits for the images' own work too, not only for guest requests. */
+START_TEST(quiesce_waits_for_images_own_work)
+{
+	char spec[700];
+	struct td_disk *disk;
+	struct td_request req;
+	struct done d = { 0 };
+	struct td_quiesce q = { 0 };
+	struct td_image *who;
+	char buf[TD_SECTOR_SIZE];
+
+	snprintf(spec, sizeof(spec), "tfilter:|tmem:%s", mkdesc("q", "size 16\nalloc 0 16\n"));
+	ck_assert_int_eq(td_disk_open(&disk, spec, 0, loop, io), 0);
+	quiesced = 0;
+	ck_assert_uint_eq(td_disk_busy(disk, &who), 0);
+	ck_assert_ptr_null(who);
+
+	/* A guest request held in tmem, and two pieces of the filter's own work. */
+	tmem_hold = true;
+	td_request_init(&req, TD_OP_READ, 3, 1, buf, req_done, &d);
+	td_disk_submit(disk, &req);
+	tfilter_own = 2;
+	ck_assert_uint_eq(td_disk_busy(disk, &who), 3);
+	ck_assert_ptr_eq(who, disk->top);
+
+	td_disk_quiesce(disk, &q, on_quiesced, &quiesced);
+	ck_assert_int_eq(tfilter_quiesced, 1);
+	spin(5);
+	ck_assert_int_eq(quiesced, 0);
+	tmem_hold = false;
+	tmem_release_all();
+	ck_assert(d.done);
+	ck_assert_uint_eq(disk->inflight, 0);
+	spin(5);
+	ck_assert_int_eq(quiesced, 0);	/* the filter still works */
+	tfilter_own = 1;
+	spin(5);
+	ck_assert_int_eq(quiesced, 0);
+	tfilter_own = 0;
+	spin(5);
+	ck_assert_int_eq(quiesced, 1);
+
+	/* Again: the images are told once; the callback never runs inside the call. */
+	td_disk_quiesce(disk, &q, on_quiesced, &quiesced);
+	ck_assert_int_eq(quiesced, 1);
+	spin(2);
+	ck_assert_int_eq(quiesced, 2);
+	ck_assert_int_eq(tfilter_quiesced, 1);
+
+	/* Cancelled: no callback, even once idle. */
+	tfilter_own = 1;
+	td_disk_quiesce(disk, &q, on_quiesced, &quiesced);
+	spin(2);
+	td_disk_quiesce_cancel(&q);
+	tfilter_own = 0;
+	spin(5);
+	ck_assert_int_eq(quiesced, 2);
+	td_disk_close(disk);
+}
+END_TEST
+
 START_TEST(write_zeroes_emulated)
 {
 	char spec[700];
@@ -668,6 +761,7 @@ int main(void)
 	tcase_add_test(tc, filter_stack);
 	tcase_add_test(tc, block_status_through_chain);
 	tcase_add_test(tc, drain_waits_for_in_flight);
+	tcase_add_test(tc, quiesce_waits_for_images_own_work);
 	tcase_add_test(tc, write_zeroes_emulated);
 	suite_add_tcase(s, tc);
 	return check_run(s, CHECK_RUN_NOFORK);

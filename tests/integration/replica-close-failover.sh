@@ -1,0 +1,60 @@
+#!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
+#
+# SIGTERM to a secondary right after `failover`: the daemon must stop the
+# commit, wait for its copies in flight (closing under them would let the
+# kernel write into freed memory), flush, and exit 0; nothing is lost.  If
+# the failover was interrupted (the usual case here: 192 MiB to commit),
+# get-error's offline recipe (vhd-util coalesce of active, then of hidden)
+# must make the secondary disk the SVM's view; if it finished first, the
+# secondary disk must already be that view.  The interruption itself is
+# tested deterministically by the unit test close_during_failover.
+. "$(dirname "$0")/lib.sh"
+
+need_cmd qemu-io qemu-img nbdcopy
+tdr_setup
+
+VHDUTIL=$TDR_BUILDDIR/tools/vhd-util
+CTL=$TDR_BUILDDIR/tools/tdr-ctl
+
+"$VHDUTIL" create -n "$T/secondary.vhd" -s 256
+"$VHDUTIL" snapshot -n "$T/hidden.vhd" -p "$T/secondary.vhd"
+"$VHDUTIL" snapshot -n "$T/active.vhd" -p "$T/hidden.vhd"
+
+EXP="$T/export.sock"
+EXPURI=$(tdr_uri "$EXP")
+tdr_start --control "$T/ctl.sock" "replica:mode=secondary,addr=unix:$EXP|vhd:$T/active.vhd"
+SVM=$URI
+
+ctl() { "$CTL" replica -s "$T/ctl.sock" -m 0 "$@"; }
+state() { ctl status state | sed -n 's/^state=//p'; }
+
+qio "$EXPURI" 'write -P 0x11 0 256M'
+ctl start
+# 128 MiB from the primary (each first copied into hidden), 64 MiB by the SVM.
+qio "$EXPURI" 'write -P 0x22 0 128M'
+qio "$SVM" 'write -P 0x33 128M 64M'
+nbdcopy "$SVM" "$T/view.raw"
+
+ctl failover
+st=0
+tdr_stop "$DAEMON_PID" || st=$?
+assert_eq "exit status after SIGTERM during failover" 0 "$st"
+grep -q 'closed with' "$DAEMON_ERR" && fail "an image closed with I/O in flight: $(grep 'closed with' "$DAEMON_ERR")"
+if grep -q 'failover interrupted by a close' "$DAEMON_ERR"; then
+	outcome="interrupted"
+	recipe=$(sed -n 's/.*commit offline with \(vhd-util coalesce .*\)$/\1/p' "$DAEMON_ERR")
+	[ -n "$recipe" ] || fail "the interruption's message gives no recipe: $(grep interrupted "$DAEMON_ERR")"
+	"$VHDUTIL" coalesce -n "$T/active.vhd"
+	"$VHDUTIL" coalesce -n "$T/hidden.vhd"
+else
+	grep -q 'failover done' "$DAEMON_ERR" || fail "failover neither done nor interrupted: $(tail -5 "$DAEMON_ERR")"
+	outcome="finished before the signal"
+fi
+qemu-img convert -f vpc -O raw "$T/secondary.vhd" "$T/secondary.raw"
+truncate -s "$(stat -c %s "$T/view.raw")" "$T/secondary.raw"
+same_file "$T/view.raw" "$T/secondary.raw"
+for f in secondary hidden active; do
+	"$VHDUTIL" check -n "$T/$f.vhd" >/dev/null || fail "vhd-util check $f.vhd failed"
+done
+pass "SIGTERM during failover ($outcome): clean exit, secondary disk == SVM view"
