@@ -1010,6 +1010,66 @@ START_TEST(scratch_off_option)
 	ck_assert_uint_gt(img_stat(hidden, "group_syncs"), 0);
 	ck_assert_uint_eq(img_stat(hidden, "group_syncs_skipped"), 0);
 	expect_image(secondary, 4096, 128, w);
+	/* The primary's flush makes the copies into hidden durable too. */
+	uint64_t hf = hidden->stats.flush_reqs, sf = secondary->stats.flush_reqs;
+
+	ck_assert_int_eq(dio(exp_disk, TD_OP_FLUSH, 0, 0, NULL), 0);
+	ck_assert_uint_eq(hidden->stats.flush_reqs, hf + 1);
+	ck_assert_uint_eq(secondary->stats.flush_reqs, sf + 1);
+	/* No background flush either: 4 MiB more, one flush (the primary's). */
+	for (int i = 0; i < 4; i++)
+		ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 8192 + (uint64_t)i * 2048, MIB / 512, w), 0);
+	ck_assert_uint_eq(secondary->stats.flush_reqs, sf + 1);
+	free(w);
+}
+END_TEST
+
+/*
+ * In scratch mode the primary's flush reaches the secondary disk only:
+ * hidden's copies need no durability (a crashed host's secondary is
+ * rebuilt), and their write-back would lengthen the primary's checkpoint.
+ * Once failover has turned scratch mode off, hidden is flushed again.
+ */
+START_TEST(scratch_primary_flush_skips_hidden)
+{
+	char *w = xalloc(MIB);
+	uint64_t hf, sf;
+
+	ck_assert_int_eq(op("start"), 0);
+	expect_scratch(1);
+	fill(w, MIB, 26);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 4096, 128, w), 0);
+	hf = hidden->stats.flush_reqs;
+	sf = secondary->stats.flush_reqs;
+	ck_assert_int_eq(dio(exp_disk, TD_OP_FLUSH, 0, 0, NULL), 0);
+	ck_assert_uint_eq(hidden->stats.flush_reqs, hf);
+	ck_assert_uint_eq(secondary->stats.flush_reqs, sf + 1);
+	expect_image(secondary, 4096, 128, w);
+	/*
+	 * Every 2 MiB the primary writes, the secondary disk is flushed in the
+	 * background (what the skipped syncs used to write back on the way):
+	 * 1 MiB more gives none, 2 MiB one, which the close would wait for.
+	 */
+	fill(w, MIB, 27);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 8192, MIB / 512, w), 0);
+	ck_assert_uint_eq(secondary->stats.flush_reqs, sf + 1);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 12288, MIB / 512, w), 0);
+	ck_assert_uint_eq(secondary->stats.flush_reqs, sf + 2);
+	ck_assert_uint_eq(hidden->stats.flush_reqs, hf);
+	{
+		struct td_image *who;
+
+		ck_assert_uint_eq(disk->inflight, 0);
+		ck_assert_uint_ge(td_disk_busy(disk, &who), 1);
+		ck_assert_ptr_eq(who, rep);
+	}
+	sf = secondary->stats.flush_reqs;
+	/* Stopped (scratch mode off): the flush covers hidden again. */
+	ck_assert_int_eq(op("stop"), 0);
+	expect_scratch(0);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_FLUSH, 0, 0, NULL), 0);
+	ck_assert_uint_eq(hidden->stats.flush_reqs, hf + 1);
+	ck_assert_uint_eq(secondary->stats.flush_reqs, sf + 1);
 	free(w);
 }
 END_TEST
@@ -1248,6 +1308,7 @@ int main(void)
 	tcase_add_test(tc, commit_failure_then_routing_then_retry);
 	tcase_add_test(tc, failover_chain_flush_failure);
 	tcase_add_test(tc, scratch_off_option);
+	tcase_add_test(tc, scratch_primary_flush_skips_hidden);
 	tcase_add_test(tc, bad_chains);
 	tcase_add_test(tc, mismatched_sizes);
 	tcase_add_test(tc, randomized_model);
