@@ -252,3 +252,20 @@ one_line_error() {
 	grep -q '^tapdisk-replica: ' "$f" || fail "stderr should start with 'tapdisk-replica: ': $(cat "$f")"
 	cat "$f"
 }
+
+# secondary_chain SIZE_MIB: $T/{secondary,hidden,active}.vhd made with
+# vhd-util, and `serve` of replica:mode=secondary over it with its export on
+# $T/export.sock and a control socket.  Sets EXPURI, SVM, VHDUTIL, CTL and
+# defines ctl (tdr-ctl replica on minor 0) and state.
+secondary_chain() {
+	VHDUTIL=$TDR_BUILDDIR/tools/vhd-util
+	CTL=$TDR_BUILDDIR/tools/tdr-ctl
+	"$VHDUTIL" create -n "$T/secondary.vhd" -s "$1"
+	"$VHDUTIL" snapshot -n "$T/hidden.vhd" -p "$T/secondary.vhd"
+	"$VHDUTIL" snapshot -n "$T/active.vhd" -p "$T/hidden.vhd"
+	EXPURI=$(tdr_uri "$T/export.sock")
+	tdr_start --control "$T/ctl.sock" "replica:mode=secondary,addr=unix:$T/export.sock|vhd:$T/active.vhd"
+	SVM=$URI
+	ctl() { "$CTL" replica -s "$T/ctl.sock" -m 0 "$@"; }
+	state() { ctl status state | sed -n 's/^state=//p'; }
+}

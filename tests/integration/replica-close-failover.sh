@@ -14,20 +14,7 @@
 need_cmd qemu-io qemu-img nbdcopy
 tdr_setup
 
-VHDUTIL=$TDR_BUILDDIR/tools/vhd-util
-CTL=$TDR_BUILDDIR/tools/tdr-ctl
-
-"$VHDUTIL" create -n "$T/secondary.vhd" -s 256
-"$VHDUTIL" snapshot -n "$T/hidden.vhd" -p "$T/secondary.vhd"
-"$VHDUTIL" snapshot -n "$T/active.vhd" -p "$T/hidden.vhd"
-
-EXP="$T/export.sock"
-EXPURI=$(tdr_uri "$EXP")
-tdr_start --control "$T/ctl.sock" "replica:mode=secondary,addr=unix:$EXP|vhd:$T/active.vhd"
-SVM=$URI
-
-ctl() { "$CTL" replica -s "$T/ctl.sock" -m 0 "$@"; }
-state() { ctl status state | sed -n 's/^state=//p'; }
+secondary_chain 256
 
 qio "$EXPURI" 'write -P 0x11 0 256M'
 ctl start

@@ -12,20 +12,7 @@
 need_cmd qemu-io qemu-img nbdcopy
 tdr_setup
 
-VHDUTIL=$TDR_BUILDDIR/tools/vhd-util
-CTL=$TDR_BUILDDIR/tools/tdr-ctl
-
-"$VHDUTIL" create -n "$T/secondary.vhd" -s 32
-"$VHDUTIL" snapshot -n "$T/hidden.vhd" -p "$T/secondary.vhd"
-"$VHDUTIL" snapshot -n "$T/active.vhd" -p "$T/hidden.vhd"
-
-EXP="$T/export.sock"
-EXPURI=$(tdr_uri "$EXP")
-tdr_start --control "$T/ctl.sock" "replica:mode=secondary,addr=unix:$EXP|vhd:$T/active.vhd"
-SVM=$URI
-
-ctl() { "$CTL" replica -s "$T/ctl.sock" -m 0 "$@"; }
-state() { ctl status state | sed -n 's/^state=//p'; }
+secondary_chain 32
 
 # Before start: SVM I/O fails, the primary's writes fill the secondary disk.
 qio_expect_fail "$SVM" 'Input/output error' 'read 0 4k'
