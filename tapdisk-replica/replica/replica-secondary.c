@@ -1098,18 +1098,15 @@ static void fo_pump(struct sec *s)
 	fo_bgflush(s);
 	if (s->fo_copies || s->fo_preflushing || s->fo_bgflushing || s->fo_chainflushing)
 		return;
-	if (s->fo_err == -ECANCELED && s->closing) {
-		replica_set_state(r, REPLICA_STATE_FAILOVER_FAILED);
-		/* Short: the two paths must fit in REPLICA_MSG_MAX. */
-		replica_set_error(r, s->fo_err, "failover interrupted by a close; nothing is lost: commit offline with vhd-util coalesce -n %s, then -n %s",
-				  s->active->params, s->hidden->params);
-		fo_release_done(s);
-		return;
-	}
 	if (s->fo_err) {
 		replica_set_state(r, REPLICA_STATE_FAILOVER_FAILED);
-		replica_set_error(r, s->fo_err, "failover commit into %s failed: %s; the SVM keeps running on active/hidden, nothing is lost; retry with failover",
-				  s->secondary->params, strerror(-s->fo_err));
+		if (s->fo_err == -ECANCELED && s->closing)
+			/* Short: the two paths must fit in REPLICA_MSG_MAX. */
+			replica_set_error(r, s->fo_err, "failover interrupted by a close; nothing is lost: commit offline with vhd-util coalesce -n %s, then -n %s",
+					  s->active->params, s->hidden->params);
+		else
+			replica_set_error(r, s->fo_err, "failover commit into %s failed: %s; the SVM keeps running on active/hidden, nothing is lost; retry with failover",
+					  s->secondary->params, strerror(-s->fo_err));
 		fo_release_done(s);
 		return;
 	}

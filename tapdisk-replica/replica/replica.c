@@ -449,20 +449,6 @@ static int switch_mode(struct replica *r, enum replica_mode m, char *msg, size_t
 	return 0;
 }
 
-static void switch_and_start(struct replica *r)
-{
-	char msg[REPLICA_MSG_MAX + 32];
-	int err;
-
-	r->switching = false;
-	err = switch_mode(r, r->switch_cmd.mode, msg, sizeof(msg));
-	if (err < 0) {
-		replica_op_done(r, err, "%s", msg);
-		return;
-	}
-	r->ops->start(r, &r->switch_cmd);
-}
-
 /*
  * The old mode's requests into the images (a secondary's export still
  * serving reads after its failover) must end before its state is freed:
@@ -473,12 +459,30 @@ static void switch_and_start(struct replica *r)
 static void switch_poll(struct tdr_timer *t, void *arg)
 {
 	struct replica *r = arg;
+	char msg[REPLICA_MSG_MAX + 32];
+	int err;
 
 	if (r->ops->busy && r->ops->busy(r)) {
 		tdr_timer_arm(t, SWITCH_POLL_NS);
 		return;
 	}
-	switch_and_start(r);
+	r->switching = false;
+	err = switch_mode(r, r->switch_cmd.mode, msg, sizeof(msg));
+	if (err < 0) {
+		replica_op_done(r, err, "%s", msg);
+		return;
+	}
+	r->ops->start(r, &r->switch_cmd);
+}
+
+/* The disk closes first: the start waiting for the old mode never runs. */
+static void switch_cancel(struct replica *r, const char *why)
+{
+	if (!r->switching)
+		return;
+	tdr_timer_cancel(&r->switch_timer);
+	r->switching = false;
+	replica_op_done(r, -ESHUTDOWN, "start refused: %s", why);
 }
 
 void replica_execute(struct td_image *img, const struct replica_cmd *cmd,
@@ -614,12 +618,7 @@ static void replica_close(struct td_image *img)
 {
 	struct replica *r = img->priv;
 
-	if (r->switching) {
-		/* The start that was waiting for the old mode never runs. */
-		tdr_timer_cancel(&r->switch_timer);
-		r->switching = false;
-		replica_op_done(r, -ESHUTDOWN, "start refused: the disk closed first");
-	}
+	switch_cancel(r, "the disk closed first");
 	if (r->ops)
 		r->ops->fini(r);
 	tdr_loop_cancel_defer(img->loop, &r->notify);
@@ -630,11 +629,7 @@ static void replica_quiesce(struct td_image *img)
 	struct replica *r = img->priv;
 
 	r->closing = true;
-	if (r->switching) {
-		tdr_timer_cancel(&r->switch_timer);
-		r->switching = false;
-		replica_op_done(r, -ESHUTDOWN, "start refused: the disk is closing");
-	}
+	switch_cancel(r, "the disk is closing");
 	if (r->ops->quiesce)
 		r->ops->quiesce(r);
 }

@@ -269,3 +269,16 @@ secondary_chain() {
 	ctl() { "$CTL" replica -s "$T/ctl.sock" -m 0 "$@"; }
 	state() { ctl status state | sed -n 's/^state=//p'; }
 }
+
+# secondary_is_view: after secondary_chain's daemon stopped, the secondary
+# disk, read by qemu-img (which knows nothing of our code), equals
+# $T/view.raw byte for byte, and vhd-util check passes on all three files.
+secondary_is_view() {
+	qemu-img convert -f vpc -O raw "$T/secondary.vhd" "$T/secondary.raw"
+	truncate -s "$(stat -c %s "$T/view.raw")" "$T/secondary.raw"
+	same_file "$T/view.raw" "$T/secondary.raw"
+	local f
+	for f in secondary hidden active; do
+		"$VHDUTIL" check -n "$T/$f.vhd" >/dev/null || fail "vhd-util check $f.vhd failed"
+	done
+}

@@ -38,10 +38,5 @@ else
 	grep -q 'failover done' "$DAEMON_ERR" || fail "failover neither done nor interrupted: $(tail -5 "$DAEMON_ERR")"
 	outcome="finished before the signal"
 fi
-qemu-img convert -f vpc -O raw "$T/secondary.vhd" "$T/secondary.raw"
-truncate -s "$(stat -c %s "$T/view.raw")" "$T/secondary.raw"
-same_file "$T/view.raw" "$T/secondary.raw"
-for f in secondary hidden active; do
-	"$VHDUTIL" check -n "$T/$f.vhd" >/dev/null || fail "vhd-util check $f.vhd failed"
-done
+secondary_is_view
 pass "SIGTERM during failover ($outcome): clean exit, secondary disk == SVM view"

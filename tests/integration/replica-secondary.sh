@@ -54,10 +54,5 @@ grep -q 'state done' "$T/ck.err" || fail "checkpoint after done: $(cat "$T/ck.er
 
 tdr_stop "$DAEMON_PID"
 # The secondary disk, read by qemu, is exactly what the SVM saw.
-qemu-img convert -f vpc -O raw "$T/secondary.vhd" "$T/secondary.raw"
-truncate -s "$(stat -c %s "$T/view.raw")" "$T/secondary.raw"
-same_file "$T/view.raw" "$T/secondary.raw"
-for f in secondary hidden active; do
-	"$VHDUTIL" check -n "$T/$f.vhd" >/dev/null || fail "vhd-util check $f.vhd failed"
-done
+secondary_is_view
 pass "secondary flow: sync, start, copy-before-write, checkpoint, failover; secondary disk == SVM view"
