@@ -1,13 +1,27 @@
 # (filled in by the subsystem)
 
-# VHD: parse, validate and read a VHD given as bytes (libFuzzer, clang).
-# tests/fuzz/run-fuzz.sh builds and runs it without configure (CI: 60 s).
+# libFuzzer harnesses (clang).  tests/fuzz/run-fuzz.sh builds and runs them
+# without configure (CI: 60 s each); --enable-fuzzing builds them here too.
+#   fuzz-vhd         parse, validate and read a VHD given as bytes
+#   fuzz-nbd-server  the NBD server fed a client's byte stream
+#   fuzz-nbd-link    the primary's NBD client fed a server's byte stream
+# tests/fuzz/make-nbd-corpus.py writes the NBD seed corpora.
 EXTRA_DIST += tests/fuzz/run-fuzz.sh tests/fuzz/fuzz-vhd.c \
 	tests/fuzz/corpus-vhd/dyn-empty.vhd tests/fuzz/corpus-vhd/dyn-4k.vhd \
 	tests/fuzz/corpus-vhd/diff-4k.vhd tests/fuzz/corpus-vhd/fixed-64k.vhd \
-	tests/fuzz/corpus-vhd/qemu-dyn.vhd tests/fuzz/corpus-vhd/qemu-fixed.vhd
+	tests/fuzz/corpus-vhd/qemu-dyn.vhd tests/fuzz/corpus-vhd/qemu-fixed.vhd \
+	tests/fuzz/fuzz-nbd-server.c tests/fuzz/fuzz-nbd-link.c tests/fuzz/make-nbd-corpus.py \
+	tests/fuzz/corpus-nbd/bad-magic tests/fuzz/corpus-nbd/bad-requests \
+	tests/fuzz/corpus-nbd/export-name-ro tests/fuzz/corpus-nbd/go-simple \
+	tests/fuzz/corpus-nbd/go-structured tests/fuzz/corpus-nbd/options \
+	tests/fuzz/corpus-nbd/pipelined \
+	tests/fuzz/corpus-link/bad-cookie tests/fuzz/corpus-link/errors \
+	tests/fuzz/corpus-link/export-name tests/fuzz/corpus-link/export-name-zeroes \
+	tests/fuzz/corpus-link/ok tests/fuzz/corpus-link/read-only \
+	tests/fuzz/corpus-link/small-payload tests/fuzz/corpus-link/structured \
+	tests/fuzz/corpus-link/unknown-export tests/fuzz/corpus-link/wrong-size
 if ENABLE_FUZZING
-check_PROGRAMS += tests/fuzz/fuzz-vhd
+check_PROGRAMS += tests/fuzz/fuzz-vhd tests/fuzz/fuzz-nbd-server tests/fuzz/fuzz-nbd-link
 tests_fuzz_fuzz_vhd_SOURCES = tests/fuzz/fuzz-vhd.c \
 	tapdisk-replica/vhd/vhd-format.c tapdisk-replica/vhd/vhd-validate.c \
 	tapdisk-replica/vhd/vhd-file.c tapdisk-replica/vhd/vhd-ops.c \
@@ -15,4 +29,23 @@ tests_fuzz_fuzz_vhd_SOURCES = tests/fuzz/fuzz-vhd.c \
 tests_fuzz_fuzz_vhd_CFLAGS = $(AM_CFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_vhd_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_vhd_LDADD = $(UUID_LIBS)
+# Its own in-memory driver and driver table: no libtdr.a.
+tests_fuzz_fuzz_nbd_server_SOURCES = tests/fuzz/fuzz-nbd-server.c \
+	tapdisk-replica/nbd/nbd-conn.c tapdisk-replica/nbd/nbd-handshake.c \
+	tapdisk-replica/nbd/nbd-proto.c tapdisk-replica/nbd/nbd-server.c \
+	tapdisk-replica/nbd/nbd-transmission.c tapdisk-replica/nbd/nbd-transport.c \
+	tapdisk-replica/loop.c tapdisk-replica/io.c tapdisk-replica/log.c \
+	tapdisk-replica/request.c tapdisk-replica/disk.c tapdisk-replica/spec.c \
+	tapdisk-replica/filelock.c
+tests_fuzz_fuzz_nbd_server_CFLAGS = $(AM_CFLAGS) -fsanitize=fuzzer
+tests_fuzz_fuzz_nbd_server_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
+tests_fuzz_fuzz_nbd_server_LDADD = $(LIBAIO)
+tests_fuzz_fuzz_nbd_link_SOURCES = tests/fuzz/fuzz-nbd-link.c \
+	tapdisk-replica/replica/replica-link.c tapdisk-replica/replica/replica-link-native.c \
+	tapdisk-replica/replica/replica-link-libnbd.c \
+	tapdisk-replica/loop.c tapdisk-replica/log.c \
+	tapdisk-replica/nbd/nbd-proto.c tapdisk-replica/nbd/nbd-transport.c
+tests_fuzz_fuzz_nbd_link_CFLAGS = $(AM_CFLAGS) $(LIBNBD_CFLAGS) -I$(srcdir)/tapdisk-replica/replica -fsanitize=fuzzer
+tests_fuzz_fuzz_nbd_link_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
+tests_fuzz_fuzz_nbd_link_LDADD = $(LIBNBD_LIBS)
 endif

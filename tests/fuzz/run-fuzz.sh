@@ -1,42 +1,102 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: BSD-3-Clause
 #
-# Builds the VHD fuzz harness with clang (libFuzzer + ASan + UBSan) and runs
-# it for SECONDS (default 60) over a copy of the seed corpus.  Fails on any
-# crash or sanitizer report.
+# Builds the fuzz harnesses with clang (libFuzzer + ASan + UBSan) and runs
+# each for SECONDS (default 60) over a copy of its seed corpus.  Fails on
+# any crash, hang, leak or sanitizer report.
 #   tests/fuzz/run-fuzz.sh [SECONDS] [extra libFuzzer options...]
+# FUZZ_HARNESSES="vhd nbd-server nbd-link" (the default) picks harnesses:
+#   vhd         parse, validate and read a VHD given as bytes (fuzz-vhd.c)
+#   nbd-server  the NBD server fed a client's byte stream (fuzz-nbd-server.c)
+#   nbd-link    the primary's NBD client fed a server's bytes (fuzz-nbd-link.c)
+# TDR_FUZZ_DIR=DIR keeps the builds, corpora and any crash inputs there.
 set -euo pipefail
 
 secs=${1:-60}
 shift || true
 src=$(cd "$(dirname "$0")/../.." && pwd)
-out=${TDR_FUZZ_DIR:-$(mktemp -d /tmp/tdr-fuzz-vhd.XXXXXX)}
-mkdir -p "$out/corpus" "$out/inc"
+out=${TDR_FUZZ_DIR:-$(mktemp -d /tmp/tdr-fuzz.XXXXXX)}
+harnesses=${FUZZ_HARNESSES:-vhd nbd-server nbd-link}
+mkdir -p "$out/inc"
 : >"$out/inc/config.h"
 
 command -v clang >/dev/null || { echo "run-fuzz: clang not installed (tools/quickstart installs it)" >&2; exit 1; }
 
-clang -std=c11 -g -O1 -D_GNU_SOURCE -I"$src/include" -I"$out/inc" \
-	-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-	-Wall -Wextra -Werror -Wno-unused-parameter \
-	"$src/tests/fuzz/fuzz-vhd.c" \
-	"$src"/tapdisk-replica/vhd/vhd-format.c \
-	"$src"/tapdisk-replica/vhd/vhd-validate.c \
-	"$src"/tapdisk-replica/vhd/vhd-file.c \
-	"$src"/tapdisk-replica/vhd/vhd-ops.c \
-	"$src"/tapdisk-replica/filelock.c \
-	-luuid -o "$out/fuzz-vhd"
+cc() {
+	clang -std=c11 -g -O1 -D_GNU_SOURCE -I"$src/include" -I"$src/tapdisk-replica" \
+		-I"$src/tapdisk-replica/replica" -I"$out/inc" \
+		-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+		-Wall -Wextra -Werror -Wno-unused-parameter "$@"
+}
 
-cp "$src"/tests/fuzz/corpus-vhd/* "$out/corpus/"
-cd "$out"
-UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-ASAN_OPTIONS=detect_leaks=1 \
-	./fuzz-vhd -max_total_time="$secs" -max_len=262144 -timeout=10 -rss_limit_mb=2048 \
-	-print_final_stats=1 "$@" corpus 2>&1 | tail -n 25
-status=${PIPESTATUS[0]}
-if [ "$status" -ne 0 ]; then
-	echo "run-fuzz: the harness failed (status $status); crash inputs are in $out" >&2
+r=$src/tapdisk-replica
+build() {
+	case $1 in
+	vhd)
+		cc "$src/tests/fuzz/fuzz-vhd.c" "$r"/vhd/vhd-format.c "$r"/vhd/vhd-validate.c \
+			"$r"/vhd/vhd-file.c "$r"/vhd/vhd-ops.c "$r"/filelock.c \
+			-luuid -o "$out/fuzz-vhd" ;;
+	nbd-server)
+		# The harness brings its own in-memory driver and driver table.
+		cc "$src/tests/fuzz/fuzz-nbd-server.c" "$r"/nbd/*.c "$r"/loop.c "$r"/io.c \
+			"$r"/log.c "$r"/request.c "$r"/disk.c "$r"/spec.c "$r"/filelock.c \
+			-laio -o "$out/fuzz-nbd-server" ;;
+	nbd-link)
+		cc "$src/tests/fuzz/fuzz-nbd-link.c" "$r"/replica/replica-link.c \
+			"$r"/replica/replica-link-native.c "$r"/replica/replica-link-libnbd.c \
+			"$r"/loop.c "$r"/log.c "$r"/nbd/nbd-proto.c "$r"/nbd/nbd-transport.c \
+			-lnbd -o "$out/fuzz-nbd-link" ;;
+	*)
+		echo "run-fuzz: unknown harness '$1' (vhd, nbd-server, nbd-link)" >&2
+		return 1 ;;
+	esac
+}
+
+corpus_of() {
+	case $1 in
+	vhd) echo corpus-vhd ;;
+	nbd-server) echo corpus-nbd ;;
+	nbd-link) echo corpus-link ;;
+	esac
+}
+
+max_len_of() {
+	case $1 in
+	vhd) echo 262144 ;;
+	nbd-server) echo 16384 ;;
+	nbd-link) echo 4096 ;;
+	esac
+}
+
+failed=()
+for h in $harnesses; do
+	echo "run-fuzz: $h: building"
+	if ! build "$h"; then
+		failed+=("$h (build)")
+		continue
+	fi
+	mkdir -p "$out/corpus-$h"
+	cp "$src/tests/fuzz/$(corpus_of "$h")"/* "$out/corpus-$h/"
+	echo "run-fuzz: $h: fuzzing for ${secs}s"
+	set +e
+	(cd "$out" && UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		ASAN_OPTIONS=detect_leaks=1 \
+		"./fuzz-$h" -max_total_time="$secs" -max_len="$(max_len_of "$h")" -timeout=20 \
+		-rss_limit_mb=2048 -print_final_stats=1 "$@" "corpus-$h" 2>&1 | tail -n 25
+	 exit "${PIPESTATUS[0]}")
+	status=$?
+	set -e
+	if [ "$status" -ne 0 ]; then
+		echo "run-fuzz: $h: the harness failed (status $status); crash inputs are in $out" >&2
+		failed+=("$h")
+	else
+		echo "run-fuzz: $h: no crash, hang or sanitizer report in ${secs}s"
+	fi
+done
+
+if [ ${#failed[@]} -ne 0 ]; then
+	echo "run-fuzz: FAILED: ${failed[*]} (kept $out)" >&2
 	exit 1
 fi
-echo "run-fuzz: no crash, no sanitizer report in ${secs}s"
+echo "run-fuzz: passed: $harnesses"
 [ -n "${TDR_FUZZ_DIR:-}" ] || rm -rf "$out"

@@ -1,0 +1,315 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/*
+ * libFuzzer harness: the NBD server fed a client's byte stream.
+ *
+ * The input is everything a client sends, handshake and transmission
+ * alike, written into one end of a socketpair whose other end the server
+ * serves (nbd_server_add_connection()), then closed for writing.  The
+ * server's replies are read and thrown away as they come.  The export is a
+ * 1 MiB disk in memory, served by a driver of this file (some requests
+ * fail, some complete at once, most from the loop, out of order), plus a
+ * read-only export "ro" of the same disk.
+ *
+ * Besides what the sanitizers catch, the harness traps when:
+ *   - the server's first bytes are not the fixed-newstyle greeting;
+ *   - the connection is still open 5 s (of loop time) after the input
+ *     ended (a state that waits forever for a client that is gone);
+ *   - a request is still in flight in the disk after the connection closed;
+ *   - the shutdown does not complete.
+ *
+ * Built by tests/fuzz/run-fuzz.sh, seeded from tests/fuzz/corpus-nbd
+ * (tests/fuzz/make-nbd-corpus.py writes it).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "tdr/image.h"
+#include "tdr/io.h"
+#include "tdr/log.h"
+#include "tdr/loop.h"
+#include "tdr/nbd.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+#define MEM_SIZE (1u << 20)
+
+/* ------------------------------------------------------------------ */
+/*
+ * The "mem" driver: a disk in memory.  Which sector a request starts at
+ * decides how it ends, so that inputs reach every path of the server:
+ * sec % 61 == 7 fails with EIO (error replies, simple and structured),
+ * sec % 5 == 0 completes inside the call that queued it, anything else
+ * completes from the loop (replies out of order).
+ */
+
+struct mem_state {
+	char *buf;
+};
+
+struct mem_done {
+	struct tdr_defer defer;
+	struct td_request *req;
+	int err;
+};
+
+static void mem_complete(void *arg)
+{
+	struct mem_done *d = arg;
+	struct td_request *req = d->req;
+	int err = d->err;
+
+	free(d);
+	td_complete_request(req, err);
+}
+
+static void mem_finish(struct td_image *img, struct td_request *req)
+{
+	int err = req->sec % 61 == 7 ? -EIO : 0;
+	struct mem_done *d;
+
+	if (req->sec % 5 == 0) {
+		td_complete_request(req, err);
+		return;
+	}
+	d = malloc(sizeof(*d));
+	if (!d) {
+		td_complete_request(req, -ENOMEM);
+		return;
+	}
+	d->req = req;
+	d->err = err;
+	tdr_defer_init(&d->defer, mem_complete, d);
+	tdr_loop_defer(img->loop, &d->defer);
+}
+
+static int mem_open(struct td_image *img, const char *params, unsigned flags)
+{
+	struct mem_state *s = img->priv;
+
+	(void)params;
+	(void)flags;
+	s->buf = calloc(1, MEM_SIZE);
+	if (!s->buf)
+		return -ENOMEM;
+	img->size_secs = MEM_SIZE >> TD_SECTOR_SHIFT;
+	img->info_discard = true;
+	return 0;
+}
+
+static void mem_close(struct td_image *img)
+{
+	struct mem_state *s = img->priv;
+
+	free(s->buf);
+}
+
+static void mem_read(struct td_image *img, struct td_request *req)
+{
+	struct mem_state *s = img->priv;
+
+	memcpy(req->buf, s->buf + (req->sec << TD_SECTOR_SHIFT),
+	       (size_t)req->secs << TD_SECTOR_SHIFT);
+	mem_finish(img, req);
+}
+
+static void mem_write(struct td_image *img, struct td_request *req)
+{
+	struct mem_state *s = img->priv;
+
+	memcpy(s->buf + (req->sec << TD_SECTOR_SHIFT), req->buf,
+	       (size_t)req->secs << TD_SECTOR_SHIFT);
+	mem_finish(img, req);
+}
+
+static void mem_discard(struct td_image *img, struct td_request *req)
+{
+	struct mem_state *s = img->priv;
+
+	memset(s->buf + (req->sec << TD_SECTOR_SHIFT), 0, (size_t)req->secs << TD_SECTOR_SHIFT);
+	mem_finish(img, req);
+}
+
+/* Runs of 8 sectors, data and hole by turns: replies with several extents. */
+static void mem_block_status(struct td_image *img, struct td_request *req)
+{
+	req->bs_secs = 8 - (uint32_t)(req->sec % 8);
+	if (req->bs_secs > req->secs)
+		req->bs_secs = req->secs;
+	req->bs_flags = (req->sec / 8) % 2 ? TD_BS_HOLE | TD_BS_ZERO : 0;
+	mem_finish(img, req);
+}
+
+static void mem_flush(struct td_image *img, struct td_request *req)
+{
+	mem_finish(img, req);
+}
+
+static const struct td_driver mem_drv = {
+	.name = "mem",
+	.priv_size = sizeof(struct mem_state),
+	.open = mem_open,
+	.close = mem_close,
+	.queue_read = mem_read,
+	.queue_write = mem_write,
+	.queue_flush = mem_flush,
+	.queue_discard = mem_discard,
+	.queue_block_status = mem_block_status,
+};
+
+/* The driver table of this program: "mem" only (no aio, vhd or replica linked in). */
+const struct td_driver *td_driver_find(const char *name)
+{
+	return strcmp(name, mem_drv.name) ? NULL : &mem_drv;
+}
+
+int td_driver_register(const struct td_driver *drv)
+{
+	(void)drv;
+	return -ENOSPC;
+}
+
+const char *td_driver_names(void)
+{
+	return mem_drv.name;
+}
+
+/* ------------------------------------------------------------------ */
+/* The client: writes the input, reads and drops the replies. */
+
+struct client {
+	struct tdr_fd_watch w;
+	int fd;
+	const uint8_t *data;
+	size_t size, sent;
+	unsigned char greeting[NBD_GREETING_SIZE];
+	size_t got;
+	bool eof;
+};
+
+static void client_update(struct client *c)
+{
+	uint32_t ev = EPOLLIN;
+
+	if (c->eof) {
+		/* The server closed (epoll would report the hang-up every turn). */
+		tdr_loop_unwatch_fd(&c->w);
+		return;
+	}
+	if (c->sent < c->size)
+		ev |= EPOLLOUT;
+	if (tdr_loop_update_fd(&c->w, ev) < 0)
+		__builtin_trap();
+}
+
+static void client_event(struct tdr_fd_watch *w, uint32_t events, void *arg)
+{
+	struct client *c = arg;
+	unsigned char buf[65536];
+	ssize_t n;
+
+	(void)w;
+	if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+		while ((n = read(c->fd, buf, sizeof(buf))) > 0) {
+			for (ssize_t i = 0; i < n && c->got < NBD_GREETING_SIZE; i++)
+				c->greeting[c->got++] = buf[i];
+		}
+		if (n == 0 || (n < 0 && errno != EAGAIN))
+			c->eof = true;
+	}
+	while (c->sent < c->size) {
+		/* The server may have closed already: no SIGPIPE. */
+		n = send(c->fd, c->data + c->sent, c->size - c->sent, MSG_NOSIGNAL);
+		if (n <= 0) {
+			if (n < 0 && errno != EAGAIN)
+				c->sent = c->size;
+			break;
+		}
+		c->sent += (size_t)n;
+	}
+	if (c->eof)
+		c->sent = c->size;
+	else if (c->sent == c->size)
+		shutdown(c->fd, SHUT_WR);
+	client_update(c);
+}
+
+static void on_shutdown(void *arg)
+{
+	*(bool *)arg = true;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	static struct tdr_loop *loop;
+	static struct tdr_io_ctx *io;
+	struct client c = { .fd = -1, .data = data, .size = size };
+	struct nbd_server *srv;
+	struct td_disk *disk;
+	unsigned char want[NBD_GREETING_SIZE];
+	uint64_t deadline;
+	bool done = false;
+	int sv[2];
+
+	if (!loop) {
+		tdr_log_init("fuzz-nbd-server", false, TDR_LOG_ERR);
+		loop = tdr_loop_new();
+		io = loop ? tdr_io_ctx_new(loop, 64) : NULL;
+		if (!io)
+			__builtin_trap();
+	}
+	if (td_disk_open(&disk, "mem:", 0, loop, io) < 0)
+		__builtin_trap();
+	srv = nbd_server_new(loop);
+	if (!srv || nbd_server_add_export(srv, "", "fuzz", disk, false) < 0 ||
+	    nbd_server_add_export(srv, "ro", NULL, disk, true) < 0)
+		__builtin_trap();
+	/* Inputs of odd length meet a cap of 4 requests in flight (reading stops at it). */
+	if (size % 2)
+		nbd_server_set_max_inflight(srv, 4);
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
+		__builtin_trap();
+	if (nbd_server_add_connection(srv, sv[0]) < 0)
+		__builtin_trap();
+	c.fd = sv[1];
+	if (tdr_loop_watch_fd(loop, &c.w, c.fd, EPOLLIN | EPOLLOUT, client_event, &c) < 0)
+		__builtin_trap();
+
+	/* The input is sent; the connection must go away within 5 s after it. */
+	deadline = 0;
+	while (nbd_server_connections(srv) || !c.eof) {
+		if (c.sent == c.size && !deadline)
+			deadline = tdr_now_ns() + 5000000000ull;
+		if (deadline && tdr_now_ns() > deadline)
+			__builtin_trap();
+		if (tdr_loop_run_once(loop, 100) < 0)
+			__builtin_trap();
+	}
+	/* The greeting came first (nothing else is ever sent before it). */
+	nbd_encode_greeting(want, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+	if (c.got != NBD_GREETING_SIZE || memcmp(c.greeting, want, sizeof(want)))
+		__builtin_trap();
+	/* Requests of a closed connection finish; nothing stays in the disk. */
+	deadline = tdr_now_ns() + 5000000000ull;
+	while (disk->inflight) {
+		if (tdr_now_ns() > deadline || tdr_loop_run_once(loop, 100) < 0)
+			__builtin_trap();
+	}
+	nbd_server_shutdown(srv, on_shutdown, &done);
+	deadline = tdr_now_ns() + 5000000000ull;
+	while (!done) {
+		if (tdr_now_ns() > deadline || tdr_loop_run_once(loop, 100) < 0)
+			__builtin_trap();
+	}
+	tdr_loop_unwatch_fd(&c.w);
+	close(c.fd);
+	nbd_server_free(srv);
+	td_disk_close(disk);
+	return 0;
+}

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: BSD-3-Clause
+"""Writes the seed corpora of the NBD fuzz harnesses, so that the fuzzers
+start past the handshake.  Values from the NBD protocol's proto.md.
+
+  make-nbd-corpus.py server DIR   client byte streams (handshake and
+                                  transmission) for fuzz-nbd-server.c
+  make-nbd-corpus.py link DIR     a 2-byte handshake length, then a
+                                  server's byte stream, for fuzz-nbd-link.c
+"""
+import os
+import struct
+import sys
+
+IHAVEOPT = 0x49484156454F5054
+REQUEST_MAGIC = 0x25609513
+C_FIXED, C_NO_ZEROES = 1, 2
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS = 1, 2, 3, 5
+OPT_INFO, OPT_GO, OPT_STRUCTURED, OPT_LIST_META, OPT_SET_META = 6, 7, 8, 9, 10
+INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 1, 2, 3
+READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS = range(8)
+FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = 1, 2, 4, 8, 16
+
+
+def flags(f=C_FIXED | C_NO_ZEROES):
+    return struct.pack(">I", f)
+
+
+def opt(code, data=b""):
+    return struct.pack(">QII", IHAVEOPT, code, len(data)) + data
+
+
+def name(s):
+    b = s.encode()
+    return struct.pack(">I", len(b)) + b
+
+
+def go(export="", infos=(), code=OPT_GO):
+    return opt(code, name(export) + struct.pack(">H", len(infos)) +
+               b"".join(struct.pack(">H", i) for i in infos))
+
+
+def meta(code, export="", queries=("base:allocation",)):
+    return opt(code, name(export) + struct.pack(">I", len(queries)) +
+               b"".join(name(q) for q in queries))
+
+
+cookie = 0
+
+
+def req(cmd, off=0, length=0, fl=0, payload=None):
+    global cookie
+    cookie += 1
+    b = struct.pack(">IHHQQI", REQUEST_MAGIC, fl, cmd, cookie, off, length)
+    if cmd == WRITE:
+        b += payload if payload is not None else bytes((cookie + i) & 0xff for i in range(length))
+    return b
+
+
+SEEDS = {
+    "go-simple": flags() + go() + req(WRITE, 0, 4096) + req(READ, 0, 4096) +
+    req(FLUSH) + req(TRIM, 8192, 4096) + req(WRITE_ZEROES, 4096, 512) + req(DISC),
+    "go-structured": flags() + opt(OPT_STRUCTURED) + meta(OPT_SET_META) +
+    go("", (INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE)) +
+    req(WRITE, 512, 1024, FUA) + req(READ, 0, 8192) + req(READ, 0, 4096, DF) +
+    req(BLOCK_STATUS, 0, 65536) + req(BLOCK_STATUS, 4096, 8192, REQ_ONE) +
+    req(WRITE_ZEROES, 0, 4096, NO_HOLE | FAST_ZERO) + req(CACHE, 0, 4096) + req(DISC),
+    "options": flags() + opt(OPT_LIST) + go("ro", (INFO_BLOCK_SIZE,), OPT_INFO) +
+    meta(OPT_LIST_META, "", ("base:",)) + opt(99, b"abc") + opt(OPT_STARTTLS) +
+    go("missing") + opt(OPT_ABORT),
+    "export-name-ro": flags(C_FIXED) + opt(OPT_EXPORT_NAME, b"ro") +
+    req(WRITE, 0, 512) + req(READ, 1024, 512) + req(FLUSH) + req(DISC),
+    "bad-requests": flags() + go() + req(READ, 100, 512) + req(READ, 1 << 20, 512) +
+    req(WRITE, (1 << 20) - 512, 1024) + req(READ, 0, 64 << 20) + req(77, 0, 0) +
+    req(BLOCK_STATUS, 0, 4096) + req(TRIM, 0, 0) + req(DISC),
+    "pipelined": flags() + opt(OPT_STRUCTURED) + meta(OPT_SET_META) + go() +
+    b"".join(req(WRITE, i * 4096, 512) + req(READ, i * 4096 - 512 * (i % 2), 1024)
+             for i in range(1, 33)) + req(DISC),
+    "bad-magic": flags() + go() + b"\x00" * 28,
+}
+
+
+# ---- the server side, for the link (the client of replica-link-native.c)
+
+OPT_REPLY_MAGIC = 0x0003e889045565a9
+SIMPLE_MAGIC, STRUCTURED_MAGIC = 0x67446698, 0x668e33ef
+REP_ACK, REP_INFO = 1, 3
+REP_ERR_UNSUP, REP_ERR_UNKNOWN = (1 << 31) + 1, (1 << 31) + 6
+F_HAS, F_RO, F_FLUSH, F_FUA, F_ZEROES = 1, 2, 4, 8, 64
+SIZE = 1 << 20
+
+
+def greeting(hs_flags=3):
+    return b"NBDMAGIC" + b"IHAVEOPT" + struct.pack(">H", hs_flags)
+
+
+def opt_reply(rtype, data=b"", option=OPT_GO):
+    return struct.pack(">QIII", OPT_REPLY_MAGIC, option, rtype, len(data)) + data
+
+
+def info_export(size=SIZE, tflags=F_HAS | F_FLUSH | F_FUA | F_ZEROES):
+    return opt_reply(REP_INFO, struct.pack(">HQH", 0, size, tflags))
+
+
+def info_block_size(maximum=32 << 20):
+    return opt_reply(REP_INFO, struct.pack(">HIII", 3, 512, 4096, maximum))
+
+
+def reply(cookie, err=0, magic=SIMPLE_MAGIC):
+    return struct.pack(">IIQ", magic, err, cookie)
+
+
+def link_seed(hs, rest=b""):
+    return struct.pack(">H", len(hs)) + hs + rest
+
+
+GO_OK = greeting() + info_export() + info_block_size() + opt_reply(REP_ACK)
+
+LINK_SEEDS = {
+    "ok": link_seed(GO_OK, reply(2) + reply(0) + reply(3) + reply(1)),
+    "errors": link_seed(GO_OK, reply(0) + reply(1, 5) + reply(2) + reply(3, 28)),
+    "export-name": link_seed(greeting() + opt_reply(REP_ERR_UNSUP) +
+                             struct.pack(">QH", SIZE, F_HAS | F_FLUSH | F_ZEROES),
+                             reply(0) + reply(1) + reply(2) + reply(3)),
+    "export-name-zeroes": link_seed(greeting(1) + opt_reply(REP_ERR_UNSUP) +
+                                    struct.pack(">QH", SIZE, F_HAS | F_FLUSH) + b"\0" * 124,
+                                    reply(0) + reply(1) + reply(2)),
+    "wrong-size": link_seed(greeting() + info_export(2 * SIZE) + opt_reply(REP_ACK)),
+    "unknown-export": link_seed(greeting() + opt_reply(REP_ERR_UNKNOWN, b"no such export")),
+    "small-payload": link_seed(greeting() + info_export() + info_block_size(16384) +
+                               opt_reply(REP_ACK),
+                               b"".join(reply(i) for i in (0, 1, 2, 3, 4, 5, 6))),
+    "bad-cookie": link_seed(GO_OK, reply(0) + reply(7)),
+    "structured": link_seed(GO_OK, reply(0, 0, STRUCTURED_MAGIC)),
+    "read-only": link_seed(greeting() + info_export(SIZE, F_HAS | F_RO) + opt_reply(REP_ACK)),
+}
+
+
+def main():
+    if len(sys.argv) != 3 or sys.argv[1] not in ("server", "link"):
+        sys.exit("usage: make-nbd-corpus.py server|link DIR")
+    seeds = SEEDS if sys.argv[1] == "server" else LINK_SEEDS
+    out = sys.argv[2]
+    os.makedirs(out, exist_ok=True)
+    for n, data in seeds.items():
+        with open(os.path.join(out, n), "wb") as f:
+            f.write(data)
+
+
+if __name__ == "__main__":
+    main()
