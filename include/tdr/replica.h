@@ -105,6 +105,7 @@ struct replica_stats {
 	uint64_t fo_hold_ns;			/* secondary: SVM writes held by the last failover */
 	uint64_t fo_flushes;			/* secondary: the last failover's background flushes */
 	uint64_t fo_svm_peak_bytes;		/* secondary: its most copy bytes in flight, SVM busy */
+	uint64_t run_flushes;			/* secondary, scratch mode: background flushes while running */
 };
 
 /* Every counter of struct replica_stats by name, for the interfaces that list them. */

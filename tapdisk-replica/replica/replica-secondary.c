@@ -424,6 +424,7 @@ static void run_bgflush(struct sec *s, uint64_t bytes)
 		return;
 	s->run_flushing = true;
 	s->run_unflushed = 0;
+	s->r->stats.run_flushes++;
 	td_request_init(&s->run_flush, TD_OP_FLUSH, 0, 0, NULL, run_flushed, s);
 	td_queue_request(s->secondary, &s->run_flush);
 }

@@ -366,7 +366,7 @@ const struct replica_stat_field replica_stat_fields[] = {
 	STAT_FIELD(checkpoints), STAT_FIELD(ckpt_last_ns), STAT_FIELD(ckpt_max_ns),
 	STAT_FIELD(ckpt_total_ns),
 	STAT_FIELD(dirty_bytes), STAT_FIELD(link_errors), STAT_FIELD(fo_hold_ns),
-	STAT_FIELD(fo_flushes), STAT_FIELD(fo_svm_peak_bytes),
+	STAT_FIELD(fo_flushes), STAT_FIELD(fo_svm_peak_bytes), STAT_FIELD(run_flushes),
 };
 
 const size_t replica_n_stat_fields = sizeof(replica_stat_fields) / sizeof(replica_stat_fields[0]);

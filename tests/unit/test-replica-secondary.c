@@ -615,6 +615,9 @@ START_TEST(close_during_failover)
 		      strstr(last_msg, "vhd-util coalesce"), "%s", last_msg);
 	ck_assert_int_eq(op("failover"), -ESHUTDOWN);
 	ck_assert_msg(strstr(last_msg, "closing"), "%s", last_msg);
+	ck_assert_int_eq(op("checkpoint"), -ESHUTDOWN);
+	/* What an operator needs to see stays answered. */
+	ck_assert_int_eq(op("status"), 0);
 	td_disk_close(disk);
 	disk = NULL;
 
@@ -1034,6 +1037,7 @@ END_TEST
 START_TEST(scratch_primary_flush_skips_hidden)
 {
 	char *w = xalloc(MIB);
+	struct replica_status st;
 	uint64_t hf, sf;
 
 	ck_assert_int_eq(op("start"), 0);
@@ -1054,9 +1058,13 @@ START_TEST(scratch_primary_flush_skips_hidden)
 	fill(w, MIB, 27);
 	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 8192, MIB / 512, w), 0);
 	ck_assert_uint_eq(secondary->stats.flush_reqs, sf + 1);
+	replica_get_status(rep, &st);
+	ck_assert_uint_eq(st.stats.run_flushes, 0);
 	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 12288, MIB / 512, w), 0);
 	ck_assert_uint_eq(secondary->stats.flush_reqs, sf + 2);
 	ck_assert_uint_eq(hidden->stats.flush_reqs, hf);
+	replica_get_status(rep, &st);
+	ck_assert_uint_eq(st.stats.run_flushes, 1);
 	{
 		struct td_image *who;
 
