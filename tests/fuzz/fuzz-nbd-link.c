@@ -22,7 +22,7 @@
  * FUZZ_VERBOSE=1 in the environment prints each input's outcome.
  *
  * Built by tests/fuzz/run-fuzz.sh, seeded from tests/fuzz/corpus-link
- * (tests/fuzz/make-nbd-corpus.py writes it).
+ * (tests/fuzz/make-corpus.py writes it).
  */
 #include "config.h"
 

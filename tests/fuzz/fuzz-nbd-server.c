@@ -18,7 +18,7 @@
  *   - the shutdown does not complete.
  *
  * Built by tests/fuzz/run-fuzz.sh, seeded from tests/fuzz/corpus-nbd
- * (tests/fuzz/make-nbd-corpus.py writes it).
+ * (tests/fuzz/make-corpus.py writes it).
  */
 #include "config.h"
 

@@ -5,12 +5,14 @@
 #   fuzz-vhd         parse, validate and read a VHD given as bytes
 #   fuzz-nbd-server  the NBD server fed a client's byte stream
 #   fuzz-nbd-link    the primary's NBD client fed a server's byte stream
-# tests/fuzz/make-nbd-corpus.py writes the NBD seed corpora.
+#   fuzz-xs-conn     the xenstore client fed xenstored's byte stream
+# tests/fuzz/make-corpus.py writes the protocol seed corpora.
 EXTRA_DIST += tests/fuzz/run-fuzz.sh tests/fuzz/fuzz-vhd.c \
 	tests/fuzz/corpus-vhd/dyn-empty.vhd tests/fuzz/corpus-vhd/dyn-4k.vhd \
 	tests/fuzz/corpus-vhd/diff-4k.vhd tests/fuzz/corpus-vhd/fixed-64k.vhd \
 	tests/fuzz/corpus-vhd/qemu-dyn.vhd tests/fuzz/corpus-vhd/qemu-fixed.vhd \
-	tests/fuzz/fuzz-nbd-server.c tests/fuzz/fuzz-nbd-link.c tests/fuzz/make-nbd-corpus.py \
+	tests/fuzz/fuzz-nbd-server.c tests/fuzz/fuzz-nbd-link.c tests/fuzz/fuzz-xs-conn.c \
+	tests/fuzz/make-corpus.py \
 	tests/fuzz/corpus-nbd/bad-magic tests/fuzz/corpus-nbd/bad-requests \
 	tests/fuzz/corpus-nbd/export-name-ro tests/fuzz/corpus-nbd/go-simple \
 	tests/fuzz/corpus-nbd/go-structured tests/fuzz/corpus-nbd/options \
@@ -19,7 +21,11 @@ EXTRA_DIST += tests/fuzz/run-fuzz.sh tests/fuzz/fuzz-vhd.c \
 	tests/fuzz/corpus-link/export-name tests/fuzz/corpus-link/export-name-zeroes \
 	tests/fuzz/corpus-link/ok tests/fuzz/corpus-link/read-only \
 	tests/fuzz/corpus-link/small-payload tests/fuzz/corpus-link/structured \
-	tests/fuzz/corpus-link/unknown-export tests/fuzz/corpus-link/wrong-size
+	tests/fuzz/corpus-link/unknown-export tests/fuzz/corpus-link/wrong-size \
+	tests/fuzz/corpus-xs/errors tests/fuzz/corpus-xs/event-first \
+	tests/fuzz/corpus-xs/oversized tests/fuzz/corpus-xs/partial \
+	tests/fuzz/corpus-xs/replies tests/fuzz/corpus-xs/replies-and-events \
+	tests/fuzz/corpus-xs/unknown-id
 if ENABLE_FUZZING
 check_PROGRAMS += tests/fuzz/fuzz-vhd tests/fuzz/fuzz-nbd-server tests/fuzz/fuzz-nbd-link
 tests_fuzz_fuzz_vhd_SOURCES = tests/fuzz/fuzz-vhd.c \
@@ -48,4 +54,11 @@ tests_fuzz_fuzz_nbd_link_SOURCES = tests/fuzz/fuzz-nbd-link.c \
 tests_fuzz_fuzz_nbd_link_CFLAGS = $(AM_CFLAGS) $(LIBNBD_CFLAGS) -I$(srcdir)/tapdisk-replica/replica -fsanitize=fuzzer
 tests_fuzz_fuzz_nbd_link_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_nbd_link_LDADD = $(LIBNBD_LIBS)
+if HAVE_XENSTORE
+check_PROGRAMS += tests/fuzz/fuzz-xs-conn
+tests_fuzz_fuzz_xs_conn_SOURCES = tests/fuzz/fuzz-xs-conn.c \
+	tapdisk-replica/xenstore/xs-conn.c tapdisk-replica/loop.c tapdisk-replica/log.c
+tests_fuzz_fuzz_xs_conn_CFLAGS = $(AM_CFLAGS) -I$(srcdir)/tapdisk-replica/xenstore -fsanitize=fuzzer
+tests_fuzz_fuzz_xs_conn_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
+endif
 endif

@@ -5,10 +5,11 @@
 # each for SECONDS (default 60) over a copy of its seed corpus.  Fails on
 # any crash, hang, leak or sanitizer report.
 #   tests/fuzz/run-fuzz.sh [SECONDS] [extra libFuzzer options...]
-# FUZZ_HARNESSES="vhd nbd-server nbd-link" (the default) picks harnesses:
+# FUZZ_HARNESSES="vhd nbd-server nbd-link xs-conn" (the default) picks:
 #   vhd         parse, validate and read a VHD given as bytes (fuzz-vhd.c)
 #   nbd-server  the NBD server fed a client's byte stream (fuzz-nbd-server.c)
 #   nbd-link    the primary's NBD client fed a server's bytes (fuzz-nbd-link.c)
+#   xs-conn     the xenstore client fed xenstored's bytes (fuzz-xs-conn.c)
 # TDR_FUZZ_DIR=DIR keeps the builds, corpora and any crash inputs there.
 set -euo pipefail
 
@@ -16,7 +17,7 @@ secs=${1:-60}
 shift || true
 src=$(cd "$(dirname "$0")/../.." && pwd)
 out=${TDR_FUZZ_DIR:-$(mktemp -d /tmp/tdr-fuzz.XXXXXX)}
-harnesses=${FUZZ_HARNESSES:-vhd nbd-server nbd-link}
+harnesses=${FUZZ_HARNESSES:-vhd nbd-server nbd-link xs-conn}
 mkdir -p "$out/inc"
 : >"$out/inc/config.h"
 
@@ -24,7 +25,7 @@ command -v clang >/dev/null || { echo "run-fuzz: clang not installed (tools/quic
 
 cc() {
 	clang -std=c11 -g -O1 -D_GNU_SOURCE -I"$src/include" -I"$src/tapdisk-replica" \
-		-I"$src/tapdisk-replica/replica" -I"$out/inc" \
+		-I"$src/tapdisk-replica/replica" -I"$src/tapdisk-replica/xenstore" -I"$out/inc" \
 		-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
 		-Wall -Wextra -Werror -Wno-unused-parameter "$@"
 }
@@ -46,8 +47,11 @@ build() {
 			"$r"/replica/replica-link-native.c "$r"/replica/replica-link-libnbd.c \
 			"$r"/loop.c "$r"/log.c "$r"/nbd/nbd-proto.c "$r"/nbd/nbd-transport.c \
 			-lnbd -o "$out/fuzz-nbd-link" ;;
+	xs-conn)
+		cc "$src/tests/fuzz/fuzz-xs-conn.c" "$r"/xenstore/xs-conn.c "$r"/loop.c "$r"/log.c \
+			-o "$out/fuzz-xs-conn" ;;
 	*)
-		echo "run-fuzz: unknown harness '$1' (vhd, nbd-server, nbd-link)" >&2
+		echo "run-fuzz: unknown harness '$1' (vhd, nbd-server, nbd-link, xs-conn)" >&2
 		return 1 ;;
 	esac
 }
@@ -57,6 +61,7 @@ corpus_of() {
 	vhd) echo corpus-vhd ;;
 	nbd-server) echo corpus-nbd ;;
 	nbd-link) echo corpus-link ;;
+	xs-conn) echo corpus-xs ;;
 	esac
 }
 
@@ -65,6 +70,7 @@ max_len_of() {
 	vhd) echo 262144 ;;
 	nbd-server) echo 16384 ;;
 	nbd-link) echo 4096 ;;
+	xs-conn) echo 16384 ;;
 	esac
 }
 

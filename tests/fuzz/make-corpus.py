@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: BSD-3-Clause
-"""Writes the seed corpora of the NBD fuzz harnesses, so that the fuzzers
-start past the handshake.  Values from the NBD protocol's proto.md.
+"""Writes the seed corpora of the protocol fuzz harnesses, so that the
+fuzzers start past the handshakes.  Values from the NBD protocol's proto.md
+and Xen's xs_wire.h.
 
-  make-nbd-corpus.py server DIR   client byte streams (handshake and
-                                  transmission) for fuzz-nbd-server.c
-  make-nbd-corpus.py link DIR     a 2-byte handshake length, then a
-                                  server's byte stream, for fuzz-nbd-link.c
+  make-corpus.py server DIR   client byte streams (handshake and
+                              transmission) for fuzz-nbd-server.c
+  make-corpus.py link DIR     a 2-byte handshake length, then a server's
+                              byte stream, for fuzz-nbd-link.c
+  make-corpus.py xs DIR       xenstored's replies and watch events to the
+                              requests of fuzz-xs-conn.c (ids 1-4)
 """
 import os
 import struct
@@ -136,10 +139,37 @@ LINK_SEEDS = {
 }
 
 
+# ---- xenstored, for the daemon's xenstore client (xs-conn.c)
+
+XS_DIRECTORY, XS_READ, XS_WATCH, XS_WRITE, XS_WATCH_EVENT, XS_ERROR = 1, 2, 4, 11, 15, 16
+
+
+def xs_msg(mtype, req_id, payload, tx_id=0):
+    # struct xsd_sockmsg: four native-endian (little on x86) 32-bit fields
+    return struct.pack("<IIII", mtype, req_id, tx_id, len(payload)) + payload
+
+
+XS_OK = (xs_msg(XS_READ, 1, b"contents") + xs_msg(XS_WRITE, 2, b"OK\0") +
+         xs_msg(XS_DIRECTORY, 3, b"a\0b\0d\0") + xs_msg(XS_WATCH, 4, b"OK\0"))
+
+XS_SEEDS = {
+    "replies": XS_OK,
+    "replies-and-events": XS_OK + xs_msg(XS_WATCH_EVENT, 0, b"/fuzz/d\0token\0") +
+    xs_msg(XS_WATCH_EVENT, 0, b"/fuzz/d/x\0token\0"),
+    "errors": xs_msg(XS_ERROR, 1, b"ENOENT\0") + xs_msg(XS_ERROR, 2, b"EACCES\0") +
+    xs_msg(XS_ERROR, 3, b"EINVAL\0") + xs_msg(XS_ERROR, 4, b"E2BIG\0"),
+    "event-first": xs_msg(XS_WATCH_EVENT, 0, b"/fuzz/d\0token\0") + XS_OK,
+    "unknown-id": xs_msg(XS_READ, 9, b"x") + XS_OK,
+    "oversized": xs_msg(XS_READ, 1, b"") [:12] + struct.pack("<I", 5000),
+    "partial": XS_OK[:30],
+}
+
+
 def main():
-    if len(sys.argv) != 3 or sys.argv[1] not in ("server", "link"):
-        sys.exit("usage: make-nbd-corpus.py server|link DIR")
-    seeds = SEEDS if sys.argv[1] == "server" else LINK_SEEDS
+    kinds = {"server": SEEDS, "link": LINK_SEEDS, "xs": XS_SEEDS}
+    if len(sys.argv) != 3 or sys.argv[1] not in kinds:
+        sys.exit("usage: make-corpus.py server|link|xs DIR")
+    seeds = kinds[sys.argv[1]]
     out = sys.argv[2]
     os.makedirs(out, exist_ok=True)
     for n, data in seeds.items():
