@@ -38,20 +38,12 @@
 #include "tdr/log.h"
 #include "tdr/loop.h"
 #include "replica-link.h"
+#include "fuzz-peer.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define EXPORT_SIZE (1u << 20)
 #define NCMDS 4
-
-struct server {
-	struct tdr_fd_watch w;
-	int fd;
-	const uint8_t *data;
-	size_t size, sent, limit;	/* bytes to send now: up to limit */
-	uint64_t got;			/* bytes the client sent */
-	bool eof, wr_closed;
-};
 
 struct harness {
 	struct replica_link *l;
@@ -64,58 +56,6 @@ struct harness {
 	unsigned queued;
 	char wbuf[65536];
 };
-
-static void server_update(struct server *s)
-{
-	uint32_t ev = EPOLLIN;
-
-	if (s->eof) {
-		/* The client is gone (epoll would report its hang-up every turn). */
-		s->sent = s->limit = s->size;
-		tdr_loop_unwatch_fd(&s->w);
-		return;
-	}
-	if (s->sent < s->limit)
-		ev |= EPOLLOUT;
-	if (tdr_loop_update_fd(&s->w, ev) < 0)
-		__builtin_trap();
-}
-
-static void server_event(struct tdr_fd_watch *w, uint32_t events, void *arg)
-{
-	struct server *s = arg;
-	unsigned char buf[65536];
-	ssize_t n;
-
-	(void)w;
-	if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
-		while ((n = read(s->fd, buf, sizeof(buf))) > 0)
-			s->got += (uint64_t)n;
-		if (n == 0 || (n < 0 && errno != EAGAIN))
-			s->eof = true;
-	}
-	while (s->sent < s->limit) {
-		n = send(s->fd, s->data + s->sent, s->limit - s->sent, MSG_NOSIGNAL);
-		if (n <= 0) {
-			if (n < 0 && errno != EAGAIN)
-				s->sent = s->limit = s->size;	/* the client is gone */
-			break;
-		}
-		s->sent += (size_t)n;
-	}
-	if (s->sent == s->size && !s->wr_closed && !s->eof) {
-		shutdown(s->fd, SHUT_WR);
-		s->wr_closed = true;
-	}
-	server_update(s);
-}
-
-static void server_send_all(struct server *s)
-{
-	s->limit = s->size;
-	if (!s->eof)
-		server_event(&s->w, 0, s);
-}
 
 static void cmd_done(struct replica_link_req *lr, int err)
 {
@@ -175,7 +115,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		.client = REPLICA_LINK_NATIVE,
 	};
 	static struct harness h;
-	struct server s = { .fd = -1 };
+	struct fuzz_peer s;
+	int fd;
 	char msg[256];
 	uint64_t deadline;
 	bool phase2 = false;
@@ -204,13 +145,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (replica_link_open(&h.l, loop, &cfg, &cbs, &h, msg, sizeof(msg)) < 0)
 		__builtin_trap();
 	/* connect() to a listening UNIX socket completes at once: accept it. */
-	s.fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-	if (s.fd < 0)
-		__builtin_trap();
-	s.data = data;
-	s.size = size;
-	s.limit = head < size ? head : size;
-	if (tdr_loop_watch_fd(loop, &s.w, s.fd, EPOLLIN | EPOLLOUT, server_event, &s) < 0)
+	fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	if (fd < 0 || fuzz_peer_start(&s, loop, fd, data, size, head) < 0)
 		__builtin_trap();
 
 	deadline = tdr_now_ns() + 10000000000ull;
@@ -227,7 +163,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			 * commands sent.
 			 */
 			if (n == 0)
-				server_send_all(&s);
+				fuzz_peer_send_all(&s);
 			continue;
 		}
 		if (!phase2) {
@@ -254,8 +190,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			h.done[0], h.done[1], h.done[2], h.done[3], h.err[0], h.err[1], h.err[2],
 			h.err[3], s.sent, s.size);
 	replica_link_close(h.l);
-	tdr_loop_unwatch_fd(&s.w);
-	close(s.fd);
+	fuzz_peer_stop(&s);
 	/* Let anything the close deferred run. */
 	tdr_loop_run_once(loop, 0);
 	return 0;

@@ -35,6 +35,7 @@
 #include "tdr/log.h"
 #include "tdr/loop.h"
 #include "tdr/nbd.h"
+#include "fuzz-peer.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -180,66 +181,6 @@ const char *td_driver_names(void)
 	return mem_drv.name;
 }
 
-/* ------------------------------------------------------------------ */
-/* The client: writes the input, reads and drops the replies. */
-
-struct client {
-	struct tdr_fd_watch w;
-	int fd;
-	const uint8_t *data;
-	size_t size, sent;
-	unsigned char greeting[NBD_GREETING_SIZE];
-	size_t got;
-	bool eof;
-};
-
-static void client_update(struct client *c)
-{
-	uint32_t ev = EPOLLIN;
-
-	if (c->eof) {
-		/* The server closed (epoll would report the hang-up every turn). */
-		tdr_loop_unwatch_fd(&c->w);
-		return;
-	}
-	if (c->sent < c->size)
-		ev |= EPOLLOUT;
-	if (tdr_loop_update_fd(&c->w, ev) < 0)
-		__builtin_trap();
-}
-
-static void client_event(struct tdr_fd_watch *w, uint32_t events, void *arg)
-{
-	struct client *c = arg;
-	unsigned char buf[65536];
-	ssize_t n;
-
-	(void)w;
-	if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
-		while ((n = read(c->fd, buf, sizeof(buf))) > 0) {
-			for (ssize_t i = 0; i < n && c->got < NBD_GREETING_SIZE; i++)
-				c->greeting[c->got++] = buf[i];
-		}
-		if (n == 0 || (n < 0 && errno != EAGAIN))
-			c->eof = true;
-	}
-	while (c->sent < c->size) {
-		/* The server may have closed already: no SIGPIPE. */
-		n = send(c->fd, c->data + c->sent, c->size - c->sent, MSG_NOSIGNAL);
-		if (n <= 0) {
-			if (n < 0 && errno != EAGAIN)
-				c->sent = c->size;
-			break;
-		}
-		c->sent += (size_t)n;
-	}
-	if (c->eof)
-		c->sent = c->size;
-	else if (c->sent == c->size)
-		shutdown(c->fd, SHUT_WR);
-	client_update(c);
-}
-
 static void on_shutdown(void *arg)
 {
 	*(bool *)arg = true;
@@ -249,7 +190,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	static struct tdr_loop *loop;
 	static struct tdr_io_ctx *io;
-	struct client c = { .fd = -1, .data = data, .size = size };
+	struct fuzz_peer c;
 	struct nbd_server *srv;
 	struct td_disk *disk;
 	unsigned char want[NBD_GREETING_SIZE];
@@ -275,10 +216,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		nbd_server_set_max_inflight(srv, 4);
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
 		__builtin_trap();
-	if (nbd_server_add_connection(srv, sv[0]) < 0)
-		__builtin_trap();
-	c.fd = sv[1];
-	if (tdr_loop_watch_fd(loop, &c.w, c.fd, EPOLLIN | EPOLLOUT, client_event, &c) < 0)
+	if (nbd_server_add_connection(srv, sv[0]) < 0 ||
+	    fuzz_peer_start(&c, loop, sv[1], data, size, size) < 0)
 		__builtin_trap();
 
 	/* The input is sent; the connection must go away within 5 s after it. */
@@ -293,7 +232,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	}
 	/* The greeting came first (nothing else is ever sent before it). */
 	nbd_encode_greeting(want, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-	if (c.got != NBD_GREETING_SIZE || memcmp(c.greeting, want, sizeof(want)))
+	if (c.head_len < NBD_GREETING_SIZE || memcmp(c.head, want, sizeof(want)))
 		__builtin_trap();
 	/* Requests of a closed connection finish; nothing stays in the disk. */
 	deadline = tdr_now_ns() + 5000000000ull;
@@ -307,8 +246,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (tdr_now_ns() > deadline || tdr_loop_run_once(loop, 100) < 0)
 			__builtin_trap();
 	}
-	tdr_loop_unwatch_fd(&c.w);
-	close(c.fd);
+	fuzz_peer_stop(&c);
 	nbd_server_free(srv);
 	td_disk_close(disk);
 	return 0;

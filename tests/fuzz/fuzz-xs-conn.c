@@ -36,6 +36,7 @@
 #include "tdr/log.h"
 #include "tdr/loop.h"
 #include "xs-conn.h"
+#include "fuzz-peer.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -49,60 +50,7 @@ struct harness {
 	bool queued;
 };
 
-struct xsd {
-	struct tdr_fd_watch w;
-	int fd;
-	const uint8_t *data;
-	size_t size, sent;
-	bool go, eof, wr_closed;
-};
-
 static struct harness h;
-
-static void xsd_update(struct xsd *s)
-{
-	uint32_t ev = EPOLLIN;
-
-	if (s->eof) {
-		/* The client is gone (epoll would report its hang-up every turn). */
-		s->sent = s->size;
-		tdr_loop_unwatch_fd(&s->w);
-		return;
-	}
-	if (s->go && s->sent < s->size)
-		ev |= EPOLLOUT;
-	if (tdr_loop_update_fd(&s->w, ev) < 0)
-		__builtin_trap();
-}
-
-static void xsd_event(struct tdr_fd_watch *w, uint32_t events, void *arg)
-{
-	struct xsd *s = arg;
-	char buf[8192];
-	ssize_t n;
-
-	(void)w;
-	if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
-		while ((n = read(s->fd, buf, sizeof(buf))) > 0)
-			;
-		if (n == 0 || (n < 0 && errno != EAGAIN))
-			s->eof = true;
-	}
-	while (s->go && !s->eof && s->sent < s->size) {
-		n = send(s->fd, s->data + s->sent, s->size - s->sent, MSG_NOSIGNAL);
-		if (n <= 0) {
-			if (n < 0 && errno != EAGAIN)
-				s->eof = true;
-			break;
-		}
-		s->sent += (size_t)n;
-	}
-	if (s->go && s->sent == s->size && !s->wr_closed && !s->eof) {
-		shutdown(s->fd, SHUT_WR);
-		s->wr_closed = true;
-	}
-	xsd_update(s);
-}
 
 static void on_reply(void *arg, int err, const char *data, size_t len)
 {
@@ -152,7 +100,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	static struct tdr_loop *loop;
 	static int lfd = -1;
 	static char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
-	struct xsd s = { .fd = -1, .data = data, .size = size };
+	struct fuzz_peer s;
+	int fd;
 	uint64_t deadline;
 
 	if (!loop) {
@@ -178,10 +127,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (tdr_loop_run_once(loop, 10) < 0 || tdr_now_ns() > deadline)
 			__builtin_trap();
 	}
-	s.fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-	if (s.fd < 0 || tdr_loop_watch_fd(loop, &s.w, s.fd, EPOLLIN | EPOLLOUT, xsd_event, &s) < 0)
+	fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	if (fd < 0 || fuzz_peer_start(&s, loop, fd, data, size, size) < 0)
 		__builtin_trap();
-	s.go = true;
 	deadline = 0;
 	while (!h.disconnected) {
 		if (tdr_loop_run_once(loop, 10) < 0)
@@ -199,7 +147,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		fprintf(stderr, "replies err %d %d %d %d, watch events %d\n", h.err[0], h.err[1],
 			h.err[2], h.err[3], h.events);
 	xs_conn_free(h.c);
-	tdr_loop_unwatch_fd(&s.w);
-	close(s.fd);
+	fuzz_peer_stop(&s);
 	return 0;
 }

@@ -12,7 +12,7 @@ EXTRA_DIST += tests/fuzz/run-fuzz.sh tests/fuzz/fuzz-vhd.c \
 	tests/fuzz/corpus-vhd/diff-4k.vhd tests/fuzz/corpus-vhd/fixed-64k.vhd \
 	tests/fuzz/corpus-vhd/qemu-dyn.vhd tests/fuzz/corpus-vhd/qemu-fixed.vhd \
 	tests/fuzz/fuzz-nbd-server.c tests/fuzz/fuzz-nbd-link.c tests/fuzz/fuzz-xs-conn.c \
-	tests/fuzz/make-corpus.py \
+	tests/fuzz/fuzz-peer.c tests/fuzz/fuzz-peer.h tests/fuzz/make-corpus.py \
 	tests/fuzz/corpus-nbd/bad-magic tests/fuzz/corpus-nbd/bad-requests \
 	tests/fuzz/corpus-nbd/export-name-ro tests/fuzz/corpus-nbd/go-simple \
 	tests/fuzz/corpus-nbd/go-structured tests/fuzz/corpus-nbd/options \
@@ -36,7 +36,7 @@ tests_fuzz_fuzz_vhd_CFLAGS = $(AM_CFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_vhd_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_vhd_LDADD = $(UUID_LIBS)
 # Its own in-memory driver and driver table: no libtdr.a.
-tests_fuzz_fuzz_nbd_server_SOURCES = tests/fuzz/fuzz-nbd-server.c \
+tests_fuzz_fuzz_nbd_server_SOURCES = tests/fuzz/fuzz-nbd-server.c tests/fuzz/fuzz-peer.c \
 	tapdisk-replica/nbd/nbd-conn.c tapdisk-replica/nbd/nbd-handshake.c \
 	tapdisk-replica/nbd/nbd-proto.c tapdisk-replica/nbd/nbd-server.c \
 	tapdisk-replica/nbd/nbd-transmission.c tapdisk-replica/nbd/nbd-transport.c \
@@ -46,7 +46,7 @@ tests_fuzz_fuzz_nbd_server_SOURCES = tests/fuzz/fuzz-nbd-server.c \
 tests_fuzz_fuzz_nbd_server_CFLAGS = $(AM_CFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_nbd_server_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_nbd_server_LDADD = $(LIBAIO)
-tests_fuzz_fuzz_nbd_link_SOURCES = tests/fuzz/fuzz-nbd-link.c \
+tests_fuzz_fuzz_nbd_link_SOURCES = tests/fuzz/fuzz-nbd-link.c tests/fuzz/fuzz-peer.c \
 	tapdisk-replica/replica/replica-link.c tapdisk-replica/replica/replica-link-native.c \
 	tapdisk-replica/replica/replica-link-libnbd.c \
 	tapdisk-replica/loop.c tapdisk-replica/log.c \
@@ -56,7 +56,7 @@ tests_fuzz_fuzz_nbd_link_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_nbd_link_LDADD = $(LIBNBD_LIBS)
 if HAVE_XENSTORE
 check_PROGRAMS += tests/fuzz/fuzz-xs-conn
-tests_fuzz_fuzz_xs_conn_SOURCES = tests/fuzz/fuzz-xs-conn.c \
+tests_fuzz_fuzz_xs_conn_SOURCES = tests/fuzz/fuzz-xs-conn.c tests/fuzz/fuzz-peer.c \
 	tapdisk-replica/xenstore/xs-conn.c tapdisk-replica/loop.c tapdisk-replica/log.c
 tests_fuzz_fuzz_xs_conn_CFLAGS = $(AM_CFLAGS) -I$(srcdir)/tapdisk-replica/xenstore -fsanitize=fuzzer
 tests_fuzz_fuzz_xs_conn_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer

@@ -39,16 +39,18 @@ build() {
 			-luuid -o "$out/fuzz-vhd" ;;
 	nbd-server)
 		# The harness brings its own in-memory driver and driver table.
-		cc "$src/tests/fuzz/fuzz-nbd-server.c" "$r"/nbd/*.c "$r"/loop.c "$r"/io.c \
+		cc "$src/tests/fuzz/fuzz-nbd-server.c" "$src/tests/fuzz/fuzz-peer.c" "$r"/nbd/*.c "$r"/loop.c "$r"/io.c \
 			"$r"/log.c "$r"/request.c "$r"/disk.c "$r"/spec.c "$r"/filelock.c \
 			-laio -o "$out/fuzz-nbd-server" ;;
 	nbd-link)
-		cc "$src/tests/fuzz/fuzz-nbd-link.c" "$r"/replica/replica-link.c \
+		cc "$src/tests/fuzz/fuzz-nbd-link.c" "$src/tests/fuzz/fuzz-peer.c" \
+			"$r"/replica/replica-link.c \
 			"$r"/replica/replica-link-native.c "$r"/replica/replica-link-libnbd.c \
 			"$r"/loop.c "$r"/log.c "$r"/nbd/nbd-proto.c "$r"/nbd/nbd-transport.c \
 			-lnbd -o "$out/fuzz-nbd-link" ;;
 	xs-conn)
-		cc "$src/tests/fuzz/fuzz-xs-conn.c" "$r"/xenstore/xs-conn.c "$r"/loop.c "$r"/log.c \
+		cc "$src/tests/fuzz/fuzz-xs-conn.c" "$src/tests/fuzz/fuzz-peer.c" \
+			"$r"/xenstore/xs-conn.c "$r"/loop.c "$r"/log.c \
 			-o "$out/fuzz-xs-conn" ;;
 	*)
 		echo "run-fuzz: unknown harness '$1' (vhd, nbd-server, nbd-link, xs-conn)" >&2
