@@ -3,6 +3,7 @@
 # libFuzzer harnesses (clang).  tests/fuzz/run-fuzz.sh builds and runs them
 # without configure (CI: 60 s each); --enable-fuzzing builds them here too.
 #   fuzz-vhd         parse, validate and read a VHD given as bytes
+#   fuzz-vhd-driver  the VHD driver on such a file, checked against the library
 #   fuzz-nbd-server  the NBD server fed a client's byte stream
 #   fuzz-nbd-link    the primary's NBD client fed a server's byte stream
 #   fuzz-xs-conn     the xenstore client fed xenstored's byte stream
@@ -11,6 +12,7 @@ EXTRA_DIST += tests/fuzz/run-fuzz.sh tests/fuzz/fuzz-vhd.c \
 	tests/fuzz/corpus-vhd/dyn-empty.vhd tests/fuzz/corpus-vhd/dyn-4k.vhd \
 	tests/fuzz/corpus-vhd/diff-4k.vhd tests/fuzz/corpus-vhd/fixed-64k.vhd \
 	tests/fuzz/corpus-vhd/qemu-dyn.vhd tests/fuzz/corpus-vhd/qemu-fixed.vhd \
+	tests/fuzz/fuzz-vhd-driver.c \
 	tests/fuzz/fuzz-nbd-server.c tests/fuzz/fuzz-nbd-link.c tests/fuzz/fuzz-xs-conn.c \
 	tests/fuzz/fuzz-peer.c tests/fuzz/fuzz-peer.h tests/fuzz/make-corpus.py \
 	tests/fuzz/corpus-nbd/bad-magic tests/fuzz/corpus-nbd/bad-requests \
@@ -27,7 +29,8 @@ EXTRA_DIST += tests/fuzz/run-fuzz.sh tests/fuzz/fuzz-vhd.c \
 	tests/fuzz/corpus-xs/replies tests/fuzz/corpus-xs/replies-and-events \
 	tests/fuzz/corpus-xs/unknown-id
 if ENABLE_FUZZING
-check_PROGRAMS += tests/fuzz/fuzz-vhd tests/fuzz/fuzz-nbd-server tests/fuzz/fuzz-nbd-link
+check_PROGRAMS += tests/fuzz/fuzz-vhd tests/fuzz/fuzz-vhd-driver tests/fuzz/fuzz-nbd-server \
+	tests/fuzz/fuzz-nbd-link
 tests_fuzz_fuzz_vhd_SOURCES = tests/fuzz/fuzz-vhd.c \
 	tapdisk-replica/vhd/vhd-format.c tapdisk-replica/vhd/vhd-validate.c \
 	tapdisk-replica/vhd/vhd-file.c tapdisk-replica/vhd/vhd-ops.c \
@@ -35,6 +38,16 @@ tests_fuzz_fuzz_vhd_SOURCES = tests/fuzz/fuzz-vhd.c \
 tests_fuzz_fuzz_vhd_CFLAGS = $(AM_CFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_vhd_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_vhd_LDADD = $(UUID_LIBS)
+# Its own driver table ("vhd" only): no libtdr.a.
+tests_fuzz_fuzz_vhd_driver_SOURCES = tests/fuzz/fuzz-vhd-driver.c \
+	tapdisk-replica/drivers/drv-vhd.c tapdisk-replica/vhd/vhd-format.c \
+	tapdisk-replica/vhd/vhd-validate.c tapdisk-replica/vhd/vhd-file.c \
+	tapdisk-replica/vhd/vhd-ops.c tapdisk-replica/loop.c tapdisk-replica/io.c \
+	tapdisk-replica/log.c tapdisk-replica/request.c tapdisk-replica/disk.c \
+	tapdisk-replica/spec.c tapdisk-replica/filelock.c
+tests_fuzz_fuzz_vhd_driver_CFLAGS = $(AM_CFLAGS) -fsanitize=fuzzer
+tests_fuzz_fuzz_vhd_driver_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
+tests_fuzz_fuzz_vhd_driver_LDADD = $(LIBAIO) $(UUID_LIBS)
 # Its own in-memory driver and driver table: no libtdr.a.
 tests_fuzz_fuzz_nbd_server_SOURCES = tests/fuzz/fuzz-nbd-server.c tests/fuzz/fuzz-peer.c \
 	tapdisk-replica/nbd/nbd-conn.c tapdisk-replica/nbd/nbd-handshake.c \

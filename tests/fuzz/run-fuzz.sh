@@ -5,8 +5,9 @@
 # each for SECONDS (default 60) over a copy of its seed corpus.  Fails on
 # any crash, hang, leak or sanitizer report.
 #   tests/fuzz/run-fuzz.sh [SECONDS] [extra libFuzzer options...]
-# FUZZ_HARNESSES="vhd nbd-server nbd-link xs-conn" (the default) picks:
+# FUZZ_HARNESSES="vhd vhd-driver nbd-server nbd-link xs-conn" (the default) picks:
 #   vhd         parse, validate and read a VHD given as bytes (fuzz-vhd.c)
+#   vhd-driver  the VHD driver on such a file, against the library (fuzz-vhd-driver.c)
 #   nbd-server  the NBD server fed a client's byte stream (fuzz-nbd-server.c)
 #   nbd-link    the primary's NBD client fed a server's bytes (fuzz-nbd-link.c)
 #   xs-conn     the xenstore client fed xenstored's bytes (fuzz-xs-conn.c)
@@ -17,7 +18,7 @@ secs=${1:-60}
 shift || true
 src=$(cd "$(dirname "$0")/../.." && pwd)
 out=${TDR_FUZZ_DIR:-$(mktemp -d /tmp/tdr-fuzz.XXXXXX)}
-harnesses=${FUZZ_HARNESSES:-vhd nbd-server nbd-link xs-conn}
+harnesses=${FUZZ_HARNESSES:-vhd vhd-driver nbd-server nbd-link xs-conn}
 mkdir -p "$out/inc"
 : >"$out/inc/config.h"
 
@@ -37,6 +38,12 @@ build() {
 		cc "$src/tests/fuzz/fuzz-vhd.c" "$r"/vhd/vhd-format.c "$r"/vhd/vhd-validate.c \
 			"$r"/vhd/vhd-file.c "$r"/vhd/vhd-ops.c "$r"/filelock.c \
 			-luuid -o "$out/fuzz-vhd" ;;
+	vhd-driver)
+		# Its own driver table: "vhd" only.
+		cc "$src/tests/fuzz/fuzz-vhd-driver.c" "$r"/drivers/drv-vhd.c "$r"/vhd/vhd-format.c \
+			"$r"/vhd/vhd-validate.c "$r"/vhd/vhd-file.c "$r"/vhd/vhd-ops.c "$r"/loop.c \
+			"$r"/io.c "$r"/log.c "$r"/request.c "$r"/disk.c "$r"/spec.c "$r"/filelock.c \
+			-laio -luuid -o "$out/fuzz-vhd-driver" ;;
 	nbd-server)
 		# The harness brings its own in-memory driver and driver table.
 		cc "$src/tests/fuzz/fuzz-nbd-server.c" "$src/tests/fuzz/fuzz-peer.c" "$r"/nbd/*.c "$r"/loop.c "$r"/io.c \
@@ -53,14 +60,14 @@ build() {
 			"$r"/xenstore/xs-conn.c "$r"/loop.c "$r"/log.c \
 			-o "$out/fuzz-xs-conn" ;;
 	*)
-		echo "run-fuzz: unknown harness '$1' (vhd, nbd-server, nbd-link, xs-conn)" >&2
+		echo "run-fuzz: unknown harness '$1' (vhd, vhd-driver, nbd-server, nbd-link, xs-conn)" >&2
 		return 1 ;;
 	esac
 }
 
 corpus_of() {
 	case $1 in
-	vhd) echo corpus-vhd ;;
+	vhd | vhd-driver) echo corpus-vhd ;;
 	nbd-server) echo corpus-nbd ;;
 	nbd-link) echo corpus-link ;;
 	xs-conn) echo corpus-xs ;;
@@ -69,7 +76,7 @@ corpus_of() {
 
 max_len_of() {
 	case $1 in
-	vhd) echo 262144 ;;
+	vhd | vhd-driver) echo 262144 ;;
 	nbd-server) echo 16384 ;;
 	nbd-link) echo 4096 ;;
 	xs-conn) echo 16384 ;;
