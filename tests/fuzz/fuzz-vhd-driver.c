@@ -12,9 +12,10 @@
  *      of the disk) must equal the library's reads of them;
  *   4. the driver writes a pattern over each range, reads it back, flushes
  *      and closes; the file must still pass check and the library must
- *      read the pattern back.  (Only for files that passed check: the
- *      driver refuses nothing check would refuse, so a file that fails
- *      check must fail to open, or at least never be written.)
+ *      read the pattern back.
+ * Steps 3 and 4 are for files that check passed.  A file that check
+ * refuses but the driver opens anyway is only read (its reads must not
+ * crash), never written: nothing would say what it should hold.
  *
  * FUZZ_VERBOSE=1 in the environment reports each valid input's ranges.
  * Built by tests/fuzz/run-fuzz.sh, seeded from tests/fuzz/corpus-vhd.
