@@ -36,6 +36,7 @@
 #include "tdr/loop.h"
 #include "tdr/nbd.h"
 #include "fuzz-peer.h"
+#include "fuzz-table.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -164,23 +165,6 @@ static const struct td_driver mem_drv = {
 	.queue_block_status = mem_block_status,
 };
 
-/* The driver table of this program: "mem" only (no aio, vhd or replica linked in). */
-const struct td_driver *td_driver_find(const char *name)
-{
-	return strcmp(name, mem_drv.name) ? NULL : &mem_drv;
-}
-
-int td_driver_register(const struct td_driver *drv)
-{
-	(void)drv;
-	return -ENOSPC;
-}
-
-const char *td_driver_names(void)
-{
-	return mem_drv.name;
-}
-
 static void on_shutdown(void *arg)
 {
 	*(bool *)arg = true;
@@ -200,6 +184,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 	if (!loop) {
 		tdr_log_init("fuzz-nbd-server", false, TDR_LOG_ERR);
+		fuzz_driver = &mem_drv;	/* the only driver linked in */
 		loop = tdr_loop_new();
 		io = loop ? tdr_io_ctx_new(loop, 64) : NULL;
 		if (!io)

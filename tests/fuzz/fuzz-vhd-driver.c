@@ -35,29 +35,13 @@
 #include "tdr/log.h"
 #include "tdr/loop.h"
 #include "tdr/vhd.h"
+#include "fuzz-table.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define RANGE_SECS 16u
 
 extern const struct td_driver td_drv_vhd;
-
-/* The driver table of this program: "vhd" only (no aio or replica linked in). */
-const struct td_driver *td_driver_find(const char *name)
-{
-	return strcmp(name, td_drv_vhd.name) ? NULL : &td_drv_vhd;
-}
-
-int td_driver_register(const struct td_driver *drv)
-{
-	(void)drv;
-	return -ENOSPC;
-}
-
-const char *td_driver_names(void)
-{
-	return td_drv_vhd.name;
-}
 
 struct waiter {
 	bool done;
@@ -131,6 +115,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		return 0;
 	if (!loop) {
 		tdr_log_init("fuzz-vhd-driver", false, TDR_LOG_ERR);
+		fuzz_driver = &td_drv_vhd;	/* no aio or replica linked in */
 		loop = tdr_loop_new();
 		io = loop ? tdr_io_ctx_new(loop, 64) : NULL;
 		drv = tdr_io_alloc(RANGE_SECS * TD_SECTOR_SIZE);

@@ -14,7 +14,8 @@ EXTRA_DIST += tests/fuzz/run-fuzz.sh tests/fuzz/fuzz-vhd.c \
 	tests/fuzz/corpus-vhd/qemu-dyn.vhd tests/fuzz/corpus-vhd/qemu-fixed.vhd \
 	tests/fuzz/fuzz-vhd-driver.c \
 	tests/fuzz/fuzz-nbd-server.c tests/fuzz/fuzz-nbd-link.c tests/fuzz/fuzz-xs-conn.c \
-	tests/fuzz/fuzz-peer.c tests/fuzz/fuzz-peer.h tests/fuzz/make-corpus.py \
+	tests/fuzz/fuzz-peer.c tests/fuzz/fuzz-peer.h tests/fuzz/fuzz-table.c \
+	tests/fuzz/fuzz-table.h tests/fuzz/make-corpus.py \
 	tests/fuzz/corpus-nbd/bad-magic tests/fuzz/corpus-nbd/bad-requests \
 	tests/fuzz/corpus-nbd/export-name-ro tests/fuzz/corpus-nbd/go-simple \
 	tests/fuzz/corpus-nbd/go-structured tests/fuzz/corpus-nbd/options \
@@ -38,8 +39,8 @@ tests_fuzz_fuzz_vhd_SOURCES = tests/fuzz/fuzz-vhd.c \
 tests_fuzz_fuzz_vhd_CFLAGS = $(AM_CFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_vhd_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_vhd_LDADD = $(UUID_LIBS)
-# Its own driver table ("vhd" only): no libtdr.a.
-tests_fuzz_fuzz_vhd_driver_SOURCES = tests/fuzz/fuzz-vhd-driver.c \
+# fuzz-table.c replaces the driver table ("vhd" only): no libtdr.a.
+tests_fuzz_fuzz_vhd_driver_SOURCES = tests/fuzz/fuzz-vhd-driver.c tests/fuzz/fuzz-table.c \
 	tapdisk-replica/drivers/drv-vhd.c tapdisk-replica/vhd/vhd-format.c \
 	tapdisk-replica/vhd/vhd-validate.c tapdisk-replica/vhd/vhd-file.c \
 	tapdisk-replica/vhd/vhd-ops.c tapdisk-replica/loop.c tapdisk-replica/io.c \
@@ -48,8 +49,9 @@ tests_fuzz_fuzz_vhd_driver_SOURCES = tests/fuzz/fuzz-vhd-driver.c \
 tests_fuzz_fuzz_vhd_driver_CFLAGS = $(AM_CFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_vhd_driver_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_vhd_driver_LDADD = $(LIBAIO) $(UUID_LIBS)
-# Its own in-memory driver and driver table: no libtdr.a.
+# Its own in-memory driver, alone in fuzz-table.c's table: no libtdr.a.
 tests_fuzz_fuzz_nbd_server_SOURCES = tests/fuzz/fuzz-nbd-server.c tests/fuzz/fuzz-peer.c \
+	tests/fuzz/fuzz-table.c \
 	tapdisk-replica/nbd/nbd-conn.c tapdisk-replica/nbd/nbd-handshake.c \
 	tapdisk-replica/nbd/nbd-proto.c tapdisk-replica/nbd/nbd-server.c \
 	tapdisk-replica/nbd/nbd-transmission.c tapdisk-replica/nbd/nbd-transport.c \

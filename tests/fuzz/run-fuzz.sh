@@ -39,14 +39,16 @@ build() {
 			"$r"/vhd/vhd-file.c "$r"/vhd/vhd-ops.c "$r"/filelock.c \
 			-luuid -o "$out/fuzz-vhd" ;;
 	vhd-driver)
-		# Its own driver table: "vhd" only.
-		cc "$src/tests/fuzz/fuzz-vhd-driver.c" "$r"/drivers/drv-vhd.c "$r"/vhd/vhd-format.c \
+		# fuzz-table.c is its driver table: "vhd" only.
+		cc "$src/tests/fuzz/fuzz-vhd-driver.c" "$src/tests/fuzz/fuzz-table.c" \
+			"$r"/drivers/drv-vhd.c "$r"/vhd/vhd-format.c \
 			"$r"/vhd/vhd-validate.c "$r"/vhd/vhd-file.c "$r"/vhd/vhd-ops.c "$r"/loop.c \
 			"$r"/io.c "$r"/log.c "$r"/request.c "$r"/disk.c "$r"/spec.c "$r"/filelock.c \
 			-laio -luuid -o "$out/fuzz-vhd-driver" ;;
 	nbd-server)
-		# The harness brings its own in-memory driver and driver table.
-		cc "$src/tests/fuzz/fuzz-nbd-server.c" "$src/tests/fuzz/fuzz-peer.c" "$r"/nbd/*.c "$r"/loop.c "$r"/io.c \
+		# Its own in-memory driver, alone in fuzz-table.c's table.
+		cc "$src/tests/fuzz/fuzz-nbd-server.c" "$src/tests/fuzz/fuzz-peer.c" \
+			"$src/tests/fuzz/fuzz-table.c" "$r"/nbd/*.c "$r"/loop.c "$r"/io.c \
 			"$r"/log.c "$r"/request.c "$r"/disk.c "$r"/spec.c "$r"/filelock.c \
 			-laio -o "$out/fuzz-nbd-server" ;;
 	nbd-link)
