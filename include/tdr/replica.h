@@ -98,6 +98,7 @@ struct replica_stats {
 	uint64_t export_reqs, export_bytes;	/* secondary: writes from the primary */
 	uint64_t cbw_count, cbw_bytes;		/* secondary: copy-before-write */
 	uint64_t fwd_reqs, fwd_bytes;		/* primary: writes sent to the secondary */
+	uint64_t fwd_spliced_bytes;		/* primary: payload bytes the link sent without a copy */
 	uint64_t checkpoints;
 	uint64_t ckpt_last_ns, ckpt_max_ns, ckpt_total_ns;
 	uint64_t dirty_bytes;			/* primary: changes not yet on the secondary */

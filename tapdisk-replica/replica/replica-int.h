@@ -21,6 +21,7 @@ struct replica_opts {
 	uint32_t cbw_secs;			/* secondary: copy-before-write granularity, default 128 (64 KiB) */
 	bool scratch_off;			/* secondary: scratch=off, active/hidden always sync */
 	bool client_libnbd;			/* primary: the link on libnbd instead of our own client */
+	bool no_zerocopy;			/* primary: zerocopy=off, the native client copies payloads */
 };
 
 struct replica_mode_ops {
@@ -49,6 +50,8 @@ struct replica_mode_ops {
 	void (*quiesce)(struct replica *r);
 	uint64_t (*busy)(struct replica *r);
 	void (*debug)(struct replica *r, FILE *out);
+	/* Adds what lives elsewhere (the link's counters) to a copy of the stats.  Optional. */
+	void (*live_stats)(struct replica *r, struct replica_stats *st);
 };
 
 struct replica {

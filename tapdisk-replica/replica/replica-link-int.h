@@ -89,6 +89,7 @@ struct replica_link {
 	uint64_t connect_deadline_ns;
 	uint64_t max_payload;
 	bool can_flush, can_zero;
+	bool no_zerocopy;		/* from the config */
 
 	struct replica_link_cbs cbs;
 	void *cbs_arg;

@@ -23,8 +23,26 @@
  * Commands in flight live in a slot table; a reply's cookie is the slot
  * and the slot's generation, so a reply to a command never made (or one
  * already answered, or not yet sent) is caught and breaks the link.
+ *
+ * Zero-copy (unless zerocopy=off): a WRITE payload of NAT_ZC_MIN bytes or
+ * more is not copied into the socket.  vmsplice() puts references to its
+ * pages into a pipe and splice() moves them into the socket, where the
+ * secondary's receive copies them out; the sender's CPU time per byte
+ * drops to a third (tests/bench/bench-send, docs/benchmarks.md).  The
+ * header still goes by sendmsg(), and smaller commands are still batched.
+ * The price is that the payload's pages are read until the server has
+ * received them, not only until send returns; that holds because the
+ * link's contract keeps a buffer until its request completes, which for
+ * a WRITE is after the server's reply.  When the link is abandoned, the
+ * pipe is closed at once, but a payload already in the socket may still
+ * be read by a server that wakes later, after the buffer was reused: such
+ * a server applies garbage instead of a stale write, to a range that is
+ * dirty on the primary anyway (see "Stale writes after a frozen
+ * secondary" in docs/benchmarks.md; on a tapdisk-replica secondary the
+ * SVM's view is protected by hidden either way).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -36,12 +54,21 @@
 #include <unistd.h>
 
 #include "replica-link-int.h"
+#include "tdr/log.h"
 #include "tdr/nbd.h"
 
 #define NAT_IN_SIZE     (64u << 10)	/* receive buffer: 4,096 replies */
 #define NAT_BATCH       64u		/* commands per sendmsg() */
 #define NAT_MAX_OPT_LEN (64u << 10)	/* longest option reply we accept */
 #define NAT_OLDSTYLE_MAGIC 0x0000420281861253ULL
+#define NAT_ZC_MIN      (64u << 10)	/* payloads from this size are spliced */
+/*
+ * The pipe between vmsplice() and splice().  1 MiB takes a whole 1 MiB
+ * WRITE at once; a pipe of the default 64 KiB costs more than the copy
+ * (bench-send -p 65536), so we rather copy than splice through one.
+ */
+#define NAT_ZC_PIPE     (1u << 20)
+#define NAT_ZC_PIPE_MIN (256u << 10)
 
 enum nat_phase {
 	NAT_CONNECTING,		/* waiting for connect() to finish */
@@ -76,8 +103,12 @@ struct nat {
 	struct nat_slot *slots;
 	uint32_t nslots, free_head;
 	uint32_t sq_head, sq_tail;	/* commands not fully sent, oldest first */
-	uint64_t sq_off;		/* bytes of the head command already sent */
+	uint64_t sq_off;		/* bytes of the head command already in the socket */
 	bool blocked;			/* the kernel took less than offered: wait for EPOLLOUT */
+
+	/* Zero-copy: the pipe (-1: off) and how much of the head's payload it holds. */
+	int zc_pipe[2];
+	size_t zc_in_pipe;
 	struct tdr_defer flush;
 
 	struct link_export_info info;
@@ -199,71 +230,189 @@ static uint64_t nat_wire_len(const struct link_piece *p)
 	return NBD_REQUEST_SIZE + (p->op == LOP_WRITE ? p->len : 0);
 }
 
+/* Whether p's payload goes by the pipe. */
+static bool nat_zc(const struct nat *n, const struct link_piece *p)
+{
+	return n->zc_pipe[1] >= 0 && p->op == LOP_WRITE && p->len >= NAT_ZC_MIN;
+}
+
+static void nat_zc_off(struct nat *n)
+{
+	for (int k = 0; k < 2; k++) {
+		if (n->zc_pipe[k] >= 0)
+			close(n->zc_pipe[k]);
+		n->zc_pipe[k] = -1;
+	}
+	n->zc_in_pipe = 0;
+}
+
+/* A pipe big enough to be worth it, or zero-copy stays off. */
+static void nat_zc_on(struct nat *n)
+{
+	if (pipe2(n->zc_pipe, O_NONBLOCK | O_CLOEXEC) < 0) {
+		n->zc_pipe[0] = n->zc_pipe[1] = -1;
+		TDR_DEBUG("replica link: no pipe for zero-copy sends (%s); copying", strerror(errno));
+		return;
+	}
+	if (fcntl(n->zc_pipe[1], F_SETPIPE_SZ, NAT_ZC_PIPE) < 0 &&
+	    fcntl(n->zc_pipe[1], F_SETPIPE_SZ, NAT_ZC_PIPE_MIN) < 0) {
+		TDR_DEBUG("replica link: cannot size the zero-copy pipe (%s, see fs.pipe-max-size); copying",
+			  strerror(errno));
+		nat_zc_off(n);
+	}
+}
+
+/* The head command is in the socket: the reply may come. */
+static void nat_retire_head(struct nat *n)
+{
+	uint32_t i = n->sq_head;
+
+	n->slots[i].sent = true;
+	n->sq_head = n->slots[i].next;
+	n->slots[i].next = NAT_NONE;
+	if (n->sq_head == NAT_NONE)
+		n->sq_tail = NAT_NONE;
+	n->sq_off = 0;
+}
+
+/* What the nat_send_*() steps return. */
+enum nat_step { NAT_STEP_MORE, NAT_STEP_BLOCKED, NAT_STEP_FAILED };
+
+static enum nat_step nat_send_error(struct nat *n, const char *what)
+{
+	if (errno == EAGAIN || errno == EWOULDBLOCK) {
+		n->blocked = true;
+		return NAT_STEP_BLOCKED;
+	}
+	link_fail(n->l, -errno, "connection lost: cannot %s: %s", what, strerror(errno));
+	return NAT_STEP_FAILED;
+}
+
 /*
- * Sends the queued commands, NAT_BATCH per sendmsg(), until the queue is
- * empty or the kernel takes no more.  The head command may be partly sent
- * (sq_off bytes): its header is encoded again, only the rest goes out.
+ * Copies queued commands into the socket, NAT_BATCH per sendmsg().  The
+ * head command may be partly sent (sq_off bytes): its header is encoded
+ * again, only the rest goes out.  A batch ends after the header of a
+ * command whose payload goes by the pipe.
  */
-static void nat_send_queue(struct nat *n)
+static enum nat_step nat_send_batch(struct nat *n)
 {
 	unsigned char hdrs[NAT_BATCH][NBD_REQUEST_SIZE];
 	struct iovec iov[2 * NAT_BATCH];
+	struct msghdr msg = { .msg_iov = iov };
+	size_t niov = 0, k = 0;
+	uint64_t skip = n->sq_off, done;
+	ssize_t r;
+
+	for (uint32_t i = n->sq_head; i != NAT_NONE && k < NAT_BATCH; i = n->slots[i].next, k++) {
+		const struct link_piece *p = n->slots[i].p;
+
+		nat_encode(n, i, hdrs[k]);
+		if (skip < NBD_REQUEST_SIZE) {
+			iov[niov++] = (struct iovec){ hdrs[k] + skip, NBD_REQUEST_SIZE - skip };
+			skip = 0;
+		} else {
+			skip -= NBD_REQUEST_SIZE;
+		}
+		if (nat_zc(n, p))
+			break;
+		if (p->op == LOP_WRITE)
+			iov[niov++] = (struct iovec){ (char *)p->buf + skip, p->len - skip };
+		skip = 0;
+	}
+	msg.msg_iovlen = niov;
+	do {
+		r = sendmsg(n->fd, &msg, MSG_NOSIGNAL);
+	} while (r < 0 && errno == EINTR);
+	if (r < 0)
+		return nat_send_error(n, "send");
+
+	/* Retire what went out completely. */
+	done = (uint64_t)r + n->sq_off;
+	while (n->sq_head != NAT_NONE) {
+		const struct link_piece *p = n->slots[n->sq_head].p;
+		uint64_t w = nat_wire_len(p);
+
+		if (nat_zc(n, p) && done >= NBD_REQUEST_SIZE) {
+			/* Its header is out, the batch ended there: the payload is next. */
+			n->sq_off = NBD_REQUEST_SIZE;
+			return NAT_STEP_MORE;
+		}
+		if (done < w)
+			break;
+		done -= w;
+		nat_retire_head(n);
+	}
+	n->sq_off = done;
+	if (done) {
+		/* A short send: the socket buffer is full. */
+		n->blocked = true;
+		return NAT_STEP_BLOCKED;
+	}
+	return NAT_STEP_MORE;
+}
+
+/* References to the next part of the head's payload into the (empty) pipe. */
+static enum nat_step nat_send_fill(struct nat *n)
+{
+	const struct link_piece *p = n->slots[n->sq_head].p;
+	uint64_t pos = n->sq_off - NBD_REQUEST_SIZE;
+	struct iovec iov = { (char *)p->buf + pos, p->len - pos };
+	ssize_t r;
+
+	do {
+		r = vmsplice(n->zc_pipe[1], &iov, 1, SPLICE_F_NONBLOCK);
+	} while (r < 0 && errno == EINTR);
+	if (r <= 0) {
+		/* The pipe is empty, so this is no EAGAIN: memory vmsplice() refuses. */
+		TDR_DEBUG("replica link: vmsplice: %s; copying from now on",
+			  r < 0 ? strerror(errno) : "took nothing");
+		nat_zc_off(n);
+	} else {
+		n->zc_in_pipe = (size_t)r;
+	}
+	return NAT_STEP_MORE;
+}
+
+/* Moves what the pipe holds into the socket. */
+static enum nat_step nat_send_drain(struct nat *n)
+{
+	ssize_t r;
+
+	do {
+		r = splice(n->zc_pipe[0], NULL, n->fd, NULL, n->zc_in_pipe,
+			   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+	} while (r < 0 && errno == EINTR);
+	if (r < 0)
+		return nat_send_error(n, "splice into the socket");
+	if (r == 0) {
+		link_fail(n->l, -EIO, "connection lost: splice into the socket moved nothing");
+		return NAT_STEP_FAILED;
+	}
+	n->zc_in_pipe -= (size_t)r;
+	n->sq_off += (uint64_t)r;
+	n->l->stats.spliced_bytes += (uint64_t)r;
+	if (n->sq_off == nat_wire_len(n->slots[n->sq_head].p))
+		nat_retire_head(n);
+	if (n->zc_in_pipe) {
+		n->blocked = true;
+		return NAT_STEP_BLOCKED;
+	}
+	return NAT_STEP_MORE;
+}
+
+/* Sends the queued commands until the queue is empty or the kernel takes no more. */
+static void nat_send_queue(struct nat *n)
+{
+	enum nat_step s = NAT_STEP_MORE;
 
 	n->blocked = false;
-	while (n->sq_head != NAT_NONE) {
-		struct msghdr msg = { .msg_iov = iov };
-		size_t niov = 0, k = 0;
-		uint64_t skip = n->sq_off;
-		ssize_t r;
-
-		for (uint32_t i = n->sq_head; i != NAT_NONE && k < NAT_BATCH; i = n->slots[i].next, k++) {
-			const struct link_piece *p = n->slots[i].p;
-
-			nat_encode(n, i, hdrs[k]);
-			if (skip < NBD_REQUEST_SIZE) {
-				iov[niov++] = (struct iovec){ hdrs[k] + skip, NBD_REQUEST_SIZE - skip };
-				skip = 0;
-			} else {
-				skip -= NBD_REQUEST_SIZE;
-			}
-			if (p->op == LOP_WRITE)
-				iov[niov++] = (struct iovec){ (char *)p->buf + skip, p->len - skip };
-			skip = 0;
-		}
-		msg.msg_iovlen = niov;
-		r = sendmsg(n->fd, &msg, MSG_NOSIGNAL);
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			if (errno == EAGAIN || errno == EWOULDBLOCK) {
-				n->blocked = true;
-				return;
-			}
-			link_fail(n->l, -errno, "connection lost: cannot send: %s", strerror(errno));
-			return;
-		}
-		/* Retire what went out completely. */
-		uint64_t done = (uint64_t)r + n->sq_off;
-
-		while (n->sq_head != NAT_NONE) {
-			uint32_t i = n->sq_head;
-			uint64_t w = nat_wire_len(n->slots[i].p);
-
-			if (done < w)
-				break;
-			done -= w;
-			n->slots[i].sent = true;
-			n->sq_head = n->slots[i].next;
-			n->slots[i].next = NAT_NONE;
-		}
-		if (n->sq_head == NAT_NONE)
-			n->sq_tail = NAT_NONE;
-		n->sq_off = done;
-		if (done) {
-			/* A short send: the socket buffer is full. */
-			n->blocked = true;
-			return;
-		}
+	while (s == NAT_STEP_MORE && n->sq_head != NAT_NONE) {
+		if (n->zc_in_pipe)
+			s = nat_send_drain(n);
+		else if (nat_zc(n, n->slots[n->sq_head].p) && n->sq_off >= NBD_REQUEST_SIZE)
+			s = nat_send_fill(n);
+		else
+			s = nat_send_batch(n);
 	}
 }
 
@@ -576,6 +725,7 @@ static int nat_open(struct replica_link *l, const struct sockaddr *sa, socklen_t
 	}
 	n->l = l;
 	n->fd = -1;
+	n->zc_pipe[0] = n->zc_pipe[1] = -1;
 	n->free_head = n->sq_head = n->sq_tail = NAT_NONE;
 	tdr_defer_init(&n->flush, nat_flush, n);
 	l->client = n;
@@ -589,6 +739,8 @@ static int nat_open(struct replica_link *l, const struct sockaddr *sa, socklen_t
 	/* We batch ourselves: Nagle would only delay the last command of a
 	 * batch.  On UNIX sockets, room for several 1 MiB WRITEs. */
 	nbd_socket_tune(n->fd, sa->sa_family != AF_UNIX);
+	if (!l->no_zerocopy)
+		nat_zc_on(n);
 	n->phase = NAT_GREETING;
 	if (connect(n->fd, sa, salen) < 0) {
 		if (errno != EINPROGRESS) {
@@ -670,6 +822,7 @@ static void nat_close(struct replica_link *l)
 	tdr_loop_cancel_defer(l->loop, &n->flush);
 	if (n->fd >= 0)
 		close(n->fd);
+	nat_zc_off(n);
 	for (uint32_t i = 0; i < n->nslots; i++)
 		free(n->slots[i].p);
 	free(n->slots);

@@ -379,6 +379,7 @@ int replica_link_open(struct replica_link **out, struct tdr_loop *loop,
 	l->timeout_ns = (uint64_t)cfg->timeout_ms * 1000000u;
 	l->expect_size = cfg->expect_size;
 	l->max_payload = LINK_DEFAULT_MAX_PAYLOAD;
+	l->no_zerocopy = cfg->no_zerocopy;
 	l->cbs = *cbs;
 	l->cbs_arg = arg;
 	l->state = LINK_CONNECTING;

@@ -72,10 +72,18 @@ struct replica_link_config {
 	uint32_t timeout_ms;		/* per request, and for the whole handshake */
 	uint64_t expect_size;		/* bytes; the export must have this size */
 	enum replica_link_client client;
+	/*
+	 * client=native: send large WRITE payloads by reference (vmsplice()
+	 * into a pipe, splice() into the socket) instead of copying them.
+	 * The secondary may then read a payload's pages until it replies;
+	 * see replica-link-native.c.  libnbd always copies.
+	 */
+	bool no_zerocopy;
 };
 
 struct replica_link_stats {
 	uint64_t write_cmds, write_bytes;	/* payload bytes sent in NBD_CMD_WRITE */
+	uint64_t spliced_bytes;			/* of those, handed over by reference */
 	uint64_t zero_cmds, zero_bytes;		/* ranges zeroed (no payload) */
 	uint64_t flush_cmds;
 };

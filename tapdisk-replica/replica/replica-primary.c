@@ -248,6 +248,8 @@ static void close_link(struct primary *p)
 
 	p->link = NULL;
 	p->link_up = false;
+	if (l)
+		p->r->stats.fwd_spliced_bytes += replica_link_get_stats(l)->spliced_bytes;
 	unflushed_to_dirty(p);
 	replica_link_close(l);	/* pending halves complete with -ECANCELED */
 }
@@ -319,6 +321,7 @@ static int open_link(struct primary *p, char *msg, size_t msglen)
 		.export_name = r->opts.export_name,
 		.timeout_ms = r->opts.timeout_ms,
 		.client = r->opts.client_libnbd ? REPLICA_LINK_LIBNBD : REPLICA_LINK_NATIVE,
+		.no_zerocopy = r->opts.no_zerocopy,
 		.expect_size = bytes(p->size_secs),
 	};
 
@@ -1203,6 +1206,15 @@ static void primary_fini(struct replica *r)
 	r->mode_priv = NULL;
 }
 
+/* The open link's share of fwd_spliced_bytes; close_link() adds it for good. */
+static void primary_live_stats(struct replica *r, struct replica_stats *st)
+{
+	struct primary *p = r->mode_priv;
+
+	if (p && p->link)
+		st->fwd_spliced_bytes += replica_link_get_stats(p->link)->spliced_bytes;
+}
+
 static void primary_debug(struct replica *r, FILE *out)
 {
 	struct primary *p = r->mode_priv;
@@ -1214,8 +1226,9 @@ static void primary_debug(struct replica *r, FILE *out)
 		p->link_up ? "up" : p->link ? "connecting" : "down", replica_link_inflight(p->link),
 		replica_chunkset_count(&p->dirty), p->need_full);
 	if (ls)
-		fprintf(out, "    link: write_cmds=%" PRIu64 " write_bytes=%" PRIu64 " zero_cmds=%" PRIu64 " zero_bytes=%" PRIu64 " flush_cmds=%" PRIu64 "\n",
-			ls->write_cmds, ls->write_bytes, ls->zero_cmds, ls->zero_bytes, ls->flush_cmds);
+		fprintf(out, "    link: write_cmds=%" PRIu64 " write_bytes=%" PRIu64 " spliced_bytes=%" PRIu64 " zero_cmds=%" PRIu64 " zero_bytes=%" PRIu64 " flush_cmds=%" PRIu64 "\n",
+			ls->write_cmds, ls->write_bytes, ls->spliced_bytes, ls->zero_cmds,
+			ls->zero_bytes, ls->flush_cmds);
 	if (p->rs.active)
 		fprintf(out, "    resync: %s %" PRIu64 "/%" PRIu64 " bytes, %u copies in flight\n",
 			p->rs.full ? "full" : "incremental", p->rs.done_bytes, p->rs.total_bytes,
@@ -1236,4 +1249,5 @@ const struct replica_mode_ops replica_primary_ops = {
 	.quiesce = primary_quiesce,
 	.busy = primary_busy,
 	.debug = primary_debug,
+	.live_stats = primary_live_stats,
 };

@@ -102,6 +102,17 @@ static int copy_value(char *dst, size_t len, const char *v)
 	return 0;
 }
 
+/* key=on|off into *off (true for off). */
+static int parse_off(const char *key, const char *val, bool *off, char *msg, size_t msglen)
+{
+	if (strcmp(val, "on") == 0 || strcmp(val, "off") == 0) {
+		*off = strcmp(val, "off") == 0;
+		return 0;
+	}
+	snprintf(msg, msglen, "%s=%s: expected %s=on or %s=off", key, val, key, key);
+	return -EINVAL;
+}
+
 /* One key=value of a start request or of the spec's options. */
 static int apply_option(const char *key, const char *val, enum replica_mode *mode, char *addr,
 			char *export_name, bool *has_export, uint32_t *timeout_ms,
@@ -149,14 +160,7 @@ static int apply_option(const char *key, const char *val, enum replica_mode *mod
 		}
 		spec->cbw_secs = n / 512;
 	} else if (spec && strcmp(key, "scratch") == 0) {
-		if (strcmp(val, "on") == 0) {
-			spec->scratch_off = false;
-		} else if (strcmp(val, "off") == 0) {
-			spec->scratch_off = true;
-		} else {
-			snprintf(msg, msglen, "scratch=%s: expected scratch=on or scratch=off", val);
-			return -EINVAL;
-		}
+		return parse_off(key, val, &spec->scratch_off, msg, msglen);
 	} else if (spec && strcmp(key, "client") == 0) {
 		if (strcmp(val, "native") == 0) {
 			spec->client_libnbd = false;
@@ -166,9 +170,11 @@ static int apply_option(const char *key, const char *val, enum replica_mode *mod
 			snprintf(msg, msglen, "client=%s: expected client=native or client=libnbd", val);
 			return -EINVAL;
 		}
+	} else if (spec && strcmp(key, "zerocopy") == 0) {
+		return parse_off(key, val, &spec->no_zerocopy, msg, msglen);
 	} else {
 		snprintf(msg, msglen, "unknown option '%s' (known: mode, addr, export, timeout, sync%s)",
-			 key, spec ? ", cbw, scratch, client" : "");
+			 key, spec ? ", cbw, scratch, client, zerocopy" : "");
 		return -EINVAL;
 	}
 	return 0;
@@ -354,6 +360,8 @@ void replica_get_status(struct td_image *img, struct replica_status *st)
 	st->progress_done = r->progress_done;
 	st->progress_total = r->progress_total;
 	st->stats = r->stats;
+	if (r->ops->live_stats)
+		r->ops->live_stats(r, &st->stats);
 }
 
 #define STAT_FIELD(k) { #k, offsetof(struct replica_stats, k) }
@@ -362,7 +370,7 @@ const struct replica_stat_field replica_stat_fields[] = {
 	STAT_FIELD(svm_reqs), STAT_FIELD(svm_bytes),
 	STAT_FIELD(export_reqs), STAT_FIELD(export_bytes),
 	STAT_FIELD(cbw_count), STAT_FIELD(cbw_bytes),
-	STAT_FIELD(fwd_reqs), STAT_FIELD(fwd_bytes),
+	STAT_FIELD(fwd_reqs), STAT_FIELD(fwd_bytes), STAT_FIELD(fwd_spliced_bytes),
 	STAT_FIELD(checkpoints), STAT_FIELD(ckpt_last_ns), STAT_FIELD(ckpt_max_ns),
 	STAT_FIELD(ckpt_total_ns),
 	STAT_FIELD(dirty_bytes), STAT_FIELD(link_errors), STAT_FIELD(fo_hold_ns),

@@ -1,6 +1,6 @@
 # Benchmarks: never run by make check, but built by it so they keep compiling.
 # Run them by hand; figures and commands live in docs/benchmarks.md.
-check_PROGRAMS += tests/bench/bench-secondary
+check_PROGRAMS += tests/bench/bench-secondary tests/bench/bench-send
 tests_bench_bench_secondary_LDADD = $(TDR_LIBS)
 EXTRA_DIST += tests/bench/nbd-export tests/bench/primary tests/bench/control tests/bench/vhd tests/bench/ext4-first-touch \
 	tests/bench/vhd-open

@@ -233,6 +233,8 @@ static enum tp_fake_mode fake_mode;
 static unsigned fake_nth;
 static uint32_t fake_err = 5;
 static struct tp_fake_stats fake_stats;
+static bool fake_hold;			/* tp_fake_hold_reads() */
+static pthread_cond_t fake_hold_cond = PTHREAD_COND_INITIALIZER;
 
 static uint64_t be64(uint64_t v)
 {
@@ -429,6 +431,10 @@ static void fake_serve(int fd, int file)
 		uint32_t len, err = 0;
 		uint64_t off;
 
+		pthread_mutex_lock(&fake_mu);
+		while (fake_hold)
+			pthread_cond_wait(&fake_hold_cond, &fake_mu);
+		pthread_mutex_unlock(&fake_mu);
 		if (!xread(fd, &rq, sizeof(rq)) || be32(rq.magic) != 0x25609513u)
 			goto out;
 		len = be32(rq.len);
@@ -580,6 +586,14 @@ void tp_fake_get_stats(struct tp_fake_stats *st)
 	pthread_mutex_unlock(&fake_mu);
 }
 
+void tp_fake_hold_reads(bool hold)
+{
+	pthread_mutex_lock(&fake_mu);
+	fake_hold = hold;
+	pthread_cond_broadcast(&fake_hold_cond);
+	pthread_mutex_unlock(&fake_mu);
+}
+
 void tp_fake_reset_stats(void)
 {
 	pthread_mutex_lock(&fake_mu);
@@ -594,6 +608,7 @@ void tp_fake_reset_stats(void)
 void tp_fake_stop(void)
 {
 	tp_fake_set_error(5);
+	tp_fake_hold_reads(false);
 	if (!fake_running)
 		return;
 	if (write(fake_stop_pipe[1], "x", 1) != 1)

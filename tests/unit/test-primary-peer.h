@@ -73,6 +73,8 @@ void tp_fake_set_mode(enum tp_fake_mode mode, unsigned nth);
 void tp_fake_set_error(uint32_t nbd_err);
 void tp_fake_get_stats(struct tp_fake_stats *st);
 void tp_fake_reset_stats(void);
+/* While held, the server reads no further request (the one it is reading completes). */
+void tp_fake_hold_reads(bool hold);
 void tp_fake_stop(void);
 
 /* The primary. */

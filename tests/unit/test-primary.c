@@ -103,6 +103,32 @@ static void workload(unsigned seed)
 	free(big);
 }
 
+/*
+ * Whether the link runs on the native client, which sends payloads of
+ * 64 KiB and more by reference (zero-copy) unless told zerocopy=off.
+ */
+static bool native_client(void)
+{
+	const char *c = getenv("TDR_TEST_CLIENT");
+
+	return !c || !*c || strcmp(c, "native") == 0;
+}
+
+/* What workload() sends by reference on the native client: its 64 KiB and 3 MiB writes. */
+#define WORKLOAD_SPLICED (64 * KIB + 3 * TP_MIB)
+
+/* Waits for a batch of guest writes, which must all succeed, then checkpoints and compares. */
+static void finish_and_compare(struct tp_batch *b, unsigned n, char **bufs, int *errs)
+{
+	tp_batch_finish(b, errs);
+	for (unsigned i = 0; i < n; i++) {
+		ck_assert_int_eq(errs[i], 0);
+		free(bufs[i]);
+	}
+	assert_op("checkpoint");
+	tp_assert_same();
+}
+
 static void replicate_and_compare(void)
 {
 	struct replica_status st;
@@ -120,6 +146,7 @@ static void replicate_and_compare(void)
 	ck_assert_uint_gt(st.stats.fwd_reqs, 0);
 	ck_assert_uint_eq(st.stats.dirty_bytes, 0);
 	ck_assert_int_eq(st.error, 0);
+	ck_assert_uint_eq(st.stats.fwd_spliced_bytes, native_client() ? 2 * WORKLOAD_SPLICED : 0);
 }
 
 /* ------------------------------------------------------------ peers */
@@ -190,6 +217,70 @@ START_TEST(t_nbdkit)
 	tp_nbdkit(NULL, NULL);
 	tp_open("");
 	replicate_and_compare();
+}
+END_TEST
+
+/*
+ * Zero-copy with a secondary that stops reading: the socket fills up in
+ * the middle of spliced payloads, the link waits for room and goes on
+ * where it stopped.  Every payload byte is spliced exactly once (native
+ * client; libnbd copies) and the secondary ends byte-identical.
+ */
+START_TEST(t_zerocopy_blocked)
+{
+	enum { N = 14 };	/* MiB: more than the link's socket buffer (at most 8 MiB) */
+	uint64_t offs[N];
+	char *bufs[N];
+	int errs[N];
+	struct replica_status st;
+	struct tp_batch *b;
+
+	tp_fake_start(TP_FAKE_GOOD, 0);
+	tp_open("");
+	assert_op("start");
+	tp_fake_hold_reads(true);
+	for (unsigned i = 0; i < N; i++) {
+		offs[i] = (uint64_t)i * TP_MIB + (i % 2) * 4 * KIB;
+		bufs[i] = tp_pattern(TP_MIB - 4 * KIB, 40 + i);
+	}
+	b = tp_batch_write(N, offs, TP_MIB - 4 * KIB, bufs);
+	tp_run_for(300);
+	tp_status(&st);
+	ck_assert_uint_lt(st.stats.fwd_spliced_bytes, (uint64_t)N * (TP_MIB - 4 * KIB));
+	if (native_client())
+		ck_assert_uint_gt(st.stats.fwd_spliced_bytes, 0);
+	else
+		ck_assert_uint_eq(st.stats.fwd_spliced_bytes, 0);
+	tp_fake_hold_reads(false);
+	finish_and_compare(b, N, bufs, errs);
+	tp_status(&st);
+	ck_assert_int_eq(st.error, 0);
+	ck_assert_uint_eq(st.stats.fwd_spliced_bytes,
+			  native_client() ? (uint64_t)N * (TP_MIB - 4 * KIB) : 0);
+}
+END_TEST
+
+/* zerocopy=off: the native client copies every payload; a bad value is refused. */
+START_TEST(t_zerocopy_off)
+{
+	struct replica_status st;
+	struct td_disk *d = NULL;
+	char bad[512];
+
+	snprintf(bad, sizeof(bad), "replica:mode=primary,addr=unix:%s,zerocopy=maybe|aio:%s",
+		 tp_sock, tp_local);
+	ck_assert_int_lt(td_disk_open(&d, bad, 0, tp_loop, tp_io), 0);
+	ck_assert_msg(strstr(tdr_last_error(), "zerocopy=maybe: expected zerocopy=on or zerocopy=off"),
+		      "%s", tdr_last_error());
+	tp_fake_start(TP_FAKE_GOOD, 0);
+	tp_open(",zerocopy=off");
+	assert_op("start");
+	workload(3);
+	assert_op("checkpoint");
+	tp_assert_same();
+	tp_status(&st);
+	ck_assert_uint_gt(st.stats.fwd_bytes, WORKLOAD_SPLICED);
+	ck_assert_uint_eq(st.stats.fwd_spliced_bytes, 0);
 }
 END_TEST
 
@@ -319,13 +410,7 @@ START_TEST(t_sync_local_ahead_bounded)
 	tp_run_for(300);
 	ck_assert_uint_eq(tp_batch_done(b), REPLICA_LOCAL_AHEAD_REQS);
 	nbdkit_pause_ctl(ctl, 'r');
-	tp_batch_finish(b, errs);
-	for (unsigned i = 0; i < n; i++) {
-		ck_assert_int_eq(errs[i], 0);
-		free(bufs[i]);
-	}
-	assert_op("checkpoint");
-	tp_assert_same();
+	finish_and_compare(b, n, bufs, errs);
 	ck_assert_int_eq(tp_state(), REPLICA_STATE_RUNNING);
 	free(offs);
 	free(bufs);
@@ -865,6 +950,8 @@ static Suite *suite(void)
 	ADD("bad-export", setup16, t_bad_export);
 	ADD("size-mismatch", setup16, t_size_mismatch);
 	ADD("bad-addr", setup16, t_bad_addr);
+	ADD("zerocopy-blocked", setup16, t_zerocopy_blocked);
+	ADD("zerocopy-off", setup16, t_zerocopy_off);
 	ADD("states", setup16, t_states);
 	ADD("resync-incremental-bytes", setup16, t_resync_incremental_bytes);
 	ADD("resync-full-sparse", setup_sparse, t_resync_full_sparse);
