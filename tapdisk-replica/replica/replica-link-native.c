@@ -27,8 +27,9 @@
  * Zero-copy (unless zerocopy=off): a WRITE payload of NAT_ZC_MIN bytes or
  * more is not copied into the socket.  vmsplice() puts references to its
  * pages into a pipe and splice() moves them into the socket, where the
- * secondary's receive copies them out; the sender's CPU time per byte
- * drops to a third (tests/bench/bench-send, docs/benchmarks.md).  The
+ * secondary's receive copies them out.  The sender's CPU time per byte
+ * drops to about half in tests/bench/bench-send, the primary's by a
+ * quarter in tests/bench/primary (docs/benchmarks.md).  The
  * header still goes by sendmsg(), and smaller commands are still batched.
  * The price is that the payload's pages are read until the server has
  * received them, not only until send returns; that holds because the
