@@ -348,26 +348,39 @@ static int load_locators(struct vhd_meta *m, const struct vhd_src *src, struct r
 }
 
 /* blktap ("tap" creator, version >= 1.1) may keep a "batmap" right after the BAT. */
-static void find_batmap(struct vhd_meta *m, const struct vhd_src *src, uint64_t bat_end)
+/*
+ * A header we do not recognise is ignored.  One whose map runs past the end
+ * of the file is refused: ignored, it would become valid once the driver
+ * grew the file, and the blocks placed meanwhile would lie inside it
+ * (found by fuzz-vhd-driver).
+ */
+static int find_batmap(struct vhd_meta *m, const struct vhd_src *src, uint64_t bat_end,
+		       struct vhd_error *err)
 {
 	uint8_t b[VHD_SECTOR_SIZE];
 	uint64_t off, secs;
 
 	if (memcmp(m->footer.creator_app, "tap", 3) || m->footer.creator_version < 0x00010001)
-		return;
-	if (bat_end > src->size || src->size - bat_end < 2 * VHD_SECTOR_SIZE)
-		return;
+		return 0;
+	if (bat_end > src->size || src->size - bat_end < VHD_SECTOR_SIZE)
+		return 0;
 	if (src->pread(src->ctx, b, sizeof(b), bat_end) || memcmp(b, "tdbatmap", 8))
-		return;
+		return 0;
 	off = ((uint64_t)b[8] << 56) | ((uint64_t)b[9] << 48) | ((uint64_t)b[10] << 40) |
 	      ((uint64_t)b[11] << 32) | ((uint64_t)b[12] << 24) | ((uint64_t)b[13] << 16) |
 	      ((uint64_t)b[14] << 8) | b[15];
 	secs = ((uint64_t)b[16] << 24) | ((uint64_t)b[17] << 16) | ((uint64_t)b[18] << 8) | b[19];
-	if (off < bat_end + VHD_SECTOR_SIZE || off % VHD_SECTOR_SIZE || secs > (1u << 20) ||
-	    off > src->size || secs * VHD_SECTOR_SIZE > src->size - off)
-		return;
+	if (off < bat_end + VHD_SECTOR_SIZE || off % VHD_SECTOR_SIZE || secs > (1u << 20))
+		return 0;
+	if (off > src->size || secs * VHD_SECTOR_SIZE > src->size - off)
+		return vhd_fail(err, VHD_ERR_TRUNCATED,
+				"%s: the batmap header at offset %llu describes a map that ends at offset %llu, past the end of the file (%llu bytes)",
+				src->name, (unsigned long long)bat_end,
+				(unsigned long long)(off + secs * VHD_SECTOR_SIZE),
+				(unsigned long long)src->size);
 	m->batmap_off = bat_end;
 	m->batmap_len = off + secs * VHD_SECTOR_SIZE - bat_end;
+	return 0;
 }
 
 struct blk_ext {
@@ -508,7 +521,9 @@ static int load_dynamic(struct vhd_meta *m, const struct vhd_src *src, unsigned 
 	if (h->table_offset + bat_bytes > m->meta_end)
 		m->meta_end = h->table_offset + bat_bytes;
 
-	find_batmap(m, src, h->table_offset + bat_bytes);
+	r = find_batmap(m, src, h->table_offset + bat_bytes, err);
+	if (r < 0)
+		return r;
 	if (m->batmap_len) {
 		reg[nreg++] = (struct region){ m->batmap_off, m->batmap_len, "batmap" };
 		if (m->batmap_off + m->batmap_len > m->meta_end)

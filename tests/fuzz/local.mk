@@ -12,6 +12,7 @@ EXTRA_DIST += tests/fuzz/run-fuzz.sh tests/fuzz/fuzz-vhd.c \
 	tests/fuzz/corpus-vhd/dyn-empty.vhd tests/fuzz/corpus-vhd/dyn-4k.vhd \
 	tests/fuzz/corpus-vhd/diff-4k.vhd tests/fuzz/corpus-vhd/fixed-64k.vhd \
 	tests/fuzz/corpus-vhd/qemu-dyn.vhd tests/fuzz/corpus-vhd/qemu-fixed.vhd \
+	tests/fuzz/corpus-vhd/regress-batmap-past-eof.vhd \
 	tests/fuzz/fuzz-vhd-driver.c \
 	tests/fuzz/fuzz-nbd-server.c tests/fuzz/fuzz-nbd-link.c tests/fuzz/fuzz-xs-conn.c \
 	tests/fuzz/fuzz-peer.c tests/fuzz/fuzz-peer.h tests/fuzz/fuzz-table.c \
