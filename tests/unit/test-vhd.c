@@ -901,6 +901,69 @@ START_TEST(rule_bat_past_eof)
 }
 END_TEST
 
+/*
+ * blktap's batmap: a "tdbatmap" header sector right after the BAT of a
+ * file written by "tap" 1.1 or later, naming the map's offset and length.
+ * An empty 8 MiB disk is rebuilt as header, BAT (ending at 2048), batmap
+ * header, map of MAP_SECS sectors at 2560, footer.  A map that fits is
+ * recognised as metadata; one running past the end of the file is a
+ * defect (it would become valid, under blocks, once a driver grew the
+ * file; found by fuzz-vhd-driver).
+ */
+static void make_batmap(const char *path, uint32_t map_secs, uint32_t claim_secs)
+{
+	struct vhd_error err;
+	struct vhd_footer f;
+	uint8_t raw[512], hdr[512] = "tdbatmap", zero[512] = { 0 };
+	const uint64_t map_off = 2560;
+	off_t end;
+	uint32_t i;
+
+	ck_assert_int_eq(vhd_file_create(path, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(file_size(path), 2560);
+	raw_read(path, raw, sizeof(raw), 2048);
+	vhd_footer_decode(&f, raw);
+	memcpy(f.creator_app, "tap", 4);
+	f.creator_version = 0x00010003;
+	vhd_footer_seal(&f);
+	vhd_footer_encode(&f, raw);
+	for (i = 0; i < 8; i++)
+		hdr[8 + i] = (uint8_t)(map_off >> (56 - 8 * i));
+	for (i = 0; i < 4; i++)
+		hdr[16 + i] = (uint8_t)(claim_secs >> (24 - 8 * i));
+	raw_write(path, hdr, sizeof(hdr), 2048);
+	for (i = 0; i < map_secs; i++)
+		raw_write(path, zero, sizeof(zero), (off_t)(map_off + 512 * i));
+	end = (off_t)(map_off + 512 * map_secs);
+	raw_write(path, raw, sizeof(raw), end);
+	raw_write(path, raw, sizeof(raw), 0);
+	ck_assert_int_eq(file_size(path), end + 512);
+}
+
+START_TEST(rule_batmap_past_eof)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+
+	/* the control: a map that fits is found and counted as metadata */
+	make_batmap(pa, 2, 2);
+	ck_assert_msg(vhd_file_check(pa, 0, &err) == 0, "%s", err.msg);
+	vf = xopen(pa, VHD_FILE_RDONLY);
+	ck_assert_uint_eq(vf->m.batmap_off, 2048);
+	ck_assert_uint_eq(vf->m.batmap_len, 512 + 2 * 512);
+	vhd_file_close(vf);
+	/* the map's last sector would be the footer's: still inside the file */
+	make_batmap(pb, 2, 3);
+	ck_assert_msg(vhd_file_check(pb, 0, &err) == 0, "%s", err.msg);
+	/* one sector more runs past the end */
+	make_batmap(pc, 2, 4);
+	expect_defect(pc, 0, VHD_ERR_TRUNCATED);
+	ck_assert_msg(vhd_file_check(pc, 0, &err) < 0 && strstr(err.msg, "batmap header at offset 2048") &&
+		      strstr(err.msg, "ends at offset 4608") && strstr(err.msg, "(4096 bytes)"),
+		      "%s", err.msg);
+}
+END_TEST
+
 START_TEST(rule_bat_metadata)
 {
 	make_dyn(pa);
@@ -1184,6 +1247,7 @@ static Suite *vhd_suite(void)
 	tcase_add_test(tc, rule_bat_size);
 	tcase_add_test(tc, rule_bat_offset);
 	tcase_add_test(tc, rule_bat_past_eof);
+	tcase_add_test(tc, rule_batmap_past_eof);
 	tcase_add_test(tc, rule_bat_metadata);
 	tcase_add_test(tc, rule_bat_overlap);
 	tcase_add_test(tc, rule_locator);
