@@ -243,6 +243,12 @@ static_assert(sizeof(struct tdr_ctl_msg) == 544, "message size");
 
 /* A short name for logs and errors, e.g. "pause response"; "unknown" if none. */
 const char *tdr_ctl_msg_name(unsigned type);
+/*
+ * Whether type is one a server sends (a *_RSP, ERROR, RUNTIME_ERROR or a
+ * replica reply).  Not a parity rule: from XENBLKIF_CONNECT (24) on,
+ * blktap's numbering has responses at odd numbers too (DISK_INFO_RSP is 29).
+ */
+int tdr_ctl_msg_is_response(unsigned type);
 /* Zeroes msg and sets type and cookie. */
 void tdr_ctl_msg_init(struct tdr_ctl_msg *msg, unsigned type, unsigned cookie);
 /* Copies src into a fixed field of len bytes: 0, or -ENAMETOOLONG if it does not fit with its NUL. */

@@ -61,6 +61,34 @@ const char *tdr_ctl_msg_name(unsigned type)
 	return "unknown";
 }
 
+int tdr_ctl_msg_is_response(unsigned type)
+{
+	switch (type) {
+	case TAPDISK_MESSAGE_ERROR:
+	case TAPDISK_MESSAGE_RUNTIME_ERROR:
+	case TAPDISK_MESSAGE_PID_RSP:
+	case TAPDISK_MESSAGE_ATTACH_RSP:
+	case TAPDISK_MESSAGE_OPEN_RSP:
+	case TAPDISK_MESSAGE_PAUSE_RSP:
+	case TAPDISK_MESSAGE_RESUME_RSP:
+	case TAPDISK_MESSAGE_CLOSE_RSP:
+	case TAPDISK_MESSAGE_DETACH_RSP:
+	case TAPDISK_MESSAGE_LIST_MINORS_RSP:
+	case TAPDISK_MESSAGE_LIST_RSP:
+	case TAPDISK_MESSAGE_STATS_RSP:
+	case TAPDISK_MESSAGE_XENBLKIF_CONNECT_RSP:
+	case TAPDISK_MESSAGE_XENBLKIF_DISCONNECT_RSP:
+	case TAPDISK_MESSAGE_DISK_INFO_RSP:
+	case TAPDISK_MESSAGE_COMMIT_RSP:
+	case TAPDISK_MESSAGE_QUERY_COMMIT_JOB_RSP:
+	case TAPDISK_MESSAGE_CANCEL_COMMIT_JOB_RSP:
+	case TDR_MESSAGE_REPLICA_RSP:
+	case TDR_MESSAGE_REPLICA_DATA:
+		return 1;
+	}
+	return 0;
+}
+
 void tdr_ctl_msg_init(struct tdr_ctl_msg *msg, unsigned type, unsigned cookie)
 {
 	memset(msg, 0, sizeof(*msg));

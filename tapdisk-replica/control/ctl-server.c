@@ -1263,20 +1263,6 @@ static void do_close(struct ctl_conn *c, bool force)
 	tdr_timer_arm(&m->drain_timer, 0);
 }
 
-static bool is_response(unsigned type)
-{
-	switch (type) {
-	case TAPDISK_MESSAGE_ERROR:
-	case TAPDISK_MESSAGE_RUNTIME_ERROR:
-	case TDR_MESSAGE_REPLICA_RSP:
-	case TDR_MESSAGE_REPLICA_DATA:
-		return true;
-	}
-	return type > 0 && type <= TAPDISK_MESSAGE_CANCEL_COMMIT_JOB_RSP &&
-	       type != TAPDISK_MESSAGE_FORCE_SHUTDOWN &&
-	       type != TAPDISK_MESSAGE_EXIT && type % 2 == 0;
-}
-
 void ctl_dispatch(struct ctl_conn *c)
 {
 	unsigned type = c->req.type;
@@ -1343,7 +1329,7 @@ void ctl_dispatch(struct ctl_conn *c)
 			       tdr_ctl_msg_name(type));
 		return;
 	}
-	if (is_response(type))
+	if (tdr_ctl_msg_is_response(type))
 		ctl_conn_error(c, EINVAL, "message type %u ('%s') is a response, not a request",
 			       type, tdr_ctl_msg_name(type));
 	else

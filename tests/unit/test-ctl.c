@@ -536,6 +536,13 @@ START_TEST(test_unknown_and_responses)
 	expect_error(&rsp, EINVAL, "is a response");
 	rpc(cfd, TDR_MESSAGE_REPLICA_RSP, 0, &rsp);
 	expect_error(&rsp, EINVAL, "is a response");
+	/* From 24 on, blktap's responses have odd numbers too. */
+	rpc(cfd, TAPDISK_MESSAGE_DISK_INFO_RSP, 0, &rsp);
+	expect_error(&rsp, EINVAL, "message type 29 ('disk info response') is a response");
+	rpc(cfd, TAPDISK_MESSAGE_XENBLKIF_CONNECT_RSP, 0, &rsp);
+	expect_error(&rsp, EINVAL, "is a response");
+	rpc(cfd, TAPDISK_MESSAGE_COMMIT_RSP, 0, &rsp);
+	expect_error(&rsp, EINVAL, "is a response");
 	rpc(cfd, TAPDISK_MESSAGE_EXIT, 0, &rsp);
 	expect_error(&rsp, EINVAL, "unsupported message 'exit'");
 	rpc(cfd, TAPDISK_MESSAGE_XENBLKIF_CONNECT, 0, &rsp);
