@@ -6,8 +6,8 @@
  * alike, written into one end of a socketpair whose other end the server
  * serves (nbd_server_add_connection()), then closed for writing.  The
  * server's replies are read and thrown away as they come.  The export is a
- * 1 MiB disk in memory, served by a driver of this file (some requests
- * fail, some complete at once, most from the loop, out of order), plus a
+ * 1 MiB disk in memory, served by fuzz-mem.c's driver (some requests fail,
+ * some complete at once, most from the loop, out of order), plus a
  * read-only export "ro" of the same disk.
  *
  * Besides what the sanitizers catch, the harness traps when:
@@ -35,135 +35,11 @@
 #include "tdr/log.h"
 #include "tdr/loop.h"
 #include "tdr/nbd.h"
+#include "fuzz-mem.h"
 #include "fuzz-peer.h"
 #include "fuzz-table.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define MEM_SIZE (1u << 20)
-
-/* ------------------------------------------------------------------ */
-/*
- * The "mem" driver: a disk in memory.  Which sector a request starts at
- * decides how it ends, so that inputs reach every path of the server:
- * sec % 61 == 7 fails with EIO (error replies, simple and structured),
- * sec % 5 == 0 completes inside the call that queued it, anything else
- * completes from the loop (replies out of order).
- */
-
-struct mem_state {
-	char *buf;
-};
-
-struct mem_done {
-	struct tdr_defer defer;
-	struct td_request *req;
-	int err;
-};
-
-static void mem_complete(void *arg)
-{
-	struct mem_done *d = arg;
-	struct td_request *req = d->req;
-	int err = d->err;
-
-	free(d);
-	td_complete_request(req, err);
-}
-
-static void mem_finish(struct td_image *img, struct td_request *req)
-{
-	int err = req->sec % 61 == 7 ? -EIO : 0;
-	struct mem_done *d;
-
-	if (req->sec % 5 == 0) {
-		td_complete_request(req, err);
-		return;
-	}
-	d = malloc(sizeof(*d));
-	if (!d) {
-		td_complete_request(req, -ENOMEM);
-		return;
-	}
-	d->req = req;
-	d->err = err;
-	tdr_defer_init(&d->defer, mem_complete, d);
-	tdr_loop_defer(img->loop, &d->defer);
-}
-
-static int mem_open(struct td_image *img, const char *params, unsigned flags)
-{
-	struct mem_state *s = img->priv;
-
-	(void)params;
-	(void)flags;
-	s->buf = calloc(1, MEM_SIZE);
-	if (!s->buf)
-		return -ENOMEM;
-	img->size_secs = MEM_SIZE >> TD_SECTOR_SHIFT;
-	img->info_discard = true;
-	return 0;
-}
-
-static void mem_close(struct td_image *img)
-{
-	struct mem_state *s = img->priv;
-
-	free(s->buf);
-}
-
-static void mem_read(struct td_image *img, struct td_request *req)
-{
-	struct mem_state *s = img->priv;
-
-	memcpy(req->buf, s->buf + (req->sec << TD_SECTOR_SHIFT),
-	       (size_t)req->secs << TD_SECTOR_SHIFT);
-	mem_finish(img, req);
-}
-
-static void mem_write(struct td_image *img, struct td_request *req)
-{
-	struct mem_state *s = img->priv;
-
-	memcpy(s->buf + (req->sec << TD_SECTOR_SHIFT), req->buf,
-	       (size_t)req->secs << TD_SECTOR_SHIFT);
-	mem_finish(img, req);
-}
-
-static void mem_discard(struct td_image *img, struct td_request *req)
-{
-	struct mem_state *s = img->priv;
-
-	memset(s->buf + (req->sec << TD_SECTOR_SHIFT), 0, (size_t)req->secs << TD_SECTOR_SHIFT);
-	mem_finish(img, req);
-}
-
-/* Runs of 8 sectors, data and hole by turns: replies with several extents. */
-static void mem_block_status(struct td_image *img, struct td_request *req)
-{
-	req->bs_secs = 8 - (uint32_t)(req->sec % 8);
-	if (req->bs_secs > req->secs)
-		req->bs_secs = req->secs;
-	req->bs_flags = (req->sec / 8) % 2 ? TD_BS_HOLE | TD_BS_ZERO : 0;
-	mem_finish(img, req);
-}
-
-static void mem_flush(struct td_image *img, struct td_request *req)
-{
-	mem_finish(img, req);
-}
-
-static const struct td_driver mem_drv = {
-	.name = "mem",
-	.priv_size = sizeof(struct mem_state),
-	.open = mem_open,
-	.close = mem_close,
-	.queue_read = mem_read,
-	.queue_write = mem_write,
-	.queue_flush = mem_flush,
-	.queue_discard = mem_discard,
-	.queue_block_status = mem_block_status,
-};
 
 static void on_shutdown(void *arg)
 {
@@ -184,7 +60,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 	if (!loop) {
 		tdr_log_init("fuzz-nbd-server", false, TDR_LOG_ERR);
-		fuzz_driver = &mem_drv;	/* the only driver linked in */
+		fuzz_driver = &fuzz_mem_driver;	/* the only driver linked in */
 		loop = tdr_loop_new();
 		io = loop ? tdr_io_ctx_new(loop, 64) : NULL;
 		if (!io)

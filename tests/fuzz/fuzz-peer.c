@@ -36,6 +36,8 @@ static void peer_event(struct tdr_fd_watch *w, uint32_t events, void *arg)
 			for (ssize_t i = 0; i < n && p->head_len < FUZZ_PEER_HEAD; i++)
 				p->head[p->head_len++] = buf[i];
 			p->got += (uint64_t)n;
+			if (p->on_data)
+				p->on_data(p->on_data_arg, buf, (size_t)n);
 		}
 		if (n == 0 || (n < 0 && errno != EAGAIN))
 			p->eof = true;

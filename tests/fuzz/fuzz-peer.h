@@ -3,7 +3,8 @@
  * The other end of a fuzzed connection, shared by the protocol harnesses:
  * sends the input (up to a limit, then all of it), closes for writing once
  * everything is out, reads and drops what the code under test sends
- * (keeping its first bytes), and stops watching once that side is gone.
+ * (keeping its first bytes, and showing all of them to on_data if set),
+ * and stops watching once that side is gone.
  * Sends never raise SIGPIPE.
  */
 #ifndef TDR_FUZZ_PEER_H
@@ -27,6 +28,9 @@ struct fuzz_peer {
 	uint64_t got;			/* bytes received */
 	bool eof;			/* the other side closed (or the socket failed) */
 	bool wr_closed;
+	/* Optional (set after fuzz_peer_start()): sees every byte received. */
+	void (*on_data)(void *arg, const unsigned char *buf, size_t n);
+	void *on_data_arg;
 };
 
 /* Starts serving fd (non-blocking; the peer owns it from now on); 0 or -errno. */

@@ -7,6 +7,7 @@
 #   fuzz-nbd-server  the NBD server fed a client's byte stream
 #   fuzz-nbd-link    the primary's NBD client fed a server's byte stream
 #   fuzz-xs-conn     the xenstore client fed xenstored's byte stream
+#   fuzz-ctl-server  the control server fed a tap-ctl client's byte stream
 # tests/fuzz/make-corpus.py writes the protocol seed corpora.
 EXTRA_DIST += tests/fuzz/run-fuzz.sh tests/fuzz/fuzz-vhd.c \
 	tests/fuzz/corpus-vhd/dyn-empty.vhd tests/fuzz/corpus-vhd/dyn-4k.vhd \
@@ -16,7 +17,8 @@ EXTRA_DIST += tests/fuzz/run-fuzz.sh tests/fuzz/fuzz-vhd.c \
 	tests/fuzz/fuzz-vhd-driver.c \
 	tests/fuzz/fuzz-nbd-server.c tests/fuzz/fuzz-nbd-link.c tests/fuzz/fuzz-xs-conn.c \
 	tests/fuzz/fuzz-peer.c tests/fuzz/fuzz-peer.h tests/fuzz/fuzz-table.c \
-	tests/fuzz/fuzz-table.h tests/fuzz/make-corpus.py \
+	tests/fuzz/fuzz-table.h tests/fuzz/fuzz-mem.c tests/fuzz/fuzz-mem.h \
+	tests/fuzz/fuzz-ctl-server.c tests/fuzz/make-corpus.py \
 	tests/fuzz/corpus-nbd/bad-magic tests/fuzz/corpus-nbd/bad-requests \
 	tests/fuzz/corpus-nbd/export-name-ro tests/fuzz/corpus-nbd/go-simple \
 	tests/fuzz/corpus-nbd/go-structured tests/fuzz/corpus-nbd/options \
@@ -29,10 +31,14 @@ EXTRA_DIST += tests/fuzz/run-fuzz.sh tests/fuzz/fuzz-vhd.c \
 	tests/fuzz/corpus-xs/errors tests/fuzz/corpus-xs/event-first \
 	tests/fuzz/corpus-xs/oversized tests/fuzz/corpus-xs/partial \
 	tests/fuzz/corpus-xs/replies tests/fuzz/corpus-xs/replies-and-events \
-	tests/fuzz/corpus-xs/unknown-id
+	tests/fuzz/corpus-xs/unknown-id \
+	tests/fuzz/corpus-ctl/attach-open-close tests/fuzz/corpus-ctl/close-paused \
+	tests/fuzz/corpus-ctl/cut tests/fuzz/corpus-ctl/pause-resume \
+	tests/fuzz/corpus-ctl/queries tests/fuzz/corpus-ctl/refusals \
+	tests/fuzz/corpus-ctl/replica tests/fuzz/corpus-ctl/trailer
 if ENABLE_FUZZING
 check_PROGRAMS += tests/fuzz/fuzz-vhd tests/fuzz/fuzz-vhd-driver tests/fuzz/fuzz-nbd-server \
-	tests/fuzz/fuzz-nbd-link
+	tests/fuzz/fuzz-nbd-link tests/fuzz/fuzz-ctl-server
 tests_fuzz_fuzz_vhd_SOURCES = tests/fuzz/fuzz-vhd.c \
 	tapdisk-replica/vhd/vhd-format.c tapdisk-replica/vhd/vhd-validate.c \
 	tapdisk-replica/vhd/vhd-file.c tapdisk-replica/vhd/vhd-ops.c \
@@ -52,7 +58,7 @@ tests_fuzz_fuzz_vhd_driver_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_vhd_driver_LDADD = $(LIBAIO) $(UUID_LIBS)
 # Its own in-memory driver, alone in fuzz-table.c's table: no libtdr.a.
 tests_fuzz_fuzz_nbd_server_SOURCES = tests/fuzz/fuzz-nbd-server.c tests/fuzz/fuzz-peer.c \
-	tests/fuzz/fuzz-table.c \
+	tests/fuzz/fuzz-table.c tests/fuzz/fuzz-mem.c \
 	tapdisk-replica/nbd/nbd-conn.c tapdisk-replica/nbd/nbd-handshake.c \
 	tapdisk-replica/nbd/nbd-proto.c tapdisk-replica/nbd/nbd-server.c \
 	tapdisk-replica/nbd/nbd-transmission.c tapdisk-replica/nbd/nbd-transport.c \
@@ -62,6 +68,12 @@ tests_fuzz_fuzz_nbd_server_SOURCES = tests/fuzz/fuzz-nbd-server.c tests/fuzz/fuz
 tests_fuzz_fuzz_nbd_server_CFLAGS = $(AM_CFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_nbd_server_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_nbd_server_LDADD = $(LIBAIO)
+# The daemon's library (real driver table) plus fuzz-mem.c's "mem" driver.
+tests_fuzz_fuzz_ctl_server_SOURCES = tests/fuzz/fuzz-ctl-server.c tests/fuzz/fuzz-peer.c \
+	tests/fuzz/fuzz-mem.c
+tests_fuzz_fuzz_ctl_server_CFLAGS = $(AM_CFLAGS) -fsanitize=fuzzer
+tests_fuzz_fuzz_ctl_server_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
+tests_fuzz_fuzz_ctl_server_LDADD = $(TDR_LIBS)
 tests_fuzz_fuzz_nbd_link_SOURCES = tests/fuzz/fuzz-nbd-link.c tests/fuzz/fuzz-peer.c \
 	tapdisk-replica/replica/replica-link.c tapdisk-replica/replica/replica-link-native.c \
 	tapdisk-replica/replica/replica-link-libnbd.c \

@@ -164,11 +164,61 @@ XS_SEEDS = {
     "partial": XS_OK[:30],
 }
 
+# Control messages (include/tdr/ctl-message.h): 544 bytes in host order
+# (little-endian here), type and cookie, then the union at offset 8.
+CTL_SIZE = 544
+(CTL_ERROR, CTL_PID, CTL_ATTACH, CTL_OPEN, CTL_PAUSE, CTL_RESUME, CTL_CLOSE,
+ CTL_DETACH, CTL_LIST_MINORS, CTL_LIST, CTL_STATS, CTL_FORCE_SHUTDOWN,
+ CTL_XENBLKIF_CONNECT, CTL_DISK_INFO, CTL_EXIT, CTL_COMMIT) = (
+    1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 24, 28, 30, 31)
+CTL_REPLICA = 0x1000
+FLAG_RDONLY, FLAG_ADD_LOG = 0x2, 0x10
+NONE = 0xFFFF
+
+
+def ctl(mtype, cookie=NONE, body=b""):
+    m = struct.pack("<HHI", mtype, cookie, 0) + body
+    return m + bytes(CTL_SIZE - len(m))
+
+
+def params(path, fl=0, minor=0):
+    p = path.encode()
+    return struct.pack("<III", fl, minor, 0) + p + bytes(256 - len(p))
+
+
+def rep(minor, line):
+    return ctl(CTL_REPLICA, minor, line.encode() + b"\0")
+
+
+PRIMARY = "replica:mode=primary,addr=unix:/nonexistent/x.sock"
+CTL_SEEDS = {
+    "queries": ctl(CTL_PID) + ctl(CTL_LIST) + ctl(CTL_STATS, 0) + ctl(CTL_STATS, 1) +
+    ctl(CTL_STATS) + ctl(CTL_DISK_INFO, 0) + ctl(CTL_DISK_INFO, 7),
+    "pause-resume": ctl(CTL_PAUSE, 0) + ctl(CTL_LIST) + ctl(CTL_RESUME, 0, params("")) +
+    ctl(CTL_PAUSE, 1) + ctl(CTL_PAUSE, 1) + ctl(CTL_RESUME, 1, params("")),
+    "attach-open-close": ctl(CTL_ATTACH, 2) + ctl(CTL_OPEN, 2, params("mem:", minor=2)) +
+    ctl(CTL_LIST) + ctl(CTL_CLOSE, 2) + ctl(CTL_DETACH, 2) +
+    ctl(CTL_ATTACH, 3) + ctl(CTL_OPEN, 3, params(PRIMARY + "|mem:", FLAG_RDONLY, 3)) +
+    rep(3, "status") + ctl(CTL_FORCE_SHUTDOWN, 3),
+    "close-paused": ctl(CTL_PAUSE, 0) + ctl(CTL_CLOSE, 0) + ctl(CTL_LIST) +
+    ctl(CTL_ATTACH, 0) + ctl(CTL_OPEN, 0, params("mem:")),
+    "replica": rep(1, "status") + rep(1, "get-error") + rep(1, "start") + rep(1, "status") +
+    rep(1, "checkpoint") + rep(1, "resync full") + rep(1, "stop") + rep(1, "failover") +
+    rep(1, "start mode=primary addr=unix:/nonexistent/y.sock") + rep(0, "status") +
+    rep(1, "bogus words here") + rep(NONE, "status"),
+    "refusals": ctl(999) + ctl(CTL_ERROR) + ctl(CTL_XENBLKIF_CONNECT, 0) + ctl(CTL_EXIT) +
+    ctl(CTL_LIST_MINORS) + ctl(CTL_COMMIT, 0) + ctl(CTL_OPEN, 5, params("aio:/etc/passwd")) +
+    ctl(CTL_OPEN, 0, params("mem:")) + ctl(CTL_ATTACH, 0),
+    "trailer": ctl(CTL_ATTACH, 4) + ctl(CTL_OPEN, 4, params("mem:", FLAG_ADD_LOG, 4)) +
+    b"/var/log/x".ljust(256, b"\0") + ctl(CTL_LIST),
+    "cut": ctl(CTL_LIST) + ctl(CTL_PAUSE, 0)[:100],
+}
+
 
 def main():
-    kinds = {"server": SEEDS, "link": LINK_SEEDS, "xs": XS_SEEDS}
+    kinds = {"server": SEEDS, "link": LINK_SEEDS, "xs": XS_SEEDS, "ctl": CTL_SEEDS}
     if len(sys.argv) != 3 or sys.argv[1] not in kinds:
-        sys.exit("usage: make-corpus.py server|link|xs DIR")
+        sys.exit("usage: make-corpus.py server|link|xs|ctl DIR")
     seeds = kinds[sys.argv[1]]
     out = sys.argv[2]
     os.makedirs(out, exist_ok=True)

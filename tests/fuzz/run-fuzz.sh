@@ -5,12 +5,13 @@
 # each for SECONDS (default 60) over a copy of its seed corpus.  Fails on
 # any crash, hang, leak or sanitizer report.
 #   tests/fuzz/run-fuzz.sh [SECONDS] [extra libFuzzer options...]
-# FUZZ_HARNESSES="vhd vhd-driver nbd-server nbd-link xs-conn" (the default) picks:
+# FUZZ_HARNESSES="vhd vhd-driver nbd-server nbd-link xs-conn ctl-server" (the default) picks:
 #   vhd         parse, validate and read a VHD given as bytes (fuzz-vhd.c)
 #   vhd-driver  the VHD driver on such a file, against the library (fuzz-vhd-driver.c)
 #   nbd-server  the NBD server fed a client's byte stream (fuzz-nbd-server.c)
 #   nbd-link    the primary's NBD client fed a server's bytes (fuzz-nbd-link.c)
 #   xs-conn     the xenstore client fed xenstored's bytes (fuzz-xs-conn.c)
+#   ctl-server  the control server fed a tap-ctl client's bytes (fuzz-ctl-server.c)
 # TDR_FUZZ_DIR=DIR keeps the builds, corpora and any crash inputs there.
 set -euo pipefail
 
@@ -18,7 +19,7 @@ secs=${1:-60}
 shift || true
 src=$(cd "$(dirname "$0")/../.." && pwd)
 out=${TDR_FUZZ_DIR:-$(mktemp -d /tmp/tdr-fuzz.XXXXXX)}
-harnesses=${FUZZ_HARNESSES:-vhd vhd-driver nbd-server nbd-link xs-conn}
+harnesses=${FUZZ_HARNESSES:-vhd vhd-driver nbd-server nbd-link xs-conn ctl-server}
 mkdir -p "$out/inc"
 : >"$out/inc/config.h"
 
@@ -48,7 +49,7 @@ build() {
 	nbd-server)
 		# Its own in-memory driver, alone in fuzz-table.c's table.
 		cc "$src/tests/fuzz/fuzz-nbd-server.c" "$src/tests/fuzz/fuzz-peer.c" \
-			"$src/tests/fuzz/fuzz-table.c" "$r"/nbd/*.c "$r"/loop.c "$r"/io.c \
+			"$src/tests/fuzz/fuzz-table.c" "$src/tests/fuzz/fuzz-mem.c" "$r"/nbd/*.c "$r"/loop.c "$r"/io.c \
 			"$r"/log.c "$r"/request.c "$r"/disk.c "$r"/spec.c "$r"/filelock.c \
 			-laio -o "$out/fuzz-nbd-server" ;;
 	nbd-link)
@@ -61,8 +62,18 @@ build() {
 		cc "$src/tests/fuzz/fuzz-xs-conn.c" "$src/tests/fuzz/fuzz-peer.c" \
 			"$r"/xenstore/xs-conn.c "$r"/loop.c "$r"/log.c \
 			-o "$out/fuzz-xs-conn" ;;
+	ctl-server)
+		# The daemon's library without its main and xenstore front end,
+		# the real driver table plus fuzz-mem.c's "mem".
+		cc "$src/tests/fuzz/fuzz-ctl-server.c" "$src/tests/fuzz/fuzz-peer.c" \
+			"$src/tests/fuzz/fuzz-mem.c" "$r"/control/ctl-server.c \
+			"$r"/control/ctl-message.c "$r"/control/ctl-replica.c "$r"/control/ctl-stats.c \
+			"$r"/replica/*.c "$r"/nbd/*.c "$r"/vhd/*.c "$r"/drivers/*.c \
+			"$r"/log.c "$r"/loop.c "$r"/io.c "$r"/filelock.c "$r"/readahead.c \
+			"$r"/request.c "$r"/disk.c "$r"/spec.c "$r"/driver-table.c \
+			-laio -luuid -lnbd -lm -o "$out/fuzz-ctl-server" ;;
 	*)
-		echo "run-fuzz: unknown harness '$1' (vhd, vhd-driver, nbd-server, nbd-link, xs-conn)" >&2
+		echo "run-fuzz: unknown harness '$1' (vhd, vhd-driver, nbd-server, nbd-link, xs-conn, ctl-server)" >&2
 		return 1 ;;
 	esac
 }
@@ -73,6 +84,7 @@ corpus_of() {
 	nbd-server) echo corpus-nbd ;;
 	nbd-link) echo corpus-link ;;
 	xs-conn) echo corpus-xs ;;
+	ctl-server) echo corpus-ctl ;;
 	esac
 }
 
@@ -82,6 +94,7 @@ max_len_of() {
 	nbd-server) echo 16384 ;;
 	nbd-link) echo 4096 ;;
 	xs-conn) echo 16384 ;;
+	ctl-server) echo 16384 ;;
 	esac
 }
 
