@@ -423,7 +423,7 @@ static void quiesce_poll(struct tdr_timer *t, void *arg)
 		return;
 	}
 	now = tdr_now_ns();
-	if (now - q->warn_ns >= TD_QUIESCE_WARN_NS) {
+	if (now - q->warn_ns >= (q->warn_every_ns ? q->warn_every_ns : TD_QUIESCE_WARN_NS)) {
 		q->warn_ns = now;
 		TDR_WARN("%s: closing: still waiting after %llu s for %llu requests in flight (%s%s%s); the storage below may be stuck",
 			 q->disk->spec, (unsigned long long)((now - q->start_ns) / 1000000000ull),

@@ -318,12 +318,13 @@ uint64_t td_disk_busy(struct td_disk *disk, struct td_image **who);
  * The stop before a close: calls every image's quiesce() (top first),
  * then q->cb once td_disk_busy() is 0 (never from inside this call).  The
  * caller must have stopped sending requests.  A wait longer than
- * TD_QUIESCE_WARN_NS is logged, naming what is still busy, and logged again
- * at that interval; it never gives up (closing under an I/O would let the
- * kernel write into freed memory).
+ * TD_QUIESCE_WARN_NS (or q->warn_every_ns) is logged, naming what is still
+ * busy, and logged again at that interval; it never gives up (closing
+ * under an I/O would let the kernel write into freed memory).
  */
 #define TD_QUIESCE_WARN_NS (10ull * 1000 * 1000 * 1000)
 struct td_quiesce {
+	uint64_t warn_every_ns;		/* set before the call; 0: TD_QUIESCE_WARN_NS */
 	struct td_disk *disk;		/* private from here on */
 	struct tdr_timer timer;
 	uint64_t start_ns, warn_ns;

@@ -719,6 +719,56 @@ START_TEST(quiesce_waits_for_images_own_work)
 }
 END_TEST
 
+/* A close that waits too long says so, naming the busy image, and says it again. */
+START_TEST(quiesce_warns_when_stuck)
+{
+	char spec[700], log[4096] = "", path[] = "/tmp/tdr-test-log.XXXXXX";
+	struct td_disk *disk;
+	struct td_quiesce q = { .warn_every_ns = 20 * 1000 * 1000ull };
+	const char *p;
+	int fd, saved, warnings = 0;
+	ssize_t n;
+
+	snprintf(spec, sizeof(spec), "tfilter:|tmem:%s", mkdesc("w", "size 16\n"));
+	ck_assert_int_eq(td_disk_open(&disk, spec, 0, loop, io), 0);
+	quiesced = 0;
+	tfilter_own = 1;
+	fd = mkstemp(path);
+	ck_assert_int_ge(fd, 0);
+	fflush(stderr);
+	saved = dup(STDERR_FILENO);
+	ck_assert_int_ge(saved, 0);
+	ck_assert_int_ge(dup2(fd, STDERR_FILENO), 0);
+	td_disk_quiesce(disk, &q, on_quiesced, &quiesced);
+	/* Until the second warning (every 20 ms), or 10 s, which would be a failure. */
+	for (uint64_t end = tdr_now_ns() + 10000 * 1000 * 1000ull; tdr_now_ns() < end; ) {
+		tdr_loop_run_once(loop, 2);
+		fflush(stderr);
+		n = pread(fd, log, sizeof(log) - 1, 0);
+		ck_assert_int_ge(n, 0);
+		log[n] = '\0';
+		warnings = 0;
+		for (p = log; (p = strstr(p, " s for 1 requests in flight (tfilter:")); p++)
+			warnings++;
+		if (warnings >= 2)
+			break;
+	}
+	ck_assert_int_ge(dup2(saved, STDERR_FILENO), 0);
+	close(saved);
+	close(fd);
+	unlink(path);
+	ck_assert_msg(warnings >= 2, "%d warnings in:\n%s", warnings, log);
+	ck_assert_int_eq(quiesced, 0);
+	ck_assert_msg(strstr(log, "the storage below may be stuck"), "%s", log);
+	ck_assert_msg(strstr(log, ": closing: still waiting after "), "%s", log);
+	/* The work ends: the close goes on. */
+	tfilter_own = 0;
+	spin(5);
+	ck_assert_int_eq(quiesced, 1);
+	td_disk_close(disk);
+}
+END_TEST
+
 START_TEST(write_zeroes_emulated)
 {
 	char spec[700];
@@ -762,6 +812,7 @@ int main(void)
 	tcase_add_test(tc, block_status_through_chain);
 	tcase_add_test(tc, drain_waits_for_in_flight);
 	tcase_add_test(tc, quiesce_waits_for_images_own_work);
+	tcase_add_test(tc, quiesce_warns_when_stuck);
 	tcase_add_test(tc, write_zeroes_emulated);
 	suite_add_tcase(s, tc);
 	return check_run(s, CHECK_RUN_NOFORK);
