@@ -24,8 +24,12 @@
  *     nothing or more than 1 MiB, or its JSON is not one object (one
  *     minor) or array (all of them) from its first byte to its last;
  *   - the connection is still open 5 s (of loop time) after the input
- *     ended, or a minor is still pausing or closing 5 s after that;
- *   - the guest's reads do not all come back once the server is freed.
+ *     ended, a disk the input closed is not closed 5 s after that, or a
+ *     reply was cut in the middle;
+ *   - the open hook is asked for a minor that already has a disk, or the
+ *     close hook for a disk it did not open or twice;
+ *   - the guest's reads do not all come back within 5 s of the server's
+ *     shutdown (which releases what a PAUSE held).
  *
  * Built by tests/fuzz/run-fuzz.sh, seeded from tests/fuzz/corpus-ctl
  * (tests/fuzz/make-corpus.py writes it).
