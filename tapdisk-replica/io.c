@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -426,6 +427,68 @@ void *tdr_io_alloc(size_t len)
 
 /* ------------------------------------------------------------ buffer pool */
 
+/*
+ * Buffers from 256 KiB up are backed by transparent huge pages where the
+ * kernel has them.  A 1 MiB O_DIRECT transfer from 4 KiB pages is 256
+ * pages to pin and more scatter-gather segments than a virtio disk takes
+ * in one request (254 here), so the block layer splits it; from one huge
+ * page it is a single segment.  Measured on this project's VM (ext4 on
+ * virtio, docs/benchmarks.md): 1 MiB reads and writes at queue depth 32
+ * ran at 2.1-2.4x the rate from the same program's 4 KiB-page buffers.
+ * Classes below 2 MiB are carved out of one 2 MiB-aligned region (the
+ * rest of it goes to the idle list); larger ones are mapped alone, 2 MiB
+ * aligned.  Every such buffer is its own munmap()able range, so none
+ * depends on another.  Under AddressSanitizer the pool keeps to malloc,
+ * whose red zones and leak checks are worth more there than the speed.
+ */
+#define BUFPOOL_HUGE      ((size_t)2 << 20)
+#define BUFPOOL_THP_SHIFT 18
+
+#if defined(__SANITIZE_ADDRESS__)
+#define BUFPOOL_NO_THP 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define BUFPOOL_NO_THP 1
+#endif
+#endif
+
+static bool bufpool_thp(unsigned shift)
+{
+#ifdef BUFPOOL_NO_THP
+	(void)shift;
+	return false;
+#else
+	return shift >= BUFPOOL_THP_SHIFT;
+#endif
+}
+
+/* len bytes (a multiple of 2 MiB) at a 2 MiB boundary, huge pages asked for. */
+static void *bufpool_map(size_t len)
+{
+	size_t span = len + BUFPOOL_HUGE, head;
+	char *p = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (p == MAP_FAILED)
+		return NULL;
+	head = (BUFPOOL_HUGE - (uintptr_t)p % BUFPOOL_HUGE) % BUFPOOL_HUGE;
+	if (head)
+		munmap(p, head);
+	if (span - head > len)
+		munmap(p + head + len, span - head - len);
+	/* Not fatal: without huge pages the buffer is merely slower. */
+	madvise(p + head, len, MADV_HUGEPAGE);
+	return p + head;
+}
+
+/* Frees a buffer of the class of shift, however it was allocated. */
+static void bufpool_free_class(void *buf, unsigned shift)
+{
+	if (bufpool_thp(shift))
+		munmap(buf, (size_t)1 << shift);
+	else
+		free(buf);
+}
+
 void tdr_bufpool_init(struct tdr_bufpool *pool, size_t max_idle)
 {
 	memset(pool, 0, sizeof(*pool));
@@ -439,7 +502,7 @@ void tdr_bufpool_fini(struct tdr_bufpool *pool)
 			void *buf = pool->idle[i];
 
 			pool->idle[i] = *(void **)buf;
-			free(buf);
+			bufpool_free_class(buf, i + TDR_BUFPOOL_MIN_SHIFT);
 		}
 	}
 	pool->idle_bytes = 0;
@@ -460,6 +523,51 @@ size_t tdr_bufpool_size(size_t len)
 	return len > TDR_BUFPOOL_MAX_CLASS ? len : (size_t)1 << bufpool_shift(len);
 }
 
+bool tdr_bufpool_huge(size_t len)
+{
+	return len <= TDR_BUFPOOL_MAX_CLASS && bufpool_thp(bufpool_shift(len));
+}
+
+void tdr_bufpool_release(void *buf, size_t len)
+{
+	if (!buf)
+		return;
+	if (len > TDR_BUFPOOL_MAX_CLASS)
+		free(buf);
+	else
+		bufpool_free_class(buf, bufpool_shift(len));
+}
+
+/* Keeps buf (of the class of shift) idle if the bound allows; else frees it. */
+static void bufpool_keep(struct tdr_bufpool *pool, void *buf, unsigned shift)
+{
+	size_t size = (size_t)1 << shift;
+
+	if (pool->idle_bytes + size > pool->max_idle) {
+		bufpool_free_class(buf, shift);
+		return;
+	}
+	*(void **)buf = pool->idle[shift - TDR_BUFPOOL_MIN_SHIFT];
+	pool->idle[shift - TDR_BUFPOOL_MIN_SHIFT] = buf;
+	pool->idle_bytes += size;
+}
+
+/* A new buffer of the class of shift (and, for huge-page classes, its siblings idle). */
+static void *bufpool_alloc(struct tdr_bufpool *pool, unsigned shift)
+{
+	size_t size = (size_t)1 << shift;
+	char *p;
+
+	if (!bufpool_thp(shift))
+		return tdr_io_alloc(size);
+	p = bufpool_map(size < BUFPOOL_HUGE ? BUFPOOL_HUGE : size);
+	if (!p)
+		return NULL;
+	for (size_t off = size; off < BUFPOOL_HUGE; off += size)
+		bufpool_keep(pool, p + off, shift);
+	return p;
+}
+
 void *tdr_bufpool_get(struct tdr_bufpool *pool, size_t len)
 {
 	unsigned shift;
@@ -477,27 +585,16 @@ void *tdr_bufpool_get(struct tdr_bufpool *pool, size_t len)
 	}
 	pool->misses++;
 	/* The whole class size, so that any len of the class may reuse it. */
-	return tdr_io_alloc((size_t)1 << shift);
+	return bufpool_alloc(pool, shift);
 }
 
 void tdr_bufpool_put(struct tdr_bufpool *pool, void *buf, size_t len)
 {
-	unsigned shift;
-	size_t size;
-
 	if (!buf)
 		return;
 	if (len > TDR_BUFPOOL_MAX_CLASS) {
 		free(buf);
 		return;
 	}
-	shift = bufpool_shift(len);
-	size = (size_t)1 << shift;
-	if (pool->idle_bytes + size > pool->max_idle) {
-		free(buf);
-		return;
-	}
-	*(void **)buf = pool->idle[shift - TDR_BUFPOOL_MIN_SHIFT];
-	pool->idle[shift - TDR_BUFPOOL_MIN_SHIFT] = buf;
-	pool->idle_bytes += size;
+	bufpool_keep(pool, buf, bufpool_shift(len));
 }

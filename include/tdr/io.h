@@ -109,8 +109,11 @@ void *tdr_io_alloc(size_t len);
  *
  * Buffers are kept in power-of-two size classes from TDR_IO_ALIGN up to
  * TDR_BUFPOOL_MAX_CLASS bytes (larger ones are not cached), most recently
- * freed first, while the idle ones total at most max_idle bytes.  The
- * structure is embedded in its owner; it is not thread-safe (one loop).
+ * freed first, while the idle ones total at most max_idle bytes.  From
+ * 256 KiB up they are backed by transparent huge pages (io.c says why);
+ * a miss in a class below 2 MiB maps a 2 MiB region and keeps the rest of
+ * it idle.  The structure is embedded in its owner; it is not thread-safe
+ * (one loop).
  */
 #define TDR_BUFPOOL_MIN_SHIFT 12	/* TDR_IO_ALIGN */
 #define TDR_BUFPOOL_MAX_SHIFT 25	/* 32 MiB: NBD's largest request */
@@ -125,13 +128,21 @@ struct tdr_bufpool {
 };
 
 void tdr_bufpool_init(struct tdr_bufpool *pool, size_t max_idle);
-/* Frees every idle buffer; buffers still out must be freed with free(). */
+/* Frees every idle buffer; buffers still out must be freed with tdr_bufpool_release(). */
 void tdr_bufpool_fini(struct tdr_bufpool *pool);
+/* Frees buf, got with tdr_bufpool_get(..., len), whose pool is gone; NULL is a no-op. */
+void tdr_bufpool_release(void *buf, size_t len);
 /* At least len bytes aligned for O_DIRECT, contents undefined; NULL on failure. */
 void *tdr_bufpool_get(struct tdr_bufpool *pool, size_t len);
 /* Returns buf, got with tdr_bufpool_get(pool, len) for the same len; NULL is a no-op. */
 void tdr_bufpool_put(struct tdr_bufpool *pool, void *buf, size_t len);
 /* The memory a buffer of len bytes really takes (its size class). */
 size_t tdr_bufpool_size(size_t len);
+/*
+ * Whether buffers of len bytes come from 2 MiB-aligned regions backed by
+ * transparent huge pages (from 256 KiB up to TDR_BUFPOOL_MAX_CLASS;
+ * never under AddressSanitizer).
+ */
+bool tdr_bufpool_huge(size_t len);
 
 #endif

@@ -659,7 +659,7 @@ static void rjob_free(struct rjob *j)
 	if (j->p)
 		tdr_bufpool_put(&j->p->rs_bufs, j->buf, j->buf_len);
 	else
-		free(j->buf);	/* orphaned: the pool is gone */
+		tdr_bufpool_release(j->buf, j->buf_len);	/* orphaned: the pool is gone */
 	free(j);
 }
 

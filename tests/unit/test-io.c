@@ -318,18 +318,33 @@ START_TEST(open_falls_back_without_o_direct)
 }
 END_TEST
 
+/* The build's expectation: huge pages from 256 KiB up, except under ASan. */
+#if defined(__SANITIZE_ADDRESS__)
+#define EXPECT_HUGE false
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define EXPECT_HUGE false
+#endif
+#endif
+#ifndef EXPECT_HUGE
+#define EXPECT_HUGE true
+#endif
+
 START_TEST(bufpool_reuses_by_size_class)
 {
 	struct tdr_bufpool pool;
 	char *a, *b, *c;
+	size_t sib = EXPECT_HUGE ? 1u << 20 : 0;
 
 	tdr_bufpool_init(&pool, 4u << 20);
 	a = tdr_bufpool_get(&pool, 1u << 20);
 	ck_assert_ptr_nonnull(a);
 	ck_assert_uint_eq((uintptr_t)a % TDR_IO_ALIGN, 0);
 	memset(a, 0x5a, 1u << 20);	/* the whole length is usable (ASan checks) */
+	/* A huge-page class keeps the other half of its 2 MiB region idle. */
+	ck_assert_uint_eq(pool.idle_bytes, sib);
 	tdr_bufpool_put(&pool, a, 1u << 20);
-	ck_assert_uint_eq(pool.idle_bytes, 1u << 20);
+	ck_assert_uint_eq(pool.idle_bytes, sib + (1u << 20));
 
 	ck_assert_uint_eq(tdr_bufpool_size(100), 4096);
 	ck_assert_uint_eq(tdr_bufpool_size(1u << 20), 1u << 20);
@@ -340,7 +355,7 @@ START_TEST(bufpool_reuses_by_size_class)
 	/* Any length of the same power-of-two class gets the idle buffer back. */
 	b = tdr_bufpool_get(&pool, (1u << 19) + 512);
 	ck_assert_ptr_eq(b, a);
-	ck_assert_uint_eq(pool.idle_bytes, 0);
+	ck_assert_uint_eq(pool.idle_bytes, sib);
 	ck_assert_uint_eq(pool.hits, 1);
 	ck_assert_uint_eq(pool.misses, 1);
 
@@ -352,7 +367,7 @@ START_TEST(bufpool_reuses_by_size_class)
 	ck_assert_uint_eq(pool.misses, 2);
 	tdr_bufpool_put(&pool, c, 4096);
 	tdr_bufpool_put(&pool, b, (1u << 19) + 512);
-	ck_assert_uint_eq(pool.idle_bytes, 4096 + (1u << 20));
+	ck_assert_uint_eq(pool.idle_bytes, 4096 + sib + (1u << 20));
 	tdr_bufpool_put(&pool, NULL, 4096);
 	tdr_bufpool_fini(&pool);
 	ck_assert_uint_eq(pool.idle_bytes, 0);
@@ -369,6 +384,10 @@ START_TEST(bufpool_bounds_idle_memory)
 		bufs[i] = tdr_bufpool_get(&pool, 1u << 20);
 		ck_assert_ptr_nonnull(bufs[i]);
 	}
+	/* Three regions of 2 MiB: the first two halves were handed out again. */
+	ck_assert_uint_eq(pool.misses, EXPECT_HUGE ? 3 : 5);
+	ck_assert_uint_eq(pool.hits, EXPECT_HUGE ? 2 : 0);
+	ck_assert_uint_eq(pool.idle_bytes, EXPECT_HUGE ? 1u << 20 : 0);
 	/* The fifth idle MiB would exceed max_idle: it is freed instead. */
 	for (int i = 0; i < 5; i++)
 		tdr_bufpool_put(&pool, bufs[i], 1u << 20);
@@ -381,6 +400,59 @@ START_TEST(bufpool_bounds_idle_memory)
 	tdr_bufpool_put(&pool, bufs[0], TDR_BUFPOOL_MAX_CLASS + 4096);
 	ck_assert_uint_eq(pool.idle_bytes, 4u << 20);
 	tdr_bufpool_fini(&pool);	/* leak-checked under ASan */
+}
+END_TEST
+
+/* Which classes are huge-page backed, how they are laid out, and release(). */
+START_TEST(bufpool_huge_pages)
+{
+	struct tdr_bufpool pool;
+	char *a, *b, *c, *d;
+
+	ck_assert(tdr_bufpool_huge(1u << 20) == EXPECT_HUGE);
+	ck_assert(tdr_bufpool_huge(256u << 10) == EXPECT_HUGE);
+	ck_assert(tdr_bufpool_huge((128u << 10) + 1) == EXPECT_HUGE);
+	ck_assert(!tdr_bufpool_huge(128u << 10));
+	ck_assert(!tdr_bufpool_huge(4096));
+	ck_assert(tdr_bufpool_huge(TDR_BUFPOOL_MAX_CLASS) == EXPECT_HUGE);
+	ck_assert(!tdr_bufpool_huge(TDR_BUFPOOL_MAX_CLASS + 1));
+
+	tdr_bufpool_init(&pool, 8u << 20);
+	a = tdr_bufpool_get(&pool, 1u << 20);
+	b = tdr_bufpool_get(&pool, 1u << 20);
+	c = tdr_bufpool_get(&pool, 3u << 20);	/* class 4 MiB */
+	d = tdr_bufpool_get(&pool, 256u << 10);
+	ck_assert(a && b && c && d);
+	memset(a, 1, 1u << 20);
+	memset(b, 2, 1u << 20);
+	memset(c, 3, 4u << 20);
+	memset(d, 4, 256u << 10);
+	if (EXPECT_HUGE) {
+		/* Two halves of one 2 MiB-aligned region, the second from the idle list. */
+		ck_assert_uint_eq((uintptr_t)a % (2u << 20), 0);
+		ck_assert_ptr_eq(b, a + (1u << 20));
+		ck_assert_uint_eq(pool.misses, 3);
+		ck_assert_uint_eq(pool.hits, 1);
+		ck_assert_uint_eq((uintptr_t)c % (2u << 20), 0);
+		/* 256 KiB: the region's seven other pieces wait idle. */
+		ck_assert_uint_eq((uintptr_t)d % (2u << 20), 0);
+		ck_assert_uint_eq(pool.idle_bytes, 7 * (256u << 10));
+	} else {
+		ck_assert_uint_eq(pool.misses, 4);
+		ck_assert_uint_eq(pool.idle_bytes, 0);
+	}
+	/* Writing one buffer leaves its neighbour alone. */
+	ck_assert_int_eq(a[(1u << 20) - 1], 1);
+	ck_assert_int_eq(b[0], 2);
+	tdr_bufpool_put(&pool, a, 1u << 20);
+	tdr_bufpool_put(&pool, d, 256u << 10);
+	tdr_bufpool_fini(&pool);
+	ck_assert_uint_eq(pool.idle_bytes, 0);
+	/* Still out when the pool went: released on their own. */
+	ck_assert_int_eq(b[(1u << 20) - 1], 2);
+	tdr_bufpool_release(b, 1u << 20);
+	tdr_bufpool_release(c, 3u << 20);
+	tdr_bufpool_release(NULL, 4096);
 }
 END_TEST
 
@@ -402,6 +474,7 @@ int main(void)
 	tcase_add_test(tc, open_falls_back_without_o_direct);
 	tcase_add_test(tc, bufpool_reuses_by_size_class);
 	tcase_add_test(tc, bufpool_bounds_idle_memory);
+	tcase_add_test(tc, bufpool_huge_pages);
 	suite_add_tcase(s, tc);
 	return check_run(s, CHECK_RUN_NOFORK);
 }
