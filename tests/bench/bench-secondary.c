@@ -55,6 +55,26 @@
 
 static struct tdr_loop *loop;
 static struct tdr_io_ctx *io;
+
+/*
+ * The bench's own buffers come from the same pool code as the daemon's
+ * (huge pages from 256 KiB up), so that the peers (the disk's write rate,
+ * the plain copy) move data from buffers as good as the commit's.  No
+ * buffer goes back to it: each is released with tdr_bufpool_release(),
+ * and the pool keeps only the unused pieces of the huge-page regions.
+ */
+static struct tdr_bufpool bench_bufs;
+
+static void die(const char *what);
+
+static void *bench_buf(size_t len)
+{
+	void *b = tdr_bufpool_get(&bench_bufs, len);
+
+	if (!b)
+		die("out of memory");
+	return b;
+}
 static const char *dir = "/var/tmp";
 static char p_sec[512], p_hid[512], p_act[512];
 static struct td_disk *disk, *exp_disk;
@@ -264,7 +284,7 @@ static void pump_init(struct pump *p, struct td_disk *d, int qd, uint32_t bytes,
 	p->range_secs = range / 512;
 	p->slots = calloc((size_t)qd, sizeof(*p->slots));
 	for (int i = 0; i < qd; i++) {
-		p->slots[i].buf = tdr_io_alloc(bytes);
+		p->slots[i].buf = bench_buf(bytes);
 		memset(p->slots[i].buf, 0x5a ^ i, bytes);
 		p->slots[i].p = p;
 	}
@@ -292,7 +312,7 @@ static void pump_wait(struct pump *p)
 static void pump_free(struct pump *p)
 {
 	for (int i = 0; i < p->qd; i++)
-		free(p->slots[i].buf);
+		tdr_bufpool_release(p->slots[i].buf, p->secs * 512u);
 	free(p->slots);
 }
 
@@ -481,9 +501,7 @@ static double raw_copy_bandwidth(void)
 	c.dst = dst;
 	t0 = now_s();
 	for (int i = 0; i < COPY_QD; i++) {
-		slots[i].buf = tdr_io_alloc(COPY_CHUNK);
-		if (!slots[i].buf)
-			die("copy buffer");
+		slots[i].buf = bench_buf(COPY_CHUNK);
 		slots[i].c = &c;
 		c.active++;
 		copy_next(&slots[i]);
@@ -494,7 +512,7 @@ static double raw_copy_bandwidth(void)
 	if (c.errors)
 		die("raw copy");
 	for (int i = 0; i < COPY_QD; i++)
-		free(slots[i].buf);
+		tdr_bufpool_release(slots[i].buf, COPY_CHUNK);
 	td_disk_close(src);
 	td_disk_close(dst);
 	trash(spath);
@@ -805,6 +823,9 @@ int main(int argc, char **argv)
 {
 	int reps = 3, c;
 	const char *only = "cbw,checkpoint,failover";
+
+	/* Room for the pieces of the 2 MiB regions that 1 MiB buffers come from. */
+	tdr_bufpool_init(&bench_bufs, 64u << 20);
 
 	while ((c = getopt(argc, argv, "d:qo:")) != -1) {
 		switch (c) {
