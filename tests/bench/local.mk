@@ -1,6 +1,7 @@
 # Benchmarks: never run by make check, but built by it so they keep compiling.
 # Run them by hand; figures and commands live in docs/benchmarks.md.
-check_PROGRAMS += tests/bench/bench-secondary tests/bench/bench-send
+check_PROGRAMS += tests/bench/bench-secondary tests/bench/bench-send tests/bench/bench-buffers
 tests_bench_bench_secondary_LDADD = $(TDR_LIBS)
+tests_bench_bench_buffers_LDADD = $(TDR_LIBS)
 EXTRA_DIST += tests/bench/nbd-export tests/bench/primary tests/bench/control tests/bench/vhd tests/bench/ext4-first-touch \
 	tests/bench/vhd-open
