@@ -428,23 +428,26 @@ void *tdr_io_alloc(size_t len)
 /* ------------------------------------------------------------ buffer pool */
 
 /*
- * Buffers larger than a page are backed by transparent huge pages where
- * the kernel has them.  An O_DIRECT transfer from 4 KiB pages is a page
- * to pin and a scatter-gather segment per 4 KiB (a 1 MiB one is more
+ * Buffers from 256 KiB up are backed by transparent huge pages where the
+ * kernel has them.  An O_DIRECT transfer from 4 KiB pages is a page to
+ * pin and a scatter-gather segment per 4 KiB (a 1 MiB one is more
  * segments than the virtio disk takes in one request, 254 here, so the
  * block layer splits it); from a huge page it is one segment.  Measured
  * on this project's VM (ext4 on virtio; tests/bench/bench-buffers,
  * docs/benchmarks.md), QD 32, pool against malloc: 1 MiB reads 4.8x and
- * writes 2.6x, 256 KiB 3.8x, 64 KiB 2.9x, 16 KiB 2.0x, 8 KiB 1.2x, 4 KiB
- * 1.0x.  Classes below 2 MiB are carved out of one 2 MiB-aligned region
- * (the rest of it goes to the idle list); larger ones are mapped alone,
- * 2 MiB aligned.  Every such buffer is its own munmap()able range, so
- * none depends on another.  Under AddressSanitizer the pool keeps to
- * malloc, whose red zones and leak checks are worth more there than the
- * speed.
+ * writes 2.6x, 256 KiB 3.8x.  Smaller classes gained too (64 KiB 2.9x,
+ * 16 KiB 2.0x), but huge pages for them made the failover's last phase
+ * hold the SVM's writes 25-32 ms instead of 5-10: a pool miss maps a new
+ * region, and its first touch, inside io_submit(), may compact memory
+ * for a huge page.  Classes below 2 MiB are carved out of one 2 MiB-
+ * aligned region (the rest of it goes to the idle list); larger ones are
+ * mapped alone, 2 MiB aligned.  Every such buffer is its own munmap()able
+ * range, so none depends on another.  Under AddressSanitizer the pool
+ * keeps to malloc, whose red zones and leak checks are worth more there
+ * than the speed.
  */
 #define BUFPOOL_HUGE      ((size_t)2 << 20)
-#define BUFPOOL_THP_SHIFT 13	/* 8 KiB: more than one page */
+#define BUFPOOL_THP_SHIFT 18	/* 256 KiB */
 
 #if defined(__SANITIZE_ADDRESS__)
 #define BUFPOOL_NO_THP 1

@@ -109,8 +109,8 @@ void *tdr_io_alloc(size_t len);
  *
  * Buffers are kept in power-of-two size classes from TDR_IO_ALIGN up to
  * TDR_BUFPOOL_MAX_CLASS bytes (larger ones are not cached), most recently
- * freed first, while the idle ones total at most max_idle bytes.  Those
- * larger than a page are backed by transparent huge pages (io.c says why);
+ * freed first, while the idle ones total at most max_idle bytes.  From
+ * 256 KiB up they are backed by transparent huge pages (io.c says why);
  * a miss in a class below 2 MiB maps a 2 MiB region and keeps the rest of
  * it idle.  The structure is embedded in its owner; it is not thread-safe
  * (one loop).
@@ -140,7 +140,7 @@ void tdr_bufpool_put(struct tdr_bufpool *pool, void *buf, size_t len);
 size_t tdr_bufpool_size(size_t len);
 /*
  * Whether buffers of len bytes come from 2 MiB-aligned regions backed by
- * transparent huge pages (from 8 KiB classes up to TDR_BUFPOOL_MAX_CLASS;
+ * transparent huge pages (from 256 KiB up to TDR_BUFPOOL_MAX_CLASS;
  * never under AddressSanitizer).
  */
 bool tdr_bufpool_huge(size_t len);

@@ -3,8 +3,12 @@
  * bench-buffers: O_DIRECT throughput of the project's own I/O layer (io.c,
  * libaio with an eventfd, one loop) from two kinds of buffers:
  *   malloc  tdr_io_alloc(): posix_memalign, 4 KiB pages;
- *   pool    tdr_bufpool_get(): above 4 KiB, pieces of 2 MiB-aligned
- *           regions backed by transparent huge pages (what the daemon uses).
+ *   pool    tdr_bufpool_get(): from 256 KiB up, pieces of 2 MiB-aligned
+ *           regions backed by transparent huge pages (what the daemon
+ *           uses).  Below 256 KiB the pool takes malloc's buffers too,
+ *           so smaller sizes compare malloc with itself (io.c lists what
+ *           they measured with BUFPOOL_THP_SHIFT lowered, and why they
+ *           were left out).
  * Sequential transfers of SIZE bytes at queue depth QD over FILE (wrapping
  * at its end), for SECONDS per round; the kinds alternate, and the order
  * alternates between rounds.  Prints each round, then the medians and the

@@ -58,7 +58,7 @@ static struct tdr_io_ctx *io;
 
 /*
  * The bench's own buffers come from the same pool code as the daemon's
- * (huge pages above 4 KiB), so that the peers (the disk's write rate,
+ * (huge pages from 256 KiB up), so that the peers (the disk's write rate,
  * the plain copy) move data from buffers as good as the commit's.  No
  * buffer goes back to it: each is released with tdr_bufpool_release(),
  * and the pool keeps only the unused pieces of the huge-page regions.
