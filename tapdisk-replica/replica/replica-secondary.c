@@ -90,6 +90,15 @@
  */
 #define FO_FLUSH_BYTES  (16ull << 20)
 /*
+ * While the SVM does I/O (fo_svm_busy), every FO_SVM_FLUSH_BYTES instead.
+ * Late in a busy commit the copies are the 64 KiB chunks the SVM dirtied
+ * again, scattered, and a flush of 16 MiB of them stopped the SVM for
+ * 12-16 ms each time; at 8 MiB the longest stop fell to about 10 ms (4 MiB:
+ * no better, twice the flushes; docs/benchmarks.md).  With the SVM idle the
+ * commit keeps the larger step, which costs it less.
+ */
+#define FO_SVM_FLUSH_BYTES (8ull << 20)
+/*
  * While running in scratch mode, the secondary disk is flushed in the
  * background every RUN_FLUSH_BYTES the primary writes, so that the
  * primary's checkpoint flush finds less to write back (scratch mode
@@ -1065,7 +1074,8 @@ static void fo_chainflush(struct sec *s)
 
 static void fo_bgflush(struct sec *s)
 {
-	if (s->fo_bgflushing || s->fo_preflushing || s->fo_final || s->fo_unflushed < FO_FLUSH_BYTES)
+	if (s->fo_bgflushing || s->fo_preflushing || s->fo_final ||
+	    s->fo_unflushed < (fo_svm_busy(s) ? FO_SVM_FLUSH_BYTES : FO_FLUSH_BYTES))
 		return;
 	s->fo_bgflushing = true;
 	s->fo_unflushed = 0;
