@@ -593,34 +593,58 @@ static void cbw_read(struct td_request *rd, int err, void *arg)
 		cbw_reads_done(f);
 }
 
+/*
+ * A copy of chunks [first, first + n), clipped at the end of the disk, with
+ * its buffer from the pool; NULL when out of memory.  Copy-before-write and
+ * the failover's commit both copy whole chunks this way.
+ */
+static struct sec_copy *sec_copy_new(struct sec *s, uint64_t first, uint64_t n)
+{
+	uint64_t sec = first * s->chunk_secs, secs = n * s->chunk_secs;
+	struct sec_copy *c = calloc(1, sizeof(*c));
+
+	if (!c)
+		return NULL;
+	if (sec + secs > s->secondary->size_secs)
+		secs = s->secondary->size_secs - sec;
+	c->buf_len = (size_t)secs << TD_SECTOR_SHIFT;
+	c->buf = tdr_bufpool_get(&s->bufs, c->buf_len);
+	if (!c->buf) {
+		free(c);
+		return NULL;
+	}
+	c->s = s;
+	c->first_chunk = first;
+	c->nchunks = n;
+	return c;
+}
+
+/* The sectors a copy covers. */
+static uint64_t sec_copy_sec(const struct sec_copy *c)
+{
+	return c->first_chunk * c->s->chunk_secs;
+}
+
+static uint32_t sec_copy_secs(const struct sec_copy *c)
+{
+	return (uint32_t)(c->buf_len >> TD_SECTOR_SHIFT);
+}
+
 /* Reads the original of chunk before f's write may go on. */
 static void cbw_copy(struct sec *s, struct sec_fwd *f, uint64_t chunk)
 {
-	uint64_t sec = chunk * s->chunk_secs;
-	uint64_t secs = s->chunk_secs;
-	struct sec_copy *c;
+	struct sec_copy *c = sec_copy_new(s, chunk, 1);
 
-	if (sec + secs > s->secondary->size_secs)
-		secs = s->secondary->size_secs - sec;
-	c = calloc(1, sizeof(*c));
-	if (c) {
-		c->buf_len = (size_t)secs << TD_SECTOR_SHIFT;
-		c->buf = tdr_bufpool_get(&s->bufs, c->buf_len);
-	}
-	if (!c || !c->buf) {
-		free(c);
+	if (!c) {
 		if (!f->copy_err)
 			f->copy_err = -ENOMEM;
 		return;
 	}
-	c->s = s;
 	c->f = f;
-	c->first_chunk = chunk;
-	c->nchunks = 1;
 	c->next = f->copies;
 	f->copies = c;
 	f->copies_pending++;
-	td_request_init(&c->rd, TD_OP_READ, sec, (uint32_t)secs, c->buf, cbw_read, c);
+	td_request_init(&c->rd, TD_OP_READ, sec_copy_sec(c), sec_copy_secs(c), c->buf, cbw_read, c);
 	td_queue_request(s->secondary, &c->rd);
 }
 
@@ -963,7 +987,7 @@ static uint64_t fo_copy_budget(const struct sec *s)
 /* Takes the next run of dirty chunks and copies the SVM's view of it. */
 static bool fo_copy_next(struct sec *s, uint64_t max_chunks)
 {
-	uint64_t first, n = 1, sec, secs;
+	uint64_t first, n = 1;
 	struct sec_copy *c;
 
 	if (!replica_chunkset_next(&s->fo_dirty, s->fo_cursor, &first) &&
@@ -971,17 +995,7 @@ static bool fo_copy_next(struct sec *s, uint64_t max_chunks)
 		return false;
 	while (n < max_chunks && replica_chunkset_test(&s->fo_dirty, first + n))
 		n++;
-	sec = first * s->chunk_secs;
-	secs = n * s->chunk_secs;
-	if (sec + secs > s->secondary->size_secs)
-		secs = s->secondary->size_secs - sec;
-	c = calloc(1, sizeof(*c));
-	if (c) {
-		c->buf_len = (size_t)secs << TD_SECTOR_SHIFT;
-		c->buf = tdr_bufpool_get(&s->bufs, c->buf_len);
-	}
-	if (!c || !c->buf) {
-		free(c);
+	if (!(c = sec_copy_new(s, first, n))) {
 		if (!s->fo_err)
 			s->fo_err = -ENOMEM;
 		return false;
@@ -989,15 +1003,12 @@ static bool fo_copy_next(struct sec *s, uint64_t max_chunks)
 	for (uint64_t i = 0; i < n; i++)
 		replica_chunkset_clear(&s->fo_dirty, first + i);
 	s->fo_cursor = first + n;
-	c->s = s;
-	c->first_chunk = first;
-	c->nchunks = n;
 	s->fo_copies++;
 	s->fo_bytes_inflight += c->buf_len;
 	if (fo_svm_busy(s) && s->fo_bytes_inflight > s->r->stats.fo_svm_peak_bytes)
 		s->r->stats.fo_svm_peak_bytes = s->fo_bytes_inflight;
 	/* A read through active is the SVM's view: active over hidden over secondary. */
-	td_request_init(&c->rd, TD_OP_READ, sec, (uint32_t)secs, c->buf, fo_copy_read, c);
+	td_request_init(&c->rd, TD_OP_READ, sec_copy_sec(c), sec_copy_secs(c), c->buf, fo_copy_read, c);
 	td_queue_request(s->active, &c->rd);
 	return true;
 }
