@@ -504,6 +504,16 @@ void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err)
 int vhd_image_set_scratch(struct td_image *img, bool on);
 
 /*
+ * Calls fn(arg, sec, secs) for every block allocated in img, a dynamic or
+ * differencing VHD, in order: its first sector and its length (clipped at
+ * the end of the disk).  From the BAT in memory: no I/O, no wait.  A block
+ * whose allocation is in flight counts as allocated.  0, the first non-zero
+ * return of fn, or -EINVAL (with tdr_set_error) for any other image.
+ */
+int vhd_image_for_each_block(struct td_image *img,
+			     int (*fn)(void *arg, uint64_t sec, uint64_t secs), void *arg);
+
+/*
  * Online commit: copies every sector present in child (per its bitmaps)
  * into child->parent with td_queue_request(), then flushes the parent.
  * progress (may be NULL) is called with blocks done / blocks allocated.  The

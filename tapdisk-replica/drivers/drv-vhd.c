@@ -1846,6 +1846,31 @@ int vhd_image_set_scratch(struct td_image *img, bool on)
 	return 0;
 }
 
+int vhd_image_for_each_block(struct td_image *img,
+			     int (*fn)(void *arg, uint64_t sec, uint64_t secs), void *arg)
+{
+	struct vhd_state *s = img->priv;
+	uint32_t n;
+
+	if (img->drv != &td_drv_vhd || !is_dynamic(s)) {
+		tdr_set_error("%s: only dynamic and differencing VHDs have blocks to list", img->params);
+		return -EINVAL;
+	}
+	n = s->m.blocks < s->m.bat_entries ? s->m.blocks : s->m.bat_entries;
+	for (uint32_t b = 0; b < n; b++) {
+		uint64_t sec = (uint64_t)b * s->m.spb, secs = s->m.spb;
+		int r;
+
+		if (s->m.bat[b] == VHD_BAT_UNUSED)
+			continue;
+		if (sec + secs > img->size_secs)
+			secs = img->size_secs - sec;
+		if ((r = fn(arg, sec, secs)) != 0)
+			return r;
+	}
+	return 0;
+}
+
 void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err), void *arg)
 {
 	struct vhd_state *s = img->priv;

@@ -1124,7 +1124,7 @@ static void fo_pump(struct sec *s)
 		replica_set_state(r, REPLICA_STATE_FAILOVER_FAILED);
 		if (s->fo_err == -ECANCELED && s->closing)
 			/* Short: the two paths must fit in REPLICA_MSG_MAX. */
-			replica_set_error(r, s->fo_err, "failover interrupted by a close; nothing is lost: commit offline with vhd-util coalesce -n %s, then -n %s",
+			replica_set_error(r, s->fo_err, "failover interrupted by a close; nothing is lost: reopen the disk and run failover again (it resumes online), or commit offline with vhd-util coalesce -n %s, then -n %s",
 					  s->active->params, s->hidden->params);
 		else
 			replica_set_error(r, s->fo_err, "failover commit into %s failed: %s; the SVM keeps running on active/hidden, nothing is lost; retry with failover",
@@ -1236,6 +1236,37 @@ static void sec_checkpoint(struct replica *r)
 	wait_drained(s, empty_both);
 }
 
+static int fo_adopt_block(void *arg, uint64_t sec, uint64_t secs)
+{
+	struct sec *s = arg;
+
+	return replica_chunkset_set_range(&s->svm_written, sec, secs);
+}
+
+/*
+ * A failover asked in state none: the chain was opened with what active and
+ * hidden held, after a restart that cut a failover (or replication) short;
+ * what they hold was not tracked in this process.  Every chunk of their
+ * allocated blocks counts as held, so the SVM's writes to those chunks go to
+ * active and the commit copies them.  A chunk counted that they do not hold
+ * is copied onto itself (the view of it is the secondary disk's), which
+ * costs time, never data.  Returns the number of chunks or -errno.
+ */
+static int fo_adopt_chain(struct sec *s)
+{
+	int err;
+
+	replica_chunkset_clear_all(&s->svm_written);
+	replica_chunkset_clear_all(&s->cbw);
+	if ((err = vhd_image_for_each_block(s->active, fo_adopt_block, s)) < 0 ||
+	    (err = vhd_image_for_each_block(s->hidden, fo_adopt_block, s)) < 0) {
+		replica_chunkset_clear_all(&s->svm_written);
+		return err;
+	}
+	return replica_chunkset_count(&s->svm_written) > INT32_MAX ? INT32_MAX :
+	       (int)replica_chunkset_count(&s->svm_written);
+}
+
 static void sec_stop(struct replica *r, bool failover)
 {
 	struct sec *s = r->mode_priv;
@@ -1256,11 +1287,24 @@ static void sec_stop(struct replica *r, bool failover)
 		wait_drained(s, empty_both);
 		return;
 	}
-	if (r->state != REPLICA_STATE_RUNNING && r->state != REPLICA_STATE_FAILOVER_FAILED) {
+	if (r->state == REPLICA_STATE_NONE) {
+		int held = fo_adopt_chain(s);
+
+		if (held < 0) {
+			replica_op_done(r, held, "failover refused: cannot list the blocks of active and hidden: %s",
+					held == -EINVAL ? tdr_last_error() : strerror(-held));
+			return;
+		}
+		if (!held) {
+			replica_op_done(r, -EINVAL, "failover refused: the secondary is in state none; nothing to fail over, it never started and active and hidden are empty");
+			return;
+		}
+		TDR_INFO("replica secondary: failover in state none: committing what active and hidden hold (%llu chunks, whole blocks), as a failover interrupted by a restart would have",
+			 (unsigned long long)replica_chunkset_count(&s->svm_written));
+	} else if (r->state != REPLICA_STATE_RUNNING && r->state != REPLICA_STATE_FAILOVER_FAILED) {
 		replica_op_done(r, r->state == REPLICA_STATE_FAILOVER ? -EBUSY : -EINVAL,
 				"failover refused: the secondary is in state %s%s",
 				replica_state_name(r->state),
-				r->state == REPLICA_STATE_NONE ? "; nothing to fail over, it never started" :
 				r->state == REPLICA_STATE_DONE ? "; failover is already done" : "");
 		return;
 	}

@@ -52,6 +52,8 @@ TESTS += tests/integration/replica-secondary.sh
 EXTRA_DIST += tests/integration/replica-secondary.sh
 TESTS += tests/integration/replica-close-failover.sh
 EXTRA_DIST += tests/integration/replica-close-failover.sh
+TESTS += tests/integration/replica-restart-failover.sh
+EXTRA_DIST += tests/integration/replica-restart-failover.sh
 
 # The replication demo itself (tools/replication-demo), shortened.
 TESTS += tests/integration/replication-demo.sh

@@ -631,6 +631,76 @@ START_TEST(close_during_failover)
 END_TEST
 
 /*
+ * The failover after a restart: the chain reopened in state none still holds
+ * the SVM's view (active over hidden over the secondary disk), and neither
+ * the SVM nor the commit may use it until an operation says what it is.  A
+ * failover commits it online: every chunk of the blocks active and hidden
+ * hold counts, the SVM writes meanwhile, and at the end the secondary disk
+ * is the SVM's view.  "interrupted": the first failover was cut short by a
+ * close; otherwise the disk was closed while replicating.
+ */
+static void failover_after_reopen(bool interrupted)
+{
+	char *view = xalloc(FO_BIG), *w = xalloc(MIB);
+	struct replica_status st;
+
+	big_chain_written(view);
+	/* A primary write in a block the SVM never wrote: only hidden holds its original. */
+	fill(w, MIB, 79);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 50 * MIB / 512, MIB / 512, w), 0);
+	expect_disk(disk, 50 * MIB / 512, MIB / 512, view + 50 * MIB);
+	if (interrupted) {
+		ck_assert_int_eq(op("failover"), 0);
+		quiesce_disk();
+		ck_assert_int_eq(state(), REPLICA_STATE_FAILOVER_FAILED);
+		ck_assert_int_eq(op("get-error"), 0);
+		ck_assert_msg(strstr(last_msg, "run failover again"), "%s", last_msg);
+	} else {
+		quiesce_disk();
+		ck_assert_int_eq(state(), REPLICA_STATE_RUNNING);
+	}
+	td_disk_close(disk);
+	disk = NULL;
+
+	open_disk();
+	ck_assert_int_eq(state(), REPLICA_STATE_NONE);
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, 8, w), -EIO);
+	ck_assert_int_eq(op("failover"), 0);
+	ck_assert_int_eq(state(), REPLICA_STATE_FAILOVER);
+	replica_get_status(rep, &st);
+	/* Blocks 0-23 in both active and hidden (big_chain_written), block 25 in hidden. */
+	ck_assert_uint_eq(st.progress_total, 50 * MIB);
+	/* The SVM writes during the commit: into a chunk held above and into one that is not. */
+	fill(w, MIB, 77);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 1 * MIB / 512, MIB / 512, w), 0);
+	memcpy(view + 1 * MIB, w, MIB);
+	fill(w, MIB, 78);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 60 * MIB / 512, MIB / 512, w), 0);
+	memcpy(view + 60 * MIB, w, MIB);
+	wait_state_not(REPLICA_STATE_FAILOVER);
+	ck_assert_int_eq(state(), REPLICA_STATE_DONE);
+	expect_disk(disk, 0, FO_BIG / 512, view);
+	expect_image(secondary, 0, FO_BIG / 512, view);
+	td_disk_close(disk);
+	disk = NULL;
+	expect_file_reads(p_sec, view, FO_BIG);
+	free(view);
+	free(w);
+}
+
+START_TEST(failover_resumes_after_interrupted_close)
+{
+	failover_after_reopen(true);
+}
+END_TEST
+
+START_TEST(failover_after_restart_while_running)
+{
+	failover_after_reopen(false);
+}
+END_TEST
+
+/*
  * The primary's writes in flight at the export when the disk closes: the
  * close waits for each (its copy into hidden, then its write); each
  * completes, and the SVM still sees the checkpoint's content.
@@ -1316,6 +1386,8 @@ int main(void)
 	tcase_add_test(tc, make_empty_failure_reported);
 	tcase_add_test(tc, commit_failure_then_routing_then_retry);
 	tcase_add_test(tc, failover_chain_flush_failure);
+	tcase_add_test(tc, failover_resumes_after_interrupted_close);
+	tcase_add_test(tc, failover_after_restart_while_running);
 	tcase_add_test(tc, scratch_off_option);
 	tcase_add_test(tc, scratch_primary_flush_skips_hidden);
 	tcase_add_test(tc, bad_chains);

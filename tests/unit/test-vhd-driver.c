@@ -426,6 +426,69 @@ START_TEST(block_status)
 }
 END_TEST
 
+struct block_list {
+	uint64_t sec[8], secs[8];
+	unsigned n, stop_after;
+};
+
+static int list_block(void *arg, uint64_t sec, uint64_t secs)
+{
+	struct block_list *l = arg;
+
+	ck_assert_uint_lt(l->n, 8);
+	l->sec[l->n] = sec;
+	l->secs[l->n] = secs;
+	return ++l->n == l->stop_after ? -EINTR : 0;
+}
+
+/*
+ * vhd_image_for_each_block lists the blocks of one image, not of its chain,
+ * in order, the last one clipped at the end of the disk; fn's non-zero
+ * return stops it; an image of another driver is refused.
+ */
+START_TEST(for_each_block)
+{
+	const uint64_t size = 5 * MIB;	/* blocks 0, 1 and a 1 MiB block 2 */
+	struct block_list l = { .n = 0 };
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char *data = abuf(4096), spec[PATH_MAX + 8];
+	struct td_disk *disk;
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_open(&vf, pa, 0, &err), 0);
+	memset(data, 1, 4096);
+	ck_assert_int_eq(vhd_file_write(vf, 4096 + 8, 8, data), 0);	/* block 1 */
+	vhd_file_close(vf);
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+
+	disk = open_disk(pb, 0);
+	ck_assert_int_eq(vhd_image_for_each_block(disk->top, list_block, &l), 0);
+	ck_assert_uint_eq(l.n, 0);	/* block 1 is the parent's */
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 2 * 4096 + 16, 8, data, NULL), 0);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 8, 8, data, NULL), 0);
+	ck_assert_int_eq(vhd_image_for_each_block(disk->top, list_block, &l), 0);
+	ck_assert_uint_eq(l.n, 2);
+	ck_assert_uint_eq(l.sec[0], 0);
+	ck_assert_uint_eq(l.secs[0], 4096);
+	ck_assert_uint_eq(l.sec[1], 2 * 4096);
+	ck_assert_uint_eq(l.secs[1], 2048);
+	ck_assert_int_eq(vhd_image_for_each_block(disk->bottom, list_block, &(struct block_list){ .n = 0 }), 0);
+	l.n = 0;
+	l.stop_after = 1;
+	ck_assert_int_eq(vhd_image_for_each_block(disk->top, list_block, &l), -EINTR);
+	ck_assert_uint_eq(l.n, 1);
+	td_disk_close(disk);
+
+	snprintf(spec, sizeof(spec), "aio:%s", pa);
+	ck_assert_int_eq(td_disk_open(&disk, spec, 0, loop, io), 0);
+	ck_assert_int_eq(vhd_image_for_each_block(disk->top, list_block, &l), -EINVAL);
+	ck_assert_ptr_nonnull(strstr(tdr_last_error(), "only dynamic and differencing"));
+	td_disk_close(disk);
+	free(data);
+}
+END_TEST
+
 static bool op_done;
 static int op_err;
 static uint64_t prog_calls, prog_last, prog_total;
@@ -1511,6 +1574,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, concurrent_alloc_same_block);
 	tcase_add_test(tc, chain_three_deep);
 	tcase_add_test(tc, block_status);
+	tcase_add_test(tc, for_each_block);
 	tcase_add_test(tc, online_make_empty);
 	tcase_add_test(tc, first_touch_stays_sparse);
 	tcase_add_test(tc, bitmap_page_keeps_neighbours);
