@@ -270,6 +270,20 @@ secondary_chain() {
 	state() { ctl status state | sed -n 's/^state=//p'; }
 }
 
+# secondary_with_view SIZE_MIB PRIMARY_MIB SVM_FROM_MIB SVM_MIB: a secondary
+# chain of SIZE_MIB synced with 0x11 (state none), started, then written:
+# 0x22 by the primary over [0, PRIMARY_MIB) (the originals go into hidden)
+# and 0x33 by the SVM over [SVM_FROM_MIB, +SVM_MIB) (into active); the SVM's
+# view is left in $T/view.raw.
+secondary_with_view() {
+	secondary_chain "$1"
+	qio "$EXPURI" "write -P 0x11 0 ${1}M"
+	ctl start
+	qio "$EXPURI" "write -P 0x22 0 ${2}M"
+	qio "$SVM" "write -P 0x33 ${3}M ${4}M"
+	nbdcopy "$SVM" "$T/view.raw"
+}
+
 # secondary_is_view: after secondary_chain's daemon stopped, the secondary
 # disk, read by qemu-img (which knows nothing of our code), equals
 # $T/view.raw byte for byte, and vhd-util check passes on all three files.

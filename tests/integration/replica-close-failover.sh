@@ -14,14 +14,8 @@
 need_cmd qemu-io qemu-img nbdcopy
 tdr_setup
 
-secondary_chain 256
-
-qio "$EXPURI" 'write -P 0x11 0 256M'
-ctl start
 # 128 MiB from the primary (each first copied into hidden), 64 MiB by the SVM.
-qio "$EXPURI" 'write -P 0x22 0 128M'
-qio "$SVM" 'write -P 0x33 128M 64M'
-nbdcopy "$SVM" "$T/view.raw"
+secondary_with_view 256 128 128 64
 
 ctl failover
 st=0

@@ -15,15 +15,9 @@
 need_cmd qemu-io qemu-img nbdcopy
 tdr_setup
 
-secondary_chain 256
-
-qio "$EXPURI" 'write -P 0x11 0 256M'
-ctl start
 # The primary's writes land in the secondary disk, their originals in
 # hidden; the SVM's go to active.  A SIGKILL then: no drain, no flush.
-qio "$EXPURI" 'write -P 0x22 0 96M'
-qio "$SVM" 'write -P 0x33 64M 64M'
-nbdcopy "$SVM" "$T/view.raw"
+secondary_with_view 256 96 64 64
 kill -KILL "$DAEMON_PID"
 wait "$DAEMON_PID" 2>/dev/null || true
 
