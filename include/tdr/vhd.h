@@ -514,6 +514,20 @@ int vhd_image_for_each_block(struct td_image *img,
 			     int (*fn)(void *arg, uint64_t sec, uint64_t secs), void *arg);
 
 /*
+ * Calls fn(arg, sec, secs) for every run of sectors present in img itself:
+ * in a differencing VHD, the runs of set bits of its block bitmaps (read
+ * from the file, a few blocks at a time); in a dynamic one, every allocated
+ * block as a whole, as for_each_block.  Within a block the runs come in
+ * order; blocks may come in any order.  done(arg, err) runs once, from the
+ * loop, with 0, fn's first non-zero return, or -errno (-EINVAL, with
+ * tdr_set_error, for an image that is not such a VHD; that one is called
+ * at once).  The caller keeps writes to img away meanwhile.
+ */
+void vhd_image_for_each_run(struct td_image *img,
+			    int (*fn)(void *arg, uint64_t sec, uint64_t secs),
+			    void (*done)(void *arg, int err), void *arg);
+
+/*
  * Online commit: copies every sector present in child (per its bitmaps)
  * into child->parent with td_queue_request(), then flushes the parent.
  * progress (may be NULL) is called with blocks done / blocks allocated.  The

@@ -1871,6 +1871,156 @@ int vhd_image_for_each_block(struct td_image *img,
 	return 0;
 }
 
+/* ------------------------------------------------------------------ */
+/* Runs of present sectors (vhd_image_for_each_run) */
+
+#define RUNS_DEPTH 16u	/* bitmap reads in flight */
+
+struct runs;
+
+struct runs_slot {
+	struct runs *r;
+	struct tdr_iocb iocb;
+	uint32_t block;		/* UINT32_MAX: idle */
+	uint8_t *map;
+};
+
+struct runs {
+	struct td_image *img;
+	struct vhd_state *s;
+	int (*fn)(void *arg, uint64_t sec, uint64_t secs);
+	void (*done)(void *arg, int err);
+	void *arg;
+	uint32_t next, nblocks;
+	unsigned inflight;
+	bool pumping;		/* runs_pump is on the stack */
+	int err;
+	struct tdr_defer defer;
+	struct runs_slot slot[RUNS_DEPTH];
+};
+
+static void runs_finish(struct runs *r)
+{
+	void (*done)(void *, int) = r->done;
+	void *arg = r->arg;
+	int err = r->err;
+
+	r->s->jobs_live--;
+	for (unsigned i = 0; i < RUNS_DEPTH; i++)
+		free(r->slot[i].map);
+	free(r);
+	done(arg, err);
+}
+
+static void runs_pump(struct runs *r);
+
+/* One block's bitmap is in: its runs of set bits go to fn, in order. */
+static void runs_map_done(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct runs_slot *sl = arg;
+	struct runs *r = sl->r;
+	struct vhd_state *s = r->s;
+	uint64_t base = (uint64_t)sl->block * s->m.spb;
+	uint32_t n = s->size_secs - base < s->m.spb ? (uint32_t)(s->size_secs - base) : s->m.spb;
+
+	r->inflight--;
+	if (res < 0 || (size_t)res != s->bm_bytes) {
+		if (!r->err)
+			r->err = res < 0 ? (int)res : -EIO;
+	}
+	for (uint32_t i = 0; i < n && !r->err;) {
+		bool set;
+		uint32_t run = vhd_bitmap_run(sl->map, i, n - i, &set);
+
+		if (set)
+			r->err = r->fn(r->arg, base + i, run);
+		i += run;
+	}
+	sl->block = UINT32_MAX;
+	runs_pump(r);
+}
+
+static void runs_pump(struct runs *r)
+{
+	struct vhd_state *s = r->s;
+
+	if (r->pumping)
+		return;
+	r->pumping = true;
+	for (unsigned i = 0; i < RUNS_DEPTH && !r->err; i++) {
+		struct runs_slot *sl = &r->slot[i];
+
+		if (sl->block != UINT32_MAX)
+			continue;
+		while (r->next < r->nblocks && s->m.bat[r->next] == VHD_BAT_UNUSED)
+			r->next++;
+		if (r->next >= r->nblocks)
+			break;
+		sl->block = r->next++;
+		r->inflight++;
+		tdr_io_pread(r->img->io, &sl->iocb, s->fd, sl->map, s->bm_bytes,
+			     (uint64_t)s->m.bat[sl->block] << VHD_SECTOR_SHIFT, runs_map_done, sl);
+	}
+	r->pumping = false;
+	if (!r->inflight)
+		runs_finish(r);
+}
+
+static int runs_whole_block(void *arg, uint64_t sec, uint64_t secs)
+{
+	struct runs *r = arg;
+
+	return r->fn(r->arg, sec, secs);
+}
+
+static void runs_deferred(void *arg)
+{
+	struct runs *r = arg;
+
+	if (!r->err && !is_diff(r->s))
+		r->err = vhd_image_for_each_block(r->img, runs_whole_block, r);
+	if (r->err || !is_diff(r->s)) {
+		runs_finish(r);
+		return;
+	}
+	runs_pump(r);
+}
+
+void vhd_image_for_each_run(struct td_image *img,
+			    int (*fn)(void *arg, uint64_t sec, uint64_t secs),
+			    void (*done)(void *arg, int err), void *arg)
+{
+	struct vhd_state *s = img->priv;
+	struct runs *r;
+
+	if (img->drv != &td_drv_vhd || !is_dynamic(s)) {
+		tdr_set_error("%s: only dynamic and differencing VHDs have runs to list", img->params);
+		done(arg, -EINVAL);
+		return;
+	}
+	r = calloc(1, sizeof(*r));
+	if (!r) {
+		done(arg, -ENOMEM);
+		return;
+	}
+	r->img = img;
+	r->s = s;
+	r->fn = fn;
+	r->done = done;
+	r->arg = arg;
+	r->nblocks = s->m.blocks < s->m.bat_entries ? s->m.blocks : s->m.bat_entries;
+	s->jobs_live++;
+	for (unsigned i = 0; i < RUNS_DEPTH; i++) {
+		r->slot[i].r = r;
+		r->slot[i].block = UINT32_MAX;
+		if (is_diff(s) && !(r->slot[i].map = tdr_io_alloc(s->bm_bytes)))
+			r->err = -ENOMEM;
+	}
+	/* From the loop, like every other completion of this driver. */
+	tdr_defer_init(&r->defer, runs_deferred, r);
+	tdr_loop_defer(img->loop, &r->defer);
+}
+
 void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err), void *arg)
 {
 	struct vhd_state *s = img->priv;

@@ -147,6 +147,7 @@ struct sec {
 
 	uint64_t svm_inflight, svm_writes_inflight, export_inflight;
 	uint64_t svm_last_ns;		/* when the SVM last sent a request */
+	unsigned adopting;		/* failover in state none: listing active (1), then hidden (2) */
 
 	/* Checkpoint/stop: hold everything.  Failover's last phase: hold SVM writes. */
 	bool hold_all, hold_writes;
@@ -1236,35 +1237,69 @@ static void sec_checkpoint(struct replica *r)
 	wait_drained(s, empty_both);
 }
 
-static int fo_adopt_block(void *arg, uint64_t sec, uint64_t secs)
+static int fo_adopt_run(void *arg, uint64_t sec, uint64_t secs)
 {
 	struct sec *s = arg;
 
 	return replica_chunkset_set_range(&s->svm_written, sec, secs);
 }
 
+/* The failover proper, from running, failover-failed or an adopted chain. */
+static void fo_start(struct sec *s)
+{
+	replica_set_state(s->r, REPLICA_STATE_FAILOVER);
+	replica_op_done(s->r, 0, "%s", "");
+	/* Let the primary's writes in flight finish (new ones are refused now). */
+	s->hold_all = true;
+	wait_drained(s, fo_begin);
+}
+
+static void fo_adopted(void *arg, int err)
+{
+	struct sec *s = arg;
+	struct replica *r = s->r;
+	uint64_t n;
+
+	if (!err && s->adopting == 1) {
+		/* Active's runs are in; now hidden's. */
+		s->adopting = 2;
+		vhd_image_for_each_run(s->hidden, fo_adopt_run, fo_adopted, s);
+		return;
+	}
+	s->adopting = 0;
+	n = replica_chunkset_count(&s->svm_written);
+	if (err) {
+		replica_chunkset_clear_all(&s->svm_written);
+		replica_op_done(r, err, "failover refused: cannot list what active and hidden hold: %s",
+				err == -EINVAL ? tdr_last_error() : strerror(-err));
+	} else if (s->closing) {
+		replica_chunkset_clear_all(&s->svm_written);
+		replica_op_done(r, -ESHUTDOWN, "failover refused: the disk is closing");
+	} else if (!n) {
+		replica_op_done(r, -EINVAL, "failover refused: the secondary is in state none; nothing to fail over, it never started and active and hidden are empty");
+	} else {
+		TDR_INFO("replica secondary: failover in state none: committing what active and hidden hold (%llu chunks), as a failover interrupted by a restart would have",
+			 (unsigned long long)n);
+		fo_start(s);
+	}
+}
+
 /*
  * A failover asked in state none: the chain was opened with what active and
  * hidden held, after a restart that cut a failover (or replication) short;
- * what they hold was not tracked in this process.  Every chunk of their
- * allocated blocks counts as held, so the SVM's writes to those chunks go to
- * active and the commit copies them.  A chunk counted that they do not hold
- * is copied onto itself (the view of it is the secondary disk's), which
- * costs time, never data.  Returns the number of chunks or -errno.
+ * this process never tracked it.  Their bitmaps say which sectors they hold
+ * (read in the background: SVM I/O is refused in state none, so nothing
+ * writes to them meanwhile); every chunk those touch counts as held, so the
+ * SVM's writes to it go to active and the commit copies it.  Whatever the
+ * rest of such a chunk, the copy is the SVM's view of it: correct, at the
+ * cost of copying a little more than was written.
  */
-static int fo_adopt_chain(struct sec *s)
+static void fo_adopt_chain(struct sec *s)
 {
-	int err;
-
 	replica_chunkset_clear_all(&s->svm_written);
 	replica_chunkset_clear_all(&s->cbw);
-	if ((err = vhd_image_for_each_block(s->active, fo_adopt_block, s)) < 0 ||
-	    (err = vhd_image_for_each_block(s->hidden, fo_adopt_block, s)) < 0) {
-		replica_chunkset_clear_all(&s->svm_written);
-		return err;
-	}
-	return replica_chunkset_count(&s->svm_written) > INT32_MAX ? INT32_MAX :
-	       (int)replica_chunkset_count(&s->svm_written);
+	s->adopting = 1;
+	vhd_image_for_each_run(s->active, fo_adopt_run, fo_adopted, s);
 }
 
 static void sec_stop(struct replica *r, bool failover)
@@ -1288,31 +1323,17 @@ static void sec_stop(struct replica *r, bool failover)
 		return;
 	}
 	if (r->state == REPLICA_STATE_NONE) {
-		int held = fo_adopt_chain(s);
-
-		if (held < 0) {
-			replica_op_done(r, held, "failover refused: cannot list the blocks of active and hidden: %s",
-					held == -EINVAL ? tdr_last_error() : strerror(-held));
-			return;
-		}
-		if (!held) {
-			replica_op_done(r, -EINVAL, "failover refused: the secondary is in state none; nothing to fail over, it never started and active and hidden are empty");
-			return;
-		}
-		TDR_INFO("replica secondary: failover in state none: committing what active and hidden hold (%llu chunks, whole blocks), as a failover interrupted by a restart would have",
-			 (unsigned long long)replica_chunkset_count(&s->svm_written));
-	} else if (r->state != REPLICA_STATE_RUNNING && r->state != REPLICA_STATE_FAILOVER_FAILED) {
+		fo_adopt_chain(s);
+		return;
+	}
+	if (r->state != REPLICA_STATE_RUNNING && r->state != REPLICA_STATE_FAILOVER_FAILED) {
 		replica_op_done(r, r->state == REPLICA_STATE_FAILOVER ? -EBUSY : -EINVAL,
 				"failover refused: the secondary is in state %s%s",
 				replica_state_name(r->state),
 				r->state == REPLICA_STATE_DONE ? "; failover is already done" : "");
 		return;
 	}
-	replica_set_state(r, REPLICA_STATE_FAILOVER);
-	replica_op_done(r, 0, "%s", "");
-	/* Let the primary's writes in flight finish (new ones are refused now). */
-	s->hold_all = true;
-	wait_drained(s, fo_begin);
+	fo_start(s);
 }
 
 static void sec_srv_stopped(void *arg)
@@ -1350,7 +1371,7 @@ static uint64_t sec_busy(struct replica *r)
 	/* The export's requests, held ones included, and our own. */
 	return (s->srv && !s->srv_stopped) + s->export_disk->inflight + (s->drained != NULL) +
 	       s->fo_copies + s->fo_preflushing + s->fo_bgflushing + s->fo_chainflushing +
-	       s->fo_flushing + s->run_flushing +
+	       s->fo_flushing + s->run_flushing + (s->adopting != 0) +
 	       (uint64_t)(s->empty_pending > 0 ? s->empty_pending : 0);
 }
 

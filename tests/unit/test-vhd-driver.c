@@ -489,6 +489,108 @@ START_TEST(for_each_block)
 }
 END_TEST
 
+struct run_wait {
+	struct block_list l;
+	bool done;
+	int err;
+};
+
+static int list_run(void *arg, uint64_t sec, uint64_t secs)
+{
+	return list_block(&((struct run_wait *)arg)->l, sec, secs);
+}
+
+static void runs_done(void *arg, int err)
+{
+	struct run_wait *w = arg;
+
+	ck_assert(!w->done);
+	w->done = true;
+	w->err = err;
+}
+
+/* Lists img's runs into w (sorted by sector) and returns done's error. */
+static int list_runs(struct td_image *img, struct run_wait *w)
+{
+	vhd_image_for_each_run(img, list_run, runs_done, w);
+	for (int i = 0; i < 100000 && !w->done; i++)
+		ck_assert_int_ge(tdr_loop_run_once(loop, 100), 0);
+	ck_assert(w->done);
+	for (unsigned i = 1; i < w->l.n; i++)
+		for (unsigned j = i; j > 0 && w->l.sec[j - 1] > w->l.sec[j]; j--) {
+			uint64_t t = w->l.sec[j];
+
+			w->l.sec[j] = w->l.sec[j - 1];
+			w->l.sec[j - 1] = t;
+			t = w->l.secs[j];
+			w->l.secs[j] = w->l.secs[j - 1];
+			w->l.secs[j - 1] = t;
+		}
+	return w->err;
+}
+
+/*
+ * vhd_image_for_each_run: a differencing image's runs are its bitmaps' set
+ * bits, a dynamic image's its whole blocks; fn's error ends it; another
+ * driver's image is refused at once.
+ */
+START_TEST(for_each_run)
+{
+	const uint64_t size = 5 * MIB;
+	struct vhd_error err;
+	char *data = abuf(64 * 512), spec[PATH_MAX + 8];
+	struct td_disk *disk;
+	struct run_wait w = { .l = { .n = 0 } };
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+	memset(data, 7, 64 * 512);
+	disk = open_disk(pb, 0);
+	ck_assert_int_eq(list_runs(disk->top, &w), 0);
+	ck_assert_uint_eq(w.l.n, 0);
+	/* Two runs in block 0 (the second ends at the block's end), one in block 2. */
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 16, 8, data, NULL), 0);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 4096 - 64, 64, data, NULL), 0);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 2 * 4096 + 1000, 24, data, NULL), 0);
+	memset(&w, 0, sizeof(w));
+	ck_assert_int_eq(list_runs(disk->top, &w), 0);
+	ck_assert_uint_eq(w.l.n, 3);
+	ck_assert_uint_eq(w.l.sec[0], 16);
+	ck_assert_uint_eq(w.l.secs[0], 8);
+	ck_assert_uint_eq(w.l.sec[1], 4096 - 64);
+	ck_assert_uint_eq(w.l.secs[1], 64);
+	ck_assert_uint_eq(w.l.sec[2], 2 * 4096 + 1000);
+	ck_assert_uint_eq(w.l.secs[2], 24);
+	/* fn's error ends the listing and is done's. */
+	memset(&w, 0, sizeof(w));
+	w.l.stop_after = 1;
+	ck_assert_int_eq(list_runs(disk->top, &w), -EINTR);
+	/* The parent, dynamic: its whole allocated blocks (none here). */
+	memset(&w, 0, sizeof(w));
+	ck_assert_int_eq(list_runs(disk->bottom, &w), 0);
+	ck_assert_uint_eq(w.l.n, 0);
+	td_disk_close(disk);
+
+	disk = open_disk(pa, 0);
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, 2 * 4096 + 8, 8, data, NULL), 0);
+	memset(&w, 0, sizeof(w));
+	ck_assert_int_eq(list_runs(disk->top, &w), 0);
+	ck_assert_uint_eq(w.l.n, 1);
+	ck_assert_uint_eq(w.l.sec[0], 2 * 4096);
+	ck_assert_uint_eq(w.l.secs[0], 2048);
+	td_disk_close(disk);
+
+	snprintf(spec, sizeof(spec), "aio:%s", pa);
+	ck_assert_int_eq(td_disk_open(&disk, spec, 0, loop, io), 0);
+	memset(&w, 0, sizeof(w));
+	vhd_image_for_each_run(disk->top, list_run, runs_done, &w);
+	ck_assert(w.done);
+	ck_assert_int_eq(w.err, -EINVAL);
+	td_disk_close(disk);
+	free(data);
+}
+END_TEST
+
 static bool op_done;
 static int op_err;
 static uint64_t prog_calls, prog_last, prog_total;
@@ -1575,6 +1677,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, chain_three_deep);
 	tcase_add_test(tc, block_status);
 	tcase_add_test(tc, for_each_block);
+	tcase_add_test(tc, for_each_run);
 	tcase_add_test(tc, online_make_empty);
 	tcase_add_test(tc, first_touch_stays_sparse);
 	tcase_add_test(tc, bitmap_page_keeps_neighbours);
