@@ -9,7 +9,8 @@
 # Groups (the share's "groups" file: "all" or a list):
 #   secondary  start, primary writes, checkpoint, SVM writes, bad requests,
 #              failover with requests arriving during it, the secondary
-#              disk verified byte for byte
+#              disk verified byte for byte; then a daemon restarted while
+#              replicating and a failover from state none
 #   primary    start, link failure (writes go on, state broken), resync,
 #              both disks identical
 #   restart    the daemon restarts: requests written meanwhile executed once,
@@ -211,6 +212,34 @@ group_secondary() {
 	nbdcopy "nbd+unix:///?socket=$T/secdisk.sock" $T/sec-actual.img
 	stop_daemon secdisk
 	check sec-disk-byte-exact cmp $T/sec-expected.img $T/sec-actual.img
+
+	# A secondary daemon stopped while it replicates and started again on
+	# its chain (state none), then asked through xenstore to fail over: it
+	# commits what the bitmaps of active and hidden hold.
+	rm -f $T/sec.vhd $T/hidden.vhd $T/active.vhd
+	check sec-restart-chain bash -c "$B/vhd-util create -n $T/sec.vhd -s 64 &&
+		$B/vhd-util snapshot -n $T/hidden.vhd -p $T/sec.vhd &&
+		$B/vhd-util snapshot -n $T/active.vhd -p $T/hidden.vhd"
+	start_daemon sec --socket $T/svm.sock --xs-domid 1 --xs-devid 51712 \
+		"replica:mode=secondary,addr=unix:$T/sec.sock|vhd:$T/active.vhd" || return
+	wait_key sec-restart-published $D/state none
+	expect sec-restart-start $D 30 "start" ok
+	check sec-restart-primary-writes $B/nbdio $T/sec.sock secondary w:0:64K:0xaa f
+	check sec-restart-svm-writes $B/nbdio $T/svm.sock "" w:1M:4K:0xcc f
+	stop_daemon sec
+	start_daemon sec --socket $T/svm.sock --xs-domid 1 --xs-devid 51712 \
+		"replica:mode=secondary,addr=unix:$T/sec.sock|vhd:$T/active.vhd" || return
+	wait_key sec-restart-state-none $D/state none
+	expect sec-restart-failover $D 31 "failover" ok
+	wait_key sec-restart-failover-done $D/state done 30000
+	check sec-restart-view $B/nbdio $T/svm.sock "" r:0:64K:0 r:1M:4K:0xcc r:2M:4K:0
+	stop_daemon sec
+	mkexpected $T/sec-expected2.img 64 1M:4K:0xcc
+	start_daemon secdisk --socket $T/secdisk.sock "vhd:$T/sec.vhd" || return
+	rm -f $T/sec-actual2.img
+	nbdcopy "nbd+unix:///?socket=$T/secdisk.sock" $T/sec-actual2.img
+	stop_daemon secdisk
+	check sec-restart-disk-byte-exact cmp $T/sec-expected2.img $T/sec-actual2.img
 }
 
 # -------------------------------------------------------------------- primary
