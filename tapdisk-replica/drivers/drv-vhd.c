@@ -206,6 +206,20 @@ static inline bool is_diff(const struct vhd_state *s)
 	return s->m.footer.type == VHD_TYPE_DIFF;
 }
 
+/* img is an image of this driver, dynamic or differencing (the online operations' only kind). */
+static inline bool img_is_dynamic_vhd(const struct td_image *img)
+{
+	return img->drv == &td_drv_vhd && is_dynamic(img->priv);
+}
+
+/* Sectors of block b: spb, less for a last block cut by the disk's end. */
+static inline uint32_t block_secs(const struct vhd_state *s, uint32_t b)
+{
+	uint64_t base = (uint64_t)b * s->m.spb;
+
+	return s->size_secs - base < s->m.spb ? (uint32_t)(s->size_secs - base) : s->m.spb;
+}
+
 /* The next block goes at the first good place at or after from (bytes). */
 static void set_next_free(struct vhd_state *s, uint64_t from)
 {
@@ -1835,7 +1849,7 @@ int vhd_image_set_scratch(struct td_image *img, bool on)
 {
 	struct vhd_state *s = img->priv;
 
-	if (img->drv != &td_drv_vhd || !is_dynamic(s)) {
+	if (!img_is_dynamic_vhd(img)) {
 		tdr_set_error("%s: only dynamic and differencing VHDs have a scratch mode", img->params);
 		return -EINVAL;
 	}
@@ -1850,22 +1864,17 @@ int vhd_image_for_each_block(struct td_image *img,
 			     int (*fn)(void *arg, uint64_t sec, uint64_t secs), void *arg)
 {
 	struct vhd_state *s = img->priv;
-	uint32_t n;
 
-	if (img->drv != &td_drv_vhd || !is_dynamic(s)) {
+	if (!img_is_dynamic_vhd(img)) {
 		tdr_set_error("%s: only dynamic and differencing VHDs have blocks to list", img->params);
 		return -EINVAL;
 	}
-	n = s->m.blocks < s->m.bat_entries ? s->m.blocks : s->m.bat_entries;
-	for (uint32_t b = 0; b < n; b++) {
-		uint64_t sec = (uint64_t)b * s->m.spb, secs = s->m.spb;
+	/* Validation keeps the BAT at least m.blocks long. */
+	for (uint32_t b = 0; b < s->m.blocks; b++) {
 		int r;
 
-		if (s->m.bat[b] == VHD_BAT_UNUSED)
-			continue;
-		if (sec + secs > img->size_secs)
-			secs = img->size_secs - sec;
-		if ((r = fn(arg, sec, secs)) != 0)
+		if (s->m.bat[b] != VHD_BAT_UNUSED &&
+		    (r = fn(arg, (uint64_t)b * s->m.spb, block_secs(s, b))) != 0)
 			return r;
 	}
 	return 0;
@@ -1891,7 +1900,7 @@ struct runs {
 	int (*fn)(void *arg, uint64_t sec, uint64_t secs);
 	void (*done)(void *arg, int err);
 	void *arg;
-	uint32_t next, nblocks;
+	uint32_t next;
 	unsigned inflight;
 	bool pumping;		/* runs_pump is on the stack */
 	int err;
@@ -1921,7 +1930,7 @@ static void runs_map_done(struct tdr_iocb *io, ssize_t res, void *arg)
 	struct runs *r = sl->r;
 	struct vhd_state *s = r->s;
 	uint64_t base = (uint64_t)sl->block * s->m.spb;
-	uint32_t n = s->size_secs - base < s->m.spb ? (uint32_t)(s->size_secs - base) : s->m.spb;
+	uint32_t n = block_secs(s, sl->block);
 
 	r->inflight--;
 	if (res < 0 || (size_t)res != s->bm_bytes) {
@@ -1952,9 +1961,9 @@ static void runs_pump(struct runs *r)
 
 		if (sl->block != UINT32_MAX)
 			continue;
-		while (r->next < r->nblocks && s->m.bat[r->next] == VHD_BAT_UNUSED)
+		while (r->next < s->m.blocks && s->m.bat[r->next] == VHD_BAT_UNUSED)
 			r->next++;
-		if (r->next >= r->nblocks)
+		if (r->next >= s->m.blocks)
 			break;
 		sl->block = r->next++;
 		r->inflight++;
@@ -1966,20 +1975,14 @@ static void runs_pump(struct runs *r)
 		runs_finish(r);
 }
 
-static int runs_whole_block(void *arg, uint64_t sec, uint64_t secs)
-{
-	struct runs *r = arg;
-
-	return r->fn(r->arg, sec, secs);
-}
-
 static void runs_deferred(void *arg)
 {
 	struct runs *r = arg;
 
-	if (!r->err && !is_diff(r->s))
-		r->err = vhd_image_for_each_block(r->img, runs_whole_block, r);
 	if (r->err || !is_diff(r->s)) {
+		/* A dynamic disk's bitmaps need not say anything: whole blocks. */
+		if (!r->err)
+			r->err = vhd_image_for_each_block(r->img, r->fn, r->arg);
 		runs_finish(r);
 		return;
 	}
@@ -1993,7 +1996,7 @@ void vhd_image_for_each_run(struct td_image *img,
 	struct vhd_state *s = img->priv;
 	struct runs *r;
 
-	if (img->drv != &td_drv_vhd || !is_dynamic(s)) {
+	if (!img_is_dynamic_vhd(img)) {
 		tdr_set_error("%s: only dynamic and differencing VHDs have runs to list", img->params);
 		done(arg, -EINVAL);
 		return;
@@ -2008,7 +2011,6 @@ void vhd_image_for_each_run(struct td_image *img,
 	r->fn = fn;
 	r->done = done;
 	r->arg = arg;
-	r->nblocks = s->m.blocks < s->m.bat_entries ? s->m.blocks : s->m.bat_entries;
 	s->jobs_live++;
 	for (unsigned i = 0; i < RUNS_DEPTH; i++) {
 		r->slot[i].r = r;
@@ -2040,7 +2042,7 @@ void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err)
 	mk->counted = img->drv == &td_drv_vhd;
 	if (mk->counted)
 		s->jobs_live++;
-	if (img->drv != &td_drv_vhd || !is_dynamic(s)) {
+	if (!img_is_dynamic_vhd(img)) {
 		tdr_set_error("%s: only dynamic and differencing VHDs can be made empty", img->params);
 		r = -EINVAL;
 		goto fail;
@@ -2208,7 +2210,7 @@ static void commit_data_done(struct tdr_iocb *io, ssize_t res, void *arg)
 	struct commit *c = arg;
 	struct vhd_state *s = c->s;
 	uint64_t base = (uint64_t)c->block * s->m.spb;
-	uint32_t n = s->size_secs - base < s->m.spb ? (uint32_t)(s->size_secs - base) : s->m.spb;
+	uint32_t n = block_secs(s, c->block);
 	uint32_t i = 0;
 
 	if (res < 0 || (size_t)res != (size_t)n << TD_SECTOR_SHIFT) {
@@ -2242,8 +2244,7 @@ static void commit_map_done(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct commit *c = arg;
 	struct vhd_state *s = c->s;
-	uint64_t base = (uint64_t)c->block * s->m.spb;
-	uint32_t n = s->size_secs - base < s->m.spb ? (uint32_t)(s->size_secs - base) : s->m.spb;
+	uint32_t n = block_secs(s, c->block);
 
 	if (res < 0 || (size_t)res != s->bm_bytes) {
 		commit_finish(c, res < 0 ? (int)res : -EIO);
@@ -2289,7 +2290,7 @@ void vhd_image_commit(struct td_image *child,
 	if (c->counted)
 		s->jobs_live++;
 	tdr_defer_init(&c->defer, commit_deferred, c);
-	if (child->drv != &td_drv_vhd || !is_dynamic(s) || !child->parent) {
+	if (!img_is_dynamic_vhd(child) || !child->parent) {
 		tdr_set_error("%s: commit needs a dynamic or differencing VHD with a parent",
 			      child->params);
 		c->err = -EINVAL;

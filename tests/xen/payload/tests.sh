@@ -147,14 +147,24 @@ EOF
 }
 
 # ------------------------------------------------------------------ secondary
-group_secondary() {
-	local D=/local/domain/0/backend/tapdisk-replica/1/51712 perms
+# sec_chain CHECK: a fresh 64 MiB chain, active over hidden over sec.vhd.
+sec_chain() {
 	rm -f $T/sec.vhd $T/hidden.vhd $T/active.vhd
-	check sec-vhd-chain bash -c "$B/vhd-util create -n $T/sec.vhd -s 64 &&
+	check "$1" bash -c "$B/vhd-util create -n $T/sec.vhd -s 64 &&
 		$B/vhd-util snapshot -n $T/hidden.vhd -p $T/sec.vhd &&
 		$B/vhd-util snapshot -n $T/active.vhd -p $T/hidden.vhd"
+}
+
+# start_sec: the secondary daemon on that chain, controlled through xenstore.
+start_sec() {
 	start_daemon sec --socket $T/svm.sock --xs-domid 1 --xs-devid 51712 \
-		"replica:mode=secondary,addr=unix:$T/sec.sock|vhd:$T/active.vhd" || return
+		"replica:mode=secondary,addr=unix:$T/sec.sock|vhd:$T/active.vhd"
+}
+
+group_secondary() {
+	local D=/local/domain/0/backend/tapdisk-replica/1/51712 perms
+	sec_chain sec-vhd-chain
+	start_sec || return
 	wait_key sec-published $D/state none
 	# Dom0 only: every node of the control directory is "n0".
 	perms=$(xenstore-ls -p $D 2>&1 | grep -v '(n0)' | head -3)
@@ -216,19 +226,14 @@ group_secondary() {
 	# A secondary daemon stopped while it replicates and started again on
 	# its chain (state none), then asked through xenstore to fail over: it
 	# commits what the bitmaps of active and hidden hold.
-	rm -f $T/sec.vhd $T/hidden.vhd $T/active.vhd
-	check sec-restart-chain bash -c "$B/vhd-util create -n $T/sec.vhd -s 64 &&
-		$B/vhd-util snapshot -n $T/hidden.vhd -p $T/sec.vhd &&
-		$B/vhd-util snapshot -n $T/active.vhd -p $T/hidden.vhd"
-	start_daemon sec --socket $T/svm.sock --xs-domid 1 --xs-devid 51712 \
-		"replica:mode=secondary,addr=unix:$T/sec.sock|vhd:$T/active.vhd" || return
+	sec_chain sec-restart-chain
+	start_sec || return
 	wait_key sec-restart-published $D/state none
 	expect sec-restart-start $D 30 "start" ok
 	check sec-restart-primary-writes $B/nbdio $T/sec.sock secondary w:0:64K:0xaa f
 	check sec-restart-svm-writes $B/nbdio $T/svm.sock "" w:1M:4K:0xcc f
 	stop_daemon sec
-	start_daemon sec --socket $T/svm.sock --xs-domid 1 --xs-devid 51712 \
-		"replica:mode=secondary,addr=unix:$T/sec.sock|vhd:$T/active.vhd" || return
+	start_sec || return
 	wait_key sec-restart-state-none $D/state none
 	expect sec-restart-failover $D 31 "failover" ok
 	wait_key sec-restart-failover-done $D/state done 30000
