@@ -8,6 +8,7 @@
 #   fuzz-nbd-link    the primary's NBD client fed a server's byte stream
 #   fuzz-xs-conn     the xenstore client fed xenstored's byte stream
 #   fuzz-ctl-server  the control server fed a tap-ctl client's byte stream
+#   fuzz-parsers     request lines, spec entries and option values, each against an oracle
 # tests/fuzz/make-corpus.py writes the protocol seed corpora.
 EXTRA_DIST += tests/fuzz/run-fuzz.sh tests/fuzz/fuzz-vhd.c \
 	tests/fuzz/corpus-vhd/dyn-empty.vhd tests/fuzz/corpus-vhd/dyn-4k.vhd \
@@ -35,10 +36,18 @@ EXTRA_DIST += tests/fuzz/run-fuzz.sh tests/fuzz/fuzz-vhd.c \
 	tests/fuzz/corpus-ctl/attach-open-close tests/fuzz/corpus-ctl/close-paused \
 	tests/fuzz/corpus-ctl/cut tests/fuzz/corpus-ctl/pause-resume \
 	tests/fuzz/corpus-ctl/queries tests/fuzz/corpus-ctl/refusals \
-	tests/fuzz/corpus-ctl/replica tests/fuzz/corpus-ctl/trailer
+	tests/fuzz/corpus-ctl/replica tests/fuzz/corpus-ctl/trailer \
+	tests/fuzz/fuzz-parsers.c \
+	tests/fuzz/corpus-parsers/log-level tests/fuzz/corpus-parsers/readahead \
+	tests/fuzz/corpus-parsers/request-bad tests/fuzz/corpus-parsers/request-resync \
+	tests/fuzz/corpus-parsers/request-secondary tests/fuzz/corpus-parsers/request-start \
+	tests/fuzz/corpus-parsers/request-stop tests/fuzz/corpus-parsers/spec-bare \
+	tests/fuzz/corpus-parsers/spec-primary tests/fuzz/corpus-parsers/spec-secondary \
+	tests/fuzz/corpus-parsers/tcp-port tests/fuzz/corpus-parsers/tcp-v4 \
+	tests/fuzz/corpus-parsers/tcp-v6
 if ENABLE_FUZZING
 check_PROGRAMS += tests/fuzz/fuzz-vhd tests/fuzz/fuzz-vhd-driver tests/fuzz/fuzz-nbd-server \
-	tests/fuzz/fuzz-nbd-link tests/fuzz/fuzz-ctl-server
+	tests/fuzz/fuzz-nbd-link tests/fuzz/fuzz-ctl-server tests/fuzz/fuzz-parsers
 tests_fuzz_fuzz_vhd_SOURCES = tests/fuzz/fuzz-vhd.c \
 	tapdisk-replica/vhd/vhd-format.c tapdisk-replica/vhd/vhd-validate.c \
 	tapdisk-replica/vhd/vhd-file.c tapdisk-replica/vhd/vhd-ops.c \
@@ -74,6 +83,11 @@ tests_fuzz_fuzz_ctl_server_SOURCES = tests/fuzz/fuzz-ctl-server.c tests/fuzz/fuz
 tests_fuzz_fuzz_ctl_server_CFLAGS = $(AM_CFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_ctl_server_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
 tests_fuzz_fuzz_ctl_server_LDADD = $(TDR_LIBS)
+# The daemon's library: the parsers and what they link against.
+tests_fuzz_fuzz_parsers_SOURCES = tests/fuzz/fuzz-parsers.c
+tests_fuzz_fuzz_parsers_CFLAGS = $(AM_CFLAGS) -fsanitize=fuzzer
+tests_fuzz_fuzz_parsers_LDFLAGS = $(AM_LDFLAGS) -fsanitize=fuzzer
+tests_fuzz_fuzz_parsers_LDADD = $(TDR_LIBS)
 tests_fuzz_fuzz_nbd_link_SOURCES = tests/fuzz/fuzz-nbd-link.c tests/fuzz/fuzz-peer.c \
 	tapdisk-replica/replica/replica-link.c tapdisk-replica/replica/replica-link-native.c \
 	tapdisk-replica/replica/replica-link-libnbd.c \

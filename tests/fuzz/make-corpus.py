@@ -10,6 +10,11 @@ and Xen's xs_wire.h.
                               byte stream, for fuzz-nbd-link.c
   make-corpus.py xs DIR       xenstored's replies and watch events to the
                               requests of fuzz-xs-conn.c (ids 1-4)
+  make-corpus.py ctl DIR      a tap-ctl client's messages for
+                              fuzz-ctl-server.c
+  make-corpus.py parsers DIR  a selector byte and a text for
+                              fuzz-parsers.c (0 request line, 1 spec
+                              entry, 2 --tcp, 3 --readahead, 4 --log-level)
 """
 import os
 import struct
@@ -214,11 +219,28 @@ CTL_SEEDS = {
     "cut": ctl(CTL_LIST) + ctl(CTL_PAUSE, 0)[:100],
 }
 
+PARSER_SEEDS = {
+    "request-start": b"\x00start mode=primary addr=tcp:10.0.0.2:10809 export=sec timeout=5000 sync=local",
+    "request-secondary": b"\x00start mode=secondary",
+    "request-stop": b"\x00stop failover",
+    "request-resync": b"\x00resync full",
+    "request-bad": b"\x00checkpoint now please",
+    "spec-primary": b"\x01replica:mode=primary,addr=unix:/run/sec.sock,export=d0,timeout=5000,sync=both",
+    "spec-secondary": b"\x01replica:mode=secondary,cbw=64K,scratch=off",
+    "spec-bare": b"\x01vhd:/srv/a,b=,,c=d=e",
+    "tcp-v4": b"\x02192.168.0.1:10809",
+    "tcp-v6": b"\x02[fe80::1%eth0]:10809",
+    "tcp-port": b"\x0210809",
+    "readahead": b"\x038M",
+    "log-level": b"\x04debug",
+}
+
 
 def main():
-    kinds = {"server": SEEDS, "link": LINK_SEEDS, "xs": XS_SEEDS, "ctl": CTL_SEEDS}
+    kinds = {"server": SEEDS, "link": LINK_SEEDS, "xs": XS_SEEDS, "ctl": CTL_SEEDS,
+             "parsers": PARSER_SEEDS}
     if len(sys.argv) != 3 or sys.argv[1] not in kinds:
-        sys.exit("usage: make-corpus.py server|link|xs|ctl DIR")
+        sys.exit("usage: make-corpus.py server|link|xs|ctl|parsers DIR")
     seeds = kinds[sys.argv[1]]
     out = sys.argv[2]
     os.makedirs(out, exist_ok=True)

@@ -5,13 +5,14 @@
 # each for SECONDS (default 60) over a copy of its seed corpus.  Fails on
 # any crash, hang, leak or sanitizer report.
 #   tests/fuzz/run-fuzz.sh [SECONDS] [extra libFuzzer options...]
-# FUZZ_HARNESSES="vhd vhd-driver nbd-server nbd-link xs-conn ctl-server" (the default) picks:
+# FUZZ_HARNESSES="vhd vhd-driver nbd-server nbd-link xs-conn ctl-server parsers" (the default) picks:
 #   vhd         parse, validate and read a VHD given as bytes (fuzz-vhd.c)
 #   vhd-driver  the VHD driver on such a file, against the library (fuzz-vhd-driver.c)
 #   nbd-server  the NBD server fed a client's byte stream (fuzz-nbd-server.c)
 #   nbd-link    the primary's NBD client fed a server's bytes (fuzz-nbd-link.c)
 #   xs-conn     the xenstore client fed xenstored's bytes (fuzz-xs-conn.c)
 #   ctl-server  the control server fed a tap-ctl client's bytes (fuzz-ctl-server.c)
+#   parsers     request lines, spec entries and option values, each against an oracle (fuzz-parsers.c)
 # TDR_FUZZ_DIR=DIR keeps the builds, corpora and any crash inputs there.
 set -euo pipefail
 
@@ -19,7 +20,7 @@ secs=${1:-60}
 shift || true
 src=$(cd "$(dirname "$0")/../.." && pwd)
 out=${TDR_FUZZ_DIR:-$(mktemp -d /tmp/tdr-fuzz.XXXXXX)}
-harnesses=${FUZZ_HARNESSES:-vhd vhd-driver nbd-server nbd-link xs-conn ctl-server}
+harnesses=${FUZZ_HARNESSES:-vhd vhd-driver nbd-server nbd-link xs-conn ctl-server parsers}
 mkdir -p "$out/inc"
 : >"$out/inc/config.h"
 
@@ -72,8 +73,16 @@ build() {
 			"$r"/log.c "$r"/loop.c "$r"/io.c "$r"/filelock.c "$r"/readahead.c \
 			"$r"/request.c "$r"/disk.c "$r"/spec.c "$r"/driver-table.c \
 			-laio -luuid -lnbd -lm -o "$out/fuzz-ctl-server" ;;
+	parsers)
+		# The parsers' files and what they link against; serve.c brings
+		# the daemon's front ends (control socket, xenstore).
+		cc "$src/tests/fuzz/fuzz-parsers.c" "$r"/serve.c "$r"/control/*.c \
+			"$r"/xenstore/*.c "$r"/replica/*.c "$r"/nbd/*.c "$r"/vhd/*.c "$r"/drivers/*.c \
+			"$r"/log.c "$r"/loop.c "$r"/io.c "$r"/filelock.c "$r"/readahead.c \
+			"$r"/request.c "$r"/disk.c "$r"/spec.c "$r"/driver-table.c \
+			-laio -luuid -lnbd -lxenstore -lm -o "$out/fuzz-parsers" ;;
 	*)
-		echo "run-fuzz: unknown harness '$1' (vhd, vhd-driver, nbd-server, nbd-link, xs-conn, ctl-server)" >&2
+		echo "run-fuzz: unknown harness '$1' (vhd, vhd-driver, nbd-server, nbd-link, xs-conn, ctl-server, parsers)" >&2
 		return 1 ;;
 	esac
 }
@@ -85,6 +94,7 @@ corpus_of() {
 	nbd-link) echo corpus-link ;;
 	xs-conn) echo corpus-xs ;;
 	ctl-server) echo corpus-ctl ;;
+	parsers) echo corpus-parsers ;;
 	esac
 }
 
@@ -95,6 +105,7 @@ max_len_of() {
 	nbd-link) echo 4096 ;;
 	xs-conn) echo 16384 ;;
 	ctl-server) echo 16384 ;;
+	parsers) echo 4097 ;;
 	esac
 }
 
