@@ -665,9 +665,7 @@ static double flush_stall(void)
 {
 	char path[600];
 	struct td_disk *raw = open_scratch_raw(path, sizeof(path), "bench-flush.img", GIB);
-	struct td_request req;
 	struct pump p;
-	bool done = false;
 	double t;
 
 	pump_run(raw, 8, MIB, GIB, GIB / MIB, true);
@@ -677,10 +675,7 @@ static double flush_stall(void)
 	t = now_s();
 	while (now_s() - t < 0.2)
 		tdr_loop_run_once(loop, 10);
-	td_request_init(&req, TD_OP_FLUSH, 0, 0, NULL, flush_done, &done);
-	td_disk_submit(raw, &req);
-	while (!done)
-		tdr_loop_run_once(loop, 10);
+	flush_wait(raw);
 	t = now_s();
 	while (now_s() - t < 0.2)
 		tdr_loop_run_once(loop, 10);
