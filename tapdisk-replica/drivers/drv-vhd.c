@@ -78,6 +78,7 @@ struct vhd_bm {
 	uint8_t *map;		/* bits set only once their data is written */
 	uint8_t *wbuf;		/* copy being written */
 	bool loaded, loading, writing;
+	bool orphan;		/* dropped while held (bm_drop_all): the last bm_put frees it */
 	bool sync_done;
 	bool fua;
 	unsigned refs;
@@ -379,6 +380,10 @@ static void bm_put(struct vhd_bm *bm)
 	struct vhd_state *s = bm->s;
 
 	if (--bm->refs == 0) {
+		if (bm->orphan) {
+			bm_free(bm);
+			return;
+		}
 		if (!bm->loaded) {
 			/* a failed load: forget it so the next user retries */
 			bm_unhash(s, bm);
@@ -1431,6 +1436,15 @@ static void bm_drop_all(struct vhd_state *s)
 			struct vhd_bm *bm = s->bm_hash[i];
 
 			s->bm_hash[i] = bm->hnext;
+			/*
+			 * Held further up the stack: bm_load_done keeps its
+			 * bitmap while it completes the reads that waited,
+			 * and a read's callback may start a make-empty.
+			 */
+			if (bm->refs) {
+				bm->orphan = true;
+				continue;
+			}
 			bm_free(bm);
 		}
 	}

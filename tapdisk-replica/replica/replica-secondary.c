@@ -153,6 +153,7 @@ struct sec {
 	bool hold_all, hold_writes;
 	struct tdr_list held;
 	void (*drained)(struct sec *s);	/* called once nothing we wait for is in flight */
+	struct tdr_defer drain_defer;	/* ... from the event loop (sec_check_drained) */
 
 	uint64_t op_start_ns;
 	bool stop_after_empty;		/* the emptying belongs to a stop, not a checkpoint */
@@ -757,24 +758,54 @@ static void export_flush_hidden_done(struct td_request *child, int err, void *ar
 
 /* ------------------------------------------------------ drain, empty */
 
-static void sec_check_drained(struct sec *s)
+static bool sec_is_drained(const struct sec *s)
 {
+	if (s->hold_all && (s->svm_inflight || s->export_inflight))
+		return false;
+	if (s->hold_writes && !s->hold_all && s->svm_writes_inflight)
+		return false;
+	return true;
+}
+
+static void sec_drained_deferred(void *arg)
+{
+	struct sec *s = arg;
 	void (*cb)(struct sec *) = s->drained;
 
-	if (!cb)
-		return;
-	if (s->hold_all && (s->svm_inflight || s->export_inflight))
-		return;
-	if (s->hold_writes && !s->hold_all && s->svm_writes_inflight)
+	/* Not drained any more: the completion that drains it checks again. */
+	if (!cb || !sec_is_drained(s))
 		return;
 	s->drained = NULL;
 	cb(s);
 }
 
+/*
+ * Nothing we wait for is in flight: run what waits for that, but from the
+ * event loop, never inside the completion that got us here.  The drivers
+ * below may still be unwinding it (a VHD bitmap load completes every read
+ * that waited for it, holding the bitmap until the last one), and what
+ * waits may be a make-empty that frees their state: run inline, a
+ * checkpoint with reads in flight freed a bitmap still in use.
+ */
+static void sec_check_drained(struct sec *s)
+{
+	if (!s->drained || !sec_is_drained(s))
+		return;
+	tdr_loop_defer(s->r->img->loop, &s->drain_defer);
+}
+
+/*
+ * Operations call this, not completions: when nothing is in flight, cb
+ * runs at once (a status read right after the operation sees its effect);
+ * otherwise the last completion schedules it (sec_check_drained).
+ */
 static void wait_drained(struct sec *s, void (*cb)(struct sec *))
 {
+	if (sec_is_drained(s)) {
+		cb(s);
+		return;
+	}
 	s->drained = cb;
-	sec_check_drained(s);
 }
 
 static void record_checkpoint_time(struct sec *s)
@@ -1458,6 +1489,7 @@ static void sec_fini(struct replica *r)
 
 	if (!s)
 		return;
+	tdr_loop_cancel_defer(r->img->loop, &s->drain_defer);
 	if (s->srv)
 		nbd_server_free(s->srv);
 	td_disk_close(s->export_disk);
@@ -1484,6 +1516,7 @@ static int sec_init(struct replica *r)
 	tdr_bufpool_init(&s->bufs, SEC_BUFS_IDLE);
 	replica_rlock_init(&s->lock);
 	tdr_list_init(&s->held);
+	tdr_defer_init(&s->drain_defer, sec_drained_deferred, s);
 
 	s->active = img->parent;
 	s->hidden = s->active ? s->active->parent : NULL;

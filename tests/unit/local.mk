@@ -2,7 +2,7 @@
 UNIT_CFLAGS = $(AM_CFLAGS) $(CHECK_CFLAGS)
 UNIT_LDADD = $(TDR_LIBS) $(CHECK_LIBS)
 # Every main() ends in check_run().
-EXTRA_DIST += tests/unit/check-run.h
+EXTRA_DIST += tests/unit/check-run.h tests/unit/soak-model
 
 # Runtime: event loop, I/O backend, request/driver model, raw driver.
 check_PROGRAMS += tests/unit/test-loop tests/unit/test-io tests/unit/test-request \

@@ -1253,15 +1253,27 @@ struct mreq {
 	struct done dn;
 	char *buf;
 	bool check;		/* an SVM read to compare */
-	char *want;
+	char *want;		/* the view when it was submitted (a copy) */
 };
+
+/*
+ * TDR_MODEL_SEED picks another sequence (tests/unit/soak-model runs many);
+ * the default is the one make check runs.
+ */
+static unsigned model_seed(void)
+{
+	const char *e = getenv("TDR_MODEL_SEED");
+
+	return e && *e ? (unsigned)strtoul(e, NULL, 0) : 12345u;
+}
 
 START_TEST(randomized_model)
 {
 	enum { ROUNDS = 400, BATCH = 6, MAXSECS = 512 };
 	char *sec_model = xalloc(DISK_SIZE), *view = xalloc(DISK_SIZE), *got = xalloc(DISK_SIZE);
-	unsigned seed = 12345;
-	int checkpoints = 0, reads = 0, pwrites = 0, swrites = 0;
+	unsigned seed = model_seed();
+	int checkpoints = 0, inflight_checkpoints = 0, reads = 0, pwrites = 0, swrites = 0;
+	int drained = 0;	/* requests still in flight when a checkpoint began */
 
 	memset(sec_model, 0, DISK_SIZE);
 	/* Initial sync. */
@@ -1320,20 +1332,36 @@ START_TEST(randomized_model)
 				swrites++;
 			} else {
 				x->check = true;
-				x->want = view + sec * 512;
+				x->want = xalloc((size_t)secs * 512);
+				memcpy(x->want, view + sec * 512, (size_t)secs * 512);
 				td_request_init(&x->req, TD_OP_READ, sec, secs, x->buf, req_done, &x->dn);
 				reads++;
 			}
 			td_disk_submit(disk, &x->req);
 			n++;
 		}
+		/*
+		 * A checkpoint with the batch in flight: it drains what was
+		 * submitted before it, so the reads see the view they were
+		 * submitted against, the SVM's writes are dropped with active,
+		 * and the primary's are in what the SVM sees next.
+		 */
+		if (n && rand_r(&seed) % 25 == 0) {
+			for (int i = 0; i < n; i++)
+				drained += !m[i].dn.done;
+			ck_assert_int_eq(op("checkpoint"), 0);
+			memcpy(view, sec_model, DISK_SIZE);
+			checkpoints++;
+			inflight_checkpoints++;
+		}
 		for (int i = 0; i < n; i++) {
 			run_until(&m[i].dn.done);
 			ck_assert_int_eq(m[i].dn.err, 0);
 			if (m[i].check)
 				ck_assert_msg(memcmp(m[i].buf, m[i].want, (size_t)m[i].req.secs * 512) == 0,
-					      "round %d: SVM read at %llu differs from the model", round,
-					      (unsigned long long)m[i].req.sec);
+					      "seed %u, round %d: SVM read at %llu differs from the model",
+					      model_seed(), round, (unsigned long long)m[i].req.sec);
+			free(m[i].want);
 			free(m[i].buf);
 		}
 		if (rand_r(&seed) % 25 == 0) {
@@ -1360,6 +1388,8 @@ START_TEST(randomized_model)
 	ck_assert_int_eq(iio(secondary, TD_OP_READ, 0, DISK_SECS, got), 0);
 	ck_assert(memcmp(got, view, DISK_SIZE) == 0);
 	ck_assert_int_gt(checkpoints, 5);
+	ck_assert_int_gt(inflight_checkpoints, 2);
+	ck_assert_int_gt(drained, 0);
 	ck_assert_int_gt(reads, 200);
 	ck_assert_int_gt(pwrites, 500);
 	ck_assert_int_gt(swrites, 200);
@@ -1398,6 +1428,11 @@ int main(void)
 	tcase_add_test(tc, scratch_primary_flush_skips_hidden);
 	tcase_add_test(tc, bad_chains);
 	tcase_add_test(tc, mismatched_sizes);
+	suite_add_tcase(s, tc);
+	/* Its own case, so that CK_RUN_CASE=model runs it alone (tests/unit/soak-model). */
+	tc = tcase_create("model");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, randomized_model);
 	suite_add_tcase(s, tc);
 	return check_run(s, CHECK_RUN_NOFORK);
