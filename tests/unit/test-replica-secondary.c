@@ -1267,6 +1267,21 @@ static unsigned model_seed(void)
 	return e && *e ? (unsigned)strtoul(e, NULL, 0) : 12345u;
 }
 
+/* Waits for a batch: every request succeeds, every read equals its model. */
+static void model_finish_batch(struct mreq *m, int n, const char *what, int idx)
+{
+	for (int i = 0; i < n; i++) {
+		run_until(&m[i].dn.done);
+		ck_assert_int_eq(m[i].dn.err, 0);
+		if (m[i].check)
+			ck_assert_msg(memcmp(m[i].buf, m[i].want, (size_t)m[i].req.secs * 512) == 0,
+				      "seed %u, %s %d: SVM read at %llu differs from the model",
+				      model_seed(), what, idx, (unsigned long long)m[i].req.sec);
+		free(m[i].want);
+		free(m[i].buf);
+	}
+}
+
 START_TEST(randomized_model)
 {
 	enum { ROUNDS = 400, BATCH = 6, MAXSECS = 512 };
@@ -1274,6 +1289,7 @@ START_TEST(randomized_model)
 	unsigned seed = model_seed();
 	int checkpoints = 0, inflight_checkpoints = 0, reads = 0, pwrites = 0, swrites = 0;
 	int drained = 0;	/* requests still in flight when a checkpoint began */
+	int fo_requests = 0;	/* SVM requests submitted while the commit ran */
 
 	memset(sec_model, 0, DISK_SIZE);
 	/* Initial sync. */
@@ -1354,16 +1370,7 @@ START_TEST(randomized_model)
 			checkpoints++;
 			inflight_checkpoints++;
 		}
-		for (int i = 0; i < n; i++) {
-			run_until(&m[i].dn.done);
-			ck_assert_int_eq(m[i].dn.err, 0);
-			if (m[i].check)
-				ck_assert_msg(memcmp(m[i].buf, m[i].want, (size_t)m[i].req.secs * 512) == 0,
-					      "seed %u, round %d: SVM read at %llu differs from the model",
-					      model_seed(), round, (unsigned long long)m[i].req.sec);
-			free(m[i].want);
-			free(m[i].buf);
-		}
+		model_finish_batch(m, n, "round", round);
 		if (rand_r(&seed) % 25 == 0) {
 			ck_assert_int_eq(op("checkpoint"), 0);
 			memcpy(view, sec_model, DISK_SIZE);
@@ -1374,14 +1381,38 @@ START_TEST(randomized_model)
 	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, got), 0);
 	ck_assert(memcmp(got, view, DISK_SIZE) == 0);
 	ck_assert_int_eq(op("failover"), 0);
-	for (int i = 0; i < 20 && state() == REPLICA_STATE_FAILOVER; i++) {
-		uint64_t sec = (uint64_t)(rand_r(&seed) % (DISK_SECS - 64));
-		char *b = xalloc(64 * 512);
+	/*
+	 * Batches of concurrent SVM reads and writes while the commit runs
+	 * (and a few after it, in done): what the SVM writes during the
+	 * commit must reach the secondary disk, what it reads is its view.
+	 */
+	for (int b = 0; b < 400 && (b < 8 || state() == REPLICA_STATE_FAILOVER); b++) {
+		struct mreq m[BATCH];
+		bool during = state() == REPLICA_STATE_FAILOVER;
 
-		fill(b, 64 * 512, (unsigned)rand_r(&seed));
-		ck_assert_int_eq(dio(disk, TD_OP_WRITE, sec, 64, b), 0);
-		memcpy(view + sec * 512, b, 64 * 512);
-		free(b);
+		for (int i = 0; i < BATCH; i++) {
+			uint32_t secs = 1 + (uint32_t)(rand_r(&seed) % MAXSECS);
+			/* Disjoint slots: requests of one batch never overlap. */
+			uint64_t slot = DISK_SECS / BATCH;
+			uint64_t sec = i * slot + (uint64_t)(rand_r(&seed) % (slot - secs));
+			struct mreq *x = &m[i];
+
+			memset(x, 0, sizeof(*x));
+			x->buf = xalloc((size_t)secs * 512);
+			if (rand_r(&seed) % 2) {
+				fill(x->buf, (size_t)secs * 512, (unsigned)rand_r(&seed));
+				memcpy(view + sec * 512, x->buf, (size_t)secs * 512);
+				td_request_init(&x->req, TD_OP_WRITE, sec, secs, x->buf, req_done, &x->dn);
+			} else {
+				x->check = true;
+				x->want = xalloc((size_t)secs * 512);
+				memcpy(x->want, view + sec * 512, (size_t)secs * 512);
+				td_request_init(&x->req, TD_OP_READ, sec, secs, x->buf, req_done, &x->dn);
+			}
+			td_disk_submit(disk, &x->req);
+			fo_requests += during;
+		}
+		model_finish_batch(m, BATCH, "failover batch", b);
 	}
 	wait_state_not(REPLICA_STATE_FAILOVER);
 	ck_assert_int_eq(state(), REPLICA_STATE_DONE);
@@ -1390,6 +1421,7 @@ START_TEST(randomized_model)
 	ck_assert_int_gt(checkpoints, 5);
 	ck_assert_int_gt(inflight_checkpoints, 2);
 	ck_assert_int_gt(drained, 0);
+	ck_assert_int_gt(fo_requests, 0);
 	ck_assert_int_gt(reads, 200);
 	ck_assert_int_gt(pwrites, 500);
 	ck_assert_int_gt(swrites, 200);
