@@ -304,26 +304,44 @@ int td_disk_wrap(struct td_disk **out, struct td_image *top, const char *name)
 
 void td_disk_close(struct td_disk *disk)
 {
+	struct tdr_list *pos, *tmp;
+
 	if (!disk)
 		return;
+	/* Waiters never called: their scheduled calls must not reach a freed disk. */
+	tdr_list_for_each_safe(pos, tmp, &disk->drain_waiters) {
+		struct td_drain_waiter *w = tdr_list_entry(pos, struct td_drain_waiter, entry);
+
+		tdr_loop_cancel_defer(disk->loop, &w->defer);
+		tdr_list_del(&w->entry);
+	}
 	if (!disk->borrowed)
 		disk_close_images(disk);
 	free(disk->spec);
 	free(disk);
 }
 
+static void disk_drain_deferred(void *arg)
+{
+	struct td_drain_waiter *w = arg;
+	struct td_disk *disk = w->disk;
+
+	/* Busy again since it was scheduled: the next drain schedules it again. */
+	if (disk->inflight)
+		return;
+	tdr_list_del(&w->entry);
+	w->cb(disk, w->arg);
+}
+
+/* Nothing in flight: schedule every waiter (see td_disk_drain). */
 static void disk_check_drained(struct td_disk *disk)
 {
 	struct tdr_list *pos, *tmp;
 
 	if (disk->inflight)
 		return;
-	tdr_list_for_each_safe(pos, tmp, &disk->drain_waiters) {
-		struct td_drain_waiter *w = tdr_list_entry(pos, struct td_drain_waiter, entry);
-
-		tdr_list_del(&w->entry);
-		w->cb(disk, w->arg);
-	}
+	tdr_list_for_each_safe(pos, tmp, &disk->drain_waiters)
+		tdr_loop_defer(disk->loop, &tdr_list_entry(pos, struct td_drain_waiter, entry)->defer);
 }
 
 static void disk_request_done(struct td_request *req, int err, void *arg)
@@ -374,18 +392,12 @@ void td_disk_submit(struct td_disk *disk, struct td_request *req)
 	td_queue_request(disk->top, req);
 }
 
-static void disk_drain_deferred(void *arg)
-{
-	disk_check_drained(arg);
-}
-
 void td_disk_drain(struct td_disk *disk, struct td_drain_waiter *w)
 {
+	w->disk = disk;
+	tdr_defer_init(&w->defer, disk_drain_deferred, w);
 	tdr_list_add_tail(&w->entry, &disk->drain_waiters);
-	if (!disk->inflight) {
-		tdr_defer_init(&w->defer, disk_drain_deferred, disk);
-		tdr_loop_defer(disk->loop, &w->defer);
-	}
+	disk_check_drained(disk);
 }
 
 uint64_t td_disk_busy(struct td_disk *disk, struct td_image **who)

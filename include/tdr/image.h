@@ -278,6 +278,7 @@ struct td_disk {
 struct td_drain_waiter {
 	struct tdr_list entry;
 	struct tdr_defer defer;		/* private */
+	struct td_disk *disk;		/* private */
 	void (*cb)(struct td_disk *disk, void *arg);
 	void *arg;
 };
@@ -304,7 +305,11 @@ int td_disk_wrap(struct td_disk **out, struct td_image *top, const char *name);
  */
 void td_disk_submit(struct td_disk *disk, struct td_request *req);
 
-/* Calls w->cb once nothing is in flight (at once, deferred, if nothing is). */
+/*
+ * Calls w->cb once nothing is in flight, always from the event loop: never
+ * inside td_disk_drain(), nor inside the completion that drained the disk
+ * (the drivers may still be unwinding it, and w->cb may close the disk).
+ */
 void td_disk_drain(struct td_disk *disk, struct td_drain_waiter *w);
 
 /*

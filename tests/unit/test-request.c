@@ -634,12 +634,61 @@ START_TEST(drain_waits_for_in_flight)
 	ck_assert_int_eq(drained, 1);
 	tmem_hold = false;
 	tmem_release_all();
+	/* Not inside the completion that drained it: on the next loop turn. */
+	ck_assert_int_eq(drained, 1);
+	tdr_loop_run_once(loop, 0);
 	ck_assert_int_eq(drained, 2);
 	for (int i = 0; i < 3; i++) {
 		ck_assert(d[i].done);
 		ck_assert_int_eq(d[i].err, 0);
 	}
 	td_disk_close(disk);
+}
+END_TEST
+
+static void on_drained_close(struct td_disk *disk, void *arg)
+{
+	drained++;
+	*(struct td_disk **)arg = NULL;
+	td_disk_close(disk);
+}
+
+/*
+ * A waiter may close the disk (the caller's last step before exit), and a
+ * disk closed with a waiter scheduled never calls it (ASan checks both).
+ */
+START_TEST(drain_waiter_closes_the_disk)
+{
+	char spec[700];
+	struct td_disk *disk;
+	struct td_request req;
+	struct done d = { 0 };
+	struct td_drain_waiter w = { .cb = on_drained_close };
+	char buf[TD_SECTOR_SIZE];
+
+	snprintf(spec, sizeof(spec), "tmem:%s", mkdesc("d", "size 16\nalloc 0 16\n"));
+	ck_assert_int_eq(td_disk_open(&disk, spec, 0, loop, io), 0);
+	drained = 0;
+	tmem_hold = true;
+	td_request_init(&req, TD_OP_READ, 0, 1, buf, req_done, &d);
+	td_disk_submit(disk, &req);
+	w.arg = &disk;
+	td_disk_drain(disk, &w);
+	tmem_hold = false;
+	tmem_release_all();
+	ck_assert(d.done);
+	ck_assert_int_eq(drained, 0);
+	tdr_loop_run_once(loop, 0);
+	ck_assert_int_eq(drained, 1);
+	ck_assert_ptr_null(disk);
+
+	/* Scheduled (nothing in flight), then the disk closes first. */
+	ck_assert_int_eq(td_disk_open(&disk, spec, 0, loop, io), 0);
+	td_disk_drain(disk, &w);
+	td_disk_close(disk);
+	for (int i = 0; i < 3; i++)
+		tdr_loop_run_once(loop, 0);
+	ck_assert_int_eq(drained, 1);
 }
 END_TEST
 
@@ -811,6 +860,7 @@ int main(void)
 	tcase_add_test(tc, filter_stack);
 	tcase_add_test(tc, block_status_through_chain);
 	tcase_add_test(tc, drain_waits_for_in_flight);
+	tcase_add_test(tc, drain_waiter_closes_the_disk);
 	tcase_add_test(tc, quiesce_waits_for_images_own_work);
 	tcase_add_test(tc, quiesce_warns_when_stuck);
 	tcase_add_test(tc, write_zeroes_emulated);
