@@ -101,7 +101,6 @@ struct rjob {
 struct resync {
 	bool active, full, scan_done, aborting, finished;
 	uint64_t cursor;		/* scan: next sector; dirty pass: next chunk */
-	bool wrapped;
 	/* The scan's current run of one allocation status. */
 	uint64_t run_sec, run_end;
 	bool run_hole;
@@ -847,7 +846,6 @@ static bool rs_next(struct primary *p, uint64_t *sec, uint32_t *secs, bool *hole
 			if (!left) {
 				rs->scan_done = true;
 				rs->cursor = 0;
-				rs->wrapped = false;
 				/* What the scan left to the dirty pass. */
 				rs->total_bytes += replica_chunkset_count(&p->dirty) * bytes(DIRTY_CHUNK_SECS);
 				return rs_next(p, sec, secs, hole);
@@ -875,13 +873,18 @@ static bool rs_next(struct primary *p, uint64_t *sec, uint32_t *secs, bool *hole
 	uint64_t c;
 
 	if (!replica_chunkset_next(&p->dirty, rs->cursor, &c)) {
-		if (replica_chunkset_count(&p->dirty) && !rs->wrapped) {
-			/* Set behind the cursor meanwhile: one more pass. */
-			rs->wrapped = true;
+		if (replica_chunkset_count(&p->dirty) && rs->cursor) {
+			/* Set behind the cursor meanwhile: another pass from the start. */
 			rs->cursor = 0;
 			return rs_next(p, sec, secs, hole);
 		}
-		if (!replica_chunkset_count(&p->dirty))
+		/*
+		 * Done only when nothing is set and no copy is out: a hole
+		 * copy that finds data after all (the guest wrote there
+		 * meanwhile, rjob_hole_checked) sets its chunks again when it
+		 * completes, and the next pump takes them.
+		 */
+		if (!replica_chunkset_count(&p->dirty) && !rs->jobs)
 			rs->finished = true;
 		return false;
 	}

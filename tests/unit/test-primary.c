@@ -3,7 +3,8 @@
  * Unit tests of the primary mode against real peers (qemu-nbd, nbdkit and
  * its delay/error/pause filters) and an in-process NBD server that
  * misbehaves on demand: forwarding, byte-exact checkpoints, broken links
- * (bounded completion, state, error), bad input, and resync.
+ * (bounded completion, state, error), bad input, and resync; and a
+ * randomized model of all of it (case "model", CK_RUN_CASE=model).
  *
  * Timing is never asserted, only that requests complete before a generous
  * deadline; latencies belong to tests/bench/primary.
@@ -13,6 +14,7 @@
 #include <fcntl.h>
 #include <stddef.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -906,6 +908,981 @@ START_TEST(t_close_during_resync)
 }
 END_TEST
 
+/* ------------------------------------------------------------ model test */
+
+/*
+ * A randomized model of the primary, the counterpart of the secondary's
+ * in test-replica-secondary.c: batches of concurrent guest writes,
+ * write-zeroes, discards and reads; checkpoints, some begun with a batch
+ * in flight and more requests submitted behind them; broken links with
+ * writes in flight (the secondary closes the connection, is killed, fails
+ * a write; or stop and failover), the guest writing on; crashes of the
+ * secondary that lose what it had not flushed; resyncs (some broken in
+ * turn, some begun with guest requests in flight) with the guest writing
+ * through them.  Every guest read, and the images, are checked byte for
+ * byte against an in-memory model.
+ *
+ * Two secondaries take turns: the fake server, which answers in order (so
+ * the test knows which writes a checkpoint covers), and nbdkit with writes
+ * slower than its FLUSH, which answers out of order (so a FLUSH sent
+ * before the barrier would complete before the writes it must cover).
+ *
+ * TDR_MODEL_SEED picks another sequence (the default is the one make
+ * check runs); TDR_MODEL_VERBOSE=1 prints what each round does.
+ */
+
+#define MDISK  (4u * TP_MIB)
+#define MSECS  (MDISK / 512u)
+#define MCHUNK 128u		/* sectors of the primary's dirty-set chunk (64 KiB) */
+#define MDEADLINE_NS (60ull * 1000000000ull)
+
+enum {
+	MROUNDS = 400,
+	MSEGMENTS = 16,		/* a link break in each sixteenth of the rounds */
+	MAX_A = 8,		/* a batch */
+	MAX_B = 4,		/* submitted behind a checkpoint */
+};
+
+/* busy[]: what the round has in flight over a sector. */
+#define BUSY_R 1u	/* a read: nothing may write there */
+#define BUSY_W 2u	/* a write: nothing may read there; later writes queue behind it */
+#define BUSY_X 4u	/* a FAST_ZERO write-zeroes, which may be refused: nothing else there */
+
+/*
+ * How the link breaks: the secondary goes away or fails writes with
+ * writes in flight; stop (or failover) with writes in flight; or the
+ * fake server fails a checkpoint's FLUSH (sync=both, nothing else in
+ * flight), when what it was to cover is still only unflushed.
+ */
+enum mbreak { MBRK_NONE, MBRK_CLOSE, MBRK_ERROR, MBRK_STOP, MBRK_FLUSH };
+
+/* What submit_op() makes up. */
+enum mkind { MK_ANY, MK_WRITE, MK_READ };
+
+enum mpeer { MPEER_FAKE, MPEER_NBDKIT };
+
+/*
+ * When a link break comes: at a random round; in the round after a
+ * checkpoint begun with writes behind it (which the primary must count as
+ * unflushed); or as soon as a resync is done, before any checkpoint (its
+ * copies are unflushed too).  The last two always crash the secondary.
+ */
+enum mstyle { MSTYLE_RANDOM, MSTYLE_AFTER_CKPT, MSTYLE_AFTER_RESYNC };
+
+struct mop {
+	struct td_request req;
+	bool done;
+	int err;
+	char *buf;		/* WRITE: the data; READ: where it lands */
+	char *want;		/* READ: the model when it was submitted */
+	char *old;		/* FAST_ZERO: the model before it, should it be refused */
+};
+
+struct mres {
+	bool done;
+	int err;
+	char msg[512];
+};
+
+struct mstate {
+	unsigned seed, rng;
+	int round;
+	bool verbose;
+	char *model;		/* the local disk: what every guest read must return */
+	/*
+	 * The model without the writes that a checkpoint in flight may not
+	 * cover (late[] and unsure[]): what its FLUSH surely makes durable.
+	 */
+	char *cmodel;
+	char *flushed;		/* the secondary's content at its last good checkpoint... */
+	unsigned char *keep;	/* ... but these sectors, which a crash leaves as they are */
+	char *img;		/* an image read back */
+	unsigned char *busy;	/* BUSY_* of this round's requests */
+	/*
+	 * Written by a request that a checkpoint begun this round does not
+	 * cover (late), or may cover or not (unsure).  The primary counts
+	 * the first as unflushed; the second may be durable.
+	 */
+	unsigned char *late, *unsure;
+	unsigned char *skip;	/* sectors a comparison leaves out */
+	unsigned char *pending;	/* sync=local: a write's secondary half may still be out */
+	bool sync_local;
+	bool need_full;		/* a full resync broke: the next one must be full */
+	enum mpeer peer;
+	pid_t pid;		/* nbdkit's, 0 when it is not running */
+	char inject[160];	/* nbdkit fails every request while this file exists */
+	int broken_left;	/* rounds to go on without the secondary */
+	int resync_for;		/* rounds the current resync has run */
+	bool crash_next;	/* the secondary crashes before it comes back */
+	bool resync_mid;	/* the next resync begins with guest requests in flight */
+	int seg, next_break, style_off, mech_off;
+	enum mstyle style;
+	bool primed;		/* MSTYLE_AFTER_CKPT: the checkpoint before the break is done */
+	bool hold_ckpt;		/* MSTYLE_AFTER_RESYNC: no checkpoint until the break */
+	bool race_next;		/* the next close/error break races a checkpoint */
+	struct mop ops[MAX_A + MAX_B];
+	int nops;
+	/* What happened: the test must not pass by doing nothing. */
+	int checkpoints, inflight_ckpts, inflight_at_ckpt, racing_ckpts;
+	int link_breaks, flush_breaks, stops, crashes, fake_peers, nbdkit_peers;
+	int resyncs, full_resyncs, resync_breaks, resync_rounds, inflight_at_resync;
+	int refusals, reads, writes, zeroes, zero_refused;
+};
+
+static unsigned mrand(struct mstate *m)
+{
+	return (unsigned)rand_r(&m->rng);
+}
+
+static unsigned model_seed(void)
+{
+	const char *e = getenv("TDR_MODEL_SEED");
+
+	return e && *e ? (unsigned)strtoul(e, NULL, 0) : 12345u;
+}
+
+__attribute__((format(printf, 2, 3)))
+static void note(const struct mstate *m, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!m->verbose)
+		return;
+	fprintf(stderr, "model seed %u round %d: ", m->seed, m->round);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+static char *model_alloc(size_t len)
+{
+	char *p = tdr_io_alloc(len);
+
+	ck_assert_ptr_nonnull(p);
+	return p;
+}
+
+static bool range_has(const unsigned char *map, uint64_t sec, uint32_t secs, unsigned bits)
+{
+	for (uint64_t s = sec; s < sec + secs; s++)
+		if (map[s] & bits)
+			return true;
+	return false;
+}
+
+static void range_or(unsigned char *map, uint64_t sec, uint32_t secs, unsigned bits)
+{
+	for (uint64_t s = sec; s < sec + secs; s++)
+		map[s] |= (unsigned char)bits;
+}
+
+static void model_io_done(struct td_request *req, int err, void *arg)
+{
+	struct mop *x = arg;
+
+	(void)req;
+	x->done = true;
+	x->err = err;
+}
+
+static void mres_done(void *arg, int err, const char *msg)
+{
+	struct mres *res = arg;
+
+	res->done = true;
+	res->err = err;
+	snprintf(res->msg, sizeof(res->msg), "%s", msg ? msg : "");
+}
+
+/* Starts an operation without waiting for it: requests may follow it in. */
+static void mres_begin(struct mstate *m, const char *line, struct mres *res)
+{
+	struct replica_cmd cmd;
+	char msg[256];
+
+	memset(res, 0, sizeof(*res));
+	ck_assert_msg(replica_parse(line, &cmd, msg, sizeof(msg)) == 0,
+		      "seed %u, round %d: parse '%s': %s", m->seed, m->round, line, msg);
+	replica_execute(tp_rimg, &cmd, mres_done, res);
+}
+
+/* Runs the loop until res (if any) is done and, if all, every request of the round. */
+static void model_run(struct mstate *m, const struct mres *res, bool all)
+{
+	uint64_t t0 = tdr_now_ns();
+
+	for (;;) {
+		bool done = !res || res->done;
+
+		for (int i = 0; all && done && i < m->nops; i++)
+			done = m->ops[i].done;
+		if (done)
+			return;
+		ck_assert_int_ge(tdr_loop_run_once(tp_loop, 100), 0);
+		ck_assert_msg(tdr_now_ns() - t0 < MDEADLINE_NS,
+			      "seed %u, round %d: %s never completed", m->seed, m->round,
+			      res && !res->done ? "an operation" : "a guest request");
+	}
+}
+
+static int model_op_msg(struct mstate *m, const char *line, char *msg, size_t msglen)
+{
+	struct mres res;
+
+	mres_begin(m, line, &res);
+	model_run(m, &res, false);
+	snprintf(msg, msglen, "%s", res.msg);
+	note(m, "%s: %d %s", line, res.err, res.msg);
+	return res.err;
+}
+
+static void model_op(struct mstate *m, const char *line)
+{
+	char msg[512];
+	int err = model_op_msg(m, line, msg, sizeof(msg));
+
+	ck_assert_msg(err == 0, "seed %u, round %d: '%s' failed: %d %s", m->seed, m->round, line,
+		      err, msg);
+}
+
+/* A resync refused while the last one winds down (its copies finishing) is tried again. */
+static int model_resync_op(struct mstate *m, const char *line, char *msg, size_t msglen)
+{
+	uint64_t t0 = tdr_now_ns();
+	int err;
+
+	while ((err = model_op_msg(m, line, msg, msglen)) == -EBUSY &&
+	       strstr(msg, "winding down")) {
+		ck_assert_msg(tdr_now_ns() - t0 < MDEADLINE_NS,
+			      "seed %u, round %d: the last resync never wound down", m->seed,
+			      m->round);
+		tp_run_for(5);
+	}
+	return err;
+}
+
+static void model_wait_state(struct mstate *m, enum replica_state s)
+{
+	uint64_t t0 = tdr_now_ns();
+
+	while (tp_state() != s) {
+		ck_assert_int_ge(tdr_loop_run_once(tp_loop, 100), 0);
+		ck_assert_msg(tdr_now_ns() - t0 < MDEADLINE_NS,
+			      "seed %u, round %d: state never became %s (is %s)", m->seed, m->round,
+			      replica_state_name(s), replica_state_name(tp_state()));
+	}
+}
+
+static void read_image(struct mstate *m, const char *path)
+{
+	int fd = open(path, O_RDONLY);
+
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pread(fd, m->img, MDISK, 0), (ssize_t)MDISK);
+	close(fd);
+}
+
+/*
+ * Fails unless the image file at path holds want, but for the sectors
+ * skip marks (NULL: none).  what says which image and when.
+ */
+static void assert_image(struct mstate *m, const char *path, const char *want,
+			 const unsigned char *skip, const char *what)
+{
+	read_image(m, path);
+	if (!skip && memcmp(m->img, want, MDISK) == 0)
+		return;
+	for (uint64_t s = 0; s < MSECS; s++) {
+		uint64_t e = s;
+
+		if ((skip && skip[s]) || memcmp(m->img + s * 512, want + s * 512, 512) == 0)
+			continue;
+		while (e + 1 < MSECS && memcmp(m->img + (e + 1) * 512, want + (e + 1) * 512, 512))
+			e++;
+		for (uint64_t b = s * 512;; b++)
+			if (m->img[b] != want[b])
+				ck_abort_msg("seed %u, round %d: %s differs from the model at byte %llu (chunk %llu; sectors %llu-%llu differ)",
+					     m->seed, m->round, what, (unsigned long long)b,
+					     (unsigned long long)(s / MCHUNK),
+					     (unsigned long long)s, (unsigned long long)e);
+	}
+}
+
+/* ---------------------------------------------------- model: the peers */
+
+static void peer_start(struct mstate *m, enum mpeer peer)
+{
+	m->peer = peer;
+	if (peer == MPEER_FAKE) {
+		tp_fake_start(TP_FAKE_GOOD, 0);
+		m->fake_peers++;
+	} else {
+		/* Errors only while the inject file exists; FLUSH (fua) a no-op. */
+		static const char *const filters[] = { "error", "delay", "fua", NULL };
+		char errfile[200];
+		const char *args[] = { "delay-write=2ms", "delay-zero=2ms", "delay-trim=2ms",
+				       "fuamode=discard", "error=EIO", "error-rate=100%", errfile,
+				       NULL };
+
+		snprintf(errfile, sizeof(errfile), "error-file=%s", m->inject);
+		m->pid = tp_nbdkit(filters, args);
+		m->nbdkit_peers++;
+	}
+	note(m, "secondary: %s", peer == MPEER_FAKE ? "the fake server" : "nbdkit");
+}
+
+/*
+ * Stops the secondary.  The link is down: the fake server has seen its
+ * connection end (it serves one at a time, so nothing of an old one
+ * lands after a new one began); nbdkit is killed for the same reason, its
+ * writes still in the delay filter die with it.
+ */
+static void peer_stop(struct mstate *m)
+{
+	if (m->peer == MPEER_FAKE) {
+		tp_fake_stop();
+	} else {
+		tp_stop(m->pid);
+		m->pid = 0;
+	}
+	unlink(m->inject);
+}
+
+static void inject_errors(struct mstate *m)
+{
+	int fd = open(m->inject, O_CREAT | O_WRONLY, 0600);
+
+	ck_assert_int_ge(fd, 0);
+	close(fd);
+}
+
+/*
+ * Before the batch (or the FLUSH): the fake server answers the next
+ * request it reads (one of the batch's, or older) badly; nbdkit fails
+ * every write.
+ */
+static void peer_arm(struct mstate *m, enum mbreak brk)
+{
+	if (m->peer == MPEER_FAKE)
+		tp_fake_set_mode(brk == MBRK_CLOSE ? TP_FAKE_CLOSE : TP_FAKE_ERROR, 1);
+	else if (brk == MBRK_ERROR)
+		inject_errors(m);
+}
+
+/* After the batch: nbdkit dies with it in flight. */
+static void peer_fire(struct mstate *m, enum mbreak brk)
+{
+	if (m->peer == MPEER_NBDKIT && brk == MBRK_CLOSE) {
+		tp_stop(m->pid);
+		m->pid = 0;
+	}
+}
+
+/* ----------------------------------------------------- model: requests */
+
+/* A range: mostly small or unaligned, some of 64 KiB and more (spliced), some whole chunks. */
+static uint32_t pick_range(struct mstate *m, uint64_t *sec)
+{
+	unsigned kind = mrand(m) % 7;
+	uint32_t secs;
+
+	if (kind < 2)
+		secs = 1 + mrand(m) % 8;
+	else if (kind < 4)
+		secs = 8 + mrand(m) % 120;
+	else if (kind < 6)
+		secs = 128 + mrand(m) % 385;
+	else
+		secs = MCHUNK * (1 + mrand(m) % 4);
+	*sec = kind < 6 ? mrand(m) % MSECS : (uint64_t)(mrand(m) % (MSECS / MCHUNK)) * MCHUNK;
+	if (*sec + secs > MSECS)
+		*sec = MSECS - secs;
+	return secs;
+}
+
+/*
+ * Makes up one guest request and submits it, or returns false when it
+ * would overlap what it must not: a read and a write in flight over the
+ * same sector may return either content.  Writes may overlap writes: the
+ * primary applies them in submission order, as the model does.
+ *
+ * MK_WRITE: a plain WRITE, which the secondary gets at once (a link
+ * break needs one).  behind: submitted after a checkpoint began.
+ */
+static bool submit_op(struct mstate *m, enum mkind want, bool behind)
+{
+	struct mop *x = &m->ops[m->nops];
+	unsigned kind = want == MK_WRITE ? 0 : want == MK_READ ? 19 : mrand(m) % 20;
+	enum td_op op = TD_OP_READ;
+	unsigned flags = 0, conflict, mark;
+	uint64_t sec;
+	uint32_t secs = pick_range(m, &sec);
+	size_t off = (size_t)sec * 512, len = (size_t)secs * 512;
+
+	if (kind < 10) {
+		op = TD_OP_WRITE;
+	} else if (kind < 12) {
+		static const unsigned zflags[] = { 0, TD_REQ_NO_HOLE, TD_REQ_FAST_ZERO,
+						   TD_REQ_FAST_ZERO | TD_REQ_NO_HOLE };
+
+		op = TD_OP_WRITE_ZEROES;
+		flags = zflags[mrand(m) % 4];
+	} else if (kind < 13) {
+		op = TD_OP_DISCARD;	/* zeroes on both sides (the local image can) */
+	}
+	if (op == TD_OP_READ) {
+		conflict = BUSY_W | BUSY_X;
+		mark = BUSY_R;
+	} else if (flags & TD_REQ_FAST_ZERO) {
+		conflict = BUSY_R | BUSY_W | BUSY_X;
+		mark = BUSY_X;
+	} else {
+		conflict = BUSY_R | BUSY_X;
+		mark = BUSY_W;
+	}
+	if (range_has(m->busy, sec, secs, conflict))
+		return false;
+	memset(x, 0, sizeof(*x));
+	if (op != TD_OP_READ) {
+		/*
+		 * What a checkpoint begun after this write covers: the writes
+		 * sent to the secondary before it began.  Not one behind it,
+		 * nor one the range lock holds behind an overlapping write of
+		 * the batch (sent once that one is done).  With answers in
+		 * order these are sent after every covered write, so the FLUSH
+		 * goes while they are in flight or before they are sent, and
+		 * the primary must count them as unflushed.  Unsure: a
+		 * FAST_ZERO (sent when its local half is done, which may be at
+		 * once), at sync=local a write over one whose secondary half
+		 * may still be out (and hold the lock), and with answers out
+		 * of order any write the FLUSH does not wait for.
+		 */
+		bool late = behind || range_has(m->busy, sec, secs, BUSY_W);
+
+		if (late && m->peer == MPEER_FAKE)
+			range_or(m->late, sec, secs, 1);
+		else if (late || (flags & TD_REQ_FAST_ZERO) ||
+			 (m->sync_local && range_has(m->pending, sec, secs, 1)))
+			range_or(m->unsure, sec, secs, 1);
+		if (m->sync_local)
+			range_or(m->pending, sec, secs, 1);
+	}
+	range_or(m->busy, sec, secs, mark);
+	if (op == TD_OP_READ) {
+		x->buf = model_alloc(len);
+		x->want = malloc(len);
+		ck_assert_ptr_nonnull(x->want);
+		memcpy(x->want, m->model + off, len);
+		m->reads++;
+	} else if (op == TD_OP_WRITE) {
+		x->buf = tp_pattern(len, mrand(m));
+		memcpy(m->model + off, x->buf, len);
+		if (!range_has(m->late, sec, secs, 1) && !range_has(m->unsure, sec, secs, 1))
+			memcpy(m->cmodel + off, x->buf, len);
+		m->writes++;
+	} else {
+		if (flags & TD_REQ_FAST_ZERO) {
+			x->old = malloc(len);
+			ck_assert_ptr_nonnull(x->old);
+			memcpy(x->old, m->model + off, len);
+		}
+		memset(m->model + off, 0, len);
+		if (!range_has(m->late, sec, secs, 1) && !range_has(m->unsure, sec, secs, 1))
+			memset(m->cmodel + off, 0, len);
+		m->zeroes++;
+	}
+	td_request_init(&x->req, op, sec, secs, x->buf, model_io_done, x);
+	x->req.flags = flags;
+	m->nops++;
+	note(m, "  %s%s %llu+%u%s", behind ? "behind the checkpoint: " : "",
+	     op == TD_OP_READ ? "read" : op == TD_OP_WRITE ? "write" :
+	     op == TD_OP_DISCARD ? "discard" : "zero",
+	     (unsigned long long)sec, secs, flags & TD_REQ_FAST_ZERO ? " fast" : "");
+	td_disk_submit(tp_disk, &x->req);
+	return true;
+}
+
+static int ops_in_flight(const struct mstate *m)
+{
+	int n = 0;
+
+	for (int i = 0; i < m->nops; i++)
+		n += !m->ops[i].done;
+	return n;
+}
+
+/* Every guest request succeeds, broken link or not, and every read returns the model. */
+static void finish_ops(struct mstate *m)
+{
+	for (int i = 0; i < m->nops; i++) {
+		struct mop *x = &m->ops[i];
+		size_t off = (size_t)x->req.sec * 512, len = (size_t)x->req.secs * 512;
+
+		if (x->old && (x->err == -ENOTSUP || x->err == -EOPNOTSUPP)) {
+			/* Not cheap here: a FAST_ZERO may say so, and then nothing changed. */
+			memcpy(m->model + off, x->old, len);
+			m->zero_refused++;
+		} else {
+			ck_assert_msg(x->err == 0,
+				      "seed %u, round %d: guest request %d (op %d, %u sectors at %llu) failed: %d",
+				      m->seed, m->round, i, (int)x->req.op, x->req.secs,
+				      (unsigned long long)x->req.sec, x->err);
+		}
+		if (x->want)
+			ck_assert_msg(memcmp(x->buf, x->want, len) == 0,
+				      "seed %u, round %d: guest read of %u sectors at %llu differs from the model",
+				      m->seed, m->round, x->req.secs,
+				      (unsigned long long)x->req.sec);
+		free(x->buf);
+		free(x->want);
+		free(x->old);
+	}
+	m->nops = 0;
+	/* The late writes are done: the next checkpoint covers them. */
+	for (uint64_t s = 0; s < MSECS; s++)
+		if (m->late[s] || m->unsure[s])
+			memcpy(m->cmodel + s * 512, m->model + s * 512, 512);
+	memset(m->late, 0, MSECS);
+	memset(m->unsure, 0, MSECS);
+	memset(m->busy, 0, MSECS);
+	/* sync=both: a completed write is on the secondary, nothing of it is still out. */
+	if (!m->sync_local)
+		memset(m->pending, 0, MSECS);
+}
+
+/* ----------------------------------------------- model: the operations */
+
+/* A checkpoint succeeded: what it covered is durable on the secondary. */
+static void checkpoint_done(struct mstate *m)
+{
+	memcpy(m->flushed, m->cmodel, MDISK);
+	memcpy(m->keep, m->unsure, MSECS);
+	/* sync=local: what it did not cover may still be on its way. */
+	for (uint64_t s = 0; s < MSECS; s++)
+		m->pending[s] = m->late[s] | m->unsure[s];
+	m->checkpoints++;
+}
+
+/*
+ * The secondary's host went down: its disk keeps only what the last
+ * successful checkpoint flushed (the worst a crash may do), and what it
+ * may have flushed stays as it is.  The primary counted everything sent
+ * since as unflushed, and must send it again.
+ */
+static void crash_secondary(struct mstate *m)
+{
+	int fd;
+
+	read_image(m, tp_sec);
+	for (uint64_t s = 0; s < MSECS; s++)
+		if (!m->keep[s])
+			memcpy(m->img + s * 512, m->flushed + s * 512, 512);
+	fd = open(tp_sec, O_WRONLY);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pwrite(fd, m->img, MDISK, 0), (ssize_t)MDISK);
+	close(fd);
+	m->crashes++;
+}
+
+/*
+ * A secondary comes back: after a crash, or as another process (mostly
+ * of the other kind), or the same one well again; after stop, start
+ * connects.
+ */
+static void peer_back(struct mstate *m)
+{
+	if (m->crash_next || m->peer == MPEER_NBDKIT || mrand(m) % 2) {
+		bool other = mrand(m) % 3;
+
+		note(m, "%s", m->crash_next ? "the secondary crashed" : "a new secondary");
+		peer_stop(m);
+		if (m->crash_next)
+			crash_secondary(m);
+		peer_start(m, (m->peer == MPEER_FAKE) == other ? MPEER_NBDKIT : MPEER_FAKE);
+	} else {
+		note(m, "the secondary is well again");
+		tp_fake_set_mode(TP_FAKE_GOOD, 0);
+	}
+	m->crash_next = false;
+	if (tp_state() == REPLICA_STATE_DONE) {
+		/* After stop: start only connects (and may change sync=); still broken. */
+		unsigned s = mrand(m) % 3;
+
+		model_op(m, s == 0 ? "start" : s == 1 ? "start sync=both" : "start sync=local");
+		if (s)
+			m->sync_local = s == 2;
+		ck_assert_msg(tp_state() == REPLICA_STATE_BROKEN,
+			      "seed %u, round %d: start after stop: state %s", m->seed, m->round,
+			      replica_state_name(tp_state()));
+	}
+}
+
+/*
+ * Resyncs, some breaking in turn at their first request; final: none
+ * breaks.  mid: guest requests are in flight, which a full resync's scan
+ * may see as holes.
+ */
+static void model_resync(struct mstate *m, bool final, bool mid)
+{
+	struct replica_status st;
+	char msg[512];
+	int err;
+
+	for (;;) {
+		bool full = m->need_full || mrand(m) % (mid ? 2 : 5) == 0;
+		const char *line = full ? "resync full" :
+				   mrand(m) % 2 ? "resync" : "resync incremental";
+		bool brk;
+
+		if (m->need_full) {
+			err = model_resync_op(m, "resync incremental", msg, sizeof(msg));
+			ck_assert_msg(err == -EINVAL && strstr(msg, "resync full"),
+				      "seed %u, round %d: resync incremental after a broken full one: %d %s",
+				      m->seed, m->round, err, msg);
+			m->refusals++;
+		}
+		tp_status(&st);
+		/* Only a resync with something to send can break. */
+		brk = !final && mrand(m) % 4 == 0 && (full || st.stats.dirty_bytes > 0);
+		if (brk)
+			peer_arm(m, m->peer == MPEER_FAKE && mrand(m) % 2 ? MBRK_CLOSE :
+										     MBRK_ERROR);
+		err = model_resync_op(m, line, msg, sizeof(msg));
+		ck_assert_msg(err == 0, "seed %u, round %d: '%s' failed: %d %s", m->seed, m->round,
+			      line, err, msg);
+		m->resyncs++;
+		m->full_resyncs += full;
+		if (!brk)
+			break;
+		model_wait_state(m, REPLICA_STATE_BROKEN);
+		note(m, "the resync broke");
+		m->link_breaks++;
+		m->resync_breaks++;
+		m->need_full = full;
+		memset(m->pending, 0, MSECS);
+		if (m->peer == MPEER_FAKE) {
+			tp_fake_set_mode(TP_FAKE_GOOD, 0);
+		} else {
+			peer_stop(m);
+			peer_start(m, MPEER_NBDKIT);
+		}
+	}
+	/* This one does not break: it finishes. */
+	m->need_full = false;
+	m->resync_for = 0;
+}
+
+/* A checkpoint in a state that cannot take one is refused. */
+static void assert_refused(struct mstate *m, enum replica_state s)
+{
+	char msg[512];
+	int err = model_op_msg(m, "checkpoint", msg, sizeof(msg));
+	int want = s == REPLICA_STATE_RESYNC ? -EBUSY : -EINVAL;
+	const char *needle = s == REPLICA_STATE_RESYNC ? "resync in progress" :
+			     s == REPLICA_STATE_DONE ? "state done" : "broken";
+
+	ck_assert_msg(err == want && strstr(msg, needle),
+		      "seed %u, round %d: checkpoint in state %s: %d '%s', want %d and '%s'",
+		      m->seed, m->round, replica_state_name(s), err, msg, want, needle);
+	m->refusals++;
+}
+
+static void plan_break(struct mstate *m)
+{
+	int seg_len = MROUNDS / MSEGMENTS;
+
+	m->style = (enum mstyle)((m->seg + m->style_off) % 3);
+	m->primed = false;
+	m->hold_ckpt = m->style == MSTYLE_AFTER_RESYNC && m->seg < MSEGMENTS;
+	if (m->style == MSTYLE_AFTER_RESYNC)
+		m->next_break = m->round + 1;	/* the first round running again */
+	else
+		m->next_break = m->seg * seg_len + 2 + (int)(mrand(m) % (unsigned)(seg_len / 2));
+	if (m->next_break <= m->round)
+		m->next_break = m->round + 1;
+}
+
+/* ------------------------------------------------------ model: a round */
+
+static void model_round(struct mstate *m)
+{
+	enum mbreak brk = MBRK_NONE;
+	struct mres ck = { .done = true };
+	bool ckpt = false, prime = false, prime_reads, resync_mid = false;
+	enum replica_state st = tp_state();
+
+	if ((st == REPLICA_STATE_BROKEN || st == REPLICA_STATE_DONE) && m->broken_left-- <= 0) {
+		peer_back(m);
+		resync_mid = m->resync_mid;
+		m->resync_mid = !m->resync_mid;
+		if (!resync_mid)
+			model_resync(m, false, false);
+		st = tp_state();
+	}
+	if (st == REPLICA_STATE_RESYNC) {
+		m->resync_rounds++;
+		/* Guest requests race the copies for a few rounds; then it may finish. */
+		if (++m->resync_for > 3) {
+			model_wait_state(m, REPLICA_STATE_RUNNING);
+			st = REPLICA_STATE_RUNNING;
+		}
+	}
+	if (st == REPLICA_STATE_RUNNING && m->round >= m->next_break && m->seg < MSEGMENTS) {
+		if (m->style == MSTYLE_AFTER_CKPT && !m->primed) {
+			ckpt = prime = m->primed = true;
+		} else {
+			static const enum mbreak mechs[] = { MBRK_CLOSE, MBRK_FLUSH, MBRK_ERROR,
+							     MBRK_STOP };
+
+			brk = mechs[(m->seg + m->mech_off) % 4];
+			/* A failed FLUSH needs the fake server (nbdkit's never fail), sync=both. */
+			if (brk == MBRK_FLUSH && (m->peer != MPEER_FAKE || m->sync_local))
+				brk = MBRK_CLOSE;
+			m->crash_next = m->style != MSTYLE_RANDOM || mrand(m) % 2;
+			m->seg++;
+			plan_break(m);
+		}
+	} else if (st == REPLICA_STATE_RUNNING && !m->hold_ckpt && mrand(m) % 5 == 0) {
+		ckpt = true;
+	}
+	note(m, "state %s%s%s%s", replica_state_name(st),
+	     brk == MBRK_CLOSE ? ", the secondary goes away" :
+	     brk == MBRK_ERROR ? ", the secondary fails writes" :
+	     brk == MBRK_STOP ? ", stop with writes in flight" :
+	     brk == MBRK_FLUSH ? ", the secondary fails a FLUSH" : "",
+	     m->crash_next ? " (and crashes)" : "", ckpt ? ", checkpoint in flight" : "");
+
+	/* Armed first, so that the next request the fake server reads is one of these. */
+	if (brk == MBRK_CLOSE || brk == MBRK_ERROR)
+		peer_arm(m, brk);
+	/*
+	 * A break needs a write to the secondary.  Half the checkpoints before
+	 * a break have no write to wait for: their FLUSH goes at once, and
+	 * the writes behind it are sent after it.
+	 */
+	prime_reads = prime && mrand(m) % 2;
+	for (unsigned i = 0, n = 1 + mrand(m) % MAX_A; i < n; i++)
+		submit_op(m, brk != MBRK_NONE && i == 0 ? MK_WRITE : prime_reads ? MK_READ : MK_ANY,
+			  false);
+
+	if (resync_mid) {
+		m->inflight_at_resync += ops_in_flight(m);
+		model_resync(m, false, true);
+	}
+	if (brk == MBRK_STOP) {
+		static const char *const words[] = { "stop", "stop failover", "failover" };
+
+		ck_assert_int_gt(ops_in_flight(m), 0);
+		model_op(m, words[mrand(m) % 3]);
+		ck_assert_int_eq(tp_state(), REPLICA_STATE_DONE);
+		m->stops++;
+	} else if ((brk == MBRK_CLOSE || brk == MBRK_ERROR) && m->race_next) {
+		/* A checkpoint whose barrier waits for a write the link never answers. */
+		ckpt = true;
+	}
+	if (brk == MBRK_CLOSE || brk == MBRK_ERROR)
+		m->race_next = !m->race_next;
+	if (ckpt) {
+		int inflight = ops_in_flight(m);
+		unsigned nb = prime ? 1 + mrand(m) % MAX_B : mrand(m) % (MAX_B + 1);
+
+		mres_begin(m, "checkpoint", &ck);
+		/* Before a break: writes whose chunks the primary must count as unflushed. */
+		for (unsigned i = 0; i < nb; i++)
+			submit_op(m, prime ? MK_WRITE : MK_ANY, true);
+		peer_fire(m, brk);
+		model_run(m, &ck, false);
+		note(m, "checkpoint with %d of %d requests in flight: %d %s", inflight, m->nops,
+		     ck.err, ck.msg);
+		if (brk != MBRK_NONE) {
+			ck_assert_msg(ck.err < 0,
+				      "seed %u, round %d: a checkpoint succeeded while the link broke",
+				      m->seed, m->round);
+			m->racing_ckpts++;
+		} else {
+			ck_assert_msg(ck.err == 0,
+				      "seed %u, round %d: checkpoint with requests in flight failed: %d %s",
+				      m->seed, m->round, ck.err, ck.msg);
+			/* Every write sent before it is on the secondary; the others may be. */
+			for (uint64_t s = 0; s < MSECS; s++)
+				m->skip[s] = m->late[s] | m->unsure[s];
+			assert_image(m, tp_sec, m->model, m->skip,
+				     "the secondary after a checkpoint in flight");
+			checkpoint_done(m);
+			m->inflight_ckpts++;
+			m->inflight_at_ckpt += inflight;
+		}
+	} else {
+		peer_fire(m, brk);
+	}
+	model_run(m, NULL, true);
+	finish_ops(m);
+
+	if (brk == MBRK_FLUSH) {
+		struct mres fl;
+
+		/* Nothing is in flight (sync=both): the FLUSH is the next request. */
+		peer_arm(m, mrand(m) % 2 ? MBRK_CLOSE : MBRK_ERROR);
+		mres_begin(m, "checkpoint", &fl);
+		model_run(m, &fl, false);
+		note(m, "checkpoint: %d %s", fl.err, fl.msg);
+		ck_assert_msg(fl.err < 0,
+			      "seed %u, round %d: a checkpoint succeeded with its FLUSH failed",
+			      m->seed, m->round);
+		m->flush_breaks++;
+	}
+	if (brk == MBRK_CLOSE || brk == MBRK_ERROR || brk == MBRK_FLUSH) {
+		struct replica_status rs;
+
+		model_wait_state(m, REPLICA_STATE_BROKEN);
+		tp_status(&rs);
+		ck_assert_msg(rs.error < 0 && strstr(rs.error_msg, "link dropped"),
+			      "seed %u, round %d: broken link: error %d '%s'", m->seed, m->round,
+			      rs.error, rs.error_msg);
+		m->link_breaks++;
+	}
+	if (brk != MBRK_NONE) {
+		struct replica_status rs;
+
+		/* What was in flight, and what was not flushed (a write at least), goes again. */
+		tp_status(&rs);
+		ck_assert_msg(rs.stats.dirty_bytes > 0,
+			      "seed %u, round %d: a break left nothing dirty (writes were in flight or unflushed)",
+			      m->seed, m->round);
+		memset(m->pending, 0, MSECS);	/* the link is gone: nothing of it is out */
+		m->broken_left = (int)(mrand(m) % 5);
+	}
+
+	st = tp_state();
+	assert_image(m, tp_local, m->model, NULL, "the local image");
+	if (st == REPLICA_STATE_RUNNING && !m->sync_local)
+		assert_image(m, tp_sec, m->model, NULL, "the secondary (sync=both, running)");
+	if (st == REPLICA_STATE_RUNNING && brk == MBRK_NONE && !prime && !m->hold_ckpt &&
+	    mrand(m) % 6 == 0) {
+		model_op(m, "checkpoint");
+		assert_image(m, tp_sec, m->model, NULL, "the secondary after a checkpoint");
+		checkpoint_done(m);
+	} else if (st != REPLICA_STATE_RUNNING && mrand(m) % 4 == 0) {
+		assert_refused(m, st);
+	}
+}
+
+START_TEST(t_model)
+{
+	struct mstate *m = calloc(1, sizeof(*m));
+	struct replica_status st;
+	const char *v = getenv("TDR_MODEL_VERBOSE");
+
+	NEED_PEER("nbdkit");
+	ck_assert_ptr_nonnull(m);
+	m->seed = m->rng = model_seed();
+	m->verbose = v && *v && strcmp(v, "0");
+	snprintf(m->inject, sizeof(m->inject), "%s/inject", tp_dir);
+	m->model = model_alloc(MDISK);
+	m->cmodel = model_alloc(MDISK);
+	m->flushed = model_alloc(MDISK);
+	m->img = model_alloc(MDISK);
+	m->keep = calloc(MSECS, 1);
+	m->busy = calloc(MSECS, 1);
+	m->late = calloc(MSECS, 1);
+	m->unsure = calloc(MSECS, 1);
+	m->skip = calloc(MSECS, 1);
+	m->pending = calloc(MSECS, 1);
+	ck_assert(m->keep && m->busy && m->late && m->unsure && m->skip && m->pending);
+
+	/* Data and holes on the local disk; the secondary is junk until the initial resync full. */
+	for (int i = 0; i < 6; i++) {
+		uint64_t sec;
+		uint32_t secs = pick_range(m, &sec);
+
+		write_file(tp_local, sec * 512, (uint64_t)secs * 512, mrand(m));
+	}
+	read_image(m, tp_local);
+	memcpy(m->model, m->img, MDISK);
+	memcpy(m->cmodel, m->img, MDISK);
+	peer_start(m, mrand(m) % 2 ? MPEER_NBDKIT : MPEER_FAKE);
+	tp_open(",timeout=30000");
+	ck_assert(tp_rimg->parent->info_discard);	/* so a discard zeroes both sides */
+	m->sync_local = mrand(m) % 2;
+	model_op(m, m->sync_local ? "start sync=local" : "start sync=both");
+	model_op(m, "resync full");
+	model_wait_state(m, REPLICA_STATE_RUNNING);
+	model_op(m, "checkpoint");
+	assert_image(m, tp_sec, m->model, NULL, "the secondary after the initial resync");
+	checkpoint_done(m);
+	m->resyncs++;
+	m->full_resyncs++;
+	m->style_off = (int)(mrand(m) % 3);
+	m->mech_off = (int)(mrand(m) % 4);
+	m->race_next = mrand(m) % 2;
+	m->resync_mid = mrand(m) % 2;
+	plan_break(m);
+
+	for (m->round = 0; m->round < MROUNDS; m->round++)
+		model_round(m);
+
+	/* The end: a secondary back, a last resync and checkpoint, everything the same. */
+	if (tp_state() == REPLICA_STATE_BROKEN || tp_state() == REPLICA_STATE_DONE)
+		peer_back(m);
+	if (tp_state() != REPLICA_STATE_RESYNC)
+		model_resync(m, true, false);
+	model_wait_state(m, REPLICA_STATE_RUNNING);
+	model_op(m, "checkpoint");
+	checkpoint_done(m);
+	assert_image(m, tp_local, m->model, NULL, "the local image at the end");
+	assert_image(m, tp_sec, m->model, NULL, "the secondary at the end");
+	tp_assert_same();
+	tp_status(&st);
+	ck_assert_int_eq(st.state, REPLICA_STATE_RUNNING);
+	ck_assert_int_eq(st.error, 0);
+	ck_assert_uint_eq(st.stats.dirty_bytes, 0);
+	ck_assert_uint_eq(st.stats.checkpoints, (uint64_t)m->checkpoints);
+	ck_assert_uint_eq(st.stats.link_errors, (uint64_t)m->link_breaks);
+
+	note(m, "checkpoints %d (in flight %d with %d requests in flight; %d racing a break)",
+	     m->checkpoints, m->inflight_ckpts, m->inflight_at_ckpt, m->racing_ckpts);
+	note(m, "link breaks %d (%d at a FLUSH), stops %d, crashes %d, peers %d fake + %d nbdkit",
+	     m->link_breaks, m->flush_breaks, m->stops, m->crashes, m->fake_peers, m->nbdkit_peers);
+	note(m, "resyncs %d (full %d, broken %d, %d requests in flight at their start, %d rounds during them)",
+	     m->resyncs, m->full_resyncs, m->resync_breaks, m->inflight_at_resync,
+	     m->resync_rounds);
+	note(m, "refusals %d, reads %d, writes %d, zeroes %d (%d refused)", m->refusals, m->reads,
+	     m->writes, m->zeroes, m->zero_refused);
+	/* Floors well below what any seed does (see TDR_MODEL_VERBOSE). */
+	ck_assert_int_ge(m->checkpoints, 30);
+	ck_assert_int_ge(m->inflight_ckpts, 10);
+	ck_assert_int_gt(m->inflight_at_ckpt, 0);
+	ck_assert_int_ge(m->racing_ckpts, 1);
+	ck_assert_int_ge(m->link_breaks + m->stops, MSEGMENTS);
+	ck_assert_int_ge(m->crashes, 3);
+	ck_assert_int_ge(m->fake_peers, 1);
+	ck_assert_int_ge(m->nbdkit_peers, 1);
+	ck_assert_int_ge(m->resyncs, MSEGMENTS + 2);
+	ck_assert_int_gt(m->inflight_at_resync, 0);
+	ck_assert_int_ge(m->reads, 200);
+	ck_assert_int_ge(m->writes, 300);
+	ck_assert_int_ge(m->zeroes, 50);
+
+	free(m->model);
+	free(m->cmodel);
+	free(m->flushed);
+	free(m->img);
+	free(m->keep);
+	free(m->busy);
+	free(m->late);
+	free(m->unsure);
+	free(m->skip);
+	free(m->pending);
+	free(m);
+}
+END_TEST
+
+static void setup_model(void)
+{
+	tp_setup(MDISK, MDISK, 1);
+}
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("primary");
@@ -958,6 +1935,8 @@ static Suite *suite(void)
 	ADD("resync-full-with-writes", setup16, t_resync_full_with_writes);
 	ADD("resync-broken", setup16, t_resync_broken);
 	ADD("close-during-resync", setup16, t_close_during_resync);
+	/* Its own case, so that CK_RUN_CASE=model runs it alone. */
+	ADD("model", setup_model, t_model);
 #undef ADD
 	return s;
 }
