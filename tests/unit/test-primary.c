@@ -1034,13 +1034,6 @@ static unsigned mrand(struct mstate *m)
 	return (unsigned)rand_r(&m->rng);
 }
 
-static unsigned model_seed(void)
-{
-	const char *e = getenv("TDR_MODEL_SEED");
-
-	return e && *e ? (unsigned)strtoul(e, NULL, 0) : 12345u;
-}
-
 __attribute__((format(printf, 2, 3)))
 static void note(const struct mstate *m, const char *fmt, ...)
 {

@@ -1257,14 +1257,28 @@ struct mreq {
 };
 
 /*
- * TDR_MODEL_SEED picks another sequence (tests/unit/soak-model runs many);
- * the default is the one make check runs.
+ * Submits into x an SVM write of [sec, sec + secs) with random data, which
+ * the view takes at once, or an SVM read, which must return the view as it
+ * is now.
  */
-static unsigned model_seed(void)
+static void model_svm_submit(struct mreq *x, bool write, uint64_t sec, uint32_t secs, char *view,
+			     unsigned *seed)
 {
-	const char *e = getenv("TDR_MODEL_SEED");
+	size_t len = (size_t)secs * 512;
 
-	return e && *e ? (unsigned)strtoul(e, NULL, 0) : 12345u;
+	memset(x, 0, sizeof(*x));
+	x->buf = xalloc(len);
+	if (write) {
+		fill(x->buf, len, (unsigned)rand_r(seed));
+		memcpy(view + sec * 512, x->buf, len);
+		td_request_init(&x->req, TD_OP_WRITE, sec, secs, x->buf, req_done, &x->dn);
+	} else {
+		x->check = true;
+		x->want = xalloc(len);
+		memcpy(x->want, view + sec * 512, len);
+		td_request_init(&x->req, TD_OP_READ, sec, secs, x->buf, req_done, &x->dn);
+	}
+	td_disk_submit(disk, &x->req);
 }
 
 /* Waits for a batch: every request succeeds, every read equals its model. */
@@ -1320,10 +1334,10 @@ START_TEST(randomized_model)
 			struct mreq *x = &m[n];
 			bool clash = false;
 
-			memset(x, 0, sizeof(*x));
-			x->buf = xalloc((size_t)secs * 512);
 			if (kind < 4) {
 				/* Primary write: changes the secondary disk only. */
+				memset(x, 0, sizeof(*x));
+				x->buf = xalloc((size_t)secs * 512);
 				fill(x->buf, (size_t)secs * 512, (unsigned)rand_r(&seed));
 				memcpy(sec_model + sec * 512, x->buf, (size_t)secs * 512);
 				td_request_init(&x->req, TD_OP_WRITE, sec, secs, x->buf, req_done, &x->dn);
@@ -1335,25 +1349,15 @@ START_TEST(randomized_model)
 			for (int k = 0; k < nbusy; k++)
 				if (sec < busy_hi[k] && busy_lo[k] < sec + secs)
 					clash = true;
-			if (clash) {
-				free(x->buf);
+			if (clash)
 				continue;
-			}
 			busy_lo[nbusy] = sec;
 			busy_hi[nbusy++] = sec + secs;
-			if (kind < 7) {
-				fill(x->buf, (size_t)secs * 512, (unsigned)rand_r(&seed));
-				memcpy(view + sec * 512, x->buf, (size_t)secs * 512);
-				td_request_init(&x->req, TD_OP_WRITE, sec, secs, x->buf, req_done, &x->dn);
+			model_svm_submit(x, kind < 7, sec, secs, view, &seed);
+			if (kind < 7)
 				swrites++;
-			} else {
-				x->check = true;
-				x->want = xalloc((size_t)secs * 512);
-				memcpy(x->want, view + sec * 512, (size_t)secs * 512);
-				td_request_init(&x->req, TD_OP_READ, sec, secs, x->buf, req_done, &x->dn);
+			else
 				reads++;
-			}
-			td_disk_submit(disk, &x->req);
 			n++;
 		}
 		/*
@@ -1395,21 +1399,8 @@ START_TEST(randomized_model)
 			/* Disjoint slots: requests of one batch never overlap. */
 			uint64_t slot = DISK_SECS / BATCH;
 			uint64_t sec = i * slot + (uint64_t)(rand_r(&seed) % (slot - secs));
-			struct mreq *x = &m[i];
 
-			memset(x, 0, sizeof(*x));
-			x->buf = xalloc((size_t)secs * 512);
-			if (rand_r(&seed) % 2) {
-				fill(x->buf, (size_t)secs * 512, (unsigned)rand_r(&seed));
-				memcpy(view + sec * 512, x->buf, (size_t)secs * 512);
-				td_request_init(&x->req, TD_OP_WRITE, sec, secs, x->buf, req_done, &x->dn);
-			} else {
-				x->check = true;
-				x->want = xalloc((size_t)secs * 512);
-				memcpy(x->want, view + sec * 512, (size_t)secs * 512);
-				td_request_init(&x->req, TD_OP_READ, sec, secs, x->buf, req_done, &x->dn);
-			}
-			td_disk_submit(disk, &x->req);
+			model_svm_submit(&m[i], rand_r(&seed) % 2, sec, secs, view, &seed);
 			fo_requests += during;
 		}
 		model_finish_batch(m, BATCH, "failover batch", b);
