@@ -310,10 +310,16 @@ group_restart() {
 	stop_daemon rst
 }
 
-# load_under NAME SECONDS ACTION...: the guest-like workload while ACTION runs.
+# load_under NAME SECONDS BOUND_MS ACTION...: the guest-like workload while
+# ACTION runs. The property checked is behavioural: guest I/O is not held
+# while xenstored is unavailable. A daemon that waited on xenstored would
+# show a gap as long as the outage (10 s frozen, 2 s restarting), so the
+# bound sits far below the outage and far above scheduling noise under
+# QEMU TCG (a 150 ms gap has been seen with nothing disturbed at all).
+# BOUND_MS 0: the baseline run, its gap reported for comparison only.
 load_under() {
-	local name=$1 secs=$2 out gap
-	shift 2
+	local name=$1 secs=$2 bound=$3 out gap
+	shift 3
 	nice -n -10 $B/nbdio $T/l.sock "" load "$secs" 16 >$T/load-$name.out 2>&1 &
 	local lp=$!
 	bsleep 1
@@ -323,10 +329,14 @@ load_under() {
 	out=$(cat $T/load-$name.out)
 	info "$name: $out"
 	gap=$(sed -n 's/.*max_gap_ms=\([0-9.]*\).*/\1/p' <<<"$out")
-	if [ $st -eq 0 ] && [ -n "$gap" ] && awk -v g="$gap" 'BEGIN { exit !(g < 100) }'; then
-		pass "$name-io-never-stalls-100ms (longest gap $gap ms)"
+	if [ $st -ne 0 ] || [ -z "$gap" ]; then
+		fail "$name-io-completes" "status $st, $out"
+	elif [ "$bound" -eq 0 ]; then
+		pass "$name-io-completes (longest gap $gap ms, for comparison)"
+	elif awk -v g="$gap" -v b="$bound" 'BEGIN { exit !(g < b) }'; then
+		pass "$name-io-not-held-by-xenstored (longest gap $gap ms < $bound ms)"
 	else
-		fail "$name-io-never-stalls-100ms" "status $st, $out"
+		fail "$name-io-not-held-by-xenstored" "longest gap $gap ms >= $bound ms: $out"
 	fi
 }
 
@@ -363,8 +373,8 @@ group_freeze() {
 	start_load_daemon $D || return
 	expect frz-before $D 1 "status" ok
 	# The same workload undisturbed, for comparison.
-	load_under baseline 5 nothing
-	load_under frz 14 freeze_xsd
+	load_under baseline 5 0 nothing
+	load_under frz 14 1000 freeze_xsd
 	# Served afterwards, over the same connection.
 	expect frz-after $D 2 "get-error" ok
 	expect frz-after-2 $D 3 "status" ok
@@ -375,7 +385,7 @@ group_xsrestart() {
 	local D=/tdr/xsrestart
 	start_load_daemon $D || return
 	expect xsr-before $D 1 "status" ok
-	load_under xsr 8 restart_xsd
+	load_under xsr 8 1000 restart_xsd
 	# The daemon reconnected, set up its directory again and republished.
 	wait_key xsr-republished $D/state none 10000
 	local perms
