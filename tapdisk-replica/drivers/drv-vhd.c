@@ -185,6 +185,7 @@ struct vhd_state {
 		uint64_t allocs, bm_writes, bm_loads, bm_hits, bat_writes, footer_writes;
 		uint64_t joined_allocs, evictions, reuse_waits;
 		uint64_t gsyncs, gsyncs_skipped;	/* group syncs issued, not needed (scratch) */
+		uint64_t zero_elided;	/* zero pieces of new blocks not written (alloc_write) */
 	} st;
 };
 
@@ -953,6 +954,23 @@ static void alloc_zero_gaps(struct vhd_alloc *a)
 	}
 }
 
+/*
+ * A piece of zeroes in a new block needs no data write when the block's
+ * space has never been written: above reuse_end, everything past the
+ * metadata is a hole of the file (or an old footer, zeroed before any
+ * block is placed over it), and a hole reads as zeroes for every reader,
+ * ours and bitmap-blind ones alike.  Its bitmap bits still go down with
+ * the block's bitmap, so it reads as zeroes here, not as the parent's.
+ * The first touch of a chunk of a thin secondary disk copies zeroes into
+ * hidden this way; so does a guest zeroing fresh space.  Space that an
+ * online make-empty gave back may hold an old block's data: written.
+ */
+static bool alloc_piece_elidable(const struct vhd_alloc *a, const struct vhd_op *op)
+{
+	return a->off >= a->s->reuse_end &&
+	       vhd_all_zero(op->req->buf, (size_t)op->n << TD_SECTOR_SHIFT);
+}
+
 /* Footer is past the block: write the bitmap and every batched piece. */
 static void alloc_write(struct vhd_alloc *a)
 {
@@ -971,6 +989,11 @@ static void alloc_write(struct vhd_alloc *a)
 	tdr_list_for_each_safe(pos, tmp, &a->batch) {
 		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
 
+		if (alloc_piece_elidable(a, op)) {
+			s->st.zero_elided++;
+			a->pending--;	/* never 0 here: the bitmap's write is counted */
+			continue;
+		}
 		tdr_io_pwrite(s->img->io, &op->iocb, s->fd, op->req->buf,
 			      (size_t)op->n << TD_SECTOR_SHIFT,
 			      a->off + s->bm_bytes + ((uint64_t)op->in << TD_SECTOR_SHIFT),
@@ -1700,14 +1723,14 @@ static void vhd_stats(struct td_image *img, FILE *out)
 		"    bitmap_loads=%llu\n    bitmap_hits=%llu\n    bitmap_writes=%llu\n"
 		"    bitmap_evictions=%llu\n    bat_writes=%llu\n    footer_writes=%llu\n"
 		"    reuse_waits=%llu\n    group_syncs=%llu\n    group_syncs_skipped=%llu\n"
-		"    scratch=%d\n",
+		"    zero_writes_elided=%llu\n    scratch=%d\n",
 		s->m.allocated, (unsigned long long)s->st.allocs,
 		(unsigned long long)s->st.joined_allocs, (unsigned long long)s->st.bm_loads,
 		(unsigned long long)s->st.bm_hits, (unsigned long long)s->st.bm_writes,
 		(unsigned long long)s->st.evictions, (unsigned long long)s->st.bat_writes,
 		(unsigned long long)s->st.footer_writes, (unsigned long long)s->st.reuse_waits,
 		(unsigned long long)s->st.gsyncs, (unsigned long long)s->st.gsyncs_skipped,
-		s->scratch);
+		(unsigned long long)s->st.zero_elided, s->scratch);
 }
 
 const struct td_driver td_drv_vhd = {

@@ -975,6 +975,131 @@ START_TEST(dynamic_reuse_after_reopen)
 END_TEST
 
 /*
+ * A differencing disk pb over a dynamic pa whose first four blocks hold
+ * 0x5A everywhere; model gets pa's content (size bytes).
+ */
+static void diff_over_pattern(char *model, uint64_t size)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char *data = abuf(2 * MIB);
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_open(&vf, pa, 0, &err), 0);
+	memset(data, 0x5A, 2 * MIB);
+	for (uint64_t b = 0; b < 4; b++) {
+		ck_assert_int_eq(vhd_file_write(vf, b * 2 * MIB / 512, (uint32_t)(2 * MIB / 512), data), 0);
+		memcpy(model + b * 2 * MIB, data, 2 * MIB);
+	}
+	vhd_file_close(vf);
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+	free(data);
+}
+
+/* Writes len bytes of buf at byte off through disk and into model. */
+static void write_model(struct td_disk *disk, char *model, uint64_t off, const char *buf, size_t len)
+{
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, off / 512, (uint32_t)(len / 512), (char *)buf, NULL), 0);
+	memcpy(model + off, buf, len);
+}
+
+/*
+ * Zeroes written into a new block in never-written space are not written:
+ * the file's hole reads as zeroes, and the block's bitmap bits (set) make
+ * them hide the parent's data.  Pieces with any data, and writes into
+ * blocks already allocated, are written as usual.
+ */
+START_TEST(zero_writes_into_fresh_blocks)
+{
+	const uint64_t size = 16 * MIB, bs = 2 * MIB;
+	char *zero = abuf(64 * 1024), *mixed = abuf(64 * 1024);
+	char *model = calloc(1, size), *back = abuf(size);
+	struct td_disk *disk;
+	struct vhd_error err;
+
+	ck_assert_ptr_nonnull(model);
+	memset(zero, 0, 64 * 1024);
+	memset(mixed, 0, 64 * 1024);
+	fill_random(mixed, 4096, 41);
+	diff_over_pattern(model, size);
+	disk = open_disk(pb, 0);
+	write_model(disk, model, 1 * bs + 128 * 1024, zero, 64 * 1024);	/* elided */
+	write_model(disk, model, 2 * bs + 64 * 1024, mixed, 64 * 1024);	/* written */
+	write_model(disk, model, 1 * bs + 512 * 1024, zero, 64 * 1024);	/* allocated: written */
+	write_model(disk, model, 5 * bs, zero, 64 * 1024);			/* elided, over zeroes */
+	ck_assert_uint_eq(image_stat(disk, "zero_writes_elided"), 2);
+	ck_assert_uint_eq(image_stat(disk, "allocated_blocks"), 3);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	td_disk_close(disk);
+	expect_file(pb, back, model, size);
+
+	/* A dynamic disk: the same, and bitmap-blind readers see zeroes too. */
+	memset(model, 0, size);
+	ck_assert_int_eq(vhd_file_create(pc, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	disk = open_disk(pc, 0);
+	write_model(disk, model, 3 * bs + 4096, zero, 64 * 1024);
+	write_model(disk, model, 4 * bs + 4096, mixed, 64 * 1024);
+	ck_assert_uint_eq(image_stat(disk, "zero_writes_elided"), 1);
+	td_disk_close(disk);
+	expect_file(pc, back, model, size);
+	expect_bitmap_blind(pc, back, model, size);
+	free(zero);
+	free(mixed);
+	free(model);
+	free(back);
+}
+END_TEST
+
+/*
+ * After an online make-empty, new blocks land on old blocks' data: zeroes
+ * written there must be written (an elided write would show the old data,
+ * or for a bitmap-blind reader of a dynamic disk, too).
+ */
+START_TEST(zero_writes_into_reused_space)
+{
+	const uint64_t size = 16 * MIB, bs = 2 * MIB;
+	char *zero = abuf(64 * 1024), *full = abuf(bs);
+	char *model = calloc(1, size), *back = abuf(size);
+	struct td_disk *disk;
+
+	ck_assert_ptr_nonnull(model);
+	memset(zero, 0, 64 * 1024);
+	diff_over_pattern(model, size);
+	disk = open_disk(pb, 0);
+	fill_random(full, bs, 42);
+	for (unsigned b = 4; b < 7; b++)
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, b * bs / 512, (uint32_t)(bs / 512), full, NULL), 0);
+	make_empty_now(disk);
+	/* Placed where block 4's random data is, over the parent's 0x5A. */
+	write_model(disk, model, 2 * bs, zero, 64 * 1024);
+	write_model(disk, model, 7 * bs + 8192, zero, 64 * 1024);
+	ck_assert_uint_eq(image_stat(disk, "zero_writes_elided"), 0);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	td_disk_close(disk);
+	expect_file(pb, back, model, size);
+
+	/* A dynamic disk emptied online (pa anew). */
+	memset(model, 0, size);
+	ck_assert_int_eq(unlink(pb), 0);
+	ck_assert_int_eq(unlink(pa), 0);
+	disk = three_blocks_then_empty();
+	write_model(disk, model, 5 * bs + 4096, zero, 64 * 1024);
+	ck_assert_uint_eq(image_stat(disk, "zero_writes_elided"), 0);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	td_disk_close(disk);
+	expect_file(pa, back, model, size);
+	expect_bitmap_blind(pa, back, model, size);
+	free(zero);
+	free(full);
+	free(model);
+	free(back);
+}
+END_TEST
+
+/*
  * A file whose length is not a multiple of 512 (the footer then sits at an
  * unaligned offset; the format allows it): when the footer moves, the old
  * one is zeroed with whole-sector direct writes, and allocation goes on.
@@ -1744,6 +1869,8 @@ static Suite *suite(void)
 	tcase_add_test(tc, moved_footer_leaves_no_trace);
 	tcase_add_test(tc, dynamic_reuse_hides_old_data);
 	tcase_add_test(tc, dynamic_reuse_after_reopen);
+	tcase_add_test(tc, zero_writes_into_fresh_blocks);
+	tcase_add_test(tc, zero_writes_into_reused_space);
 	tcase_add_test(tc, unaligned_footer_moves);
 	tcase_add_test(tc, online_commit);
 	tcase_add_test(tc, bad_file_untouched);
