@@ -143,9 +143,7 @@ struct vhd_state {
 	bool footer_busy;
 	uint64_t footer_target;
 	struct tdr_list footer_waiters;
-	struct tdr_iocb footer_iocb;
-	uint8_t *footer_buf;
-	uint8_t *zero_sec;	/* FOOTER_ZERO_LEN zero bytes, to clear an old footer */
+	struct vhd_footer_mv *fmv;
 	uint8_t *zero_block;	/* ZERO_BUF bytes of zeroes, allocated when first needed */
 
 	struct vhd_bm *bm_hash[BM_HASH];
@@ -514,12 +512,31 @@ static void read_runs(struct vhd_op *op)
 /*
  * How far the footer moves when the file must grow: allocations that fit
  * under it need no footer write of their own.  The file stays sparse: only
- * its length changes.
+ * its length changes.  A move starts before allocations reach the footer,
+ * once less than FOOTER_STEP is left above the last assigned block, and
+ * goes FOOTER_AHEAD past it: at queue depth 32 a step's worth of blocks
+ * is assigned faster than a move's write, sync and zeroing take, and
+ * every allocation past the footer would wait for all three.
  */
 #define FOOTER_STEP (64ull << 20)
+#define FOOTER_AHEAD (2 * FOOTER_STEP)
 
 /* What footer_synced zeroes where the old footer was. */
 #define FOOTER_ZERO_LEN (2 * VHD_SECTOR_SIZE)
+
+/*
+ * A footer move's buffers and iocb, in one allocation that a close can
+ * orphan (tdr_io_orphan): a move started ahead of need may still be in
+ * flight after the last request completed, when a disk is closed.  Both
+ * buffers are TDR_IO_ALIGN-aligned for direct I/O.
+ */
+struct vhd_footer_mv {
+	uint8_t footer[TDR_IO_ALIGN];		/* the footer, VHD_FOOTER_SIZE bytes */
+	uint8_t zero[TDR_IO_ALIGN];		/* FOOTER_ZERO_LEN zero bytes */
+	struct tdr_iocb iocb;
+};
+_Static_assert(VHD_FOOTER_SIZE <= TDR_IO_ALIGN && FOOTER_ZERO_LEN <= TDR_IO_ALIGN,
+	       "footer buffers fit their aligned slots");
 
 /* The zero buffer of alloc_zero_gaps: longer runs go in several writes. */
 #define ZERO_BUF (1u << 20)
@@ -614,6 +631,12 @@ static void footer_old_zeroed(struct tdr_iocb *io, ssize_t res, void *arg)
 
 	if (res >= 0 && res != (ssize_t)FOOTER_ZERO_LEN)
 		res = -EIO;
+	/*
+	 * Only now may blocks cover the old footer: one placed over it and
+	 * let through earlier would race with these zeroes.
+	 */
+	if (res >= 0)
+		s->footer_off = s->footer_target;
 	footer_release(s, res < 0 ? (int)res : 0);
 }
 
@@ -626,7 +649,6 @@ static void footer_synced(struct tdr_iocb *io, ssize_t res, void *arg)
 		footer_release(s, (int)res);
 		return;
 	}
-	s->footer_off = s->footer_target;
 	/*
 	 * The old footer stays where it was, in the gap below the new one,
 	 * and the next blocks are placed over that gap: their data area would
@@ -644,7 +666,7 @@ static void footer_synced(struct tdr_iocb *io, ssize_t res, void *arg)
 	 * sector boundaries at or below the footer, and past it was the end of
 	 * the file, now the gap below the new footer.
 	 */
-	tdr_io_pwrite(s->img->io, &s->footer_iocb, s->fd, s->zero_sec, FOOTER_ZERO_LEN,
+	tdr_io_pwrite(s->img->io, &s->fmv->iocb, s->fd, s->fmv->zero, FOOTER_ZERO_LEN,
 		      old & ~(uint64_t)(VHD_SECTOR_SIZE - 1), footer_old_zeroed, s);
 }
 
@@ -659,24 +681,27 @@ static void footer_done(struct tdr_iocb *io, ssize_t res, void *arg)
 		footer_release(s, (int)res);
 		return;
 	}
-	tdr_io_fdsync(s->img->io, &s->footer_iocb, s->fd, footer_synced, s);
+	tdr_io_fdsync(s->img->io, &s->fmv->iocb, s->fd, footer_synced, s);
 }
 
+/* Starts a footer move when allocations wait for one or will soon. */
 static void footer_kick(struct vhd_state *s)
 {
-	if (s->footer_busy || tdr_list_empty(&s->footer_waiters))
+	if (s->footer_busy)
+		return;
+	if (tdr_list_empty(&s->footer_waiters) && s->footer_off >= s->assigned_end + FOOTER_STEP)
 		return;
 	s->footer_busy = true;
 	/*
-	 * Move the footer a whole step ahead, not just past the new block:
-	 * the allocations that fit under it then need no footer write and no
-	 * sync of their own before their data (one barrier per step, not per
+	 * Move the footer well ahead, not just past the new block: the
+	 * allocations that fit under it then need no footer write and no sync
+	 * of their own before their data (one barrier per step, not per
 	 * block).  The space between the last block and the footer is an
 	 * unused hole.
 	 */
-	s->footer_target = (s->assigned_end + FOOTER_STEP - 1) / FOOTER_STEP * FOOTER_STEP;
+	s->footer_target = (s->assigned_end + FOOTER_AHEAD + FOOTER_STEP - 1) / FOOTER_STEP * FOOTER_STEP;
 	s->st.footer_writes++;
-	tdr_io_pwrite(s->img->io, &s->footer_iocb, s->fd, s->footer_buf, VHD_FOOTER_SIZE,
+	tdr_io_pwrite(s->img->io, &s->fmv->iocb, s->fd, s->fmv->footer, VHD_FOOTER_SIZE,
 		      s->footer_target, footer_done, s);
 }
 
@@ -1013,6 +1038,13 @@ static void alloc_place(struct vhd_alloc *a)
 
 	if (s->footer_off >= a->end) {
 		alloc_write(a);
+		/*
+		 * At the end of the file, ahead of the next allocations when
+		 * little room is left; not for blocks placed in space that a
+		 * make-empty gave back, which must not make the file grow.
+		 */
+		if (a->end >= s->assigned_end)
+			footer_kick(s);
 		return;
 	}
 	tdr_list_add_tail(&a->entry, &s->footer_waiters);
@@ -1499,10 +1531,13 @@ static void vhd_free_state(struct vhd_state *s)
 	free(s->alloc_list);
 	s->alloc_list = NULL;
 	s->nalloc_list = s->alloc_list_cap = 0;
-	free(s->footer_buf);
-	s->footer_buf = NULL;
-	free(s->zero_sec);
-	s->zero_sec = NULL;
+	/* A move in flight frees it when its current I/O completes. */
+	if (s->fmv && s->footer_busy)
+		tdr_io_orphan(&s->fmv->iocb, s->fmv);
+	else
+		free(s->fmv);
+	s->fmv = NULL;
+	s->footer_busy = false;
 	free(s->zero_block);
 	s->zero_block = NULL;
 	vhd_meta_free(&s->m);
@@ -1601,14 +1636,13 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 	s->bat_disk_len = (size_t)s->m.bat_entries * sizeof(uint32_t);
 	s->bat_disk = vhd_big_alloc(s->bat_disk_len);
 	s->bsec = calloc(s->nbsec ? s->nbsec : 1, sizeof(*s->bsec));
-	s->footer_buf = tdr_io_alloc(VHD_FOOTER_SIZE);
-	s->zero_sec = tdr_io_alloc(FOOTER_ZERO_LEN);
-	if (!s->bat_disk || !s->bsec || !s->footer_buf || !s->zero_sec) {
+	s->fmv = tdr_io_alloc(sizeof(*s->fmv));
+	if (!s->bat_disk || !s->bsec || !s->fmv) {
 		vhd_free_state(s);
 		tdr_set_error("%s: out of memory", params);
 		return -ENOMEM;
 	}
-	memset(s->zero_sec, 0, FOOTER_ZERO_LEN);
+	memset(s->fmv, 0, sizeof(*s->fmv));
 	memcpy(s->bat_disk, s->m.bat, (size_t)s->m.bat_entries * sizeof(uint32_t));
 	/* The one full scan: at open. */
 	for (uint32_t b = 0; b < s->m.bat_entries; b++)
@@ -1620,7 +1654,7 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 		tdr_list_init(&s->bsec[i].waiting);
 		tdr_list_init(&s->bsec[i].inflight);
 	}
-	vhd_footer_encode(&s->m.footer, s->footer_buf);
+	vhd_footer_encode(&s->m.footer, s->fmv->footer);
 	s->footer_off = s->m.footer_off;
 	s->assigned_end = s->footer_off;
 	set_next_free(s, s->m.data_end > s->footer_off ? s->m.data_end : s->footer_off);
@@ -1647,7 +1681,8 @@ static uint64_t vhd_busy(struct td_image *img)
 static void vhd_close(struct td_image *img)
 {
 	struct vhd_state *s = img->priv;
-	uint64_t busy = vhd_busy(img);
+	/* A footer move ahead of need is safe to leave behind (vhd_free_state). */
+	uint64_t busy = vhd_busy(img) - s->footer_busy;
 
 	if (busy)
 		TDR_WARN("%s: closed with %llu requests or metadata writes in flight",
