@@ -1311,7 +1311,20 @@ static bool submit_op(struct mstate *m, enum mkind want, bool behind)
 	unsigned flags = 0, conflict, mark;
 	uint64_t sec;
 	uint32_t secs = pick_range(m, &sec);
-	size_t off = (size_t)sec * 512, len = (size_t)secs * 512;
+	size_t off, len;
+
+	/*
+	 * The write a break needs is sent at once, before the checkpoint
+	 * that races the break.  At sync=local, one over a write whose
+	 * secondary half may still be out would wait for the range lock and
+	 * go after the checkpoint's FLUSH, which could then rightly succeed
+	 * (seed 5023 did, one run in four): place it elsewhere.
+	 */
+	for (int t = 0; want == MK_WRITE && m->sync_local && t < 64 &&
+			range_has(m->pending, sec, secs, 1); t++)
+		secs = pick_range(m, &sec);
+	off = (size_t)sec * 512;
+	len = (size_t)secs * 512;
 
 	if (kind < 10) {
 		op = TD_OP_WRITE;
