@@ -113,6 +113,13 @@ static int run_req(struct td_disk *disk, enum td_op op, uint64_t sec, uint32_t s
 	return w.last_err;
 }
 
+/* Writes len bytes of buf at byte off through disk and into model. */
+static void write_model(struct td_disk *disk, char *model, uint64_t off, const char *buf, size_t len)
+{
+	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, off / 512, (uint32_t)(len / 512), (char *)buf, NULL), 0);
+	memcpy(model + off, buf, len);
+}
+
 static struct td_disk *open_disk(const char *path, unsigned flags)
 {
 	char spec[PATH_MAX + 8];
@@ -856,8 +863,7 @@ static void first_touches_then_check(const char *path, uint64_t size, unsigned n
 	disk = open_disk(path, 0);
 	for (unsigned b = 0; b < nblocks; b++) {
 		fill_random(data, 4096, 100 + b);
-		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (b * bs + 4096) / 512, 8, data, NULL), 0);
-		memcpy(model + b * bs + 4096, data, 4096);
+		write_model(disk, model, b * bs + 4096, data, 4096);
 	}
 	ck_assert_uint_ge(image_stat(disk, "footer_writes"), min_moves);
 	td_disk_close(disk);
@@ -914,8 +920,7 @@ START_TEST(close_during_footer_move)
 		while (image_stat(disk, "footer_writes") < 2) {
 			ck_assert_uint_lt(b, size / bs);
 			fill_random(data, 4096, 300 + run * 128 + b);
-			ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (b * bs + 8192) / 512, 8, data, NULL), 0);
-			memcpy(model + b * bs + 8192, data, 4096);
+			write_model(disk, model, b * bs + 8192, data, 4096);
 			b++;
 		}
 		in_flight += td_disk_busy(disk, NULL) > 0;
@@ -968,10 +973,8 @@ static void partial_writes(struct td_disk *disk, char *model, unsigned from, uns
 	char *data = abuf(4096);
 
 	fill_random(data, 4096, 32 + from);
-	for (unsigned b = from; b < to; b++) {
-		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, (b * bs + 8192) / 512, 8, data, NULL), 0);
-		memcpy(model + b * bs + 8192, data, 4096);
-	}
+	for (unsigned b = from; b < to; b++)
+		write_model(disk, model, b * bs + 8192, data, 4096);
 	free(data);
 }
 
@@ -1049,13 +1052,6 @@ static void diff_over_pattern(char *model, uint64_t size)
 	vhd_file_close(vf);
 	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
 	free(data);
-}
-
-/* Writes len bytes of buf at byte off through disk and into model. */
-static void write_model(struct td_disk *disk, char *model, uint64_t off, const char *buf, size_t len)
-{
-	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, off / 512, (uint32_t)(len / 512), (char *)buf, NULL), 0);
-	memcpy(model + off, buf, len);
 }
 
 /*
@@ -1710,8 +1706,7 @@ static void model_write(struct td_disk *disk, char *model, uint64_t sec, unsigne
 	char *data = abuf(16 * 512);
 
 	fill_random(data, 16 * 512, seed);
-	memcpy(model + sec * 512, data, 16 * 512);
-	ck_assert_int_eq(run_req(disk, TD_OP_WRITE, sec, 16, data, NULL), 0);
+	write_model(disk, model, sec * 512, data, 16 * 512);
 	free(data);
 }
 
