@@ -53,6 +53,9 @@ static inline void tdr_list_del(struct tdr_list *n)
 #define tdr_list_first(head, type, member) \
 	(tdr_list_empty(head) ? NULL : tdr_list_entry((head)->next, type, member))
 
+#define tdr_list_for_each(pos, head) \
+	for ((pos) = (head)->next; (pos) != (head); (pos) = (pos)->next)
+
 /* Safe against removal of the current entry. */
 #define tdr_list_for_each_safe(pos, tmp, head) \
 	for ((pos) = (head)->next, (tmp) = (pos)->next; (pos) != (head); \

@@ -46,7 +46,7 @@
 #include "tdr/log.h"
 #include "tdr/vhd.h"
 
-#define BM_CACHE_MAX 4096u	/* bitmaps kept when unused (2 MiB at 2 MiB blocks) */
+#define BM_CACHE_MAX 4096u
 #define BM_HASH 1024u
 
 struct vhd_state;
@@ -59,6 +59,13 @@ struct vhd_op {
 	struct tdr_list entry;
 	uint32_t block, in, n;	/* the piece's block and sectors in it */
 	struct vhd_bm *bm;
+	/*
+	 * A dynamic disk's write over clear bits sends its data and its
+	 * bitmap bits together (op_with_bitmap): the parts still out, and the
+	 * first error.  0 for every other op.
+	 */
+	unsigned parts;
+	int err;
 };
 
 /*
@@ -85,6 +92,7 @@ struct vhd_bm {
 	struct tdr_list waiters;	/* ops waiting for the load */
 	struct tdr_list pending;	/* ops whose bits go in the next write */
 	struct tdr_list inflight;	/* ops whose bits are being written */
+	struct tdr_list early;		/* ops whose bits are written, data not yet */
 	struct tdr_list lru;
 	struct tdr_iocb iocb;
 	struct vhd_sync_waiter sync;
@@ -105,6 +113,7 @@ struct vhd_alloc {
 	enum alloc_state state;
 	int pending, err;
 	bool fua;
+	bool bat_early;		/* BAT sector written with the data (alloc_needs_sync) */
 	struct tdr_list batch;	/* ops written by this allocation */
 	struct tdr_list later;	/* ops that came after the writes started */
 	struct tdr_list entry;	/* footer or BAT sector wait list */
@@ -184,6 +193,7 @@ struct vhd_state {
 		uint64_t joined_allocs, evictions, reuse_waits;
 		uint64_t gsyncs, gsyncs_skipped;	/* group syncs issued, not needed (scratch) */
 		uint64_t zero_elided;	/* zero pieces of new blocks not written (alloc_write) */
+		uint64_t fresh_unsynced;	/* allocations that needed no sync (alloc_needs_sync) */
 	} st;
 };
 
@@ -361,6 +371,7 @@ static struct vhd_bm *bm_new(struct vhd_state *s, uint32_t block, uint8_t *map)
 	tdr_list_init(&bm->waiters);
 	tdr_list_init(&bm->pending);
 	tdr_list_init(&bm->inflight);
+	tdr_list_init(&bm->early);
 	tdr_list_init(&bm->lru);
 	bm->hnext = s->bm_hash[block % BM_HASH];
 	s->bm_hash[block % BM_HASH] = bm;
@@ -513,13 +524,32 @@ static void read_runs(struct vhd_op *op)
  * How far the footer moves when the file must grow: allocations that fit
  * under it need no footer write of their own.  The file stays sparse: only
  * its length changes.  A move starts before allocations reach the footer,
- * once less than FOOTER_STEP is left above the last assigned block, and
- * goes FOOTER_AHEAD past it: at queue depth 32 a step's worth of blocks
- * is assigned faster than a move's write, sync and zeroing take, and
- * every allocation past the footer would wait for all three.
+ * once less than a step is left above the last assigned block, and goes
+ * two steps past it: at queue depth 32 a step's worth of blocks is
+ * assigned faster than a move's write, syncs and zeroing take, and every
+ * allocation past the footer would wait for them.
+ *
+ * A step is an eighth of the file, from 64 MiB to 1 GiB, so a file that
+ * grows fast moves its footer (two syncs, each a journal commit of the
+ * file system) a few dozen times, not once per 32 blocks: 4 KiB random
+ * writes into a fresh 64 GiB disk allocate thousands of blocks a second.
+ * At most two steps of hole stay past the last block; a small file keeps
+ * 64 MiB steps.  A function of the file's layout alone, so the footer's
+ * place is the same from run to run.
  */
-#define FOOTER_STEP (64ull << 20)
-#define FOOTER_AHEAD (2 * FOOTER_STEP)
+#define FOOTER_STEP_MIN (64ull << 20)
+#define FOOTER_STEP_MAX (1024ull << 20)
+
+static uint64_t footer_step(const struct vhd_state *s)
+{
+	uint64_t step = s->assigned_end / 8;
+
+	if (step < FOOTER_STEP_MIN)
+		return FOOTER_STEP_MIN;
+	if (step > FOOTER_STEP_MAX)
+		return FOOTER_STEP_MAX;
+	return step & ~(FOOTER_STEP_MIN - 1);
+}
 
 /* What footer_synced zeroes where the old footer was. */
 #define FOOTER_ZERO_LEN (2 * VHD_SECTOR_SIZE)
@@ -625,19 +655,34 @@ static void footer_release(struct vhd_state *s, int err)
 	footer_kick(s);
 }
 
+static void footer_zero_synced(struct tdr_iocb *io, ssize_t res, void *arg)
+{
+	struct vhd_state *s = arg;
+
+	/*
+	 * Only now may blocks cover the old footer: one placed over it and
+	 * let through earlier would race with these zeroes.  Durable zeroes,
+	 * not just written ones: a new block of a dynamic disk in this space
+	 * writes its BAT entry without a sync of its own (alloc_needs_sync),
+	 * and after a crash of the host the sectors it had not yet written
+	 * must read as zeroes, never as "conectix...".
+	 */
+	if (res >= 0)
+		s->footer_off = s->footer_target;
+	footer_release(s, res < 0 ? (int)res : 0);
+}
+
 static void footer_old_zeroed(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct vhd_state *s = arg;
 
 	if (res >= 0 && res != (ssize_t)FOOTER_ZERO_LEN)
 		res = -EIO;
-	/*
-	 * Only now may blocks cover the old footer: one placed over it and
-	 * let through earlier would race with these zeroes.
-	 */
-	if (res >= 0)
-		s->footer_off = s->footer_target;
-	footer_release(s, res < 0 ? (int)res : 0);
+	if (res < 0) {
+		footer_release(s, (int)res);
+		return;
+	}
+	tdr_io_fdsync(s->img->io, &s->fmv->iocb, s->fd, footer_zero_synced, s);
 }
 
 static void footer_synced(struct tdr_iocb *io, ssize_t res, void *arg)
@@ -656,8 +701,7 @@ static void footer_synced(struct tdr_iocb *io, ssize_t res, void *arg)
 	 * as zeroes (or the parent's), but readers that ignore a dynamic
 	 * disk's bitmap (qemu's vpc driver reads an allocated block's whole
 	 * data area) would see 512 bytes of "conectix..." in the guest's disk.
-	 * Zero it before any block is written over it; the allocations'
-	 * group sync makes it durable before their BAT entries.
+	 * Zero it, durably, before any block is written over it.
 	 */
 	/*
 	 * Two whole sectors from the one the footer starts in (direct I/O
@@ -687,9 +731,11 @@ static void footer_done(struct tdr_iocb *io, ssize_t res, void *arg)
 /* Starts a footer move when allocations wait for one or will soon. */
 static void footer_kick(struct vhd_state *s)
 {
+	uint64_t step = footer_step(s);
+
 	if (s->footer_busy)
 		return;
-	if (tdr_list_empty(&s->footer_waiters) && s->footer_off >= s->assigned_end + FOOTER_STEP)
+	if (tdr_list_empty(&s->footer_waiters) && s->footer_off >= s->assigned_end + step)
 		return;
 	s->footer_busy = true;
 	/*
@@ -699,7 +745,7 @@ static void footer_kick(struct vhd_state *s)
 	 * block).  The space between the last block and the footer is an
 	 * unused hole.
 	 */
-	s->footer_target = (s->assigned_end + FOOTER_AHEAD + FOOTER_STEP - 1) / FOOTER_STEP * FOOTER_STEP;
+	s->footer_target = (s->assigned_end + 3 * step - 1) / step * step;
 	s->st.footer_writes++;
 	tdr_io_pwrite(s->img->io, &s->fmv->iocb, s->fd, s->fmv->footer, VHD_FOOTER_SIZE,
 		      s->footer_target, footer_done, s);
@@ -710,6 +756,7 @@ static void footer_kick(struct vhd_state *s)
 
 static void bat_kick(struct vhd_state *s, uint32_t idx);
 static void alloc_done(struct vhd_alloc *a, int err);
+static void alloc_piece_done(struct vhd_alloc *a, ssize_t res, size_t len);
 
 static void bat_done(struct tdr_iocb *io, ssize_t res, void *arg)
 {
@@ -729,7 +776,10 @@ static void bat_done(struct tdr_iocb *io, ssize_t res, void *arg)
 		struct vhd_alloc *a = tdr_list_entry(pos, struct vhd_alloc, entry);
 
 		tdr_list_del(&a->entry);
-		alloc_done(a, err);
+		if (a->bat_early)
+			alloc_piece_done(a, err ? (ssize_t)err : (ssize_t)VHD_SECTOR_SIZE, VHD_SECTOR_SIZE);
+		else
+			alloc_done(a, err);
 	}
 	bat_kick(bs->s, bs->idx);
 }
@@ -746,7 +796,10 @@ static void bat_kick(struct vhd_state *s, uint32_t idx)
 			struct vhd_alloc *a = tdr_list_entry(pos, struct vhd_alloc, entry);
 
 			tdr_list_del(&a->entry);
-			alloc_done(a, -ENOMEM);
+			if (a->bat_early)
+				alloc_piece_done(a, -ENOMEM, VHD_SECTOR_SIZE);
+			else
+				alloc_done(a, -ENOMEM);
 		}
 		return;
 	}
@@ -889,6 +942,27 @@ static void alloc_synced(struct vhd_sync_waiter *w, int err)
 	bat_kick(s, idx);
 }
 
+/*
+ * Whether the block's data and bitmap must be durable before its BAT entry
+ * is written.  The order exists so that a crash of the host never leaves a
+ * BAT entry pointing at space whose content the disk never had.  A new
+ * block of a dynamic disk in space that was never written (above
+ * reuse_end: a hole of the file, or an old footer whose zeroes were made
+ * durable before any block covered it) cannot: until its writes land, the
+ * block reads as zeroes through a zero bitmap, or under bits set over
+ * zeroes, for us and for bitmap-blind readers alike, which is what the
+ * unallocated block read as.  Such a BAT entry is as safe as the bitmap
+ * bits that dynamic disks already write without a barrier (bm_flush).
+ * Written in completion order all the same, so a crash of the process
+ * keeps every acknowledged write.  Not in a differencing disk (bits set
+ * over zeroes would hide the parent), not in reused space (old data), and
+ * not for a FUA write (its data must be durable when it completes).
+ */
+static bool alloc_needs_sync(const struct vhd_alloc *a)
+{
+	return is_diff(a->s) || a->off < a->s->reuse_end || a->fua;
+}
+
 static void alloc_piece_done(struct vhd_alloc *a, ssize_t res, size_t len)
 {
 	if (res < 0 && !a->err)
@@ -897,6 +971,11 @@ static void alloc_piece_done(struct vhd_alloc *a, ssize_t res, size_t len)
 		a->err = -EIO;
 	if (--a->pending)
 		return;
+	if (a->bat_early) {
+		/* The BAT sector went with the data: undone in memory on error. */
+		alloc_done(a, a->err);
+		return;
+	}
 	if (a->err) {
 		alloc_fail(a, a->err);
 		return;
@@ -1026,6 +1105,24 @@ static void alloc_write(struct vhd_alloc *a)
 	}
 	if (!is_diff(s) && a->off < s->reuse_end)
 		alloc_zero_gaps(a);
+	if (!alloc_needs_sync(a)) {
+		/*
+		 * The BAT entry may land before the data and the bitmap: in
+		 * never-written space of a dynamic disk the block reads as
+		 * zeroes until they do (alloc_needs_sync).  So it is written
+		 * with them, not after them, and the write completes when
+		 * all three have.
+		 */
+		uint32_t idx = a->block / (VHD_SECTOR_SIZE / 4);
+
+		a->bat_early = true;
+		a->state = AL_BAT;
+		a->pending++;
+		s->st.fresh_unsynced++;
+		s->bat_disk[a->block] = (uint32_t)(a->off >> VHD_SECTOR_SHIFT);
+		tdr_list_add_tail(&a->entry, &s->bsec[idx].waiting);
+		bat_kick(s, idx);
+	}
 	memcpy(a->wbuf + a->lead, a->map, s->bm_bytes);
 	tdr_io_pwrite(s->img->io, &a->iocb, s->fd, a->wbuf, a->lead + s->bm_bytes, a->off - a->lead,
 		      alloc_map_done, a);
@@ -1116,6 +1213,7 @@ static void alloc_start(struct vhd_state *s, struct vhd_op *op)
 /* Writes to allocated blocks */
 
 static void bm_flush(struct vhd_bm *bm);
+static bool op_part_done(struct vhd_op *op, int err);
 
 static void bm_write_done(struct tdr_iocb *io, ssize_t res, void *arg)
 {
@@ -1129,6 +1227,13 @@ static void bm_write_done(struct tdr_iocb *io, ssize_t res, void *arg)
 		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
 
 		tdr_list_del(&op->entry);
+		if (op->parts) {
+			if (op_part_done(op, err))
+				continue;
+			/* Its data is still out: later bitmap writes keep its bits. */
+			tdr_list_add_tail(&op->entry, &bm->early);
+			continue;
+		}
 		bm_put(bm);
 		op_finish(op, err);
 	}
@@ -1149,12 +1254,28 @@ static void bm_sync_done(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct vhd_bm *bm = arg;
 	struct vhd_state *s = bm->s;
+	struct tdr_list *pos;
 
 	if (res < 0) {
 		bm_write_done(io, res, arg);
 		return;
 	}
+	/*
+	 * The bits whose data is written, and those of the writes whose data
+	 * is still out (sent together, op_with_bitmap): a bit once written
+	 * must never be written clear again while its write is live.
+	 */
 	memcpy(bm->wbuf, bm->map, s->bm_bytes);
+	tdr_list_for_each(pos, &bm->inflight) {
+		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
+
+		vhd_bitmap_set_range(bm->wbuf, op->in, op->n);
+	}
+	tdr_list_for_each(pos, &bm->early) {
+		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
+
+		vhd_bitmap_set_range(bm->wbuf, op->in, op->n);
+	}
 	s->st.bm_writes++;
 	if (bm->fua)
 		tdr_io_pwrite_dsync(s->img->io, &bm->iocb, s->fd, bm->wbuf, s->bm_bytes,
@@ -1183,7 +1304,8 @@ static void bm_flush(struct vhd_bm *bm)
 
 		tdr_list_del(&op->entry);
 		tdr_list_add_tail(&op->entry, &bm->inflight);
-		vhd_bitmap_set_range(bm->map, op->in, op->n);
+		if (!op->parts)	/* data written: reads may use the bits */
+			vhd_bitmap_set_range(bm->map, op->in, op->n);
 		bm->fua |= (op->req->flags & TD_REQ_FUA) != 0;
 	}
 	/*
@@ -1200,12 +1322,40 @@ static void bm_flush(struct vhd_bm *bm)
 		bm_sync_done(&bm->iocb, 0, bm);
 }
 
+/*
+ * One part of a write sent with its bitmap bits is done: true when the
+ * op is finished (and freed).
+ */
+static bool op_part_done(struct vhd_op *op, int err)
+{
+	struct vhd_bm *bm = op->bm;
+
+	if (err && !op->err)
+		op->err = err;
+	if (--op->parts)
+		return false;
+	if (!tdr_list_empty(&op->entry))
+		tdr_list_del(&op->entry);	/* off bm->early */
+	bm_put(bm);
+	op_finish(op, op->err);
+	return true;
+}
+
 static void write_io_done(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct vhd_op *op = arg;
 	struct vhd_bm *bm = op->bm;
 	bool set;
 
+	if (op->parts) {
+		bool ok = res >= 0 && (size_t)res == (size_t)op->n << TD_SECTOR_SHIFT;
+
+		/* Reads may use the bits now; on disk they may be already. */
+		if (ok)
+			vhd_bitmap_set_range(bm->map, op->in, op->n);
+		op_part_done(op, ok ? 0 : (res < 0 ? (int)res : -EIO));
+		return;
+	}
 	if (res < 0 || (size_t)res != (size_t)op->n << TD_SECTOR_SHIFT) {
 		bm_put(bm);
 		op_finish(op, res < 0 ? (int)res : -EIO);
@@ -1237,7 +1387,21 @@ static void op_with_bitmap(struct vhd_op *op, int err)
 	case TD_OP_READ:
 		read_runs(op);
 		return;
-	case TD_OP_WRITE:
+	case TD_OP_WRITE: {
+		bool set;
+
+		/*
+		 * A dynamic disk's sectors under clear bits hold zeroes, so
+		 * bits durable before their data expose the zeroes they
+		 * replace (bm_flush): data and bits go out together, and the
+		 * write completes when both have.  Not in a differencing disk:
+		 * there the bits must follow the data.
+		 */
+		if (!is_diff(s) &&
+		    !(vhd_bitmap_run(op->bm->map, op->in, op->n, &set) == op->n && set)) {
+			op->parts = 2;
+			tdr_list_add_tail(&op->entry, &op->bm->pending);
+		}
 		if (req->flags & TD_REQ_FUA)
 			tdr_io_pwrite_dsync(s->img->io, &op->iocb, s->fd, req->buf,
 					    (size_t)op->n << TD_SECTOR_SHIFT,
@@ -1246,7 +1410,10 @@ static void op_with_bitmap(struct vhd_op *op, int err)
 			tdr_io_pwrite(s->img->io, &op->iocb, s->fd, req->buf,
 				      (size_t)op->n << TD_SECTOR_SHIFT,
 				      data_off(s, s->m.bat[op->block], op->in), write_io_done, op);
+		if (op->parts)
+			bm_flush(op->bm);
 		return;
+	}
 	case TD_OP_BLOCK_STATUS: {
 		bool set;
 		uint32_t run = vhd_bitmap_run(op->bm->map, op->in, op->n, &set);
@@ -1758,14 +1925,15 @@ static void vhd_stats(struct td_image *img, FILE *out)
 		"    bitmap_loads=%llu\n    bitmap_hits=%llu\n    bitmap_writes=%llu\n"
 		"    bitmap_evictions=%llu\n    bat_writes=%llu\n    footer_writes=%llu\n"
 		"    reuse_waits=%llu\n    group_syncs=%llu\n    group_syncs_skipped=%llu\n"
-		"    zero_writes_elided=%llu\n    scratch=%d\n",
+		"    zero_writes_elided=%llu\n    unsynced_allocations=%llu\n    scratch=%d\n",
 		s->m.allocated, (unsigned long long)s->st.allocs,
 		(unsigned long long)s->st.joined_allocs, (unsigned long long)s->st.bm_loads,
 		(unsigned long long)s->st.bm_hits, (unsigned long long)s->st.bm_writes,
 		(unsigned long long)s->st.evictions, (unsigned long long)s->st.bat_writes,
 		(unsigned long long)s->st.footer_writes, (unsigned long long)s->st.reuse_waits,
 		(unsigned long long)s->st.gsyncs, (unsigned long long)s->st.gsyncs_skipped,
-		(unsigned long long)s->st.zero_elided, s->scratch);
+		(unsigned long long)s->st.zero_elided, (unsigned long long)s->st.fresh_unsynced,
+		s->scratch);
 }
 
 const struct td_driver td_drv_vhd = {
