@@ -2047,6 +2047,54 @@ START_TEST(host_crash_in_fresh_space)
 }
 END_TEST
 
+/*
+ * A dynamic disk's write over clear bits sends its bits with its data, so
+ * a bitmap write may go out while other writes' data is still in flight,
+ * and their bits, already on disk, must stay set in every later bitmap
+ * write (bm->early).  Rounds of 96 one-sector writes in flight at once at
+ * distinct clear sectors of two allocated blocks: after each round the
+ * file on disk, not just the cache, must hold every bit.
+ */
+START_TEST(concurrent_bits_stay_written)
+{
+	const uint64_t size = 8 * MIB;
+	char *model = calloc(1, size), *back = abuf(size), *data = abuf(96 * 512);
+	struct td_request reqs[96];
+	struct vhd_error err;
+	struct td_disk *disk;
+
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	disk = open_disk(pa, 0);
+	fill_random(data, 512, 1);
+	write_model(disk, model, 0, data, 512);			/* allocates block 0 */
+	write_model(disk, model, 2 * MIB, data, 512);		/* and block 1 */
+	for (unsigned round = 0; round < 8; round++) {
+		struct waiter w = { 0, 0, 0 };
+
+		for (unsigned i = 0; i < 96; i++) {
+			uint64_t sec = (i % 2) * 4096 + 1 + round * 500 + (i / 2) * 9;
+
+			fill_random(data + i * 512, 512, round * 100 + i);
+			memcpy(model + sec * 512, data + i * 512, 512);
+			td_request_init(&reqs[i], TD_OP_WRITE, sec, 1, data + i * 512, req_done, &w);
+			w.pending++;
+			td_disk_submit(disk, &reqs[i]);
+		}
+		wait_all(&w);
+		ck_assert_int_eq(w.errors, 0);
+		settle(disk);
+		lib_read_all(pa, back, size);
+		ck_assert_msg(memcmp(back, model, size) == 0, "round %u: the file lost a write", round);
+	}
+	ck_assert_uint_eq(image_stat(disk, "allocations"), 2);
+	td_disk_close(disk);
+	expect_file(pa, back, model, size);
+	free(model);
+	free(back);
+	free(data);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("vhd-driver");
@@ -2055,6 +2103,7 @@ static Suite *suite(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 300);
 	tcase_add_test(tc, parallel_random_io);
+	tcase_add_test(tc, concurrent_bits_stay_written);
 	tcase_add_test(tc, concurrent_alloc_same_block);
 	tcase_add_test(tc, chain_three_deep);
 	tcase_add_test(tc, block_status);
