@@ -14,16 +14,19 @@
  * Allocation is crash-safe (see vhd-file.c for the same order):
  *   1. file space is assigned in memory at once (next_free), so allocations
  *      of different blocks proceed in parallel;
- *   2. if the block does not fit under the footer, the footer moves a
- *      whole step (64 MiB; the file stays sparse) past it and is made
+ *   2. if the block does not fit under the footer, the footer moves
+ *      past every block the file can hold (footer_kick; the file stays
+ *      sparse, and a clean close trims it) and is made
  *      durable, so the file always ends with a footer and most
- *      allocations need no footer write at all; the old footer is then
- *      zeroed, for later blocks cover it;
+ *      allocations need no footer write at all; no block is ever placed
+ *      over a footer, so the old one stays in padding;
  *   3. bitmap and data of the new block are written;
  *   4. fdsync (group commit: one sync answers every allocation whose
  *      writes completed before it was issued);
  *   5. the BAT sector pointing at the block is written, and only then are
  *      the writes acknowledged.
+ *   A dynamic disk's new block in never-written space skips 4 and writes
+ *   5 with 3 (alloc_needs_sync).
  * A crash at any point leaves a valid file, with at most leaked space.
  * For an allocated block of a differencing disk, a write whose sectors were
  * not yet marked waits for its data, then fdsync, then the bitmap write: a
@@ -149,6 +152,12 @@ struct vhd_state {
 	uint64_t place_floor;	/* from place_floor to next_free: padding, unused */
 	uint64_t assigned_end;	/* end of the last assigned block */
 	uint64_t footer_off;	/* where the footer is (written) */
+	/*
+	 * Where moves left the footers before footer_off that may still lie
+	 * ahead of next_free (ascending): no block is placed over them.
+	 */
+	uint64_t *old_footers;
+	unsigned n_old_footers, cap_old_footers;
 	bool footer_busy;
 	uint64_t footer_target;
 	struct tdr_list footer_waiters;
@@ -521,38 +530,40 @@ static void read_runs(struct vhd_op *op)
 }
 
 /*
- * How far the footer moves when the file must grow: allocations that fit
- * under it need no footer write of their own.  The file stays sparse: only
- * its length changes.  A move starts before allocations reach the footer,
- * once less than a step is left above the last assigned block, and goes
- * two steps past it: at queue depth 32 a step's worth of blocks is
- * assigned faster than a move's write, syncs and zeroing take, and every
- * allocation past the footer would wait for them.
- *
- * A step is an eighth of the file, from 64 MiB to 1 GiB, so a file that
- * grows fast moves its footer (two syncs, each a journal commit of the
- * file system) a few dozen times, not once per 32 blocks: 4 KiB random
- * writes into a fresh 64 GiB disk allocate thousands of blocks a second.
- * At most two steps of hole stay past the last block; a small file keeps
- * 64 MiB steps.  A function of the file's layout alone, so the footer's
- * place is the same from run to run.
+ * Where the footer goes when the file must grow: past the end of every
+ * block the file can ever hold (footer_limit), in one move, as holes.
+ * Every later allocation fits under it and needs no footer write of its
+ * own.  A move ends in a sync, and a sync writes back everything written
+ * since the last one: on this class of machine, moves that followed the
+ * file's growth (64 MiB to 1 GiB steps, then doubling steps) held 1 MiB
+ * writes into a fresh disk to a third of what the same writes got with
+ * one move, because each sync stalled the writes around it for as long as
+ * the data before it took to write back.  While the disk is open its file
+ * is as long as the disk can ever get; a clean close trims it back to its
+ * last block (vhd_trim), so a file at rest is as long as its data.  After
+ * a crash of the daemon the long file is valid, and the next close trims
+ * it.
  */
 #define FOOTER_STEP_MIN (64ull << 20)
-#define FOOTER_STEP_MAX (1024ull << 20)
 
-static uint64_t footer_step(const struct vhd_state *s)
+/*
+ * Past the end of every block the file can ever hold: each block with its
+ * bitmap and a page of padding, and some pages more for footers that
+ * moves leave behind (alloc_start places blocks past them).
+ */
+static uint64_t footer_limit(const struct vhd_state *s)
 {
-	uint64_t step = s->assigned_end / 8;
+	uint64_t per = s->m.header.block_size + s->bm_bytes + VHD_PAGE_SIZE;
 
-	if (step < FOOTER_STEP_MIN)
-		return FOOTER_STEP_MIN;
-	if (step > FOOTER_STEP_MAX)
-		return FOOTER_STEP_MAX;
-	return step & ~(FOOTER_STEP_MIN - 1);
+	return ((s->m.meta_end + VHD_PAGE_SIZE - 1) & ~(VHD_PAGE_SIZE - 1)) +
+	       (uint64_t)s->m.blocks * per + 64 * 2 * VHD_PAGE_SIZE;
 }
 
-/* What footer_synced zeroes where the old footer was. */
-#define FOOTER_ZERO_LEN (2 * VHD_SECTOR_SIZE)
+/*
+ * The bytes a footer may cover: two sectors from the one it starts in (a
+ * file whose length is not a multiple of 512 has its footer across two).
+ */
+#define FOOTER_SPAN (2 * VHD_SECTOR_SIZE)
 
 /*
  * A footer move's buffers and iocb, in one allocation that a close can
@@ -562,11 +573,9 @@ static uint64_t footer_step(const struct vhd_state *s)
  */
 struct vhd_footer_mv {
 	uint8_t footer[TDR_IO_ALIGN];		/* the footer, VHD_FOOTER_SIZE bytes */
-	uint8_t zero[TDR_IO_ALIGN];		/* FOOTER_ZERO_LEN zero bytes */
 	struct tdr_iocb iocb;
 };
-_Static_assert(VHD_FOOTER_SIZE <= TDR_IO_ALIGN && FOOTER_ZERO_LEN <= TDR_IO_ALIGN,
-	       "footer buffers fit their aligned slots");
+_Static_assert(VHD_FOOTER_SIZE <= TDR_IO_ALIGN, "the footer fits its aligned slot");
 
 /* The zero buffer of alloc_zero_gaps: longer runs go in several writes. */
 #define ZERO_BUF (1u << 20)
@@ -655,66 +664,36 @@ static void footer_release(struct vhd_state *s, int err)
 	footer_kick(s);
 }
 
-static void footer_zero_synced(struct tdr_iocb *io, ssize_t res, void *arg)
-{
-	struct vhd_state *s = arg;
-
-	/*
-	 * Only now may blocks cover the old footer: one placed over it and
-	 * let through earlier would race with these zeroes.  Durable zeroes,
-	 * not just written ones: a new block of a dynamic disk in this space
-	 * writes its BAT entry without a sync of its own (alloc_needs_sync),
-	 * and after a crash of the host the sectors it had not yet written
-	 * must read as zeroes, never as "conectix...".
-	 */
-	if (res >= 0)
-		s->footer_off = s->footer_target;
-	footer_release(s, res < 0 ? (int)res : 0);
-}
-
-static void footer_old_zeroed(struct tdr_iocb *io, ssize_t res, void *arg)
-{
-	struct vhd_state *s = arg;
-
-	if (res >= 0 && res != (ssize_t)FOOTER_ZERO_LEN)
-		res = -EIO;
-	if (res < 0) {
-		footer_release(s, (int)res);
-		return;
-	}
-	tdr_io_fdsync(s->img->io, &s->fmv->iocb, s->fd, footer_zero_synced, s);
-}
-
 static void footer_synced(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct vhd_state *s = arg;
-	uint64_t old = s->footer_off;
 
-	if (res < 0) {
-		footer_release(s, (int)res);
-		return;
+	/*
+	 * The new length and footer are durable: blocks may now lie past the
+	 * old footer, whose BAT entries would otherwise point past the end of
+	 * the file after a crash.  The old footer stays where it was, in the
+	 * padding between two blocks (alloc_start places no block over a
+	 * footer), where no reader looks.
+	 */
+	if (res >= 0 && s->n_old_footers == s->cap_old_footers) {
+		unsigned cap = s->cap_old_footers ? 2 * s->cap_old_footers : 4;
+		uint64_t *of = realloc(s->old_footers, cap * sizeof(*of));
+
+		if (of) {
+			s->old_footers = of;
+			s->cap_old_footers = cap;
+		} else {
+			res = -ENOMEM;
+		}
 	}
-	/*
-	 * The old footer stays where it was, in the gap below the new one,
-	 * and the next blocks are placed over that gap: their data area would
-	 * carry a stale footer under clear bitmap bits.  We read such sectors
-	 * as zeroes (or the parent's), but readers that ignore a dynamic
-	 * disk's bitmap (qemu's vpc driver reads an allocated block's whole
-	 * data area) would see 512 bytes of "conectix..." in the guest's disk.
-	 * Zero it, durably, before any block is written over it.
-	 */
-	/*
-	 * Two whole sectors from the one the footer starts in (direct I/O
-	 * writes whole sectors): a file whose length was not a multiple of
-	 * 512 has its footer across two.  Nothing else is there: blocks end on
-	 * sector boundaries at or below the footer, and past it was the end of
-	 * the file, now the gap below the new footer.
-	 */
-	tdr_io_pwrite(s->img->io, &s->fmv->iocb, s->fd, s->fmv->zero, FOOTER_ZERO_LEN,
-		      old & ~(uint64_t)(VHD_SECTOR_SIZE - 1), footer_old_zeroed, s);
+	if (res >= 0) {
+		s->old_footers[s->n_old_footers++] = s->footer_off;
+		s->footer_off = s->footer_target;
+	}
+	footer_release(s, res < 0 ? (int)res : 0);
 }
 
-/* The new footer must be durable before a block overwrites the old one. */
+/* The new footer must be durable before a block lies past the old one. */
 static void footer_done(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct vhd_state *s = arg;
@@ -731,21 +710,20 @@ static void footer_done(struct tdr_iocb *io, ssize_t res, void *arg)
 /* Starts a footer move when allocations wait for one or will soon. */
 static void footer_kick(struct vhd_state *s)
 {
-	uint64_t step = footer_step(s);
+	uint64_t target;
 
 	if (s->footer_busy)
 		return;
-	if (tdr_list_empty(&s->footer_waiters) && s->footer_off >= s->assigned_end + step)
+	if (tdr_list_empty(&s->footer_waiters) && s->footer_off >= s->assigned_end + FOOTER_STEP_MIN)
 		return;
+	target = footer_limit(s) & ~(uint64_t)(VHD_SECTOR_SIZE - 1);
+	/* Never short of the blocks assigned: a safety net, not the plan. */
+	if (target < s->assigned_end)
+		target = (s->assigned_end + 2 * FOOTER_STEP_MIN) & ~(FOOTER_STEP_MIN - 1);
+	if (target <= s->footer_off && tdr_list_empty(&s->footer_waiters))
+		return;	/* already as far as the file can grow */
 	s->footer_busy = true;
-	/*
-	 * Move the footer well ahead, not just past the new block: the
-	 * allocations that fit under it then need no footer write and no sync
-	 * of their own before their data (one barrier per step, not per
-	 * block).  The space between the last block and the footer is an
-	 * unused hole.
-	 */
-	s->footer_target = (s->assigned_end + 3 * step - 1) / step * step;
+	s->footer_target = target;
 	s->st.footer_writes++;
 	tdr_io_pwrite(s->img->io, &s->fmv->iocb, s->fd, s->fmv->footer, VHD_FOOTER_SIZE,
 		      s->footer_target, footer_done, s);
@@ -947,8 +925,8 @@ static void alloc_synced(struct vhd_sync_waiter *w, int err)
  * is written.  The order exists so that a crash of the host never leaves a
  * BAT entry pointing at space whose content the disk never had.  A new
  * block of a dynamic disk in space that was never written (above
- * reuse_end: a hole of the file, or an old footer whose zeroes were made
- * durable before any block covered it) cannot: until its writes land, the
+ * reuse_end: a hole of the file; old footers lie between blocks, never
+ * in one) cannot: until its writes land, the
  * block reads as zeroes through a zero bitmap, or under bits set over
  * zeroes, for us and for bitmap-blind readers alike, which is what the
  * unallocated block read as.  Such a BAT entry is as safe as the bitmap
@@ -1061,8 +1039,8 @@ static void alloc_zero_gaps(struct vhd_alloc *a)
 /*
  * A piece of zeroes in a new block needs no data write when the block's
  * space has never been written: above reuse_end, everything past the
- * metadata is a hole of the file (or an old footer, zeroed before any
- * block is placed over it), and a hole reads as zeroes for every reader,
+ * metadata is a hole of the file (old footers lie between blocks, never
+ * in one), and a hole reads as zeroes for every reader,
  * ours and bitmap-blind ones alike.  Its bitmap bits still go down with
  * the block's bitmap, so it reads as zeroes here, not as the parent's.
  * The first touch of a chunk of a thin secondary disk copies zeroes into
@@ -1157,6 +1135,29 @@ static void alloc_start(struct vhd_state *s, struct vhd_op *op)
 	if (!a) {
 		op_finish(op, -ENOMEM);
 		return;
+	}
+	/*
+	 * No block covers the footer's sectors, or those of a footer that a
+	 * move leaves behind: a block that would is placed past them, from
+	 * the next page.  So an old footer never needs zeroing (and that
+	 * zeroing no sync before the blocks over it): it stays in padding no
+	 * reader looks at, not in a block's data area, where a reader that
+	 * ignores a dynamic disk's bitmap (qemu's vpc) would show
+	 * "conectix..." in the guest's disk.
+	 */
+	for (unsigned i = 0; i <= s->n_old_footers; i++) {
+		uint64_t fs = (i < s->n_old_footers ? s->old_footers[i] : s->footer_off) &
+			      ~(uint64_t)(VHD_SECTOR_SIZE - 1);
+
+		if ((page >= s->place_floor ? page : s->next_free) < fs + FOOTER_SPAN &&
+		    s->next_free + s->bm_bytes + bs > fs) {
+			set_next_free(s, (fs + FOOTER_SPAN + VHD_PAGE_SIZE - 1) & ~(VHD_PAGE_SIZE - 1));
+			page = s->next_free & ~(VHD_PAGE_SIZE - 1);
+		}
+	}
+	/* Those now below the block are behind us. */
+	while (s->n_old_footers && s->old_footers[0] + FOOTER_SPAN <= s->place_floor) {
+		memmove(s->old_footers, s->old_footers + 1, --s->n_old_footers * sizeof(*s->old_footers));
 	}
 	a->off = s->next_free;
 	/*
@@ -1311,8 +1312,8 @@ static void bm_flush(struct vhd_bm *bm)
 	/*
 	 * In a differencing disk a bit durable before its data would expose
 	 * garbage instead of the parent's sectors.  In a dynamic disk the data
-	 * area under a clear bit holds zeroes (a new block lands in a hole
-	 * whose old footer was zeroed, or, in space an online make-empty gave
+	 * area under a clear bit holds zeroes (a new block lands in a hole,
+	 * never over an old footer, or, in space an online make-empty gave
 	 * back, is zero-filled by its allocation), so a bit durable before
 	 * its data exposes the zeroes it replaces: no barrier needed.
 	 */
@@ -1696,6 +1697,9 @@ static void vhd_free_state(struct vhd_state *s)
 	s->bat_disk = NULL;
 	s->bat_disk_len = 0;
 	free(s->alloc_list);
+	free(s->old_footers);
+	s->old_footers = NULL;
+	s->n_old_footers = s->cap_old_footers = 0;
 	s->alloc_list = NULL;
 	s->nalloc_list = s->alloc_list_cap = 0;
 	/* A move in flight frees it when its current I/O completes. */
@@ -1845,6 +1849,37 @@ static uint64_t vhd_busy(struct td_image *img)
 	return n;
 }
 
+/*
+ * At a clean close, gives the file back the length of its data: the
+ * footer, written just past the last block, made durable, then the holes
+ * after it cut off.  Blocking calls, at close only.  A crash anywhere in
+ * between leaves a valid file: until the truncate is durable the old
+ * footer is still the last 512 bytes.  Nothing happens unless the disk is
+ * idle and writable and its footer lies past its blocks.
+ */
+static void vhd_trim(struct vhd_state *s)
+{
+	uint64_t end = s->assigned_end > s->m.data_end ? s->assigned_end : s->m.data_end;
+	int r = 0;
+
+	if (!is_dynamic(s) || (s->img->flags & TD_OPEN_RDONLY) || vhd_busy(s->img) || !s->fmv)
+		return;
+	if (end < s->m.meta_end)
+		end = s->m.meta_end;
+	end = (end + VHD_SECTOR_SIZE - 1) & ~(uint64_t)(VHD_SECTOR_SIZE - 1);
+	if (s->footer_off <= end)
+		return;
+	if (pwrite(s->fd, s->fmv->footer, VHD_FOOTER_SIZE, (off_t)end) != VHD_FOOTER_SIZE)
+		r = -EIO;
+	if (!r && fdatasync(s->fd) < 0)
+		r = -errno;
+	if (!r && ftruncate(s->fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0)
+		r = -errno;
+	if (r)
+		TDR_WARN("%s: cannot trim the file to its data (%s); it stays valid, only longer",
+			 s->img->params, strerror(-r));
+}
+
 static void vhd_close(struct td_image *img)
 {
 	struct vhd_state *s = img->priv;
@@ -1854,6 +1889,8 @@ static void vhd_close(struct td_image *img)
 	if (busy)
 		TDR_WARN("%s: closed with %llu requests or metadata writes in flight",
 			 img->params, (unsigned long long)busy);
+	else
+		vhd_trim(s);
 	vhd_free_state(s);
 }
 
