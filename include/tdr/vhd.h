@@ -504,6 +504,19 @@ void vhd_image_make_empty(struct td_image *img, void (*done)(void *arg, int err)
 int vhd_image_set_scratch(struct td_image *img, bool on);
 
 /*
+ * Ordered mode: every allocation syncs its data and bitmap before its BAT
+ * entry, even a dynamic disk's new block in never-written space, which
+ * otherwise writes the three together (safe: it reads as zeroes until
+ * they land; docs/vhd.md).  The syncs spread the file system's write-back
+ * over the allocations, so that a later flush has little left to do: the
+ * replica's secondary disk runs in this mode while replicating, where a
+ * checkpoint must not queue behind the write-back of everything the
+ * primary allocated since the last one.  0, or -ENOTSUP (no error set)
+ * if img is not a dynamic or differencing VHD.
+ */
+int vhd_image_set_ordered(struct td_image *img, bool on);
+
+/*
  * Calls fn(arg, sec, secs) for every block allocated in img, a dynamic or
  * differencing VHD, in order: its first sector and its length (clipped at
  * the end of the disk).  From the BAT in memory: no I/O, no wait.  A block

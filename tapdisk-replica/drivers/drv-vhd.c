@@ -188,6 +188,7 @@ struct vhd_state {
 
 	/* Group commit (struct vhd_sync_waiter). */
 	bool scratch;			/* vhd_image_set_scratch(): no ordering syncs */
+	bool ordered;			/* vhd_image_set_ordered(): every allocation syncs */
 	struct tdr_iocb gsync_iocb;
 	bool gsync_inflight;
 	struct tdr_list gsync_next;	/* answered by the next sync */
@@ -952,7 +953,7 @@ static void alloc_synced(struct vhd_sync_waiter *w, int err)
  */
 static bool alloc_needs_sync(const struct vhd_alloc *a)
 {
-	return is_diff(a->s) || a->off < a->s->reuse_end || a->fua;
+	return a->s->ordered || is_diff(a->s) || a->off < a->s->reuse_end || a->fua;
 }
 
 static void alloc_piece_done(struct vhd_alloc *a, ssize_t res, size_t len)
@@ -1986,7 +1987,8 @@ static void vhd_stats(struct td_image *img, FILE *out)
 		"    bitmap_loads=%llu\n    bitmap_hits=%llu\n    bitmap_writes=%llu\n"
 		"    bitmap_evictions=%llu\n    bat_writes=%llu\n    footer_writes=%llu\n"
 		"    reuse_waits=%llu\n    group_syncs=%llu\n    group_syncs_skipped=%llu\n"
-		"    zero_writes_elided=%llu\n    unsynced_allocations=%llu\n    scratch=%d\n",
+		"    zero_writes_elided=%llu\n    unsynced_allocations=%llu\n    scratch=%d\n"
+		"    ordered=%d\n",
 		s->m.allocated, (unsigned long long)s->st.allocs,
 		(unsigned long long)s->st.joined_allocs, (unsigned long long)s->st.bm_loads,
 		(unsigned long long)s->st.bm_hits, (unsigned long long)s->st.bm_writes,
@@ -1994,7 +1996,7 @@ static void vhd_stats(struct td_image *img, FILE *out)
 		(unsigned long long)s->st.footer_writes, (unsigned long long)s->st.reuse_waits,
 		(unsigned long long)s->st.gsyncs, (unsigned long long)s->st.gsyncs_skipped,
 		(unsigned long long)s->st.zero_elided, (unsigned long long)s->st.fresh_unsynced,
-		s->scratch);
+		s->scratch, s->ordered);
 }
 
 const struct td_driver td_drv_vhd = {
@@ -2158,6 +2160,16 @@ int vhd_image_set_scratch(struct td_image *img, bool on)
 		TDR_INFO("%s: scratch mode %s", img->params,
 			 on ? "on: no ordering syncs, not safe across a host crash" : "off");
 	s->scratch = on;
+	return 0;
+}
+
+int vhd_image_set_ordered(struct td_image *img, bool on)
+{
+	struct vhd_state *s = img->priv;
+
+	if (!img_is_dynamic_vhd(img))
+		return -ENOTSUP;
+	s->ordered = on;
 	return 0;
 }
 
