@@ -168,6 +168,7 @@ struct vhd_state {
 	unsigned n_old_footers, cap_old_footers;
 	bool footer_busy;
 	uint64_t footer_target;
+	bool footer_near;	/* the file cannot be that long (EFBIG): steps instead */
 	struct tdr_list footer_waiters;
 	struct vhd_footer_mv *fmv;
 	uint8_t *zero_block;	/* ZERO_BUF bytes of zeroes, allocated when first needed */
@@ -716,6 +717,19 @@ static void footer_done(struct tdr_iocb *io, ssize_t res, void *arg)
 
 	if (res >= 0 && res != VHD_FOOTER_SIZE)
 		res = -EIO;
+	if (res == -EFBIG && !s->footer_near) {
+		/*
+		 * The file system (or RLIMIT_FSIZE) cannot hold a file as long
+		 * as the disk can get: move the footer in steps instead.
+		 */
+		TDR_INFO("%s: the file cannot grow to %llu bytes; its footer moves in %llu MiB steps",
+			 s->img->params, (unsigned long long)s->footer_target + VHD_FOOTER_SIZE,
+			 (unsigned long long)(FOOTER_STEP_MIN >> 20));
+		s->footer_near = true;
+		s->footer_busy = false;
+		footer_kick(s);
+		return;
+	}
 	if (res < 0) {
 		footer_release(s, (int)res);
 		return;
@@ -734,7 +748,7 @@ static void footer_kick(struct vhd_state *s)
 		return;
 	target = footer_limit(s) & ~(uint64_t)(VHD_SECTOR_SIZE - 1);
 	/* Never short of the blocks assigned: a safety net, not the plan. */
-	if (target < s->assigned_end)
+	if (target < s->assigned_end || s->footer_near)
 		target = (s->assigned_end + 2 * FOOTER_STEP_MIN) & ~(FOOTER_STEP_MIN - 1);
 	if (target <= s->footer_off && tdr_list_empty(&s->footer_waiters))
 		return;	/* already as far as the file can grow */

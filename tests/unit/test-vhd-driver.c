@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -2112,6 +2113,43 @@ START_TEST(concurrent_bits_stay_written)
 }
 END_TEST
 
+/*
+ * A file system (here RLIMIT_FSIZE) that cannot hold a file as long as
+ * the disk can get refuses the footer's move to the full length with
+ * EFBIG: the footer then moves in 64 MiB steps, and writes go on.  A
+ * 256 MiB disk in a 200 MiB limit: forty blocks written, the file stays
+ * under the limit, valid and exact, and trimmed at close.
+ */
+START_TEST(footer_steps_when_file_size_limited)
+{
+	const uint64_t size = 256 * MIB, bs = 2 * MIB;
+	struct rlimit rl = { 200 * MIB, 200 * MIB };
+	char *data = abuf(4096), *model = calloc(1, size), *back = abuf(size);
+	struct vhd_error err;
+	struct td_disk *disk;
+
+	ck_assert_ptr_nonnull(model);
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	signal(SIGXFSZ, SIG_IGN);
+	ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &rl), 0);
+	disk = open_disk(pa, 0);
+	for (unsigned b = 0; b < 40; b++) {
+		fill_random(data, 4096, 900 + b);
+		write_model(disk, model, b * bs + 4096, data, 4096);
+	}
+	settle(disk);
+	ck_assert_uint_ge(image_stat(disk, "footer_writes"), 3);	/* refused, then steps */
+	ck_assert_uint_le(fsize(pa), 200 * MIB);
+	td_disk_close(disk);
+	expect_trimmed(pa);
+	expect_file(pa, back, model, size);
+	expect_bitmap_blind(pa, back, model, size);
+	free(data);
+	free(model);
+	free(back);
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("vhd-driver");
@@ -2133,6 +2171,7 @@ static Suite *suite(void)
 	tcase_add_test(tc, make_empty_then_allocate_waits_for_sync);
 	tcase_add_test(tc, moved_footer_leaves_no_trace);
 	tcase_add_test(tc, footer_at_limit_then_trimmed);
+	tcase_add_test(tc, footer_steps_when_file_size_limited);
 	tcase_add_test(tc, dynamic_reuse_hides_old_data);
 	tcase_add_test(tc, dynamic_reuse_after_reopen);
 	tcase_add_test(tc, zero_writes_into_fresh_blocks);
