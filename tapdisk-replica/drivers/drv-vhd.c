@@ -766,6 +766,15 @@ static void bat_kick(struct vhd_state *s, uint32_t idx);
 static void alloc_done(struct vhd_alloc *a, int err);
 static void alloc_piece_done(struct vhd_alloc *a, ssize_t res, size_t len);
 
+/* a's BAT sector is written (or failed): the last step, or one piece of several. */
+static void alloc_bat_written(struct vhd_alloc *a, int err)
+{
+	if (a->bat_early)
+		alloc_piece_done(a, err ? (ssize_t)err : (ssize_t)VHD_SECTOR_SIZE, VHD_SECTOR_SIZE);
+	else
+		alloc_done(a, err);
+}
+
 static void bat_done(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct bat_sec *bs = arg;
@@ -784,10 +793,7 @@ static void bat_done(struct tdr_iocb *io, ssize_t res, void *arg)
 		struct vhd_alloc *a = tdr_list_entry(pos, struct vhd_alloc, entry);
 
 		tdr_list_del(&a->entry);
-		if (a->bat_early)
-			alloc_piece_done(a, err ? (ssize_t)err : (ssize_t)VHD_SECTOR_SIZE, VHD_SECTOR_SIZE);
-		else
-			alloc_done(a, err);
+		alloc_bat_written(a, err);
 	}
 	bat_kick(bs->s, bs->idx);
 }
@@ -804,10 +810,7 @@ static void bat_kick(struct vhd_state *s, uint32_t idx)
 			struct vhd_alloc *a = tdr_list_entry(pos, struct vhd_alloc, entry);
 
 			tdr_list_del(&a->entry);
-			if (a->bat_early)
-				alloc_piece_done(a, -ENOMEM, VHD_SECTOR_SIZE);
-			else
-				alloc_done(a, -ENOMEM);
+			alloc_bat_written(a, -ENOMEM);
 		}
 		return;
 	}
@@ -933,20 +936,27 @@ static void alloc_done(struct vhd_alloc *a, int err)
 	alloc_finish(a, 0);
 }
 
+/* Points a's BAT entry at its block and queues the entry's sector for writing. */
+static void alloc_queue_bat(struct vhd_alloc *a)
+{
+	struct vhd_state *s = a->s;
+	uint32_t idx = a->block / (VHD_SECTOR_SIZE / 4);
+
+	a->state = AL_BAT;
+	s->bat_disk[a->block] = (uint32_t)(a->off >> VHD_SECTOR_SHIFT);
+	tdr_list_add_tail(&a->entry, &s->bsec[idx].waiting);
+	bat_kick(s, idx);
+}
+
 static void alloc_synced(struct vhd_sync_waiter *w, int err)
 {
 	struct vhd_alloc *a = tdr_container_of(w, struct vhd_alloc, sync);
-	struct vhd_state *s = a->s;
-	uint32_t idx = a->block / (VHD_SECTOR_SIZE / 4);
 
 	if (err) {
 		alloc_fail(a, err);
 		return;
 	}
-	a->state = AL_BAT;
-	s->bat_disk[a->block] = (uint32_t)(a->off >> VHD_SECTOR_SHIFT);
-	tdr_list_add_tail(&a->entry, &s->bsec[idx].waiting);
-	bat_kick(s, idx);
+	alloc_queue_bat(a);
 }
 
 /*
@@ -1120,15 +1130,10 @@ static void alloc_write(struct vhd_alloc *a)
 		 * with them, not after them, and the write completes when
 		 * all three have.
 		 */
-		uint32_t idx = a->block / (VHD_SECTOR_SIZE / 4);
-
 		a->bat_early = true;
-		a->state = AL_BAT;
 		a->pending++;
 		s->st.fresh_unsynced++;
-		s->bat_disk[a->block] = (uint32_t)(a->off >> VHD_SECTOR_SHIFT);
-		tdr_list_add_tail(&a->entry, &s->bsec[idx].waiting);
-		bat_kick(s, idx);
+		alloc_queue_bat(a);
 	}
 	memcpy(a->wbuf + a->lead, a->map, s->bm_bytes);
 	tdr_io_pwrite(s->img->io, &a->iocb, s->fd, a->wbuf, a->lead + s->bm_bytes, a->off - a->lead,
@@ -1245,6 +1250,18 @@ static void alloc_start(struct vhd_state *s, struct vhd_op *op)
 static void bm_flush(struct vhd_bm *bm);
 static bool op_part_done(struct vhd_op *op, int err);
 
+/* Sets in map the bits of every op on the list. */
+static void bits_of_ops(uint8_t *map, const struct tdr_list *ops)
+{
+	const struct tdr_list *pos;
+
+	tdr_list_for_each(pos, ops) {
+		const struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
+
+		vhd_bitmap_set_range(map, op->in, op->n);
+	}
+}
+
 static void bm_write_done(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct vhd_bm *bm = arg;
@@ -1289,7 +1306,6 @@ static void bm_sync_done(struct tdr_iocb *io, ssize_t res, void *arg)
 {
 	struct vhd_bm *bm = arg;
 	struct vhd_state *s = bm->s;
-	struct tdr_list *pos;
 
 	if (res < 0) {
 		bm_write_done(io, res, arg);
@@ -1301,16 +1317,8 @@ static void bm_sync_done(struct tdr_iocb *io, ssize_t res, void *arg)
 	 * must never be written clear again while its write is live.
 	 */
 	memcpy(bm->wbuf, bm->map, s->bm_bytes);
-	tdr_list_for_each(pos, &bm->inflight) {
-		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
-
-		vhd_bitmap_set_range(bm->wbuf, op->in, op->n);
-	}
-	tdr_list_for_each(pos, &bm->early) {
-		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
-
-		vhd_bitmap_set_range(bm->wbuf, op->in, op->n);
-	}
+	bits_of_ops(bm->wbuf, &bm->inflight);
+	bits_of_ops(bm->wbuf, &bm->early);
 	s->st.bm_writes++;
 	if (bm->fua)
 		tdr_io_pwrite_dsync(s->img->io, &bm->iocb, s->fd, bm->wbuf, s->bm_bytes,
@@ -1893,15 +1901,16 @@ static uint64_t vhd_busy(struct td_image *img)
  * footer, written just past the last block, made durable, then the holes
  * after it cut off.  Blocking calls, at close only.  A crash anywhere in
  * between leaves a valid file: until the truncate is durable the old
- * footer is still the last 512 bytes.  Nothing happens unless the disk is
- * idle and writable and its footer lies past its blocks.
+ * footer is still the last 512 bytes.  Called on an idle disk (vhd_close);
+ * nothing happens unless it is writable and its footer lies past its
+ * blocks.
  */
 static void vhd_trim(struct vhd_state *s)
 {
 	uint64_t end = s->assigned_end > s->m.data_end ? s->assigned_end : s->m.data_end;
 	int r = 0;
 
-	if (!is_dynamic(s) || (s->img->flags & TD_OPEN_RDONLY) || vhd_busy(s->img) || !s->fmv)
+	if (!is_dynamic(s) || (s->img->flags & TD_OPEN_RDONLY))
 		return;
 	if (end < s->m.meta_end)
 		end = s->m.meta_end;
@@ -1928,7 +1937,7 @@ static void vhd_close(struct td_image *img)
 	if (busy)
 		TDR_WARN("%s: closed with %llu requests or metadata writes in flight",
 			 img->params, (unsigned long long)busy);
-	else
+	else if (!s->footer_busy)
 		vhd_trim(s);
 	vhd_free_state(s);
 }
