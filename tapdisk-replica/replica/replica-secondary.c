@@ -70,15 +70,18 @@
 #define FO_MAX_COPIES   64u
 /*
  * While the SVM does I/O, the commit keeps at most FO_SVM_BYTES of copies in
- * flight (at least one chunk): every SVM request queues in the disk behind
- * the commit's bytes (FO_MAX_BYTES, read and written: 64 MiB, tens of ms
- * on a disk that moves 1-2 GB/s; measured: the SVM's 4 KiB I/O fell to 2%
- * of its rate and stopped for 25 ms at a time).  A budget in bytes, not
- * copies, so that the chunks the SVM dirties again at random, 64 KiB each,
- * still go many at a time and the commit converges.  After FO_SVM_QUIET_NS
- * without an SVM request, the commit goes back to full speed.
+ * flight, in copies of at most that size (at least one chunk).  On a disk
+ * with a volatile cache (a virtual disk cached by its host) every flush
+ * stops every request until the host has written back what came since the
+ * last one, about 1.3 ms per MiB here; a flush after 4 MiB of 2 MiB copies
+ * stopped the SVM for 8-9 ms, one after 1 MiB for 3-4 ms
+ * (docs/benchmarks.md, twelfth session).  The commit goes slower while the
+ * SVM is busy; the SVM keeps going.  A budget in bytes, not copies, so
+ * that the chunks the SVM dirties again at random, 64 KiB each, still go
+ * many at a time and the commit converges.  After FO_SVM_QUIET_NS without
+ * an SVM request, the commit goes back to full speed.
  */
-#define FO_SVM_BYTES    (4ull << 20)
+#define FO_SVM_BYTES    (1ull << 20)
 #define FO_SVM_QUIET_NS (20 * 1000 * 1000ull)
 /*
  * The commit flushes the secondary disk every FO_FLUSH_BYTES it writes, in
@@ -90,14 +93,13 @@
  */
 #define FO_FLUSH_BYTES  (16ull << 20)
 /*
- * While the SVM does I/O (fo_svm_busy), every FO_SVM_FLUSH_BYTES instead.
- * Late in a busy commit the copies are the 64 KiB chunks the SVM dirtied
- * again, scattered, and a flush of 16 MiB of them stopped the SVM for
- * 12-16 ms each time; at 8 MiB the longest stop fell to about 10 ms (4 MiB:
- * no better, twice the flushes; docs/benchmarks.md).  With the SVM idle the
- * commit keeps the larger step, which costs it less.
+ * While the SVM does I/O (fo_svm_busy), every FO_SVM_FLUSH_BYTES instead,
+ * so that no flush has more than a few MiB to write back (see
+ * FO_SVM_BYTES): at 16 MiB the SVM stopped for 12-16 ms per flush, at 8 MiB
+ * for about 10 ms, at 1 MiB with 1 MiB copies for 3-4 ms.  With the SVM
+ * idle the commit keeps the larger step, which costs it less.
  */
-#define FO_SVM_FLUSH_BYTES (8ull << 20)
+#define FO_SVM_FLUSH_BYTES (1ull << 20)
 /*
  * While running in scratch mode, the secondary disk is flushed in the
  * background every RUN_FLUSH_BYTES the primary writes, so that the
@@ -114,11 +116,14 @@
 #define SEC_BUFS_IDLE   ((size_t)FO_MAX_BYTES + (4u << 20))
 /*
  * The last phase holds SVM writes while it copies what is left: enter it
- * when that is at most this many chunks (2 MiB at 64 KiB, a few ms), or
- * once the engine has copied twice the initial set, whichever comes first,
- * so that an SVM rewriting its hot spots cannot keep the failover going.
+ * when that is at most FO_FINAL_BYTES (at least one chunk), or once the
+ * engine has copied twice the initial set, whichever comes first, so that
+ * an SVM rewriting its hot spots cannot keep the failover going.  The
+ * held writes wait for those copies and a flush: with 2 MiB left (and
+ * 8 MiB flush steps before) they waited 21-23 ms, with 512 KiB (and 1 MiB
+ * steps) about 6 ms (docs/benchmarks.md).
  */
-#define FO_FINAL_CHUNKS 32
+#define FO_FINAL_BYTES  (512u << 10)
 
 /* What a held request was, to send it the right way on release. */
 enum sec_door {
@@ -1005,6 +1010,14 @@ static void fo_copy_read(struct td_request *rd, int err, void *arg)
 }
 
 /* The SVM sent a request lately (the last phase, which holds its writes, does not count). */
+/* How many whole chunks fit in bytes, at least one. */
+static uint64_t chunks_in(const struct sec *s, uint64_t bytes)
+{
+	uint64_t n = bytes / ((uint64_t)s->chunk_secs << TD_SECTOR_SHIFT);
+
+	return n ? n : 1;
+}
+
 static bool fo_svm_busy(const struct sec *s)
 {
 	return !s->fo_final &&
@@ -1013,23 +1026,26 @@ static bool fo_svm_busy(const struct sec *s)
 
 /*
  * How many chunks the next copy may take (at most FO_RUN_CHUNKS), 0 for
- * none now.  The SVM comes
- * first (FO_SVM_BYTES); the last phase, which holds SVM writes, goes full
- * speed.
+ * none now.  The SVM comes first (FO_SVM_BYTES); the last phase, which
+ * holds SVM writes, goes full speed.
  */
 static uint64_t fo_copy_budget(const struct sec *s)
 {
 	uint64_t chunk = (uint64_t)s->chunk_secs << TD_SECTOR_SHIFT;
-	uint64_t budget = fo_svm_busy(s) ? FO_SVM_BYTES : FO_MAX_BYTES;
+	bool busy = fo_svm_busy(s);
+	uint64_t budget = busy ? FO_SVM_BYTES : FO_MAX_BYTES;
+	uint64_t run = busy ? chunks_in(s, FO_SVM_BYTES) : FO_RUN_CHUNKS;
 
+	if (run > FO_RUN_CHUNKS)
+		run = FO_RUN_CHUNKS;
 	if (s->fo_copies >= FO_MAX_COPIES)
 		return 0;
 	if (!s->fo_copies)
-		return FO_RUN_CHUNKS;
+		return run;
 	if (s->fo_bytes_inflight + chunk > budget)
 		return 0;
 	budget = (budget - s->fo_bytes_inflight) / chunk;
-	return budget < FO_RUN_CHUNKS ? budget : FO_RUN_CHUNKS;
+	return budget < run ? budget : run;
 }
 
 /* Takes the next run of dirty chunks and copies the SVM's view of it. */
@@ -1152,7 +1168,7 @@ static void fo_pump(struct sec *s)
 	if (s->closing && !s->fo_err)
 		s->fo_err = -ECANCELED;
 	if (!s->fo_final && !s->fo_err &&
-	    (replica_chunkset_count(&s->fo_dirty) <= FO_FINAL_CHUNKS ||
+	    (replica_chunkset_count(&s->fo_dirty) <= chunks_in(s, FO_FINAL_BYTES) ||
 	     s->fo_copied > 2 * r->progress_total)) {
 		if (!s->fo_preflushed) {
 			fo_preflush(s);
