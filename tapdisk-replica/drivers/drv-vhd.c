@@ -1122,6 +1122,20 @@ static void alloc_write(struct vhd_alloc *a)
 	}
 	if (!is_diff(s) && a->off < s->reuse_end)
 		alloc_zero_gaps(a);
+	/*
+	 * A dynamic disk's new block reads as zeroes wherever the batch does
+	 * not write: a hole of the file in never-written space, the zeroes
+	 * just queued in space a make-empty gave back.  So every bit of its
+	 * bitmap goes down set ("this sector's data is in the block"), which
+	 * is true for every reader, and a later first write of a sector of
+	 * the block needs no bitmap write: one write instead of two, the
+	 * whole cost of random first touches after the block's first
+	 * (docs/vhd.md).  What it costs: block status reports the block as
+	 * data, all of it.  Differencing disks keep exact bits: there a
+	 * clear bit means "the parent's".
+	 */
+	if (!is_diff(s))
+		vhd_bitmap_set_range(a->map, 0, s->m.spb);
 	if (!alloc_needs_sync(a)) {
 		/*
 		 * The BAT entry may land before the data and the bitmap: in

@@ -13,7 +13,9 @@
 #  5. a file that grew past its first footer steps (64 MiB, 128 MiB: the
 #     driver moves its footer ahead in steps) converts identically too, and
 #     `vhd-util check -z` / `repair -z` find and zero data planted under
-#     clear bitmap bits, which qemu would otherwise read as the guest's.
+#     clear bitmap bits (in a block a coalesce wrote: the driver's and
+#     qemu's new blocks of a dynamic disk have every bit set), which qemu
+#     would otherwise read as the guest's.
 #  6. while tapdisk-replica serves a chain, vhd-util's writers (modify -z,
 #     coalesce into the served parent, repair, repair -z) are refused and
 #     change no byte; query and check still work; once the daemon is gone
@@ -135,8 +137,32 @@ qio "$T/big-ref.raw" "${bw[@]}"
 qemu-img convert -f vpc -O raw "$T/big.vhd" "$T/big.raw" || fail "qemu-img convert -f vpc failed"
 same_file "$T/big.raw" "$T/big-ref.raw"
 "$VU" check -n "$T/big.vhd" -z >"$T/z0.out" 2>&1 || fail "check -z on a clean file: $(cat "$T/z0.out")"
-# plant 8 bytes in block 3, sector 100: its bit is clear (only sectors 8-15 were written)
-"$VU" read -n "$T/big.vhd" -t $((3 * 4096 + 100)) >"$T/t.out" 2>&1 || fail "vhd-util read -t: $(cat "$T/t.out")"
+# The driver's new blocks of a dynamic disk go down with every bit set (the
+# rest of the block reads as zeroes anyway): block 3, where only sectors 8-15
+# were written, says sector 100 is present.
+"$VU" read -n "$T/big.vhd" -i $((3 * 4096 + 100)) >"$T/i.out" 2>&1 || fail "vhd-util read -i: $(cat "$T/i.out")"
+grep -qx "block 3: sec: 100: 1" "$T/i.out" || fail "bit of block 3, sector 100: $(cat "$T/i.out")"
+# qemu's vpc driver does the same (block 101, written by qemu-io on the
+# file itself) ...
+qemu-io -f vpc "$T/big.vhd" -c "write -P 102 $((101 * 2097152 + 4096)) 4k" >"$T/qv.out" 2>&1 ||
+	fail "qemu-io -f vpc write: $(cat "$T/qv.out")"
+qio "$T/big-ref.raw" "write -P 102 $((101 * 2097152 + 4096)) 4k"
+"$VU" read -n "$T/big.vhd" -i $((101 * 4096 + 100)) >"$T/i.out" 2>&1 || fail "vhd-util read -i: $(cat "$T/i.out")"
+grep -qx "block 101: sec: 100: 1" "$T/i.out" || fail "bit of block 101, sector 100: $(cat "$T/i.out")"
+# ... but a coalesce sets only the bits its child has: block 100, written
+# into a differencing child (sectors 8-15) and coalesced, keeps sector
+# 100's bit clear.
+"$VU" snapshot -n "$T/bigc.vhd" -p "$T/big.vhd" || fail "vhd-util snapshot failed"
+tdr_start "vhd:$T/bigc.vhd"
+qio "$URI" "write -P 101 $((100 * 2097152 + 4096)) 4k" flush
+tdr_stop || fail "daemon exited with status $? on SIGTERM"
+"$VU" coalesce -n "$T/bigc.vhd" >"$T/co.out" 2>&1 || fail "coalesce: $(cat "$T/co.out")"
+qio "$T/big-ref.raw" "write -P 101 $((100 * 2097152 + 4096)) 4k"
+"$VU" read -n "$T/big.vhd" -i $((100 * 4096 + 100)) >"$T/i.out" 2>&1 || fail "vhd-util read -i: $(cat "$T/i.out")"
+grep -qx "block 100: sec: 100: 0" "$T/i.out" || fail "bit of block 100, sector 100: $(cat "$T/i.out")"
+"$VU" check -n "$T/big.vhd" -z >"$T/z0.out" 2>&1 || fail "check -z after the coalesce: $(cat "$T/z0.out")"
+# plant 8 bytes in block 100, sector 100: its bit is clear
+"$VU" read -n "$T/big.vhd" -t $((100 * 4096 + 100)) >"$T/t.out" 2>&1 || fail "vhd-util read -t: $(cat "$T/t.out")"
 off=$(sed -n 's/.*file offset: //p' "$T/t.out")
 [ -n "$off" ] || fail "vhd-util read -t gave no file offset: $(cat "$T/t.out")"
 printf 'stale!!!' | dd of="$T/big.vhd" bs=1 seek="$off" conv=notrunc status=none
@@ -144,7 +170,7 @@ printf 'stale!!!' | dd of="$T/big.vhd" bs=1 seek="$off" conv=notrunc status=none
 st=0
 "$VU" check -n "$T/big.vhd" -z >"$T/z1.out" 2>&1 || st=$?
 assert_eq "check -z exit status with stale data" 1 "$st"
-grep -qF "$T/big.vhd: 1 sector in 1 of 100 allocated blocks holds data under clear bitmap bits (first: block 3, sector 100)" "$T/z1.out" ||
+grep -qF "$T/big.vhd: 1 sector in 1 of 102 allocated blocks holds data under clear bitmap bits (first: block 100, sector 100)" "$T/z1.out" ||
 	fail "check -z message: $(cat "$T/z1.out")"
 grep -qF "[stale-data]" "$T/z1.out" || fail "check -z defect name: $(cat "$T/z1.out")"
 qemu-img convert -f vpc -O raw "$T/big.vhd" "$T/big.raw"
@@ -152,7 +178,7 @@ st=0
 cmp -s "$T/big.raw" "$T/big-ref.raw" || st=$?
 assert_eq "cmp status of qemu-img's view with planted data (1: differs)" 1 "$st"
 "$VU" repair -n "$T/big.vhd" -z >"$T/z2.out" 2>&1 || fail "repair -z: $(cat "$T/z2.out")"
-grep -qF "zeroed 1 sector under clear bitmap bits in 1 of 100 allocated blocks" "$T/z2.out" ||
+grep -qF "zeroed 1 sector under clear bitmap bits in 1 of 102 allocated blocks" "$T/z2.out" ||
 	fail "repair -z message: $(cat "$T/z2.out")"
 "$VU" check -n "$T/big.vhd" -z >/dev/null || fail "check -z after repair -z"
 qemu-img convert -f vpc -O raw "$T/big.vhd" "$T/big.raw"

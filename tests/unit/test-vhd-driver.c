@@ -2069,6 +2069,82 @@ START_TEST(host_crash_in_fresh_space)
 }
 END_TEST
 
+/* Whether every one of block b's spb bits is set in the file, and how many are. */
+static uint32_t bits_set(const char *path, uint32_t b)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	uint8_t map[512];
+	uint32_t n = 0;
+
+	ck_assert_int_eq(vhd_file_open(&vf, path, VHD_FILE_RDONLY, &err), 0);
+	ck_assert_int_eq(vhd_file_read_bitmap(vf, b, map), 0);
+	for (uint32_t i = 0; i < vf->m.spb; i++)
+		n += vhd_bitmap_test(map, i);
+	vhd_file_close(vf);
+	return n;
+}
+
+/*
+ * A dynamic disk's new block goes down with every bit set, in fresh space
+ * (the rest is a hole) and in space a make-empty gave back (the rest is
+ * zero-filled): later first writes into the block need no bitmap write,
+ * and every reader, bitmap-blind ones too, sees the guest's disk.  A
+ * differencing disk's new block keeps exact bits.
+ */
+START_TEST(new_dynamic_block_has_every_bit)
+{
+	const uint64_t size = 16 * MIB, bs = 2 * MIB;
+	char *data = abuf(4096), *model = calloc(1, size), *back = abuf(size);
+	struct vhd_error err;
+	struct td_disk *disk;
+
+	ck_assert_ptr_nonnull(model);
+	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	disk = open_disk(pa, 0);
+	fill_random(data, 4096, 41);
+	write_model(disk, model, 8192, data, 4096);		/* block 0, fresh space */
+	ck_assert_uint_eq(image_stat(disk, "bitmap_writes"), 0);
+	fill_random(data, 4096, 42);
+	write_model(disk, model, MIB, data, 4096);		/* block 0 again, no bitmap write */
+	write_model(disk, model, 3 * bs + 4096, data, 4096);	/* block 3 */
+	ck_assert_uint_eq(image_stat(disk, "    allocations"), 2);
+	ck_assert_uint_eq(image_stat(disk, "bitmap_writes"), 0);
+	read_all(disk, back, size);
+	ck_assert(memcmp(back, model, size) == 0);
+	td_disk_close(disk);
+	ck_assert_uint_eq(bits_set(pa, 0), 4096);
+	ck_assert_uint_eq(bits_set(pa, 3), 4096);
+	expect_file(pa, back, model, size);
+	expect_bitmap_blind(pa, back, model, size);
+
+	/* Space given back by a make-empty: old data under the new block. */
+	ck_assert_int_eq(unlink(pa), 0);
+	disk = three_blocks_then_empty();
+	memset(model, 0, size);
+	partial_writes(disk, model, 0, 2);
+	fill_random(data, 4096, 43);
+	write_model(disk, model, 1 * bs + MIB, data, 4096);
+	ck_assert_uint_eq(image_stat(disk, "bitmap_writes"), 0);
+	td_disk_close(disk);
+	ck_assert_uint_eq(bits_set(pa, 0), 4096);
+	ck_assert_uint_eq(bits_set(pa, 1), 4096);
+	expect_file(pa, back, model, size);
+	expect_bitmap_blind(pa, back, model, size);
+
+	/* A differencing child: only the written sectors' bits. */
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+	disk = open_disk(pb, 0);
+	write_model(disk, model, 5 * bs + 4096, data, 4096);
+	td_disk_close(disk);
+	ck_assert_uint_eq(bits_set(pb, 5), 8);
+	expect_file(pb, back, model, size);
+	free(data);
+	free(model);
+	free(back);
+}
+END_TEST
+
 /*
  * A dynamic disk's write over clear bits sends its bits with its data, so
  * a bitmap write may go out while other writes' data is still in flight,
@@ -2083,13 +2159,23 @@ START_TEST(concurrent_bits_stay_written)
 	char *model = calloc(1, size), *back = abuf(size), *data = abuf(96 * 512);
 	struct td_request reqs[96];
 	struct vhd_error err;
+	struct vhd_file *vf;
 	struct td_disk *disk;
 
 	ck_assert_int_eq(vhd_file_create(pa, size, VHD_TYPE_DYNAMIC, 0, &err), 0);
-	disk = open_disk(pa, 0);
+	/*
+	 * Blocks 0 and 1 allocated by the library, which sets only the bits
+	 * it writes (the driver's new blocks have every bit set, and the
+	 * writes below would need no bitmap write at all).
+	 */
+	ck_assert_int_eq(vhd_file_open(&vf, pa, 0, &err), 0);
 	fill_random(data, 512, 1);
-	write_model(disk, model, 0, data, 512);			/* allocates block 0 */
-	write_model(disk, model, 2 * MIB, data, 512);		/* and block 1 */
+	ck_assert_int_eq(vhd_file_write(vf, 0, 1, data), 0);
+	ck_assert_int_eq(vhd_file_write(vf, 4096, 1, data), 0);
+	vhd_file_close(vf);
+	memcpy(model, data, 512);
+	memcpy(model + 2 * MIB, data, 512);
+	disk = open_disk(pa, 0);
 	for (unsigned round = 0; round < 8; round++) {
 		struct waiter w = { 0, 0, 0 };
 
@@ -2108,7 +2194,8 @@ START_TEST(concurrent_bits_stay_written)
 		lib_read_all(pa, back, size);
 		ck_assert_msg(memcmp(back, model, size) == 0, "round %u: the file lost a write", round);
 	}
-	ck_assert_uint_eq(image_stat(disk, "allocations"), 2);
+	ck_assert_uint_eq(image_stat(disk, "allocations"), 0);
+	ck_assert_uint_gt(image_stat(disk, "bitmap_writes"), 0);
 	td_disk_close(disk);
 	expect_file(pa, back, model, size);
 	free(model);
@@ -2145,6 +2232,7 @@ static Suite *suite(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 300);
 	tcase_add_test(tc, parallel_random_io);
+	tcase_add_test(tc, new_dynamic_block_has_every_bit);
 	tcase_add_test(tc, concurrent_bits_stay_written);
 	tcase_add_test(tc, concurrent_alloc_same_block);
 	tcase_add_test(tc, chain_three_deep);
