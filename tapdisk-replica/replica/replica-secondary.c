@@ -1009,7 +1009,6 @@ static void fo_copy_read(struct td_request *rd, int err, void *arg)
 	td_queue_request(c->s->secondary, &c->wr);
 }
 
-/* The SVM sent a request lately (the last phase, which holds its writes, does not count). */
 /* How many whole chunks fit in bytes, at least one. */
 static uint64_t chunks_in(const struct sec *s, uint64_t bytes)
 {
@@ -1018,6 +1017,7 @@ static uint64_t chunks_in(const struct sec *s, uint64_t bytes)
 	return n ? n : 1;
 }
 
+/* The SVM sent a request lately (the last phase, which holds its writes, does not count). */
 static bool fo_svm_busy(const struct sec *s)
 {
 	return !s->fo_final &&
