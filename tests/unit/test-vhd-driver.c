@@ -2069,7 +2069,7 @@ START_TEST(host_crash_in_fresh_space)
 }
 END_TEST
 
-/* Whether every one of block b's spb bits is set in the file, and how many are. */
+/* How many of block b's spb bitmap bits are set in the file at path. */
 static uint32_t bits_set(const char *path, uint32_t b)
 {
 	struct vhd_error err;
