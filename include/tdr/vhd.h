@@ -419,6 +419,14 @@ int vhd_file_sector_present(struct vhd_file *vf, uint64_t sec, bool *present);
 int vhd_file_read_bitmap(struct vhd_file *vf, uint32_t b, uint8_t *map);
 /* pwrite() of all len bytes (retrying short writes and EINTR); 0 or -errno. */
 int vhd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
+/*
+ * Makes the file end with the footer fb at offset end (a multiple of 512):
+ * the footer written there and made durable, then the length cut to
+ * end + 512 and made durable.  Until the cut is durable the file's old
+ * last 512 bytes, a valid footer, stay where readers look; after it, the
+ * new one, already on disk.  0 or -errno.
+ */
+int vhd_file_end_at(int fd, const uint8_t fb[VHD_FOOTER_SIZE], uint64_t end);
 /* Bytes the file occupies (its size). */
 uint64_t vhd_file_phys_size(const struct vhd_file *vf);
 

@@ -1913,16 +1913,16 @@ static uint64_t vhd_busy(struct td_image *img)
 /*
  * At a clean close, gives the file back the length of its data: the
  * footer, written just past the last block, made durable, then the holes
- * after it cut off.  Blocking calls, at close only.  A crash anywhere in
- * between leaves a valid file: until the truncate is durable the old
- * footer is still the last 512 bytes.  Called on an idle disk (vhd_close);
+ * after it cut off (vhd_file_end_at).  Blocking calls, at close only.  A
+ * crash anywhere in between leaves a valid file: until the truncate is
+ * durable the old footer is still the last 512 bytes.  Called on an idle disk (vhd_close);
  * nothing happens unless it is writable and its footer lies past its
  * blocks.
  */
 static void vhd_trim(struct vhd_state *s)
 {
 	uint64_t end = s->assigned_end > s->m.data_end ? s->assigned_end : s->m.data_end;
-	int r = 0;
+	int r;
 
 	if (!is_dynamic(s) || (s->img->flags & TD_OPEN_RDONLY))
 		return;
@@ -1931,12 +1931,7 @@ static void vhd_trim(struct vhd_state *s)
 	end = (end + VHD_SECTOR_SIZE - 1) & ~(uint64_t)(VHD_SECTOR_SIZE - 1);
 	if (s->footer_off <= end)
 		return;
-	if (pwrite(s->fd, s->fmv->footer, VHD_FOOTER_SIZE, (off_t)end) != VHD_FOOTER_SIZE)
-		r = -EIO;
-	if (!r && fdatasync(s->fd) < 0)
-		r = -errno;
-	if (!r && ftruncate(s->fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0)
-		r = -errno;
+	r = vhd_file_end_at(s->fd, s->fmv->footer, end);
 	if (r)
 		TDR_WARN("%s: cannot trim the file to its data (%s); it stays valid, only longer",
 			 s->img->params, strerror(-r));

@@ -49,6 +49,24 @@ int vhd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
 	return 0;
 }
 
+int vhd_file_end_at(int fd, const uint8_t fb[VHD_FOOTER_SIZE], uint64_t end)
+{
+	int r = vhd_pwrite_all(fd, fb, VHD_FOOTER_SIZE, end);
+
+	/*
+	 * The footer's data before the new length: a file system may commit
+	 * the truncate before an overwrite in place, and a file cut first
+	 * would end with whatever the footer's sectors held before.
+	 */
+	if (!r && fdatasync(fd) < 0)
+		r = -errno;
+	if (!r && ftruncate(fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0)
+		r = -errno;
+	if (!r && fsync(fd) < 0)
+		r = -errno;
+	return r;
+}
+
 static int full_pread(int fd, void *buf, size_t len, uint64_t off)
 {
 	return vhd_src_fd_pread((void *)(intptr_t)fd, buf, len, off);

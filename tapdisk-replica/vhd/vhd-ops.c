@@ -81,14 +81,9 @@ int vhd_file_make_empty(struct vhd_file *vf, struct vhd_error *err)
 		return vhd_fail(err, VHD_ERR_IO, "%s: cannot write the BAT: %s", vf->path,
 				strerror(-r));
 
-	/* Footer at the new end first: the old one stays valid until the truncate. */
 	end = (m->meta_end + VHD_SECTOR_SIZE - 1) & ~(uint64_t)(VHD_SECTOR_SIZE - 1);
 	vhd_footer_encode(&m->footer, fb);
-	r = vhd_pwrite_all(vf->fd, fb, sizeof(fb), end);
-	if (!r && ftruncate(vf->fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0)
-		r = -errno;
-	if (!r && fsync(vf->fd) < 0)
-		r = -errno;
+	r = vhd_file_end_at(vf->fd, fb, end);
 	if (r)
 		return vhd_fail(err, VHD_ERR_IO, "%s: cannot truncate: %s", vf->path, strerror(-r));
 	m->allocated = 0;
@@ -342,11 +337,7 @@ int vhd_file_repair(const char *path, struct vhd_error *err)
 	vhd_footer_encode(&vf->m.footer, fb);
 	vhd_file_close(vf);
 	vf = NULL;
-	r = vhd_pwrite_all(fd, fb, sizeof(fb), end);
-	if (!r && ftruncate(fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0)
-		r = -errno;
-	if (!r && fsync(fd) < 0)
-		r = -errno;
+	r = vhd_file_end_at(fd, fb, end);
 	if (r) {
 		vhd_fail(err, VHD_ERR_IO, "%s: cannot write the footer: %s", path, strerror(-r));
 		goto out;

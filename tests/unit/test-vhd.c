@@ -515,6 +515,53 @@ START_TEST(make_empty)
 }
 END_TEST
 
+/*
+ * vhd_file_end_at: a dynamic file with its footer far out (as the driver
+ * leaves it) ends just past its metadata, the footer there and valid; on
+ * a descriptor it cannot write, the file keeps its length and its bytes.
+ */
+START_TEST(end_at_moves_footer)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	uint8_t fb[VHD_FOOTER_SIZE], tail[VHD_FOOTER_SIZE], junk[VHD_FOOTER_SIZE];
+	off_t len;
+	uint64_t end;
+	int fd;
+
+	ck_assert_int_eq(vhd_file_create(pa, 64 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	len = file_size(pa);
+	end = (uint64_t)len - VHD_FOOTER_SIZE;
+	raw_read(pa, fb, sizeof(fb), end);
+	/* The footer moved 8 MiB out, stale bytes where it was. */
+	memset(junk, 0x5c, sizeof(junk));
+	raw_write(pa, junk, sizeof(junk), end);
+	raw_write(pa, fb, sizeof(fb), end + 8 * MIB);
+	ck_assert_int_eq(file_size(pa), len + (off_t)(8 * MIB));
+	ck_assert_msg(vhd_file_check(pa, 0, &err) == 0, "%s", err.msg);
+
+	fd = open(pa, O_RDONLY | O_CLOEXEC);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(vhd_file_end_at(fd, fb, end), -EBADF);
+	close(fd);
+	ck_assert_int_eq(file_size(pa), len + (off_t)(8 * MIB));
+	raw_read(pa, tail, sizeof(tail), end);
+	ck_assert_mem_eq(tail, junk, sizeof(junk));
+
+	fd = open(pa, O_RDWR | O_CLOEXEC);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(vhd_file_end_at(fd, fb, end), 0);
+	close(fd);
+	ck_assert_int_eq(file_size(pa), len);
+	raw_read(pa, tail, sizeof(tail), end);
+	ck_assert_mem_eq(tail, fb, sizeof(fb));
+	ck_assert_msg(vhd_file_check(pa, 0, &err) == 0, "%s", err.msg);
+	vf = xopen(pa, 0);
+	ck_assert_uint_eq(vhd_file_phys_size(vf), (uint64_t)len);
+	vhd_file_close(vf);
+}
+END_TEST
+
 static uint64_t progress_calls;
 static void on_progress(void *arg, uint64_t done, uint64_t total)
 {
@@ -1219,6 +1266,7 @@ static Suite *vhd_suite(void)
 	tcase_add_test(tc, parent_resolution);
 	tcase_add_test(tc, big_alloc);
 	tcase_add_test(tc, make_empty);
+	tcase_add_test(tc, end_at_moves_footer);
 	tcase_add_test(tc, coalesce_keeps_content);
 	tcase_add_test(tc, repair_from_backup);
 	tcase_add_test(tc, scrub_stale_data);
