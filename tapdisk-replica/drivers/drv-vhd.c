@@ -1915,9 +1915,9 @@ static uint64_t vhd_busy(struct td_image *img)
  * footer, written just past the last block, made durable, then the holes
  * after it cut off (vhd_file_end_at).  Blocking calls, at close only.  A
  * crash anywhere in between leaves a valid file: until the truncate is
- * durable the old footer is still the last 512 bytes.  Called on an idle disk (vhd_close);
- * nothing happens unless it is writable and its footer lies past its
- * blocks.
+ * durable the old footer is still the last 512 bytes.  Called on an idle
+ * disk (vhd_close); nothing happens unless it is writable and its footer
+ * lies past its blocks.
  */
 static void vhd_trim(struct vhd_state *s)
 {
