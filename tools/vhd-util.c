@@ -31,6 +31,29 @@ static int usage_error(const char *usage)
 	return 2;
 }
 
+/* An option's value that does not parse: name it, not just the usage. */
+static int value_error(int opt, const char *val, const char *want)
+{
+	fprintf(stderr, "vhd-util %s: -%c '%s': %s\n", cmd, opt, val, want);
+	return 2;
+}
+
+/* A decimal number from 0 to max, the whole string; 0 or -1. */
+static int parse_num(const char *s, uint64_t max, uint64_t *out)
+{
+	char *end;
+	unsigned long long v;
+
+	if (!isdigit((unsigned char)*s))
+		return -1;
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || *end || v > max)
+		return -1;
+	*out = v;
+	return 0;
+}
+
 /* blktap takes megabytes; we also accept K, M, G, T suffixes (binary). */
 static int parse_size(const char *s, uint64_t *out)
 {
@@ -79,7 +102,7 @@ static int do_create(int argc, char **argv)
 			break;
 		case 's':
 			if (parse_size(optarg, &size) < 0)
-				return usage_error(usage);
+				return value_error(c, optarg, "not a size (MiB, or a number with a K, M, G or T suffix)");
 			have_size = true;
 			break;
 		case 'r':
@@ -89,12 +112,9 @@ static int do_create(int argc, char **argv)
 			break;	/* blktap: "file is fixed size"; files grow as needed here */
 		case 'S':
 			/* a plain number is bytes here */
-			if (strspn(optarg, "0123456789") == strlen(optarg))
-				bs = strtoull(optarg, NULL, 10);
-			else if (parse_size(optarg, &bs) < 0)
-				return usage_error(usage);
-			if (bs > UINT32_MAX)
-				return usage_error(usage);
+			if (parse_num(optarg, UINT32_MAX, &bs) < 0 &&
+			    (parse_size(optarg, &bs) < 0 || bs > UINT32_MAX))
+				return value_error(c, optarg, "not a block size (bytes, or a number with a K or M suffix, below 4 GiB)");
 			break;
 		default:
 			return usage_error(usage);
@@ -523,26 +543,26 @@ static int do_read(int argc, char **argv)
 			headers = true;
 			break;
 		case 'b':
-			bat = strtoll(optarg, NULL, 10);
-			break;
 		case 'm':
-			bitmap = strtoll(optarg, NULL, 10);
-			break;
 		case 'i':
-			tbit = strtoll(optarg, NULL, 10);
-			break;
 		case 't':
-			tsec = strtoll(optarg, NULL, 10);
-			break;
 		case 'd':
-			data = strtoll(optarg, NULL, 10);
-			break;
 		case 'r':
-			rsec = strtoll(optarg, NULL, 10);
+		case 'c': {
+			int64_t *slot = c == 'b' ? &bat : c == 'm' ? &bitmap : c == 'i' ? &tbit :
+					c == 't' ? &tsec : c == 'd' ? &data : c == 'r' ? &rsec : NULL;
+			uint64_t v;
+
+			if (parse_num(optarg, INT64_MAX, &v) < 0)
+				return value_error(c, optarg, c == 'c' ? "not a count" :
+						   c == 'b' || c == 'm' || c == 'd' ? "not a block number" :
+						   "not a sector number");
+			if (slot)
+				*slot = (int64_t)v;
+			else
+				count = v;
 			break;
-		case 'c':
-			count = strtoull(optarg, NULL, 10);
-			break;
+		}
 		case 'x':
 			hex = true;
 			break;

@@ -362,7 +362,9 @@ int vhd_file_create(const char *path, uint64_t size, uint32_t type, uint32_t blo
 				path, type);
 	if (block_size < VHD_BLOCK_SIZE_MIN || block_size > VHD_BLOCK_SIZE_MAX ||
 	    (block_size & (block_size - 1)))
-		return vhd_fail(err, VHD_ERR_BLOCK_SIZE, "%s: bad block size %u", path, block_size);
+		return vhd_fail(err, VHD_ERR_BLOCK_SIZE,
+				"%s: bad block size %u (must be a power of two from %u bytes to %u MiB; 2 MiB if not given)",
+				path, block_size, VHD_BLOCK_SIZE_MIN, VHD_BLOCK_SIZE_MAX >> 20);
 	/* BAT entries are 32-bit sector numbers: the file must stay below 2 TiB. */
 	if (size > (2040ull << 30))
 		return vhd_fail(err, VHD_ERR_FOOTER_SIZE,

@@ -33,6 +33,9 @@ EXTRA_DIST += tests/integration/bad-input.sh
 # VHD: interop with qemu-img/qemu-io/vhdiinfo through the NBD export, vhd-util.
 TESTS += tests/integration/vhd-interop.sh
 EXTRA_DIST += tests/integration/vhd-interop.sh
+# vhd-util on bad usage, bad values and damaged files: exit codes, messages, no writes.
+TESTS += tests/integration/vhd-util-cli.sh
+EXTRA_DIST += tests/integration/vhd-util-cli.sh
 
 # Control socket: serve --control, daemon, and every tdr-ctl subcommand.
 TESTS += tests/integration/ctl-cli.sh

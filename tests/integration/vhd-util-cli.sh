@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
+#
+# vhd-util on bad input, command by command:
+#  1. bad usage and bad option values exit 2 with one line that names the
+#     option and its value; nothing is created;
+#  2. create refuses to overwrite an existing file (exit 1, the file as it
+#     was) and refuses a bad block size (exit 1, no file);
+#  3. every command, on each of three damaged files (not a VHD at all; a
+#     dynamic header with a bad checksum; a file cut short), exits 1 with
+#     a message naming the file, and leaves the file byte for byte as it
+#     was; snapshot over such a parent creates no child.
+# shellcheck source=tests/integration/lib.sh
+. "$(dirname "$0")/lib.sh"
+need_cmd md5sum
+tdr_setup
+
+VU="$TDR_BUILDDIR/tools/vhd-util"
+[ -x "$VU" ] || fail "vhd-util not built: $VU"
+
+# run_vu EXPECTED_STATUS ARGS...: runs vhd-util, stderr into $T/err.
+run_vu() {
+	local want=$1 st=0
+	shift
+	"$VU" "$@" >"$T/out" 2>"$T/err" || st=$?
+	assert_eq "status of vhd-util $*" "$want" "$st"
+}
+
+# err_has TEXT: the last run's stderr holds TEXT.
+err_has() {
+	grep -qF -- "$1" "$T/err" || fail "expected '$1' in vhd-util's message, got: $(cat "$T/err")"
+}
+
+# ---- 1. usage and option values
+run_vu 2
+err_has "usage: vhd-util COMMAND"
+run_vu 2 nosuch
+err_has "unknown command 'nosuch'"
+run_vu 2 create -n "$T/new.vhd"
+err_has "vhd-util create: bad usage"
+run_vu 2 create -n "$T/new.vhd" -s abc
+err_has "vhd-util create: -s 'abc': not a size"
+run_vu 2 create -n "$T/new.vhd" -s 8 -S 3x
+err_has "-S '3x': not a block size"
+run_vu 2 create -n "$T/new.vhd" -s 8 -S 99999999999
+err_has "-S '99999999999': not a block size"
+[ ! -e "$T/new.vhd" ] || fail "a refused create left $T/new.vhd"
+
+"$VU" create -n "$T/ok.vhd" -s 8 || fail "vhd-util create failed"
+run_vu 2 read -n "$T/ok.vhd" -b abc
+err_has "vhd-util read: -b 'abc': not a block number"
+run_vu 2 read -n "$T/ok.vhd" -c -1
+err_has "-c '-1': not a count"
+run_vu 2 read -n "$T/ok.vhd" -r 12x
+err_has "-r '12x': not a sector number"
+run_vu 0 read -n "$T/ok.vhd" -b 2 -c 2
+assert_eq "read -b 2 -c 2" "block: 2: offset: not allocated
+block: 3: offset: not allocated" "$(cat "$T/out")"
+log "1: bad usage and bad values exit 2 and name the option"
+
+# ---- 2. create's own refusals
+sum=$(md5sum <"$T/ok.vhd")
+run_vu 1 create -n "$T/ok.vhd" -s 16
+err_has "$T/ok.vhd: cannot create: File exists; remove it first"
+assert_eq "existing file after a refused create" "$sum" "$(md5sum <"$T/ok.vhd")"
+run_vu 1 create -n "$T/new.vhd" -s 8 -S 3
+err_has "bad block size 3 (must be a power of two from 512 bytes to 256 MiB"
+[ ! -e "$T/new.vhd" ] || fail "create with a bad block size left $T/new.vhd"
+log "2: create refuses an existing file and a bad block size"
+
+# ---- 3. damaged files: every command refuses and writes nothing
+head -c 100000 /dev/urandom >"$T/junk.vhd"
+cp "$T/ok.vhd" "$T/badsum.vhd"
+printf 'X' | dd of="$T/badsum.vhd" bs=1 seek=600 conv=notrunc status=none
+cp "$T/ok.vhd" "$T/short.vhd"
+truncate -s 2048 "$T/short.vhd"
+
+declare -A defect=(
+	[junk]="bad cookie"
+	[badsum]="dynamic header has a bad checksum"
+	[short]="$T/short.vhd"
+)
+for f in junk badsum short; do
+	F="$T/$f.vhd"
+	size=$(stat -c %s "$F")
+	sum=$(md5sum <"$F")
+	for cmd in "check -n $F" "query -n $F -v" "query -n $F -f" "modify -n $F -z" \
+		"coalesce -n $F" "repair -n $F" "repair -n $F -z" "read -n $F -b 0" \
+		"read -n $F -p" "snapshot -n $T/child.vhd -p $F"; do
+		# shellcheck disable=SC2086 # the words of $cmd are the arguments
+		run_vu 1 $cmd
+		err_has "$F"
+		[ "$f" = short ] || err_has "${defect[$f]}"
+		[ "$(wc -l <"$T/err")" -eq 1 ] || fail "vhd-util $cmd: more than one line: $(cat "$T/err")"
+		assert_eq "size of $f.vhd after vhd-util $cmd" "$size" "$(stat -c %s "$F")"
+		assert_eq "content of $f.vhd after vhd-util $cmd" "$sum" "$(md5sum <"$F")"
+		[ ! -e "$T/child.vhd" ] || fail "vhd-util $cmd created $T/child.vhd"
+	done
+done
+log "3: ten commands on three damaged files: exit 1, the file named, not a byte written"
+
+pass
