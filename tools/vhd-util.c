@@ -527,7 +527,7 @@ static int do_read(int argc, char **argv)
 	const char *name = NULL;
 	bool headers = false, hex = false;
 	int64_t bat = -1, bitmap = -1, tbit = -1, tsec = -1, data = -1, rsec = -1;
-	uint64_t count = 1;
+	uint64_t count = 1, v;
 	struct vhd_error err = { 0 };
 	struct vhd_file *vf;
 	uint8_t *map = NULL;
@@ -544,25 +544,22 @@ static int do_read(int argc, char **argv)
 			break;
 		case 'b':
 		case 'm':
+		case 'd':
+			if (parse_num(optarg, INT64_MAX, &v) < 0)
+				return value_error(c, optarg, "not a block number");
+			*(c == 'b' ? &bat : c == 'm' ? &bitmap : &data) = (int64_t)v;
+			break;
 		case 'i':
 		case 't':
-		case 'd':
 		case 'r':
-		case 'c': {
-			int64_t *slot = c == 'b' ? &bat : c == 'm' ? &bitmap : c == 'i' ? &tbit :
-					c == 't' ? &tsec : c == 'd' ? &data : c == 'r' ? &rsec : NULL;
-			uint64_t v;
-
 			if (parse_num(optarg, INT64_MAX, &v) < 0)
-				return value_error(c, optarg, c == 'c' ? "not a count" :
-						   c == 'b' || c == 'm' || c == 'd' ? "not a block number" :
-						   "not a sector number");
-			if (slot)
-				*slot = (int64_t)v;
-			else
-				count = v;
+				return value_error(c, optarg, "not a sector number");
+			*(c == 'i' ? &tbit : c == 't' ? &tsec : &rsec) = (int64_t)v;
 			break;
-		}
+		case 'c':
+			if (parse_num(optarg, UINT64_MAX, &count) < 0)
+				return value_error(c, optarg, "not a count");
+			break;
 		case 'x':
 			hex = true;
 			break;
