@@ -36,6 +36,9 @@ EXTRA_DIST += tests/integration/vhd-interop.sh
 # vhd-util on bad usage, bad values and damaged files: exit codes, messages, no writes.
 TESTS += tests/integration/vhd-util-cli.sh
 EXTRA_DIST += tests/integration/vhd-util-cli.sh
+# The system calls that cut a VHD to a new end, in order (strace).
+TESTS += tests/integration/vhd-cut-order.sh
+EXTRA_DIST += tests/integration/vhd-cut-order.sh
 
 # Control socket: serve --control, daemon, and every tdr-ctl subcommand.
 TESTS += tests/integration/ctl-cli.sh
