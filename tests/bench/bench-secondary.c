@@ -368,6 +368,15 @@ static double durable_iops(double iops, uint64_t n)
 	return (double)n / ((double)n / iops + flush_wait(exp_disk));
 }
 
+/* The copy-before-write rows' medians made durable (pct sorts the arrays). */
+static void print_durable_row(double *doff, double *don, int reps)
+{
+	double mdoff = pct(doff, reps, 0.5), mdon = pct(don, reps, 0.5);
+
+	printf("| the same writes made durable (each row timed to the end of a flush of the export) | not started: %.0f IOPS | running: %.0f IOPS | ratio %.2f (information) |\n",
+	       mdoff, mdon, mdon / mdoff);
+}
+
 static void bench_cbw(int reps)
 {
 	double off[8], on[8], again[8], doff[8], don[8];
@@ -393,12 +402,10 @@ static void bench_cbw(int reps)
 		       r + 1, off[r], on[r], again[r], doff[r], don[r]);
 	}
 	double moff = pct(off, reps, 0.5), mon = pct(on, reps, 0.5), mag = pct(again, reps, 0.5);
-	double mdoff = pct(doff, reps, 0.5), mdon = pct(don, reps, 0.5);
 
 	printf("| copy-before-write: 4 KiB random first-touch writes, QD 32, 64 GiB disk | not started: %.0f IOPS | running: %.0f IOPS | ratio %.2f (target >= 0.40) | after a checkpoint: %.0f IOPS, ratio %.2f (information) |\n",
 	       moff, mon, mon / moff, mag, mag / moff);
-	printf("| the same writes made durable (each row timed to the end of a flush of the export) | not started: %.0f IOPS | running: %.0f IOPS | ratio %.2f (information) |\n",
-	       mdoff, mdon, mdon / mdoff);
+	print_durable_row(doff, don, reps);
 }
 
 /*
@@ -435,12 +442,10 @@ static void bench_cbw_allocated(int reps)
 		       r + 1, off[r], on[r], again[r], doff[r], don[r]);
 	}
 	double moff = pct(off, reps, 0.5), mon = pct(on, reps, 0.5), mag = pct(again, reps, 0.5);
-	double mdoff = pct(doff, reps, 0.5), mdon = pct(don, reps, 0.5);
 
 	printf("| copy-before-write, secondary allocated: 4 KiB random writes, QD 32, 4 GiB written before | not started: %.0f IOPS | running: %.0f IOPS, ratio %.2f | after a checkpoint: %.0f IOPS, ratio %.2f | (information) |\n",
 	       moff, mon, mon / moff, mag, mag / moff);
-	printf("| the same writes made durable (each row timed to the end of a flush of the export) | not started: %.0f IOPS | running: %.0f IOPS | ratio %.2f (information) |\n",
-	       mdoff, mdon, mdon / mdoff);
+	print_durable_row(doff, don, reps);
 }
 
 /* Writes bytes: half SVM (active), half primary (hidden via copy-before-write). */
