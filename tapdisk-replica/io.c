@@ -44,6 +44,9 @@ struct tdr_io_ctx {
 	ino_t fault_ino;
 	uint64_t writes_issued;
 	uint64_t writes_done;
+
+	tdr_io_journal_fn journal;	/* power-cut tests only */
+	void *journal_arg;
 };
 
 static void io_enqueue(struct tdr_iocb **head, struct tdr_iocb **tail, struct tdr_iocb *io)
@@ -73,6 +76,8 @@ static void io_complete(struct tdr_io_ctx *ctx, struct tdr_iocb *io, ssize_t res
 {
 	if (res >= 0 && io_is_write(io))
 		ctx->writes_done++;
+	if (ctx->journal && io_is_write(io))
+		ctx->journal(ctx->journal_arg, TDR_IO_J_DONE, io, res);
 	io->cb(io, res, io->arg);
 }
 
@@ -120,6 +125,8 @@ void tdr_io_flush_queue(struct tdr_io_ctx *ctx)
 		for (int i = 0; i < r; i++) {
 			io = ctx->q_head;
 			ctx->q_head = io->next;
+			if (ctx->journal && io_is_write(io))
+				ctx->journal(ctx->journal_arg, TDR_IO_J_SUBMIT, io, 0);
 		}
 		if (!ctx->q_head)
 			ctx->q_tail = NULL;
@@ -409,6 +416,12 @@ int tdr_io_set_fault_file(struct tdr_io_ctx *ctx, const char *path)
 	ctx->fault_dev = st.st_dev;
 	ctx->fault_ino = st.st_ino;
 	return 0;
+}
+
+void tdr_io_set_journal(struct tdr_io_ctx *ctx, tdr_io_journal_fn fn, void *arg)
+{
+	ctx->journal = fn;
+	ctx->journal_arg = arg;
 }
 
 uint64_t tdr_io_writes_done(const struct tdr_io_ctx *ctx)

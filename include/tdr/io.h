@@ -96,6 +96,25 @@ int tdr_io_set_fault_file(struct tdr_io_ctx *ctx, const char *path);
 /* Successful writes counted so far (for tests). */
 uint64_t tdr_io_writes_done(const struct tdr_io_ctx *ctx);
 
+/*
+ * A journal of what the kernel takes, for power-cut tests
+ * (tests/unit/powercut.c): fn is called with TDR_IO_J_SUBMIT for every
+ * write, vectored write and sync as io_submit() accepts it, when its
+ * buffers hold exactly what the disk will get, and with TDR_IO_J_DONE and
+ * the result as it completes (also for a write that failed before
+ * reaching the kernel, which had no SUBMIT).  A disk with a volatile
+ * write cache may lose any write not yet made durable by a later sync,
+ * and the journal holds what is needed to build every such file.
+ * fn NULL turns it off; it costs one test per request when off.
+ */
+enum tdr_io_journal_event {
+	TDR_IO_J_SUBMIT,
+	TDR_IO_J_DONE,
+};
+typedef void (*tdr_io_journal_fn)(void *arg, enum tdr_io_journal_event ev,
+				  const struct tdr_iocb *io, ssize_t res);
+void tdr_io_set_journal(struct tdr_io_ctx *ctx, tdr_io_journal_fn fn, void *arg);
+
 /* Allocates len bytes aligned for O_DIRECT; NULL on failure. */
 void *tdr_io_alloc(size_t len);
 

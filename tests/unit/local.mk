@@ -11,6 +11,7 @@ TESTS += tests/unit/test-loop tests/unit/test-io tests/unit/test-request \
 	tests/unit/test-drv-aio tests/unit/test-readahead
 tests_unit_test_loop_CFLAGS = $(UNIT_CFLAGS)
 tests_unit_test_loop_LDADD = $(UNIT_LDADD)
+tests_unit_test_io_SOURCES = tests/unit/test-io.c tests/unit/powercut.c tests/unit/powercut.h
 tests_unit_test_io_CFLAGS = $(UNIT_CFLAGS)
 tests_unit_test_io_LDADD = $(UNIT_LDADD)
 tests_unit_test_request_CFLAGS = $(UNIT_CFLAGS)
@@ -33,6 +34,8 @@ check_PROGRAMS += tests/unit/test-vhd tests/unit/test-vhd-driver
 TESTS += tests/unit/test-vhd tests/unit/test-vhd-driver
 tests_unit_test_vhd_CFLAGS = $(AM_CFLAGS) $(CHECK_CFLAGS)
 tests_unit_test_vhd_LDADD = $(TDR_LIBS) $(CHECK_LIBS)
+tests_unit_test_vhd_driver_SOURCES = tests/unit/test-vhd-driver.c tests/unit/powercut.c \
+	tests/unit/powercut.h
 tests_unit_test_vhd_driver_CFLAGS = $(AM_CFLAGS) $(CHECK_CFLAGS)
 tests_unit_test_vhd_driver_LDADD = $(TDR_LIBS) $(CHECK_LIBS)
 

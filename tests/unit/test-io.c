@@ -1,5 +1,8 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* Unit tests of the libaio backend: data, concurrency, errors, fault injection. */
+/*
+ * Unit tests of the libaio backend: data, concurrency, errors, fault
+ * injection, and the journal with the power-cut model built on it.
+ */
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -12,6 +15,7 @@
 
 #include "tdr/io.h"
 #include "check-run.h"
+#include "powercut.h"
 
 static struct tdr_loop *loop;
 static struct tdr_io_ctx *ctx;
@@ -155,6 +159,134 @@ START_TEST(vectored_and_dsync)
 	ck_assert_mem_eq(r + 4096, b, 4096);
 	free(a);
 	free(b);
+	free(r);
+}
+END_TEST
+
+/*
+ * pc_seen_check: every version pc_for_each_cut builds holds, for each
+ * journalled write, its data if the write had to survive, zeroes (the
+ * file before) if it was not yet issued, and sector by sector its data or
+ * zeroes if undecided; and at the last cut, B both present and absent.
+ */
+struct pc_seen {
+	const struct pc_log *log;
+	int fd;
+	unsigned versions, with_b, without_b;
+};
+
+static void pc_seen_check(void *arg, const struct pc_cut *cut)
+{
+	struct pc_seen *seen = arg;
+	const struct pc_log *log = seen->log;
+	char got[4096];
+
+	seen->versions++;
+	for (size_t i = 0; i < log->n; i++) {
+		const struct pc_io *p = &log->ios[i];
+
+		if (p->sync)
+			continue;
+		ck_assert_int_eq(pread(seen->fd, got, p->len, (off_t)p->off), (ssize_t)p->len);
+		for (size_t s = 0; s < p->len; s += 512) {
+			bool data = !memcmp(got + s, p->data + s, 512);
+			bool zero = got[s] == 0 && !memcmp(got + s, got + s + 1, 511);
+
+			if (pc_durable(log, i, cut->at))
+				ck_assert_msg(data, "cut %zu: entry %zu lost", cut->at, i);
+			else if (pc_undecided(log, i, cut->at))
+				ck_assert_msg(data || zero, "cut %zu: entry %zu garbled", cut->at, i);
+			else
+				ck_assert_msg(zero, "cut %zu: entry %zu before it was issued", cut->at, i);
+		}
+		if (i == 2 && cut->at == log->events) {
+			seen->with_b += !memcmp(got, p->data, p->len);
+			seen->without_b += got[0] == 0 && !memcmp(got, got + 1, p->len - 1);
+		}
+	}
+}
+
+/*
+ * The journal reports every write and sync the kernel takes, with its
+ * data, and no reads; the power-cut model built on it keeps a write that
+ * completed before a sync was issued once that sync completed, and one
+ * written with RWF_DSYNC once it completed; a write issued together with
+ * a sync, or never synced, may or may not be there.
+ */
+START_TEST(journal_feeds_power_cut_model)
+{
+	char *a = tdr_io_alloc(4096), *b = tdr_io_alloc(4096), *c = tdr_io_alloc(4096);
+	char *d = tdr_io_alloc(4096), *r = tdr_io_alloc(4096);
+	char other[] = "/var/tmp/tdr-test-io-other-XXXXXX";
+	struct iovec iov[2] = { { d, 1024 }, { d + 1024, 3072 } };
+	struct pc_seen seen = { 0 };
+	struct op ops[3] = { 0 };
+	struct pc_log log;
+	int ofd;
+
+	memset(a, 'A', 4096);
+	memset(b, 'B', 4096);
+	memset(c, 'C', 4096);
+	memset(d, 'D', 1024);
+	memset(d + 1024, 'd', 3072);
+	ofd = mkstemp(other);
+	ck_assert_int_ge(ofd, 0);
+	pc_start(&log, path, ctx);
+	ck_assert_uint_eq(log.before_len, 16 << 20);
+	tdr_io_pwrite(ctx, &ops[0].io, fd, a, 4096, 0, op_done, &ops[0]);		/* entry 0 */
+	wait_for(ops, 1);
+	memset(ops, 0, sizeof(ops));
+	tdr_io_fdsync(ctx, &ops[0].io, fd, op_done, &ops[0]);				/* entry 1 */
+	tdr_io_pwrite(ctx, &ops[1].io, fd, b, 4096, 8192, op_done, &ops[1]);		/* entry 2 */
+	wait_for(ops, 2);
+	memset(ops, 0, sizeof(ops));
+	tdr_io_pwrite_dsync(ctx, &ops[0].io, fd, c, 4096, 16384, op_done, &ops[0]);	/* entry 3 */
+	tdr_io_pwritev(ctx, &ops[1].io, fd, iov, 2, 24576, op_done, &ops[1]);	/* entry 4 */
+	tdr_io_pread(ctx, &ops[2].io, fd, r, 4096, 0, op_done, &ops[2]);
+	wait_for(ops, 3);
+	memset(ops, 0, sizeof(ops));
+	tdr_io_pwrite(ctx, &ops[0].io, ofd, a, 4096, 0, op_done, &ops[0]);		/* another file */
+	wait_for(ops, 1);
+	pc_stop(&log, ctx);
+	memset(ops, 0, sizeof(ops));
+	tdr_io_pwrite(ctx, &ops[0].io, fd, a, 4096, 32768, op_done, &ops[0]);	/* after the stop */
+	wait_for(ops, 1);
+
+	ck_assert_uint_eq(log.n, 5);
+	ck_assert_uint_eq(log.others, 1);
+	ck_assert_uint_eq(log.events, 10);
+	ck_assert(!log.ios[0].sync && log.ios[1].sync && !log.ios[1].dsync && log.ios[3].dsync);
+	ck_assert_uint_eq(log.ios[2].off, 8192);
+	ck_assert_mem_eq(log.ios[2].data, b, 4096);
+	ck_assert_uint_eq(log.ios[4].off, 24576);
+	ck_assert_uint_eq(log.ios[4].len, 4096);
+	ck_assert_mem_eq(log.ios[4].data, d, 4096);
+	for (size_t i = 0; i < log.n; i++)
+		ck_assert_uint_lt(log.ios[i].submit, log.ios[i].done);
+
+	ck_assert(!pc_undecided(&log, 0, log.ios[0].submit));
+	ck_assert(pc_undecided(&log, 0, log.ios[1].done));
+	ck_assert(pc_durable(&log, 0, log.ios[1].done + 1));
+	ck_assert(pc_undecided(&log, 2, log.events));
+	ck_assert(!pc_durable(&log, 3, log.ios[3].done));
+	ck_assert(pc_durable(&log, 3, log.ios[3].done + 1));
+	ck_assert(pc_undecided(&log, 4, log.events));
+
+	seen.log = &log;
+	seen.fd = open(path, O_RDONLY);
+	ck_assert_int_ge(seen.fd, 0);
+	ck_assert_uint_eq(pc_for_each_cut(&log, path, pc_seen_check, &seen), seen.versions);
+	ck_assert_uint_gt(seen.versions, log.events);
+	ck_assert_uint_gt(seen.with_b, 0);
+	ck_assert_uint_gt(seen.without_b, 0);
+	close(seen.fd);
+	pc_free(&log);
+	close(ofd);
+	unlink(other);
+	free(a);
+	free(b);
+	free(c);
+	free(d);
 	free(r);
 }
 END_TEST
@@ -467,6 +599,7 @@ int main(void)
 	tcase_add_test(tc, write_read_roundtrip);
 	tcase_add_test(tc, many_in_flight);
 	tcase_add_test(tc, vectored_and_dsync);
+	tcase_add_test(tc, journal_feeds_power_cut_model);
 	tcase_add_test(tc, short_read_at_eof);
 	tcase_add_test(tc, bad_fd_fails_alone);
 	tcase_add_test(tc, fault_fail_after_n);

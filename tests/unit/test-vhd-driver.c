@@ -22,6 +22,7 @@
 #include "tdr/log.h"
 #include "tdr/vhd.h"
 #include "check-run.h"
+#include "powercut.h"
 
 #define MIB (1ull << 20)
 
@@ -1447,15 +1448,29 @@ static int crash_cover(uint64_t sec)
 	return -1;
 }
 
+/*
+ * want holds the data of plan write *have (-1: none yet); fills it with
+ * write w's unless it already does, so a scan of consecutive sectors
+ * generates each write's data once.
+ */
+static const char *crash_want(int w, char *want, int *have)
+{
+	if (*have != w) {
+		fill_random(want, (size_t)plan[w].secs * 512, plan[w].seed);
+		*have = w;
+	}
+	return want;
+}
+
 /* got is sector sec's content: the plan's data there, or (unless acked) zeroes. */
-static bool crash_sector_ok(uint64_t sec, const char *got, const bool *acked, char *want)
+static bool crash_sector_ok(uint64_t sec, const char *got, const bool *acked, char *want,
+			    int *have)
 {
 	int w = crash_cover(sec);
 
 	if (w < 0)
 		return vhd_all_zero(got, 512);
-	fill_random(want, (size_t)plan[w].secs * 512, plan[w].seed);
-	if (!memcmp(got, want + (sec - plan[w].sec) * 512, 512))
+	if (!memcmp(got, crash_want(w, want, have) + (sec - plan[w].sec) * 512, 512))
 		return true;
 	return !acked[w] && vhd_all_zero(got, 512);
 }
@@ -1468,11 +1483,13 @@ static bool crash_sector_ok(uint64_t sec, const char *got, const bool *acked, ch
  * blocks read as zeroes, and the acknowledged writes are checked apart,
  * so nothing older can show anywhere.
  */
-static void verify_nothing_old(struct vhd_file *vf, const bool *acked)
+static bool nothing_old(struct vhd_file *vf, const bool *acked, char *msg, size_t msglen)
 {
 	char *want = malloc(512 * 512);
+	int have = -1;
+	bool ok = true;
 
-	for (uint32_t b = 0; b < vf->m.blocks; b++) {
+	for (uint32_t b = 0; ok && b < vf->m.blocks; b++) {
 		uint64_t base = (uint64_t)vf->m.bat[b] * 512;
 		size_t bm_len = (size_t)vf->m.bm_secs * 512, len = (size_t)vf->m.spb * 512;
 		uint8_t *map;
@@ -1484,28 +1501,41 @@ static void verify_nothing_old(struct vhd_file *vf, const bool *acked)
 		raw = malloc(len);
 		ck_assert_int_eq(pread(vf->fd, map, bm_len, (off_t)base), (ssize_t)bm_len);
 		ck_assert_int_eq(pread(vf->fd, raw, len, (off_t)(base + bm_len)), (ssize_t)len);
-		for (uint32_t i = 0; i < vf->m.spb; i++) {
+		for (uint32_t i = 0; ok && i < vf->m.spb; i++) {
 			const char *got = raw + (size_t)i * 512;
 			uint64_t sec = (uint64_t)b * vf->m.spb + i;
 			int w;
 
 			if (vhd_bitmap_test(map, i)) {
-				ck_assert_msg(crash_sector_ok(sec, got, acked, want),
-					      "sector %llu reads neither its data nor zeroes",
-					      (unsigned long long)sec);
+				if (!crash_sector_ok(sec, got, acked, want, &have)) {
+					snprintf(msg, msglen, "sector %llu reads neither its data nor zeroes",
+						 (unsigned long long)sec);
+					ok = false;
+				}
 				continue;
 			}
 			if (vhd_all_zero(got, 512))
 				continue;
 			/* Data under a clear bit: only a write the cut left unacknowledged. */
 			w = crash_cover(sec);
-			ck_assert_msg(w >= 0 && !acked[w] && crash_sector_ok(sec, got, acked, want),
-				      "block %u sector %u: old data under a clear bit", b, i);
+			if (w < 0 || acked[w] || !crash_sector_ok(sec, got, acked, want, &have)) {
+				snprintf(msg, msglen, "block %u sector %u: old data under a clear bit", b, i);
+				ok = false;
+			}
 		}
 		free(map);
 		free(raw);
 	}
 	free(want);
+	return ok;
+}
+
+static void verify_nothing_old(struct vhd_file *vf, const bool *acked)
+{
+	char msg[160];
+
+	if (!nothing_old(vf, acked, msg, sizeof(msg)))
+		ck_abort_msg("%s", msg);
 }
 
 static void verify_after_crash(const char *path, const bool *acked)
@@ -1602,6 +1632,26 @@ START_TEST(crash_safety_dynamic)
 END_TEST
 
 /*
+ * dir/pristine.vhd, a dynamic disk whose four blocks hold old data (0xEE),
+ * for an online make-empty to give back; returned open.
+ */
+static struct td_disk *reused_pristine(char *pristine, size_t len)
+{
+	struct vhd_error err;
+	struct td_disk *disk;
+	char *old = abuf(2 * MIB);
+
+	snprintf(pristine, len, "%s/pristine.vhd", dir);
+	ck_assert_int_eq(vhd_file_create(pristine, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	disk = open_disk(pristine, 0);
+	memset(old, 0xEE, 2 * MIB);
+	for (unsigned b = 0; b < 4; b++)
+		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, b * 4096, 4096, old, NULL), 0);
+	free(old);
+	return disk;
+}
+
+/*
  * The same cuts in a file whose four blocks were filled and then emptied
  * online (the file keeps its length): every allocation lands in reused
  * space over old data, with zeroes written over what its writes do not
@@ -1610,18 +1660,11 @@ END_TEST
  */
 START_TEST(crash_safety_reused_space)
 {
-	struct vhd_error err;
 	struct td_disk *disk;
 	char pristine[PATH_MAX];
-	char *old = abuf(2 * MIB);
 	struct stat st;
 
-	snprintf(pristine, sizeof(pristine), "%s/pristine.vhd", dir);
-	ck_assert_int_eq(vhd_file_create(pristine, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
-	disk = open_disk(pristine, 0);
-	memset(old, 0xEE, 2 * MIB);
-	for (unsigned b = 0; b < 4; b++)
-		ck_assert_int_eq(run_req(disk, TD_OP_WRITE, b * 4096, 4096, old, NULL), 0);
+	disk = reused_pristine(pristine, sizeof(pristine));
 	make_empty_now(disk);
 	td_disk_close(disk);
 	/* The cleared BAT's sync runs on after the close: let it finish, as a daemon's loop would. */
@@ -1635,7 +1678,6 @@ START_TEST(crash_safety_reused_space)
 	crash_series(pa, pristine, TDR_FAULT_FAIL);
 	crash_strict = false;
 	crash_empty_first = false;
-	free(old);
 }
 END_TEST
 
@@ -1718,6 +1760,283 @@ START_TEST(crash_safety_scratch)
 
 	make_diff_pristine(pristine, sizeof(pristine), "pristine-diff.vhd");
 	crash_series(pb, pristine, TDR_FAULT_KILL);
+}
+END_TEST
+
+/* ------------------------------------------------------------------ power cuts */
+
+/*
+ * A power cut (powercut.h) loses more than a killed process: whatever the
+ * kernel took but no sync made durable may be on the disk or not, whole
+ * or sector by sector.  The plan runs in this process with tdr_io's
+ * journal on; the acknowledgements of the guest's writes and flushes are
+ * marked in the same history.  Then the file is rebuilt as a cut after
+ * every event could leave it, in every version, and each must pass check,
+ * hold every write the guest was told is durable (a flush completed after
+ * its acknowledgement, or it was FUA), and read every sector as it was
+ * before the run or as a write of the plan left it: never zeroes over a
+ * parent's data, never old data.
+ */
+struct pc_run {
+	struct pc_log log;
+	const char *path;
+	size_t durable_at[CRASH_MAX_WRITES];	/* guest may count on it after this event */
+	char *view;				/* the disk before the run, through the chain */
+	uint64_t secs;
+	bool dynamic;				/* also read raw, as bitmap-blind readers do */
+	bool scratch;				/* the plan runs in scratch mode */
+	bool expect_defects;			/* count defects instead of failing */
+	size_t defects;
+	char first_defect[1024];
+	char *got, *want;			/* pc_check's buffers */
+};
+
+/* The power-cut plan's guest flushes (after a step) and FUA writes. */
+static bool pc_flush_after[CRASH_MAX_WRITES], pc_fua[CRASH_MAX_WRITES];
+
+struct pc_waiter {
+	struct waiter w;
+	struct pc_log *log;
+	size_t at;
+};
+
+static void pc_req_done(struct td_request *req, int err, void *arg)
+{
+	struct pc_waiter *pw = arg;
+
+	pw->at = pc_mark(pw->log);
+	req_done(req, err, &pw->w);
+}
+
+static void pc_run_plan(struct pc_run *run, struct td_disk *disk)
+{
+	char *buf = abuf(2 * 256 * 512);
+
+	for (int i = 0; i < plan_len; i++) {
+		struct td_request r[2];
+		struct pc_waiter w[2];
+		int k = plan[i].pair ? 2 : 1;
+
+		for (int j = 0; j < k; j++) {
+			const struct cw *p = &plan[i + j];
+
+			w[j] = (struct pc_waiter){ { 1, 0, 0 }, &run->log, PC_NEVER };
+			fill_random(buf + j * 256 * 512, (size_t)p->secs * 512, p->seed);
+			td_request_init(&r[j], TD_OP_WRITE, p->sec, p->secs, buf + j * 256 * 512,
+					pc_req_done, &w[j]);
+			r[j].flags = pc_fua[i + j] ? TD_REQ_FUA : 0;
+			td_disk_submit(disk, &r[j]);
+		}
+		for (int j = 0; j < k; j++) {
+			wait_all(&w[j].w);
+			ck_assert_int_eq(w[j].w.errors, 0);
+			run->durable_at[i + j] = pc_fua[i + j] ? w[j].at : PC_NEVER;
+		}
+		i += k - 1;
+		if (pc_flush_after[i]) {
+			struct td_request fl;
+			struct pc_waiter fw = { { 1, 0, 0 }, &run->log, PC_NEVER };
+
+			td_request_init(&fl, TD_OP_FLUSH, 0, 0, NULL, pc_req_done, &fw);
+			td_disk_submit(disk, &fl);
+			wait_all(&fw.w);
+			ck_assert_int_eq(fw.w.errors, 0);
+			for (int j = 0; j <= i; j++)
+				if (run->durable_at[j] == PC_NEVER)
+					run->durable_at[j] = fw.at;
+		}
+	}
+	free(buf);
+}
+
+/* A defect of one version: fatal, unless the run is one that expects them. */
+static void pc_defect(struct pc_run *run, const struct pc_cut *cut, const char *what)
+{
+	char msg[sizeof(run->first_defect)];
+
+	snprintf(msg, sizeof(msg), "cut after %zu events (%zu writes durable, %zu undecided), %s: %s",
+		 cut->at, cut->durable, cut->undecided, cut->how, what);
+	if (!run->expect_defects)
+		ck_abort_msg("%s", msg);
+	if (!run->defects++)
+		memcpy(run->first_defect, msg, sizeof(msg));
+}
+
+static void pc_check(void *arg, const struct pc_cut *cut)
+{
+	struct pc_run *run = arg;
+	char *got = run->got, *want = run->want, what[768];
+	bool acked[CRASH_MAX_WRITES] = { false };
+	struct vhd_error err;
+	struct vhd_file *vf;
+	int have = -1;
+
+	if (vhd_file_check(run->path, VHD_FILE_CHAIN, &err) < 0) {
+		snprintf(what, sizeof(what), "check: %s", err.msg);
+		pc_defect(run, cut, what);
+		return;
+	}
+	ck_assert_int_eq(vhd_file_open(&vf, run->path, VHD_FILE_CHAIN | VHD_FILE_RDONLY, &err), 0);
+	ck_assert_int_eq(vhd_file_read(vf, 0, (uint32_t)run->secs, got), 0);
+	for (int i = 0; i < plan_len; i++)
+		acked[i] = run->durable_at[i] < cut->at;
+	for (uint64_t sec = 0; sec < run->secs; sec++) {
+		const char *s = got + sec * 512;
+		int w = crash_cover(sec);
+		bool mine = false;
+
+		if (w >= 0) {
+			mine = !memcmp(s, crash_want(w, want, &have) + (sec - plan[w].sec) * 512, 512);
+			if (!mine && acked[w]) {
+				snprintf(what, sizeof(what), "sector %llu lost durable write %d",
+					 (unsigned long long)sec, w);
+				pc_defect(run, cut, what);
+				goto close;
+			}
+		}
+		if (!mine && memcmp(s, run->view + sec * 512, 512)) {
+			snprintf(what, sizeof(what),
+				 "sector %llu reads neither what it held nor what was written there",
+				 (unsigned long long)sec);
+			pc_defect(run, cut, what);
+			goto close;
+		}
+	}
+	if (run->dynamic && !nothing_old(vf, acked, what, sizeof(what)))
+		pc_defect(run, cut, what);
+close:
+	vhd_file_close(vf);
+}
+
+/*
+ * Runs the plan on a copy of pristine at path with the journal on, then
+ * checks every cut.  empty_first: an online make-empty first (its sync
+ * done before the journal starts), so allocations reuse space.
+ */
+static void powercut_series(struct pc_run *run, const char *pristine, bool empty_first)
+{
+	const char *path = run->path;
+	char cmd[3 * PATH_MAX];
+	struct vhd_error err;
+	struct vhd_file *vf;
+	struct td_disk *disk;
+	size_t versions, syncs = 0;
+
+	snprintf(cmd, sizeof(cmd), "cp --sparse=always '%s' '%s'", pristine, path);
+	ck_assert_int_eq(system(cmd), 0);
+	disk = open_disk(path, 0);
+	if (empty_first)
+		make_empty_now(disk);
+	if (run->scratch)
+		ck_assert_int_eq(vhd_image_set_scratch(disk->top, true), 0);
+	while (tdr_io_inflight(io))
+		ck_assert_int_ge(tdr_loop_run_once(loop, 100), 0);
+	ck_assert_int_eq(vhd_file_open(&vf, path, VHD_FILE_CHAIN | VHD_FILE_RDONLY, &err), 0);
+	run->secs = vf->m.footer.current_size / 512;
+	run->view = malloc(run->secs * 512);
+	run->got = malloc(run->secs * 512);
+	run->want = malloc(512 * 512);
+	ck_assert_int_eq(vhd_file_read(vf, 0, (uint32_t)run->secs, run->view), 0);
+	vhd_file_close(vf);
+
+	pc_start(&run->log, path, io);
+	pc_run_plan(run, disk);
+	pc_stop(&run->log, io);
+	td_disk_close(disk);
+	while (tdr_io_inflight(io))
+		ck_assert_int_ge(tdr_loop_run_once(loop, 100), 0);
+	ck_assert_uint_eq(run->log.others, 0);
+	for (size_t i = 0; i < run->log.n; i++)
+		syncs += run->log.ios[i].sync;
+	ck_assert_uint_gt(run->log.n - syncs, (size_t)plan_len);
+	ck_assert_uint_gt(syncs, 0);
+
+	versions = pc_for_each_cut(&run->log, path, pc_check, run);
+	ck_assert_uint_gt(versions, run->log.events);
+	pc_free(&run->log);
+	free(run->view);
+	free(run->got);
+	free(run->want);
+}
+
+/* crash_plan with guest flushes after some steps and two FUA writes. */
+static void powercut_plan(struct cw *p)
+{
+	memcpy(p, crash_plan, sizeof(crash_plan));
+	memset(pc_flush_after, 0, sizeof(pc_flush_after));
+	memset(pc_fua, 0, sizeof(pc_fua));
+	pc_flush_after[2] = pc_flush_after[6] = pc_flush_after[10] = true;
+	pc_fua[5] = pc_fua[9] = true;
+	plan = p;
+	plan_len = CRASH_WRITES;
+}
+
+START_TEST(power_cut_dynamic)
+{
+	struct pc_run run = { .path = pa, .dynamic = true };
+	struct cw p[CRASH_WRITES];
+	struct vhd_error err;
+	char pristine[PATH_MAX];
+
+	snprintf(pristine, sizeof(pristine), "%s/pristine.vhd", dir);
+	ck_assert_int_eq(vhd_file_create(pristine, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	powercut_plan(p);
+	powercut_series(&run, pristine, false);
+}
+END_TEST
+
+START_TEST(power_cut_differencing)
+{
+	struct pc_run run = { .path = pb };
+	struct cw p[CRASH_WRITES];
+	char pristine[PATH_MAX];
+
+	make_diff_pristine(pristine, sizeof(pristine), "pristine.vhd");
+	powercut_plan(p);
+	powercut_series(&run, pristine, false);
+}
+END_TEST
+
+/* Every allocation lands in space an online make-empty gave back, over old data. */
+START_TEST(power_cut_reused_space)
+{
+	struct pc_run run = { .path = pa, .dynamic = true };
+	struct cw p[CRASH_WRITES];
+	char pristine[PATH_MAX];
+
+	td_disk_close(reused_pristine(pristine, sizeof(pristine)));
+	powercut_plan(p);
+	powercut_series(&run, pristine, true);
+}
+END_TEST
+
+/*
+ * The model has teeth: scratch mode gives up exactly what a power cut
+ * needs (vhd.md), and the same series finds it.  In a differencing disk a
+ * bit or BAT entry reaches the disk before the data under it, and the
+ * parent's data reads as zeroes; in reused space a BAT entry reaches it
+ * before the zeroes, and old data shows.
+ */
+START_TEST(power_cut_sees_scratch_mode)
+{
+	struct pc_run diff = { .path = pb, .scratch = true, .expect_defects = true };
+	struct pc_run reused = { .path = pa, .dynamic = true, .scratch = true,
+				 .expect_defects = true };
+	struct cw p[CRASH_WRITES];
+	char pristine[PATH_MAX];
+
+	powercut_plan(p);
+	make_diff_pristine(pristine, sizeof(pristine), "pristine-diff.vhd");
+	powercut_series(&diff, pristine, false);
+	ck_assert_uint_gt(diff.defects, 0);
+	ck_assert_msg(strstr(diff.first_defect, "reads neither what it held nor what was written"),
+		      "%s", diff.first_defect);
+
+	td_disk_close(reused_pristine(pristine, sizeof(pristine)));
+	powercut_series(&reused, pristine, true);
+	ck_assert_uint_gt(reused.defects, 0);
+	ck_assert_msg(strstr(reused.first_defect, "reads neither what it held nor what was written"),
+		      "%s", reused.first_defect);
 }
 END_TEST
 
@@ -2262,6 +2581,16 @@ static Suite *suite(void)
 	tcase_add_test(tc, crash_safety_scratch);
 	tcase_add_test(tc, scratch_mode_skips_ordering_syncs);
 	tcase_add_test(tc, host_crash_in_fresh_space);
+	suite_add_tcase(s, tc);
+
+	/* CK_RUN_CASE=powercut runs these alone. */
+	tc = tcase_create("powercut");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 300);
+	tcase_add_test(tc, power_cut_dynamic);
+	tcase_add_test(tc, power_cut_differencing);
+	tcase_add_test(tc, power_cut_reused_space);
+	tcase_add_test(tc, power_cut_sees_scratch_mode);
 	suite_add_tcase(s, tc);
 	return s;
 }

@@ -1,0 +1,468 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/*
+ * The power-cut model (powercut.h).  The file is rebuilt incrementally:
+ * `base` in memory is the file with the writes that had to survive a cut,
+ * and the file on disk equals it between versions.  A version writes only
+ * the chosen parts of the undecided writes, then puts the base back over
+ * them, so a history of a hundred events over a 100 MiB file costs what
+ * was written, not the file's size per version.
+ */
+#include <check.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "powercut.h"
+
+#define PC_SECTOR 512u
+/* Each-alone and all-but-each versions: for every undecided write, or this many picked at random. */
+#define PC_EACH_MAX 12
+#define PC_RANDOM   4	/* random mixes of whole writes, and as many of sectors */
+
+static void pc_push(struct pc_log *log, const struct pc_io *pio)
+{
+	if (log->n == log->cap) {
+		log->cap = log->cap ? 2 * log->cap : 64;
+		log->ios = realloc(log->ios, log->cap * sizeof(*log->ios));
+		ck_assert_ptr_nonnull(log->ios);
+	}
+	log->ios[log->n++] = *pio;
+}
+
+static bool pc_overlap(const struct pc_io *a, uint64_t off, size_t len)
+{
+	return !a->sync && a->off < off + len && off < a->off + a->len;
+}
+
+/* Copies the data of a write, plain or vectored, as the kernel takes it. */
+static char *pc_copy_data(const struct iocb *cb, uint64_t *off, size_t *len)
+{
+	char *data;
+
+	if (cb->aio_lio_opcode == IO_CMD_PWRITE) {
+		*off = (uint64_t)cb->u.c.offset;
+		*len = cb->u.c.nbytes;
+		data = malloc(*len ? *len : 1);
+		ck_assert_ptr_nonnull(data);
+		memcpy(data, cb->u.c.buf, *len);
+		return data;
+	}
+	/* IO_CMD_PWRITEV */
+	const struct iovec *iov = cb->u.v.vec;
+	size_t total = 0, at = 0;
+
+	for (long i = 0; i < (long)cb->u.v.nr; i++)
+		total += iov[i].iov_len;
+	data = malloc(total ? total : 1);
+	ck_assert_ptr_nonnull(data);
+	for (long i = 0; i < (long)cb->u.v.nr; i++) {
+		memcpy(data + at, iov[i].iov_base, iov[i].iov_len);
+		at += iov[i].iov_len;
+	}
+	*off = (uint64_t)cb->u.v.offset;
+	*len = total;
+	return data;
+}
+
+static void pc_submit(struct pc_log *log, const struct tdr_iocb *io)
+{
+	const struct iocb *cb = &io->iocb;
+	struct pc_io pio = { .submit = log->events, .done = PC_NEVER, .iocb = io };
+	struct stat st;
+
+	ck_assert_int_eq(fstat((int)cb->aio_fildes, &st), 0);
+	if (st.st_dev != log->dev || st.st_ino != log->ino) {
+		log->others++;
+		return;
+	}
+	if (cb->aio_lio_opcode == IO_CMD_FDSYNC || cb->aio_lio_opcode == IO_CMD_FSYNC) {
+		pio.sync = true;
+	} else {
+		pio.data = pc_copy_data(cb, &pio.off, &pio.len);
+		pio.dsync = (cb->aio_rw_flags & RWF_DSYNC) != 0;
+		/*
+		 * Two overlapping writes in flight at once may land in either
+		 * order: a driver must never issue them, and the model could
+		 * not tell which content is right.
+		 */
+		for (size_t i = 0; i < log->n; i++)
+			ck_assert_msg(log->ios[i].done != PC_NEVER ||
+				      !pc_overlap(&log->ios[i], pio.off, pio.len),
+				      "overlapping writes in flight: [%llu, +%zu) and [%llu, +%zu)",
+				      (unsigned long long)log->ios[i].off, log->ios[i].len,
+				      (unsigned long long)pio.off, pio.len);
+	}
+	log->events++;
+	pc_push(log, &pio);
+}
+
+static void pc_done(struct pc_log *log, const struct tdr_iocb *io, ssize_t res)
+{
+	/* A write failed before it reached the kernel has no entry. */
+	for (size_t i = log->n; i-- > 0;) {
+		struct pc_io *p = &log->ios[i];
+
+		if (p->iocb == io && p->done == PC_NEVER) {
+			p->done = log->events++;
+			p->res = res;
+			p->iocb = NULL;
+			return;
+		}
+	}
+}
+
+static void pc_journal(void *arg, enum tdr_io_journal_event ev, const struct tdr_iocb *io,
+		       ssize_t res)
+{
+	if (ev == TDR_IO_J_SUBMIT)
+		pc_submit(arg, io);
+	else
+		pc_done(arg, io, res);
+}
+
+void pc_start(struct pc_log *log, const char *path, struct tdr_io_ctx *io)
+{
+	struct stat st;
+	int fd = open(path, O_RDONLY);
+
+	memset(log, 0, sizeof(*log));
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(fstat(fd, &st), 0);
+	log->dev = st.st_dev;
+	log->ino = st.st_ino;
+	log->before_len = (size_t)st.st_size;
+	log->before = calloc(1, log->before_len ? log->before_len : 1);
+	ck_assert_ptr_nonnull(log->before);
+	ck_assert_int_eq(pread(fd, log->before, log->before_len, 0), (ssize_t)log->before_len);
+	close(fd);
+	tdr_io_set_journal(io, pc_journal, log);
+}
+
+void pc_stop(struct pc_log *log, struct tdr_io_ctx *io)
+{
+	(void)log;
+	tdr_io_set_journal(io, NULL, NULL);
+}
+
+void pc_free(struct pc_log *log)
+{
+	for (size_t i = 0; i < log->n; i++)
+		free(log->ios[i].data);
+	free(log->ios);
+	free(log->before);
+	memset(log, 0, sizeof(*log));
+}
+
+size_t pc_mark(struct pc_log *log)
+{
+	return log->events++;
+}
+
+static bool pc_complete(const struct pc_io *p, size_t at)
+{
+	return p->done < at && p->res >= 0 && (size_t)p->res == (p->sync ? 0 : p->len);
+}
+
+bool pc_durable(const struct pc_log *log, size_t i, size_t at)
+{
+	const struct pc_io *p = &log->ios[i];
+
+	if (p->sync || !pc_complete(p, at))
+		return false;
+	if (p->dsync)
+		return true;
+	for (size_t j = i + 1; j < log->n; j++) {
+		const struct pc_io *s = &log->ios[j];
+
+		if (s->sync && s->submit > p->done && pc_complete(s, at))
+			return true;
+	}
+	return false;
+}
+
+bool pc_undecided(const struct pc_log *log, size_t i, size_t at)
+{
+	const struct pc_io *p = &log->ios[i];
+
+	return !p->sync && p->submit < at && !pc_durable(log, i, at);
+}
+
+/* ------------------------------------------------------------ versions */
+
+enum pc_pick { PC_NONE, PC_ALL, PC_ONLY, PC_ALL_BUT, PC_RANDOM_WRITES, PC_RANDOM_SECTORS };
+
+struct pc_version {
+	enum pc_pick pick;
+	size_t k;		/* PC_ONLY, PC_ALL_BUT: the position among the undecided */
+	uint64_t seed;		/* PC_RANDOM_* */
+};
+
+static uint64_t pc_rand(uint64_t *s)
+{
+	/* xorshift64*: reproducible from the seed printed with a failure */
+	*s ^= *s >> 12;
+	*s ^= *s << 25;
+	*s ^= *s >> 27;
+	return *s * 2685821657736338717ull;
+}
+
+struct pc_file {
+	int fd;
+	char *base;		/* the file with every write that had to survive */
+	size_t base_len;
+	size_t base_cap;
+	bool *in_base;		/* the writes base holds */
+};
+
+static void pc_base_write(struct pc_file *f, uint64_t off, const char *data, size_t len)
+{
+	if (off + len > f->base_cap) {
+		size_t cap = f->base_cap ? f->base_cap : 4096;
+
+		while (cap < off + len)
+			cap *= 2;
+		f->base = realloc(f->base, cap);
+		ck_assert_ptr_nonnull(f->base);
+		memset(f->base + f->base_cap, 0, cap - f->base_cap);
+		f->base_cap = cap;
+	}
+	memcpy(f->base + off, data, len);
+	if (off + len > f->base_len)
+		f->base_len = off + len;
+	ck_assert_int_eq(pwrite(f->fd, data, len, (off_t)off), (ssize_t)len);
+}
+
+/*
+ * Whether a later write that must survive covers [off, off + len) of
+ * write i: then i's data there can't be on disk.  Overlapping writes are
+ * never in flight together, so the later one was issued after i
+ * completed, and the disk applies them in that order: i's data can't
+ * come back over a write that is durable (one written with RWF_DSYNC
+ * over an earlier write not yet synced, say).
+ */
+static bool pc_shadowed(const struct pc_log *log, const struct pc_file *f, size_t i,
+			uint64_t off, size_t len, size_t at)
+{
+	for (size_t j = i + 1; j < log->n; j++)
+		if (pc_overlap(&log->ios[j], off, len) &&
+		    (f->in_base[j] || pc_durable(log, j, at)))
+			return true;
+	return false;
+}
+
+static void pc_put(struct pc_file *f, bool to_base, uint64_t off, const char *data, size_t len)
+{
+	if (!len)
+		return;
+	if (to_base)
+		pc_base_write(f, off, data, len);
+	else
+		ck_assert_int_eq(pwrite(f->fd, data, len, (off_t)off), (ssize_t)len);
+}
+
+/*
+ * Writes write i's sectors (those take() picks) that no later durable
+ * write covers, a run of consecutive ones per system call.
+ */
+static void pc_write_sectors(const struct pc_log *log, struct pc_file *f, size_t i, size_t at,
+			     bool to_base, bool (*take)(void *), void *take_arg)
+{
+	const struct pc_io *p = &log->ios[i];
+	bool any = pc_shadowed(log, f, i, p->off, p->len, at);
+	size_t run = 0, run_len = 0;
+
+	for (size_t s = 0; s < p->len; s += PC_SECTOR) {
+		size_t n = p->len - s < PC_SECTOR ? p->len - s : PC_SECTOR;
+
+		if ((take && !take(take_arg)) ||
+		    (any && pc_shadowed(log, f, i, p->off + s, n, at))) {
+			pc_put(f, to_base, p->off + run, p->data + run, run_len);
+			run = s + n;
+			run_len = 0;
+			continue;
+		}
+		run_len += n;
+	}
+	pc_put(f, to_base, p->off + run, p->data + run, run_len);
+}
+
+/* Brings base (and the file) to the cut: the writes newly made durable, in submission order. */
+static size_t pc_advance(const struct pc_log *log, struct pc_file *f, size_t at)
+{
+	size_t durable = 0;
+
+	for (size_t i = 0; i < log->n; i++) {
+		if (!pc_durable(log, i, at))
+			continue;
+		durable++;
+		if (f->in_base[i])
+			continue;
+		pc_write_sectors(log, f, i, at, true, NULL, NULL);
+		f->in_base[i] = true;
+	}
+	return durable;
+}
+
+static bool pc_coin(void *rng)
+{
+	return pc_rand(rng) & 1;
+}
+
+/* Writes the version's parts of the undecided writes und[0..m), in submission order. */
+static void pc_apply(const struct pc_log *log, struct pc_file *f, const size_t *und, size_t m,
+		     const struct pc_version *v, size_t at)
+{
+	uint64_t rng = v->seed * 0x9E3779B97F4A7C15ull + 1;
+
+	for (size_t k = 0; k < m; k++) {
+		bool take;
+
+		switch (v->pick) {
+		case PC_ALL:
+		case PC_RANDOM_SECTORS:
+			take = true;
+			break;
+		case PC_ONLY:
+			take = k == v->k;
+			break;
+		case PC_ALL_BUT:
+			take = k != v->k;
+			break;
+		case PC_RANDOM_WRITES:
+			take = pc_coin(&rng);
+			break;
+		default:
+			take = false;
+			break;
+		}
+		if (take)
+			pc_write_sectors(log, f, und[k], at, false,
+					 v->pick == PC_RANDOM_SECTORS ? pc_coin : NULL, &rng);
+	}
+}
+
+/* Puts base back over the undecided writes' ranges, and the file's length. */
+static void pc_undo(const struct pc_log *log, struct pc_file *f, const size_t *und, size_t m)
+{
+	for (size_t k = 0; k < m; k++) {
+		const struct pc_io *p = &log->ios[und[k]];
+
+		if (p->off >= f->base_len)
+			continue;
+		size_t n = f->base_len - p->off < p->len ? f->base_len - p->off : p->len;
+
+		ck_assert_int_eq(pwrite(f->fd, f->base + p->off, n, (off_t)p->off), (ssize_t)n);
+	}
+	ck_assert_int_eq(ftruncate(f->fd, (off_t)f->base_len), 0);
+}
+
+static void pc_describe(char *buf, size_t len, const struct pc_log *log, const size_t *und,
+			const struct pc_version *v)
+{
+	switch (v->pick) {
+	case PC_NONE:
+		snprintf(buf, len, "none of the undecided writes");
+		break;
+	case PC_ALL:
+		snprintf(buf, len, "all of the undecided writes");
+		break;
+	case PC_ONLY:
+	case PC_ALL_BUT: {
+		const struct pc_io *p = &log->ios[und[v->k]];
+
+		snprintf(buf, len, "%s journal entry #%zu (%zu bytes at %llu)",
+			 v->pick == PC_ONLY ? "only" : "all but", und[v->k], p->len,
+			 (unsigned long long)p->off);
+		break;
+	}
+	case PC_RANDOM_WRITES:
+		snprintf(buf, len, "a random mix of whole writes (seed %llu)",
+			 (unsigned long long)v->seed);
+		break;
+	case PC_RANDOM_SECTORS:
+		snprintf(buf, len, "a random mix of sectors (seed %llu)",
+			 (unsigned long long)v->seed);
+		break;
+	}
+}
+
+/* The versions of one cut: none, all, each alone and all but each, random mixes. */
+static size_t pc_versions(struct pc_version *vs, size_t m, size_t at)
+{
+	size_t n = 0;
+	uint64_t rng = at * 7919 + 17;
+
+	vs[n++] = (struct pc_version){ PC_NONE, 0, 0 };
+	if (m == 0)
+		return n;
+	vs[n++] = (struct pc_version){ PC_ALL, 0, 0 };
+	if (m > 1) {
+		for (size_t i = 0; i < PC_EACH_MAX && i < m; i++) {
+			size_t k = m <= PC_EACH_MAX ? i : (size_t)(pc_rand(&rng) % m);
+
+			vs[n++] = (struct pc_version){ PC_ONLY, k, 0 };
+			vs[n++] = (struct pc_version){ PC_ALL_BUT, k, 0 };
+		}
+		for (unsigned i = 0; i < PC_RANDOM; i++)
+			vs[n++] = (struct pc_version){ PC_RANDOM_WRITES, 0, at * 100 + i };
+	}
+	for (unsigned i = 0; i < PC_RANDOM; i++)
+		vs[n++] = (struct pc_version){ PC_RANDOM_SECTORS, 0, at * 100 + 50 + i };
+	return n;
+}
+
+size_t pc_for_each_cut(const struct pc_log *log, const char *path, pc_check_fn check, void *arg)
+{
+	struct pc_version vs[2 + 2 * PC_EACH_MAX + 2 * PC_RANDOM];
+	struct pc_file f = { .fd = -1 };
+	size_t *und = calloc(log->n + 1, sizeof(*und)), checked = 0;
+	char how[160];
+
+	f.in_base = calloc(log->n + 1, sizeof(*f.in_base));
+	ck_assert_ptr_nonnull(und);
+	ck_assert_ptr_nonnull(f.in_base);
+	f.fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+	ck_assert_int_ge(f.fd, 0);
+	/* The file before the run, sparse where it was zero. */
+	f.base_cap = f.base_len = log->before_len;
+	f.base = malloc(f.base_cap ? f.base_cap : 1);
+	ck_assert_ptr_nonnull(f.base);
+	memcpy(f.base, log->before, log->before_len);
+	for (size_t off = 0; off < log->before_len; off += 4096) {
+		size_t n = log->before_len - off < 4096 ? log->before_len - off : 4096;
+		bool zero = true;
+
+		for (size_t i = 0; i < n && zero; i++)
+			zero = log->before[off + i] == 0;
+		if (!zero)
+			ck_assert_int_eq(pwrite(f.fd, log->before + off, n, (off_t)off), (ssize_t)n);
+	}
+	ck_assert_int_eq(ftruncate(f.fd, (off_t)f.base_len), 0);
+
+	for (size_t at = 0; at <= log->events; at++) {
+		struct pc_cut cut = { .at = at, .how = how };
+		size_t m = 0, nv;
+
+		cut.durable = pc_advance(log, &f, at);
+		for (size_t i = 0; i < log->n; i++)
+			if (pc_undecided(log, i, at))
+				und[m++] = i;
+		cut.undecided = m;
+		nv = pc_versions(vs, m, at);
+		for (size_t v = 0; v < nv; v++) {
+			pc_describe(how, sizeof(how), log, und, &vs[v]);
+			pc_apply(log, &f, und, m, &vs[v], at);
+			check(arg, &cut);
+			pc_undo(log, &f, und, m);
+			checked++;
+		}
+	}
+	close(f.fd);
+	free(f.base);
+	free(f.in_base);
+	free(und);
+	return checked;
+}
