@@ -42,6 +42,8 @@ tests_unit_test_vhd_driver_LDADD = $(TDR_LIBS) $(CHECK_LIBS)
 # The replica driver in secondary mode.
 check_PROGRAMS += tests/unit/test-replica-secondary
 TESTS += tests/unit/test-replica-secondary
+tests_unit_test_replica_secondary_SOURCES = tests/unit/test-replica-secondary.c \
+	tests/unit/powercut.c tests/unit/powercut.h
 tests_unit_test_replica_secondary_CFLAGS = $(UNIT_CFLAGS)
 tests_unit_test_replica_secondary_LDADD = $(UNIT_LDADD)
 

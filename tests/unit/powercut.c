@@ -32,9 +32,9 @@ static void pc_push(struct pc_log *log, const struct pc_io *pio)
 	log->ios[log->n++] = *pio;
 }
 
-static bool pc_overlap(const struct pc_io *a, uint64_t off, size_t len)
+static bool pc_overlap(const struct pc_io *a, unsigned file, uint64_t off, size_t len)
 {
-	return !a->sync && a->off < off + len && off < a->off + a->len;
+	return !a->sync && a->file == file && a->off < off + len && off < a->off + a->len;
 }
 
 /* Copies the data of a write, plain or vectored, as the kernel takes it. */
@@ -74,7 +74,10 @@ static void pc_submit(struct pc_log *log, const struct tdr_iocb *io)
 	struct stat st;
 
 	ck_assert_int_eq(fstat((int)cb->aio_fildes, &st), 0);
-	if (st.st_dev != log->dev || st.st_ino != log->ino) {
+	while (pio.file < log->nfiles && (st.st_dev != log->files[pio.file].dev ||
+					  st.st_ino != log->files[pio.file].ino))
+		pio.file++;
+	if (pio.file == log->nfiles) {
 		log->others++;
 		return;
 	}
@@ -90,7 +93,7 @@ static void pc_submit(struct pc_log *log, const struct tdr_iocb *io)
 		 */
 		for (size_t i = 0; i < log->n; i++)
 			ck_assert_msg(log->ios[i].done != PC_NEVER ||
-				      !pc_overlap(&log->ios[i], pio.off, pio.len),
+				      !pc_overlap(&log->ios[i], pio.file, pio.off, pio.len),
 				      "overlapping writes in flight: [%llu, +%zu) and [%llu, +%zu)",
 				      (unsigned long long)log->ios[i].off, log->ios[i].len,
 				      (unsigned long long)pio.off, pio.len);
@@ -123,22 +126,35 @@ static void pc_journal(void *arg, enum tdr_io_journal_event ev, const struct tdr
 		pc_done(arg, io, res);
 }
 
+void pc_start_files(struct pc_log *log, const char *const *paths, unsigned n,
+		    struct tdr_io_ctx *io)
+{
+	memset(log, 0, sizeof(*log));
+	ck_assert_uint_le(n, PC_MAX_FILES);
+	for (unsigned i = 0; i < n; i++) {
+		struct pc_logged_file *lf = &log->files[i];
+		struct stat st;
+		int fd = open(paths[i], O_RDONLY);
+
+		ck_assert_int_ge(fd, 0);
+		ck_assert_int_eq(fstat(fd, &st), 0);
+		ck_assert_uint_lt(strlen(paths[i]), sizeof(lf->path));
+		strcpy(lf->path, paths[i]);
+		lf->dev = st.st_dev;
+		lf->ino = st.st_ino;
+		lf->before_len = (size_t)st.st_size;
+		lf->before = malloc(lf->before_len ? lf->before_len : 1);
+		ck_assert_ptr_nonnull(lf->before);
+		ck_assert_int_eq(pread(fd, lf->before, lf->before_len, 0), (ssize_t)lf->before_len);
+		close(fd);
+	}
+	log->nfiles = n;
+	tdr_io_set_journal(io, pc_journal, log);
+}
+
 void pc_start(struct pc_log *log, const char *path, struct tdr_io_ctx *io)
 {
-	struct stat st;
-	int fd = open(path, O_RDONLY);
-
-	memset(log, 0, sizeof(*log));
-	ck_assert_int_ge(fd, 0);
-	ck_assert_int_eq(fstat(fd, &st), 0);
-	log->dev = st.st_dev;
-	log->ino = st.st_ino;
-	log->before_len = (size_t)st.st_size;
-	log->before = calloc(1, log->before_len ? log->before_len : 1);
-	ck_assert_ptr_nonnull(log->before);
-	ck_assert_int_eq(pread(fd, log->before, log->before_len, 0), (ssize_t)log->before_len);
-	close(fd);
-	tdr_io_set_journal(io, pc_journal, log);
+	pc_start_files(log, &path, 1, io);
 }
 
 void pc_stop(struct pc_log *log, struct tdr_io_ctx *io)
@@ -152,7 +168,8 @@ void pc_free(struct pc_log *log)
 	for (size_t i = 0; i < log->n; i++)
 		free(log->ios[i].data);
 	free(log->ios);
-	free(log->before);
+	for (unsigned i = 0; i < log->nfiles; i++)
+		free(log->files[i].before);
 	memset(log, 0, sizeof(*log));
 }
 
@@ -177,7 +194,7 @@ bool pc_durable(const struct pc_log *log, size_t i, size_t at)
 	for (size_t j = i + 1; j < log->n; j++) {
 		const struct pc_io *s = &log->ios[j];
 
-		if (s->sync && s->submit > p->done && pc_complete(s, at))
+		if (s->sync && s->file == p->file && s->submit > p->done && pc_complete(s, at))
 			return true;
 	}
 	return false;
@@ -214,7 +231,12 @@ struct pc_file {
 	char *base;		/* the file with every write that had to survive */
 	size_t base_len;
 	size_t base_cap;
-	bool *in_base;		/* the writes base holds */
+};
+
+/* The files being rebuilt. */
+struct pc_build {
+	struct pc_file f[PC_MAX_FILES];
+	bool *in_base;		/* the writes the bases hold */
 };
 
 static void pc_base_write(struct pc_file *f, uint64_t off, const char *data, size_t len)
@@ -243,12 +265,12 @@ static void pc_base_write(struct pc_file *f, uint64_t off, const char *data, siz
  * come back over a write that is durable (one written with RWF_DSYNC
  * over an earlier write not yet synced, say).
  */
-static bool pc_shadowed(const struct pc_log *log, const struct pc_file *f, size_t i,
+static bool pc_shadowed(const struct pc_log *log, const struct pc_build *b, size_t i,
 			uint64_t off, size_t len, size_t at)
 {
 	for (size_t j = i + 1; j < log->n; j++)
-		if (pc_overlap(&log->ios[j], off, len) &&
-		    (f->in_base[j] || pc_durable(log, j, at)))
+		if (pc_overlap(&log->ios[j], log->ios[i].file, off, len) &&
+		    (b->in_base[j] || pc_durable(log, j, at)))
 			return true;
 	return false;
 }
@@ -267,18 +289,19 @@ static void pc_put(struct pc_file *f, bool to_base, uint64_t off, const char *da
  * Writes write i's sectors (those take() picks) that no later durable
  * write covers, a run of consecutive ones per system call.
  */
-static void pc_write_sectors(const struct pc_log *log, struct pc_file *f, size_t i, size_t at,
+static void pc_write_sectors(const struct pc_log *log, struct pc_build *b, size_t i, size_t at,
 			     bool to_base, bool (*take)(void *), void *take_arg)
 {
 	const struct pc_io *p = &log->ios[i];
-	bool any = pc_shadowed(log, f, i, p->off, p->len, at);
+	struct pc_file *f = &b->f[p->file];
+	bool any = pc_shadowed(log, b, i, p->off, p->len, at);
 	size_t run = 0, run_len = 0;
 
 	for (size_t s = 0; s < p->len; s += PC_SECTOR) {
 		size_t n = p->len - s < PC_SECTOR ? p->len - s : PC_SECTOR;
 
 		if ((take && !take(take_arg)) ||
-		    (any && pc_shadowed(log, f, i, p->off + s, n, at))) {
+		    (any && pc_shadowed(log, b, i, p->off + s, n, at))) {
 			pc_put(f, to_base, p->off + run, p->data + run, run_len);
 			run = s + n;
 			run_len = 0;
@@ -290,7 +313,7 @@ static void pc_write_sectors(const struct pc_log *log, struct pc_file *f, size_t
 }
 
 /* Brings base (and the file) to the cut: the writes newly made durable, in submission order. */
-static size_t pc_advance(const struct pc_log *log, struct pc_file *f, size_t at)
+static size_t pc_advance(const struct pc_log *log, struct pc_build *b, size_t at)
 {
 	size_t durable = 0;
 
@@ -298,10 +321,10 @@ static size_t pc_advance(const struct pc_log *log, struct pc_file *f, size_t at)
 		if (!pc_durable(log, i, at))
 			continue;
 		durable++;
-		if (f->in_base[i])
+		if (b->in_base[i])
 			continue;
-		pc_write_sectors(log, f, i, at, true, NULL, NULL);
-		f->in_base[i] = true;
+		pc_write_sectors(log, b, i, at, true, NULL, NULL);
+		b->in_base[i] = true;
 	}
 	return durable;
 }
@@ -312,7 +335,7 @@ static bool pc_coin(void *rng)
 }
 
 /* Writes the version's parts of the undecided writes und[0..m), in submission order. */
-static void pc_apply(const struct pc_log *log, struct pc_file *f, const size_t *und, size_t m,
+static void pc_apply(const struct pc_log *log, struct pc_build *b, const size_t *und, size_t m,
 		     const struct pc_version *v, size_t at)
 {
 	uint64_t rng = v->seed * 0x9E3779B97F4A7C15ull + 1;
@@ -339,16 +362,17 @@ static void pc_apply(const struct pc_log *log, struct pc_file *f, const size_t *
 			break;
 		}
 		if (take)
-			pc_write_sectors(log, f, und[k], at, false,
+			pc_write_sectors(log, b, und[k], at, false,
 					 v->pick == PC_RANDOM_SECTORS ? pc_coin : NULL, &rng);
 	}
 }
 
-/* Puts base back over the undecided writes' ranges, and the file's length. */
-static void pc_undo(const struct pc_log *log, struct pc_file *f, const size_t *und, size_t m)
+/* Puts the bases back over the undecided writes' ranges, and the files' lengths. */
+static void pc_undo(const struct pc_log *log, struct pc_build *b, const size_t *und, size_t m)
 {
 	for (size_t k = 0; k < m; k++) {
 		const struct pc_io *p = &log->ios[und[k]];
+		struct pc_file *f = &b->f[p->file];
 
 		if (p->off >= f->base_len)
 			continue;
@@ -356,7 +380,8 @@ static void pc_undo(const struct pc_log *log, struct pc_file *f, const size_t *u
 
 		ck_assert_int_eq(pwrite(f->fd, f->base + p->off, n, (off_t)p->off), (ssize_t)n);
 	}
-	ck_assert_int_eq(ftruncate(f->fd, (off_t)f->base_len), 0);
+	for (unsigned i = 0; i < log->nfiles; i++)
+		ck_assert_int_eq(ftruncate(b->f[i].fd, (off_t)b->f[i].base_len), 0);
 }
 
 static void pc_describe(char *buf, size_t len, const struct pc_log *log, const size_t *und,
@@ -373,9 +398,11 @@ static void pc_describe(char *buf, size_t len, const struct pc_log *log, const s
 	case PC_ALL_BUT: {
 		const struct pc_io *p = &log->ios[und[v->k]];
 
-		snprintf(buf, len, "%s journal entry #%zu (%zu bytes at %llu)",
+		const char *name = strrchr(log->files[p->file].path, '/');
+
+		snprintf(buf, len, "%s journal entry #%zu (%zu bytes at %llu of %s)",
 			 v->pick == PC_ONLY ? "only" : "all but", und[v->k], p->len,
-			 (unsigned long long)p->off);
+			 (unsigned long long)p->off, name ? name + 1 : log->files[p->file].path);
 		break;
 	}
 	case PC_RANDOM_WRITES:
@@ -414,39 +441,44 @@ static size_t pc_versions(struct pc_version *vs, size_t m, size_t at)
 	return n;
 }
 
-size_t pc_for_each_cut(const struct pc_log *log, const char *path, pc_check_fn check, void *arg)
+/* Writes the file as it was before the run, sparse where it was zero. */
+static void pc_file_init(struct pc_file *f, const struct pc_logged_file *lf)
 {
-	struct pc_version vs[2 + 2 * PC_EACH_MAX + 2 * PC_RANDOM];
-	struct pc_file f = { .fd = -1 };
-	size_t *und = calloc(log->n + 1, sizeof(*und)), checked = 0;
-	char how[160];
-
-	f.in_base = calloc(log->n + 1, sizeof(*f.in_base));
-	ck_assert_ptr_nonnull(und);
-	ck_assert_ptr_nonnull(f.in_base);
-	f.fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
-	ck_assert_int_ge(f.fd, 0);
-	/* The file before the run, sparse where it was zero. */
-	f.base_cap = f.base_len = log->before_len;
-	f.base = malloc(f.base_cap ? f.base_cap : 1);
-	ck_assert_ptr_nonnull(f.base);
-	memcpy(f.base, log->before, log->before_len);
-	for (size_t off = 0; off < log->before_len; off += 4096) {
-		size_t n = log->before_len - off < 4096 ? log->before_len - off : 4096;
+	f->fd = open(lf->path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+	ck_assert_int_ge(f->fd, 0);
+	f->base_cap = f->base_len = lf->before_len;
+	f->base = malloc(f->base_cap ? f->base_cap : 1);
+	ck_assert_ptr_nonnull(f->base);
+	memcpy(f->base, lf->before, lf->before_len);
+	for (size_t off = 0; off < lf->before_len; off += 4096) {
+		size_t n = lf->before_len - off < 4096 ? lf->before_len - off : 4096;
 		bool zero = true;
 
 		for (size_t i = 0; i < n && zero; i++)
-			zero = log->before[off + i] == 0;
+			zero = lf->before[off + i] == 0;
 		if (!zero)
-			ck_assert_int_eq(pwrite(f.fd, log->before + off, n, (off_t)off), (ssize_t)n);
+			ck_assert_int_eq(pwrite(f->fd, lf->before + off, n, (off_t)off), (ssize_t)n);
 	}
-	ck_assert_int_eq(ftruncate(f.fd, (off_t)f.base_len), 0);
+	ck_assert_int_eq(ftruncate(f->fd, (off_t)f->base_len), 0);
+}
+
+size_t pc_for_each_cut(const struct pc_log *log, pc_check_fn check, void *arg)
+{
+	struct pc_version vs[2 + 2 * PC_EACH_MAX + 2 * PC_RANDOM];
+	struct pc_build b = { .in_base = calloc(log->n + 1, sizeof(bool)) };
+	size_t *und = calloc(log->n + 1, sizeof(*und)), checked = 0;
+	char how[160];
+
+	ck_assert_ptr_nonnull(und);
+	ck_assert_ptr_nonnull(b.in_base);
+	for (unsigned i = 0; i < log->nfiles; i++)
+		pc_file_init(&b.f[i], &log->files[i]);
 
 	for (size_t at = 0; at <= log->events; at++) {
 		struct pc_cut cut = { .at = at, .how = how };
 		size_t m = 0, nv;
 
-		cut.durable = pc_advance(log, &f, at);
+		cut.durable = pc_advance(log, &b, at);
 		for (size_t i = 0; i < log->n; i++)
 			if (pc_undecided(log, i, at))
 				und[m++] = i;
@@ -454,15 +486,17 @@ size_t pc_for_each_cut(const struct pc_log *log, const char *path, pc_check_fn c
 		nv = pc_versions(vs, m, at);
 		for (size_t v = 0; v < nv; v++) {
 			pc_describe(how, sizeof(how), log, und, &vs[v]);
-			pc_apply(log, &f, und, m, &vs[v], at);
+			pc_apply(log, &b, und, m, &vs[v], at);
 			check(arg, &cut);
-			pc_undo(log, &f, und, m);
+			pc_undo(log, &b, und, m);
 			checked++;
 		}
 	}
-	close(f.fd);
-	free(f.base);
-	free(f.in_base);
+	for (unsigned i = 0; i < log->nfiles; i++) {
+		close(b.f[i].fd);
+		free(b.f[i].base);
+	}
+	free(b.in_base);
 	free(und);
 	return checked;
 }

@@ -11,7 +11,7 @@
  * whole or in part (sector by sector), and in any mix.
  *
  * pc_start() hooks tdr_io's journal and logs every write and sync to one
- * file, with its data, in the order the kernel took and finished them;
+ * file (or a few: an image chain), with its data, in the order the kernel took and finished them;
  * the test adds its own points to the same history with pc_mark() (a
  * guest request acknowledged).  Afterwards pc_for_each_cut() rebuilds the
  * file as it could be after a power cut at every point of the history,
@@ -29,8 +29,9 @@
 
 #include "tdr/io.h"
 
-/* One write or sync of the file, as the kernel saw it. */
+/* One write or sync of a file, as the kernel saw it. */
 struct pc_io {
+	unsigned file;		/* index into pc_log.files */
 	bool sync;
 	bool dsync;		/* a write with RWF_DSYNC */
 	uint64_t off;
@@ -43,19 +44,26 @@ struct pc_io {
 };
 
 #define PC_NEVER ((size_t)-1)
+#define PC_MAX_FILES 4
 
-struct pc_log {
+struct pc_logged_file {
+	char path[4096];
 	dev_t dev;
 	ino_t ino;
 	char *before;		/* the file when the log started */
 	size_t before_len;
+};
+
+struct pc_log {
+	struct pc_logged_file files[PC_MAX_FILES];
+	unsigned nfiles;
 	struct pc_io *ios;
 	size_t n, cap;
 	size_t events;		/* journal events and marks so far */
 	size_t others;		/* writes to other files (not modelled) */
 };
 
-/* A version of the file after a cut, as pc_for_each_cut() built it. */
+/* A version of the files after a cut, as pc_for_each_cut() built it. */
 struct pc_cut {
 	size_t at;		/* the cut follows this many events */
 	const char *how;	/* which undecided writes it holds, in words */
@@ -65,8 +73,13 @@ struct pc_cut {
 
 typedef void (*pc_check_fn)(void *arg, const struct pc_cut *cut);
 
-/* Starts logging writes to path, whose content now is the "before" state. */
+/*
+ * Starts logging writes to path (or to the n files at paths; a sync
+ * covers its own file only), whose content now is the "before" state.
+ */
 void pc_start(struct pc_log *log, const char *path, struct tdr_io_ctx *io);
+void pc_start_files(struct pc_log *log, const char *const *paths, unsigned n,
+		    struct tdr_io_ctx *io);
 void pc_stop(struct pc_log *log, struct tdr_io_ctx *io);
 void pc_free(struct pc_log *log);
 
@@ -78,10 +91,10 @@ bool pc_durable(const struct pc_log *log, size_t i, size_t at);
 bool pc_undecided(const struct pc_log *log, size_t i, size_t at);
 
 /*
- * For every cut from 0 to log->events events, rebuilds path in every
- * version and calls check, which must not change the file (the next
- * version is built from it).  Returns the number of versions checked.
+ * For every cut from 0 to log->events events, rebuilds the logged files
+ * in every version and calls check, which must not change them (the next
+ * version is built from them).  Returns the number of versions checked.
  */
-size_t pc_for_each_cut(const struct pc_log *log, const char *path, pc_check_fn check, void *arg);
+size_t pc_for_each_cut(const struct pc_log *log, pc_check_fn check, void *arg);
 
 #endif

@@ -232,7 +232,7 @@ START_TEST(journal_feeds_power_cut_model)
 	ofd = mkstemp(other);
 	ck_assert_int_ge(ofd, 0);
 	pc_start(&log, path, ctx);
-	ck_assert_uint_eq(log.before_len, 16 << 20);
+	ck_assert_uint_eq(log.files[0].before_len, 16 << 20);
 	tdr_io_pwrite(ctx, &ops[0].io, fd, a, 4096, 0, op_done, &ops[0]);		/* entry 0 */
 	wait_for(ops, 1);
 	memset(ops, 0, sizeof(ops));
@@ -275,7 +275,7 @@ START_TEST(journal_feeds_power_cut_model)
 	seen.log = &log;
 	seen.fd = open(path, O_RDONLY);
 	ck_assert_int_ge(seen.fd, 0);
-	ck_assert_uint_eq(pc_for_each_cut(&log, path, pc_seen_check, &seen), seen.versions);
+	ck_assert_uint_eq(pc_for_each_cut(&log, pc_seen_check, &seen), seen.versions);
 	ck_assert_uint_gt(seen.versions, log.events);
 	ck_assert_uint_gt(seen.with_b, 0);
 	ck_assert_uint_gt(seen.without_b, 0);
@@ -288,6 +288,41 @@ START_TEST(journal_feeds_power_cut_model)
 	free(c);
 	free(d);
 	free(r);
+}
+END_TEST
+
+/* Logging two files: a sync covers its own file's writes only. */
+START_TEST(journal_sync_covers_its_own_file)
+{
+	char *a = tdr_io_alloc(4096);
+	char other[] = "/var/tmp/tdr-test-io-other-XXXXXX";
+	const char *paths[2] = { path, other };
+	struct op ops[3] = { 0 };
+	struct pc_log log;
+	int ofd = mkstemp(other);
+
+	ck_assert_int_ge(ofd, 0);
+	memset(a, 'A', 4096);
+	pc_start_files(&log, paths, 2, ctx);
+	tdr_io_pwrite(ctx, &ops[0].io, fd, a, 4096, 0, op_done, &ops[0]);
+	tdr_io_pwrite(ctx, &ops[1].io, ofd, a, 4096, 0, op_done, &ops[1]);
+	wait_for(ops, 2);
+	memset(ops, 0, sizeof(ops));
+	tdr_io_fdsync(ctx, &ops[0].io, fd, op_done, &ops[0]);
+	wait_for(ops, 1);
+	pc_stop(&log, ctx);
+	ck_assert_uint_eq(log.n, 3);
+	ck_assert_uint_eq(log.others, 0);
+	ck_assert_uint_eq(log.ios[0].file, 0);
+	ck_assert_uint_eq(log.ios[1].file, 1);
+	ck_assert(log.ios[2].sync && log.ios[2].file == 0);
+	ck_assert(pc_durable(&log, 0, log.events));
+	ck_assert(pc_undecided(&log, 1, log.events));
+	ck_assert_uint_eq(log.files[1].before_len, 0);
+	pc_free(&log);
+	close(ofd);
+	unlink(other);
+	free(a);
 }
 END_TEST
 
@@ -600,6 +635,7 @@ int main(void)
 	tcase_add_test(tc, many_in_flight);
 	tcase_add_test(tc, vectored_and_dsync);
 	tcase_add_test(tc, journal_feeds_power_cut_model);
+	tcase_add_test(tc, journal_sync_covers_its_own_file);
 	tcase_add_test(tc, short_read_at_eof);
 	tcase_add_test(tc, bad_fd_fails_alone);
 	tcase_add_test(tc, fault_fail_after_n);

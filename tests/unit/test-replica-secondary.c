@@ -3,8 +3,8 @@
  * The replica driver in secondary mode, on a real VHD chain
  * (active over hidden over secondary), with byte-exact checks of the SVM's
  * view and of each layer: every scenario of the secondary issue, every
- * operation in every wrong state, injected failures, and a randomized test
- * against an in-memory model.
+ * operation in every wrong state, injected failures, power cuts during a
+ * failover, and a randomized test against an in-memory model.
  */
 #include <check.h>
 #include <errno.h>
@@ -18,6 +18,7 @@
 #include "tdr/replica.h"
 #include "tdr/vhd.h"
 #include "check-run.h"
+#include "powercut.h"
 
 extern const struct td_driver td_drv_replica;
 
@@ -371,6 +372,17 @@ START_TEST(svm_write_then_read_then_checkpoint)
 }
 END_TEST
 
+/* An SVM write, then two primary writes (w: a MiB of buffer), one over it, one elsewhere. */
+static void svm_and_pvm_write(char *w, unsigned seed)
+{
+	fill(w, MIB, seed);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 300, 700, w), 0);		/* SVM */
+	fill(w, MIB, seed + 1);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 500, 1500, w), 0);	/* PVM, overlapping */
+	fill(w, MIB, seed + 2);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 9000, 256, w), 0);	/* PVM, elsewhere */
+}
+
 START_TEST(failover_secondary_equals_svm_view)
 {
 	char *view = xalloc(DISK_SIZE), *w = xalloc(MIB), *got = xalloc(DISK_SIZE);
@@ -381,12 +393,7 @@ START_TEST(failover_secondary_equals_svm_view)
 	ck_assert_int_eq(op("start"), 0);
 	/* Running: active and hidden allocate without ordering syncs. */
 	expect_scratch(1);
-	fill(w, MIB, 8);
-	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 300, 700, w), 0);		/* SVM */
-	fill(w, MIB, 9);
-	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 500, 1500, w), 0);	/* PVM, overlapping */
-	fill(w, MIB, 10);
-	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 9000, 256, w), 0);	/* PVM, elsewhere */
+	svm_and_pvm_write(w, 8);
 	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, view), 0);
 	ck_assert_uint_eq(img_stat(active, "group_syncs"), 0);
 	ck_assert_uint_eq(img_stat(hidden, "group_syncs"), 0);
@@ -438,6 +445,139 @@ START_TEST(failover_secondary_equals_svm_view)
 	free(view);
 	free(w);
 	free(got);
+}
+END_TEST
+
+/*
+ * A power cut of the secondary's host during a failover (powercut.h).
+ * While running, active and hidden are in scratch mode and a power cut
+ * may tear them (docs/replica.md).  The failover first flushes both; from
+ * the moment both flushes have completed they are the SVM's only copy, and
+ * a cut at any later event, in any version of the writes not yet durable,
+ * must leave a chain that passes check and reads exactly the SVM's view:
+ * the commit writes the secondary disk under them, and they are emptied
+ * only once what it wrote is durable.
+ */
+struct fo_cuts {
+	const char *view;
+	char *got;
+	size_t from;		/* cuts from this event on must be exact */
+	size_t done_at;		/* and after this one the secondary disk alone */
+	size_t checked, checked_alone;
+};
+
+/* path (with its parents, if chain) must pass check and read exactly the SVM's view. */
+static void fo_cut_expect(struct fo_cuts *fc, const struct pc_cut *cut, const char *path,
+			  bool chain)
+{
+	unsigned flags = chain ? VHD_FILE_CHAIN : 0;
+	struct vhd_error e;
+	struct vhd_file *vf;
+
+	if (vhd_file_check(path, flags, &e) < 0)
+		ck_abort_msg("cut after %zu events, %s: check: %s", cut->at, cut->how, e.msg);
+	ck_assert_int_eq(vhd_file_open(&vf, path, flags | VHD_FILE_RDONLY, &e), 0);
+	ck_assert_int_eq(vhd_file_read(vf, 0, DISK_SECS, fc->got), 0);
+	vhd_file_close(vf);
+	if (memcmp(fc->got, fc->view, DISK_SIZE) == 0)
+		return;
+	for (size_t sec = 0; sec < DISK_SECS; sec++)
+		if (memcmp(fc->got + sec * 512, fc->view + sec * 512, 512))
+			ck_abort_msg("cut after %zu events (%zu durable, %zu undecided), %s: sector %zu of %s is not the SVM's",
+				     cut->at, cut->durable, cut->undecided, cut->how, sec,
+				     chain ? "the chain" : "the secondary disk");
+}
+
+static void fo_cut_check(void *arg, const struct pc_cut *cut)
+{
+	struct fo_cuts *fc = arg;
+
+	if (cut->at < fc->from)
+		return;
+	fc->checked++;
+	fo_cut_expect(fc, cut, p_active, true);
+	if (cut->at <= fc->done_at)
+		return;
+	fc->checked_alone++;
+	fo_cut_expect(fc, cut, p_sec, false);
+}
+
+/* The event at which the first sync of file issued after event after completed. */
+static size_t first_sync_done(const struct pc_log *log, unsigned file, size_t after)
+{
+	for (size_t i = 0; i < log->n; i++) {
+		const struct pc_io *p = &log->ios[i];
+
+		if (p->sync && p->file == file && p->submit > after && p->done != PC_NEVER)
+			return p->done;
+	}
+	ck_abort_msg("no sync of file %u after event %zu", file, after);
+	return PC_NEVER;
+}
+
+/*
+ * from_start: the log begins before start, with active and hidden in
+ * scratch mode, and cuts are checked from the failover's flushes of both
+ * on.  Otherwise it begins at the failover (what came before counts as
+ * durable), and every cut of the failover is checked.
+ */
+static void fo_power_cut(bool from_start)
+{
+	const char *paths[3] = { p_sec, p_hidden, p_active };
+	struct fo_cuts fc = { .view = xalloc(DISK_SIZE), .got = xalloc(DISK_SIZE) };
+	char *w = xalloc(MIB);
+	struct pc_log log;
+	size_t fo_start, versions;
+
+	fill(w, MIB, 21);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 0, 2048, w), 0);	/* initial sync */
+	ck_assert_int_eq(dio(exp_disk, TD_OP_FLUSH, 0, 0, NULL), 0);
+	if (from_start)
+		pc_start_files(&log, paths, 3, io);
+	ck_assert_int_eq(op("start"), 0);
+	svm_and_pvm_write(w, 22);
+	fill(w, MIB, 25);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 12000, 64, w), 0);		/* SVM, new block */
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, (char *)fc.view), 0);
+	if (!from_start) {
+		/* What the log does not hold counts as durable: drain first. */
+		while (tdr_io_inflight(io))
+			ck_assert_int_ge(tdr_loop_run_once(loop, 100), 0);
+		pc_start_files(&log, paths, 3, io);
+	}
+	fo_start = pc_mark(&log);
+	failover_to(REPLICA_STATE_DONE);
+	fc.done_at = pc_mark(&log);
+	pc_stop(&log, io);
+	td_disk_close(disk);
+	disk = NULL;
+	ck_assert_uint_eq(log.others, 0);
+
+	if (from_start) {
+		fc.from = first_sync_done(&log, 1, fo_start);
+		if (first_sync_done(&log, 2, fo_start) > fc.from)
+			fc.from = first_sync_done(&log, 2, fo_start);
+		fc.from++;
+	}
+	versions = pc_for_each_cut(&log, fo_cut_check, &fc);
+	ck_assert_uint_gt(fc.checked, log.events - fc.from);
+	ck_assert_uint_gt(fc.checked_alone, 0);
+	ck_assert_uint_ge(versions, fc.checked);
+	pc_free(&log);
+	free((char *)fc.view);
+	free(fc.got);
+	free(w);
+}
+
+START_TEST(power_cut_during_failover)
+{
+	fo_power_cut(false);
+}
+END_TEST
+
+START_TEST(power_cut_scratch_then_failover)
+{
+	fo_power_cut(true);
 }
 END_TEST
 
@@ -1448,6 +1588,8 @@ int main(void)
 	tcase_add_test(tc, primary_write_svm_sees_old_data);
 	tcase_add_test(tc, svm_write_then_read_then_checkpoint);
 	tcase_add_test(tc, failover_secondary_equals_svm_view);
+	tcase_add_test(tc, power_cut_during_failover);
+	tcase_add_test(tc, power_cut_scratch_then_failover);
 	tcase_add_test(tc, stop_without_failover);
 	tcase_add_test(tc, operations_in_wrong_states);
 	tcase_add_test(tc, failover_refuses_in_flight_state_cleanly);

@@ -1973,7 +1973,7 @@ static void powercut_series(struct pc_run *run, const char *pristine, bool empty
 	ck_assert_uint_gt(run->log.n - syncs, (size_t)plan_len);
 	ck_assert_uint_gt(syncs, 0);
 
-	versions = pc_for_each_cut(&run->log, path, pc_check, run);
+	versions = pc_for_each_cut(&run->log, pc_check, run);
 	ck_assert_uint_gt(versions, run->log.events);
 	pc_free(&run->log);
 	free(run->view);
