@@ -11,10 +11,11 @@
  * whole or in part (sector by sector), and in any mix.
  *
  * pc_start() hooks tdr_io's journal and logs every write and sync to one
- * file (or a few: an image chain), with its data, in the order the kernel took and finished them;
- * the test adds its own points to the same history with pc_mark() (a
- * guest request acknowledged).  Afterwards pc_for_each_cut() rebuilds the
- * file as it could be after a power cut at every point of the history,
+ * file (pc_start_files: a few, such as an image chain), with its data, in
+ * the order the kernel took and finished them; the test adds its own
+ * points to the same history with pc_mark() (a guest request
+ * acknowledged).  Afterwards pc_for_each_cut() rebuilds the files as
+ * they could be after a power cut at every point of the history,
  * each time in several versions (none of the undecided writes, all of
  * them, each alone, all but each, random mixes of whole writes and of
  * sectors), and calls the test's check on each.
@@ -75,7 +76,8 @@ typedef void (*pc_check_fn)(void *arg, const struct pc_cut *cut);
 
 /*
  * Starts logging writes to path (or to the n files at paths; a sync
- * covers its own file only), whose content now is the "before" state.
+ * covers its own file only).  Their content now is the "before" state,
+ * taken as durable: drain or flush what came before if that matters.
  */
 void pc_start(struct pc_log *log, const char *path, struct tdr_io_ctx *io);
 void pc_start_files(struct pc_log *log, const char *const *paths, unsigned n,
