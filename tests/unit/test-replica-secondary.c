@@ -462,6 +462,8 @@ struct fo_cuts {
 	const char *view;	/* the SVM's view when the failover started */
 	const char *final;	/* and when it ended (the SVM may write meanwhile) */
 	const bool *loose;	/* per sector: written after the switch, may be either */
+	const bool *flushed;	/* per sector: an SVM write a guest flush covered... */
+	size_t flushed_at;	/* ...acknowledged by this event (PC_NEVER: none) */
 	char *got;
 	size_t from;		/* cuts from this event on must be exact */
 	size_t done_at;		/* and after this one the secondary disk alone */
@@ -491,6 +493,7 @@ static void fo_cut_expect(struct fo_cuts *fc, const struct pc_cut *cut, const ch
 	for (size_t sec = 0; sec < DISK_SECS; sec++)
 		if (memcmp(fc->got + sec * 512, fc->final + sec * 512, 512) &&
 		    (!(chain || fc->loose[sec]) ||
+		     (fc->flushed[sec] && cut->at > fc->flushed_at) ||
 		     memcmp(fc->got + sec * 512, fc->view + sec * 512, 512)))
 			ck_abort_msg("cut after %zu events (%zu durable, %zu undecided), %s: sector %zu of %s is not the SVM's",
 				     cut->at, cut->durable, cut->undecided, cut->how, sec,
@@ -525,16 +528,20 @@ static size_t first_sync_done(const struct pc_log *log, unsigned file, size_t af
 }
 
 /*
- * The SVM writes while the failover runs: over active's data, over
- * hidden's, over the secondary disk alone, and into active's new block,
- * until the failover is done.  A write the last phase held and let go to
- * the secondary disk after the switch completes as an ordinary write
- * there, not made durable by the failover: its sectors go into loose.
- * Returns how many were acknowledged before the switch.
+ * The SVM writes while the failover runs: over the secondary disk alone
+ * (routed straight there), over active's data, over hidden's, and into
+ * active's new block, until the failover is done.  After the first
+ * write, a guest flush (fc->flushed, fc->flushed_at: from then on that
+ * write must show on the chain too; a flush sent to active alone failed
+ * this).  A write the last phase held and let go to the secondary
+ * disk after the switch completes as an ordinary write there, not made
+ * durable by the failover: its sectors go into loose.  Returns how many
+ * were acknowledged before the switch.
  */
-static unsigned fo_svm_writes(char *w, char *final, bool *loose)
+static unsigned fo_svm_writes(struct fo_cuts *fc, struct pc_log *log, char *w, char *final,
+			      bool *loose, bool *flushed)
 {
-	static const uint64_t at[] = { 350, 1500, 6000, 12010 };
+	static const uint64_t at[] = { 6000, 350, 1500, 12010 };
 	unsigned before_switch = 0;
 
 	for (unsigned i = 0; i < sizeof(at) / sizeof(at[0]); i++) {
@@ -543,11 +550,18 @@ static unsigned fo_svm_writes(char *w, char *final, bool *loose)
 		fill(w, 64 * 512, 30 + i);
 		ck_assert_int_eq(dio(disk, TD_OP_WRITE, at[i], 64, w), 0);
 		memcpy(final + at[i] * 512, w, 64 * 512);
-		if (state() == REPLICA_STATE_FAILOVER)
-			before_switch++;
-		else
+		if (state() != REPLICA_STATE_FAILOVER) {
 			for (unsigned k = 0; k < 64; k++)
 				loose[at[i] + k] = true;
+			continue;
+		}
+		before_switch++;
+		if (i == 0) {
+			ck_assert_int_eq(dio(disk, TD_OP_FLUSH, 0, 0, NULL), 0);
+			fc->flushed_at = pc_mark(log);
+			for (unsigned k = 0; k < 64; k++)
+				flushed[at[i] + k] = true;
+		}
 	}
 	return before_switch;
 }
@@ -564,7 +578,7 @@ static void fo_power_cut(bool from_start, bool svm_busy)
 	const char *paths[3] = { p_sec, p_hidden, p_active };
 	struct fo_cuts fc = { .view = xalloc(DISK_SIZE), .got = xalloc(DISK_SIZE) };
 	char *w = xalloc(MIB), *final = xalloc(DISK_SIZE);
-	bool *loose = calloc(DISK_SECS, sizeof(bool));
+	bool *loose = calloc(DISK_SECS, sizeof(bool)), *flushed = calloc(DISK_SECS, sizeof(bool));
 	struct pc_log log;
 	size_t fo_start, versions;
 
@@ -587,10 +601,14 @@ static void fo_power_cut(bool from_start, bool svm_busy)
 	memcpy(final, fc.view, DISK_SIZE);
 	fc.final = final;
 	fc.loose = loose;
+	fc.flushed = flushed;
+	fc.flushed_at = PC_NEVER;
 	fo_start = pc_mark(&log);
 	ck_assert_int_eq(op("failover"), 0);
-	if (svm_busy)
-		ck_assert_uint_gt(fo_svm_writes(w, final, loose), 0);
+	if (svm_busy) {
+		ck_assert_uint_gt(fo_svm_writes(&fc, &log, w, final, loose, flushed), 0);
+		ck_assert_uint_ne(fc.flushed_at, PC_NEVER);
+	}
 	wait_state_not(REPLICA_STATE_FAILOVER);
 	ck_assert_int_eq(state(), REPLICA_STATE_DONE);
 	fc.done_at = pc_mark(&log);
@@ -615,6 +633,7 @@ static void fo_power_cut(bool from_start, bool svm_busy)
 	free((char *)fc.view);
 	free(final);
 	free(loose);
+	free(flushed);
 	free(fc.got);
 	free(w);
 }
@@ -631,7 +650,10 @@ START_TEST(power_cut_scratch_then_failover)
 }
 END_TEST
 
-/* What the SVM wrote before the switch is in the secondary disk, durable, once the failover is done. */
+/*
+ * What the SVM wrote before the switch is in the secondary disk, durable,
+ * once the failover is done; what it flushed is durable from the flush on.
+ */
 START_TEST(power_cut_failover_with_svm_writes)
 {
 	fo_power_cut(false, true);
