@@ -103,6 +103,7 @@ struct replica_stats {
 	uint64_t ckpt_last_ns, ckpt_max_ns, ckpt_total_ns;
 	uint64_t dirty_bytes;			/* primary: changes not yet on the secondary */
 	uint64_t link_errors;
+	uint64_t link_tls;			/* primary: 1 while the link runs over TLS */
 	uint64_t fo_hold_ns;			/* secondary: SVM writes held by the last failover */
 	uint64_t fo_flushes;			/* secondary: the last failover's background flushes */
 	uint64_t fo_svm_peak_bytes;		/* secondary: its most copy bytes in flight, SVM busy */

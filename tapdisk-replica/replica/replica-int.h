@@ -9,6 +9,9 @@
 
 #include "tdr/image.h"
 #include "tdr/replica.h"
+#include "replica-link.h"
+
+#define REPLICA_PATH_MAX 1024
 
 struct replica;
 
@@ -21,7 +24,14 @@ struct replica_opts {
 	uint32_t cbw_secs;			/* secondary: copy-before-write granularity, default 128 (64 KiB) */
 	bool scratch_off;			/* secondary: scratch=off, active/hidden always sync */
 	bool client_libnbd;			/* primary: the link on libnbd instead of our own client */
+	bool client_given;			/* client= was in the spec */
 	bool no_zerocopy;			/* primary: zerocopy=off, the native client copies payloads */
+	/* primary: TLS on the link (tls=, tls-psk=, tls-certificates=, tls-username=, tls-verify=) */
+	enum replica_link_tls tls;
+	char tls_psk[REPLICA_PATH_MAX];
+	char tls_certificates[REPLICA_PATH_MAX];
+	char tls_username[REPLICA_NAME_MAX];
+	bool tls_no_verify;
 };
 
 struct replica_mode_ops {

@@ -52,6 +52,7 @@ struct link_piece {
 struct link_export_info {
 	uint64_t size;
 	bool read_only, can_flush, can_zero;
+	bool tls;			/* TLS was negotiated */
 	uint64_t max_payload;		/* 0: the server did not say */
 };
 
@@ -90,6 +91,11 @@ struct replica_link {
 	uint64_t max_payload;
 	bool can_flush, can_zero;
 	bool no_zerocopy;		/* from the config */
+	bool tls_negotiated;
+	/* TLS settings from the config (libnbd client), copies or NULL. */
+	enum replica_link_tls tls;
+	char *tls_psk, *tls_certificates, *tls_username;
+	bool tls_no_verify;
 
 	struct replica_link_cbs cbs;
 	void *cbs_arg;

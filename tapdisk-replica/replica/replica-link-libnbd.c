@@ -20,8 +20,10 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <libnbd.h>
+#include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 
@@ -43,11 +45,104 @@ static const char *nbd_msg(void)
 	return m ? m : "unknown libnbd error";
 }
 
+/*
+ * TLS settings on a fresh handle.  libnbd runs the TLS handshake inside
+ * its state machine (STARTTLS after the first option), on the same
+ * non-blocking socket our loop watches, so nothing else changes.  An
+ * X.509 server's name is not checked, only its chain: libnbd 1.14 learns
+ * no host name from a bare socket address.
+ */
+static int lnbd_set_tls(struct replica_link *l, struct nbd_handle *h, char *msg, size_t msglen)
+{
+	const char *what = "tls";
+	int err;
+
+	if (l->tls == REPLICA_LINK_TLS_OFF)
+		return 0;	/* libnbd's default */
+	if (nbd_supports_tls(h) != 1) {
+		snprintf(msg, msglen, "this libnbd was built without TLS support; use tls=off or a libnbd with GnuTLS");
+		return -ENOTSUP;
+	}
+	if (nbd_set_tls(h, l->tls == REPLICA_LINK_TLS_REQUIRE ? LIBNBD_TLS_REQUIRE : LIBNBD_TLS_ALLOW) == -1)
+		goto fail;
+	what = "tls-psk";
+	if (l->tls_psk && nbd_set_tls_psk_file(h, l->tls_psk) == -1)
+		goto fail;
+	what = "tls-certificates";
+	if (l->tls_certificates && nbd_set_tls_certificates(h, l->tls_certificates) == -1)
+		goto fail;
+	what = "tls-username";
+	if (l->tls_username && nbd_set_tls_username(h, l->tls_username) == -1)
+		goto fail;
+	what = "tls-verify";
+	if (nbd_set_tls_verify_peer(h, !l->tls_no_verify) == -1)
+		goto fail;
+	return 0;
+fail:
+	err = nbd_err();
+	snprintf(msg, msglen, "%s: %s", what, nbd_msg());
+	return err;
+}
+
+#define REPLICA_LINK_ERR_MAX 512
+
+/* Errors of the connection itself, before any byte of NBD or TLS. */
+static bool is_connect_errno(int err)
+{
+	switch (-err) {
+	case ECONNREFUSED: case ENOENT: case EACCES: case EHOSTUNREACH:
+	case ENETUNREACH: case EADDRNOTAVAIL: case ETIMEDOUT:
+		return true;
+	default:
+		return false;
+	}
+}
+
+/* A connection that failed before the link was ready: what failed, in a line. */
+static void lnbd_connect_failed(struct replica_link *l, struct nbd_handle *h, int err, const char *what)
+{
+	/* A copy: libnbd's message lives only until its next call (nbd_get_tls_negotiated below). */
+	char buf[REPLICA_LINK_ERR_MAX];
+	const char *m = buf;
+
+	snprintf(buf, sizeof(buf), "%s", what);
+	/* libnbd names its own entry point first ("nbd_aio_notify_read: "): of no use here. */
+	if (strncmp(m, "nbd_", 4) == 0 && strstr(m, ": "))
+		m = strstr(m, ": ") + 2;
+	if (is_connect_errno(err))
+		link_fail(l, err, "cannot connect: %s", m);
+	else if (l->tls != REPLICA_LINK_TLS_OFF && nbd_get_tls_negotiated(h) != 1 && err != -ENOTSUP)
+		/* gnutls names the symptom (the server hung up), not the cause. */
+		link_fail(l, err, "TLS handshake failed: %s%s", m,
+			  strstr(m, "gnutls_handshake") ? " (wrong key or certificate?)" : "");
+	else
+		link_fail(l, err, "NBD handshake failed: %s", m);
+}
+
+/*
+ * libnbd checks an X.509 server's certificate only against a host name it
+ * knows, and it knows one only from nbd_aio_connect_tcp(): through a bare
+ * socket address it would accept any certificate.  So a TLS link to a TCP
+ * address connects by name, the address as numeric text (no lookup, as
+ * addr= is numeric), and the certificate must name that address.
+ */
+static int nbd_connect_any(struct replica_link *l, struct nbd_handle *h, const struct sockaddr *sa,
+			   socklen_t salen)
+{
+	char host[NI_MAXHOST], port[NI_MAXSERV];
+
+	if (l->tls == REPLICA_LINK_TLS_OFF || sa->sa_family == AF_UNIX ||
+	    getnameinfo(sa, salen, host, sizeof(host), port, sizeof(port),
+			NI_NUMERICHOST | NI_NUMERICSERV) != 0)
+		return nbd_aio_connect(h, sa, salen);
+	return nbd_aio_connect_tcp(h, host, port);
+}
+
 static int lnbd_open(struct replica_link *l, const struct sockaddr *sa, socklen_t salen,
 		     char *msg, size_t msglen)
 {
 	struct nbd_handle *h;
-	int fd;
+	int fd, err;
 
 	h = nbd_create();
 	if (!h) {
@@ -57,16 +152,29 @@ static int lnbd_open(struct replica_link *l, const struct sockaddr *sa, socklen_
 	if (nbd_set_export_name(h, l->export_name) == -1 ||
 	    nbd_set_request_structured_replies(h, true) == -1 ||
 	    nbd_set_request_block_size(h, true) == -1) {
-		int err = nbd_err();
-
+		err = nbd_err();
 		snprintf(msg, msglen, "cannot configure the NBD handle: %s", nbd_msg());
 		nbd_close(h);
 		return err;
 	}
+	if (l->tls != REPLICA_LINK_TLS_OFF && sa->sa_family == AF_UNIX && !l->tls_psk &&
+	    !l->tls_no_verify) {
+		snprintf(msg, msglen, "TLS with certificates over a UNIX socket: libnbd cannot verify the server's certificate there; use addr=tcp:..., tls-psk=, or tls-verify=off to accept any certificate");
+		nbd_close(h);
+		return -EINVAL;
+	}
+	err = lnbd_set_tls(l, h, msg, msglen);
+	if (err < 0) {
+		nbd_close(h);
+		return err;
+	}
 	l->client = h;
-	if (nbd_aio_connect(h, sa, salen) == -1) {
-		/* An immediate refusal: report it from the loop, like any other. */
-		link_fail(l, nbd_err(), "cannot connect: %s", nbd_msg());
+	if (nbd_connect_any(l, h, sa, salen) == -1) {
+		/*
+		 * An immediate refusal, or (loopback, TLS) a handshake that
+		 * already ran and failed: reported from the loop, like any other.
+		 */
+		lnbd_connect_failed(l, h, nbd_err(), nbd_msg());
 		return 0;
 	}
 	fd = nbd_aio_get_fd(h);
@@ -110,6 +218,7 @@ static void lnbd_handshake_done(struct replica_link *l)
 	info.read_only = nbd_is_read_only(h) == 1;
 	info.can_flush = nbd_can_flush(h) == 1;
 	info.can_zero = nbd_can_zero(h) == 1;
+	info.tls = nbd_get_tls_negotiated(h) == 1;
 	max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
 	info.max_payload = max > 0 ? (uint64_t)max : 0;
 	link_handshake_done(l, &info);
@@ -134,7 +243,7 @@ static void lnbd_on_fd(struct replica_link *l, uint32_t events)
 		const char *m = r == -1 ? nbd_msg() : "the connection was closed";
 
 		if (l->state == LINK_CONNECTING)
-			link_fail(l, err, "NBD handshake failed: %s", m);
+			lnbd_connect_failed(l, h, err, m);
 		else
 			link_fail(l, err, "connection lost: %s", m);
 		return;

@@ -196,14 +196,15 @@ void link_handshake_done(struct replica_link *l, const struct link_export_info *
 	}
 	l->can_flush = info->can_flush;
 	l->can_zero = info->can_zero;
+	l->tls_negotiated = info->tls;
 	l->max_payload = info->max_payload && info->max_payload < LINK_DEFAULT_MAX_PAYLOAD
 				 ? info->max_payload : LINK_DEFAULT_MAX_PAYLOAD;
 	l->state = LINK_READY;
 	l->announce = true;	/* from link_process(), outside the client */
 	tdr_loop_defer(l->loop, &l->defer);
-	TDR_INFO("replica link: connected to %s export '%s' (%" PRIu64 " bytes%s%s, %s client)",
+	TDR_INFO("replica link: connected to %s export '%s' (%" PRIu64 " bytes%s%s%s, %s client)",
 		 l->addr, l->export_name, info->size, l->can_flush ? ", flush" : "",
-		 l->can_zero ? ", zero" : "", l->ops->name);
+		 l->can_zero ? ", zero" : "", info->tls ? ", TLS" : "", l->ops->name);
 }
 
 static void link_on_fd(struct tdr_fd_watch *w, uint32_t events, void *arg)
@@ -298,6 +299,9 @@ static void link_free(struct replica_link *l)
 {
 	tdr_loop_cancel_defer(l->loop, &l->defer);
 	tdr_timer_cancel(&l->timer);
+	free(l->tls_psk);
+	free(l->tls_certificates);
+	free(l->tls_username);
 	free(l);
 }
 
@@ -351,6 +355,16 @@ static void link_process(struct replica_link *l)
 
 /* ------------------------------------------------------ public */
 
+/* *dst = a copy of src, or NULL for NULL or "".  False when out of memory. */
+static bool link_dup_opt(char **dst, const char *src)
+{
+	*dst = NULL;
+	if (!src || !*src)
+		return true;
+	*dst = strdup(src);
+	return *dst != NULL;
+}
+
 int replica_link_open(struct replica_link **out, struct tdr_loop *loop,
 		      const struct replica_link_config *cfg, const struct replica_link_cbs *cbs,
 		      void *arg, char *msg, size_t msglen)
@@ -367,6 +381,10 @@ int replica_link_open(struct replica_link **out, struct tdr_loop *loop,
 	if (strlen(cfg->addr) >= sizeof(l->addr) || strlen(cfg->export_name) >= sizeof(l->export_name)) {
 		snprintf(msg, msglen, "address or export name too long");
 		return -ENAMETOOLONG;
+	}
+	if (cfg->tls != REPLICA_LINK_TLS_OFF && cfg->client != REPLICA_LINK_LIBNBD) {
+		snprintf(msg, msglen, "TLS needs client=libnbd: the native client has no TLS");
+		return -EINVAL;
 	}
 	l = calloc(1, sizeof(*l));
 	if (!l) {
@@ -387,6 +405,15 @@ int replica_link_open(struct replica_link **out, struct tdr_loop *loop,
 	tdr_list_init(&l->done);
 	tdr_timer_init(&l->timer, loop, link_on_timer, l);
 	tdr_defer_init(&l->defer, link_on_defer, l);
+	l->tls = cfg->tls;
+	l->tls_no_verify = cfg->tls_no_verify;
+	if (!link_dup_opt(&l->tls_psk, cfg->tls_psk) ||
+	    !link_dup_opt(&l->tls_certificates, cfg->tls_certificates) ||
+	    !link_dup_opt(&l->tls_username, cfg->tls_username)) {
+		link_free(l);
+		snprintf(msg, msglen, "out of memory");
+		return -ENOMEM;
+	}
 
 	l->ops = cfg->client == REPLICA_LINK_LIBNBD ? &link_libnbd_ops : &link_native_ops;
 	l->connect_deadline_ns = tdr_now_ns() + l->timeout_ns;
@@ -438,6 +465,11 @@ bool replica_link_can_flush(const struct replica_link *l)
 bool replica_link_can_zero(const struct replica_link *l)
 {
 	return l->can_zero;
+}
+
+bool replica_link_tls(const struct replica_link *l)
+{
+	return l->tls_negotiated;
 }
 
 static void req_begin(struct replica_link *l, struct replica_link_req *lr,

@@ -66,6 +66,13 @@ enum replica_link_client {
 	REPLICA_LINK_LIBNBD,		/* replica-link-libnbd.c */
 };
 
+/* TLS on the link (client=libnbd only: the native client has none). */
+enum replica_link_tls {
+	REPLICA_LINK_TLS_OFF = 0,
+	REPLICA_LINK_TLS_ON,		/* if the server offers it; plain NBD otherwise */
+	REPLICA_LINK_TLS_REQUIRE,	/* no TLS, no connection */
+};
+
 struct replica_link_config {
 	const char *addr;		/* tcp:HOST:PORT or unix:PATH */
 	const char *export_name;
@@ -79,6 +86,18 @@ struct replica_link_config {
 	 * see replica-link-native.c.  libnbd always copies.
 	 */
 	bool no_zerocopy;
+	/*
+	 * TLS, with libnbd's gnutls: a pre-shared key file (psktool's
+	 * "username:hexkey" lines, as nbdkit reads), or a directory of X.509
+	 * files (ca-cert.pem, client-cert.pem, client-key.pem), or libnbd's
+	 * default directories when neither is given.  NULL or "": not set.
+	 * The strings are copied.
+	 */
+	enum replica_link_tls tls;
+	const char *tls_psk;
+	const char *tls_certificates;
+	const char *tls_username;
+	bool tls_no_verify;		/* X.509: do not verify the server's certificate */
 };
 
 struct replica_link_stats {
@@ -112,6 +131,8 @@ const struct replica_link_stats *replica_link_get_stats(const struct replica_lin
 /* Whether the server supports FLUSH / WRITE_ZEROES (valid once ready). */
 bool replica_link_can_flush(const struct replica_link *l);
 bool replica_link_can_zero(const struct replica_link *l);
+/* Whether the connection runs over TLS (valid once ready). */
+bool replica_link_tls(const struct replica_link *l);
 
 /* buf must stay valid until done runs.  Large writes are split as the server requires. */
 void replica_link_pwrite(struct replica_link *l, struct replica_link_req *lr, const void *buf,

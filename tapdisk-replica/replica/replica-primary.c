@@ -247,6 +247,7 @@ static void close_link(struct primary *p)
 
 	p->link = NULL;
 	p->link_up = false;
+	p->r->stats.link_tls = 0;
 	if (l)
 		p->r->stats.fwd_spliced_bytes += replica_link_get_stats(l)->spliced_bytes;
 	unflushed_to_dirty(p);
@@ -272,6 +273,7 @@ static void link_connected(void *arg, int err, const char *msg)
 		return;
 	}
 	p->link_up = true;
+	p->r->stats.link_tls = replica_link_tls(p->link);
 	if (op == PENDING_RESYNC) {
 		start_resync(p);
 		return;
@@ -322,6 +324,11 @@ static int open_link(struct primary *p, char *msg, size_t msglen)
 		.client = r->opts.client_libnbd ? REPLICA_LINK_LIBNBD : REPLICA_LINK_NATIVE,
 		.no_zerocopy = r->opts.no_zerocopy,
 		.expect_size = bytes(p->size_secs),
+		.tls = r->opts.tls,
+		.tls_psk = r->opts.tls_psk,
+		.tls_certificates = r->opts.tls_certificates,
+		.tls_username = r->opts.tls_username,
+		.tls_no_verify = r->opts.tls_no_verify,
 	};
 
 	if (!r->opts.addr[0]) {

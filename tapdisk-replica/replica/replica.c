@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "replica-int.h"
 #include "tdr/log.h"
@@ -113,6 +114,95 @@ static int parse_off(const char *key, const char *val, bool *off, char *msg, siz
 	return -EINVAL;
 }
 
+/* tls=, tls-psk=, tls-certificates=, tls-username=, tls-verify= (the spec only). */
+static int apply_tls_option(const char *key, const char *val, struct replica_opts *spec,
+			    char *msg, size_t msglen)
+{
+	char *dst = NULL;
+	size_t len = 0;
+
+	if (strcmp(key, "tls") == 0) {
+		if (strcmp(val, "off") == 0) {
+			spec->tls = REPLICA_LINK_TLS_OFF;
+		} else if (strcmp(val, "on") == 0) {
+			spec->tls = REPLICA_LINK_TLS_ON;
+		} else if (strcmp(val, "require") == 0) {
+			spec->tls = REPLICA_LINK_TLS_REQUIRE;
+		} else {
+			snprintf(msg, msglen, "tls=%s: not a TLS mode; use tls=require (or tls=on, tls=off)", val);
+			return -EINVAL;
+		}
+		return 0;
+	}
+	if (strcmp(key, "tls-verify") == 0)
+		return parse_off(key, val, &spec->tls_no_verify, msg, msglen);
+	if (strcmp(key, "tls-psk") == 0) {
+		dst = spec->tls_psk;
+		len = sizeof(spec->tls_psk);
+	} else if (strcmp(key, "tls-certificates") == 0) {
+		dst = spec->tls_certificates;
+		len = sizeof(spec->tls_certificates);
+	} else if (strcmp(key, "tls-username") == 0) {
+		dst = spec->tls_username;
+		len = sizeof(spec->tls_username);
+	} else {
+		snprintf(msg, msglen, "unknown option '%s'; the TLS options are tls, tls-psk, tls-certificates, tls-username, tls-verify",
+			 key);
+		return -EINVAL;
+	}
+	if (copy_value(dst, len, val) < 0) {
+		snprintf(msg, msglen, "%s=: longer than %zu bytes", key, len - 1);
+		return -ENAMETOOLONG;
+	}
+	return 0;
+}
+
+/*
+ * The TLS options together, once the whole spec is read: nothing given
+ * is silently ignored, and a missing key file is found now, not at the
+ * first connection.
+ */
+static int check_tls_options(struct replica_opts *o, char *msg, size_t msglen)
+{
+	bool files = o->tls_psk[0] || o->tls_certificates[0];
+
+	if (o->tls == REPLICA_LINK_TLS_OFF) {
+		if (files || o->tls_username[0] || o->tls_no_verify) {
+			snprintf(msg, msglen, "%s given but tls=off; add tls=require to use TLS",
+				 o->tls_psk[0] ? "tls-psk=" : o->tls_certificates[0] ? "tls-certificates=" :
+				 o->tls_username[0] ? "tls-username=" : "tls-verify=");
+			return -EINVAL;
+		}
+		return 0;
+	}
+	if (o->tls_psk[0] && o->tls_certificates[0]) {
+		snprintf(msg, msglen, "tls-psk= and tls-certificates= both given; keep tls-psk= for a pre-shared key or tls-certificates= for X.509");
+		return -EINVAL;
+	}
+	if (o->tls_psk[0] && access(o->tls_psk, R_OK) < 0) {
+		int err = -errno;
+
+		snprintf(msg, msglen, "tls-psk=%.120s: cannot read it: %s; create it with psktool -u NAME -p FILE",
+			 o->tls_psk, strerror(-err));
+		return err;
+	}
+	if (o->tls_certificates[0] && access(o->tls_certificates, R_OK | X_OK) < 0) {
+		int err = -errno;
+
+		snprintf(msg, msglen, "tls-certificates=%.120s: cannot open the directory: %s; give a directory holding ca-cert.pem, client-cert.pem, client-key.pem",
+			 o->tls_certificates, strerror(-err));
+		return err;
+	}
+	if (o->client_given && !o->client_libnbd) {
+		snprintf(msg, msglen, "tls=%s needs client=libnbd, the native client has no TLS; drop client=native",
+			 o->tls == REPLICA_LINK_TLS_ON ? "on" : "require");
+		return -EINVAL;
+	}
+	/* TLS comes with libnbd's client. */
+	o->client_libnbd = true;
+	return 0;
+}
+
 /* One key=value of a start request or of the spec's options. */
 static int apply_option(const char *key, const char *val, enum replica_mode *mode, char *addr,
 			char *export_name, bool *has_export, uint32_t *timeout_ms,
@@ -162,6 +252,7 @@ static int apply_option(const char *key, const char *val, enum replica_mode *mod
 	} else if (spec && strcmp(key, "scratch") == 0) {
 		return parse_off(key, val, &spec->scratch_off, msg, msglen);
 	} else if (spec && strcmp(key, "client") == 0) {
+		spec->client_given = true;
 		if (strcmp(val, "native") == 0) {
 			spec->client_libnbd = false;
 		} else if (strcmp(val, "libnbd") == 0) {
@@ -172,9 +263,11 @@ static int apply_option(const char *key, const char *val, enum replica_mode *mod
 		}
 	} else if (spec && strcmp(key, "zerocopy") == 0) {
 		return parse_off(key, val, &spec->no_zerocopy, msg, msglen);
+	} else if (spec && strncmp(key, "tls", 3) == 0 && (!key[3] || key[3] == '-')) {
+		return apply_tls_option(key, val, spec, msg, msglen);
 	} else {
 		snprintf(msg, msglen, "unknown option '%s' (known: mode, addr, export, timeout, sync%s)",
-			 key, spec ? ", cbw, scratch, client, zerocopy" : "");
+			 key, spec ? ", cbw, scratch, client, zerocopy, tls, tls-psk, tls-certificates, tls-username, tls-verify" : "");
 		return -EINVAL;
 	}
 	return 0;
@@ -375,6 +468,7 @@ const struct replica_stat_field replica_stat_fields[] = {
 	STAT_FIELD(ckpt_total_ns),
 	STAT_FIELD(dirty_bytes), STAT_FIELD(link_errors), STAT_FIELD(fo_hold_ns),
 	STAT_FIELD(fo_flushes), STAT_FIELD(fo_svm_peak_bytes), STAT_FIELD(run_flushes),
+	STAT_FIELD(link_tls),
 };
 
 const size_t replica_n_stat_fields = sizeof(replica_stat_fields) / sizeof(replica_stat_fields[0]);
@@ -608,6 +702,14 @@ static int replica_open(struct td_image *img, const char *params, unsigned flags
 		tdr_set_error("replica:%s: no mode; add mode=primary or mode=secondary", params);
 		return -EINVAL;
 	}
+	err = check_tls_options(&r->opts, c.msg, sizeof(c.msg));
+	if (err < 0) {
+		tdr_set_error("replica:%s: %s", params, c.msg);
+		return err;
+	}
+	if (r->opts.mode == REPLICA_MODE_SECONDARY && r->opts.tls != REPLICA_LINK_TLS_OFF)
+		TDR_WARN("replica:%s: the secondary's export has no TLS; the tls options apply to the link once this disk becomes a primary. To encrypt the export, put a TLS proxy in front of it (tapdisk-replica(8), TLS)",
+			 params);
 	if (flags & TD_OPEN_RDONLY) {
 		tdr_set_error("replica:%s: a replicated disk cannot be opened read-only", params);
 		return -EINVAL;

@@ -48,9 +48,11 @@ EXTRA_DIST += tests/integration/ctl-cli.sh
 EXTRA_DIST += tests/integration/primary-lib.sh
 TESTS += tests/integration/primary-peers.sh tests/integration/primary-filters.sh \
 	tests/integration/primary-signals.sh tests/integration/primary-resync.sh \
+	tests/integration/primary-tls.sh \
 	tests/integration/primary-netns.sh tests/integration/primary-bad-input.sh
 EXTRA_DIST += tests/integration/primary-peers.sh tests/integration/primary-filters.sh \
 	tests/integration/primary-signals.sh tests/integration/primary-resync.sh \
+	tests/integration/primary-tls.sh \
 	tests/integration/primary-netns.sh tests/integration/primary-bad-input.sh
 
 # Replica secondary: vhd-util chain, qemu-io as primary and SVM, tdr-ctl, failover.
