@@ -420,6 +420,32 @@ int vhd_file_read_bitmap(struct vhd_file *vf, uint32_t b, uint8_t *map);
 /* pwrite() of all len bytes (retrying short writes and EINTR); 0 or -errno. */
 int vhd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
 /*
+ * fdatasync(), fsync() and ftruncate() for the synchronous library: the
+ * same results and errno, and each one that succeeds is reported to the
+ * journal below.
+ */
+int vhd_fdatasync(int fd);
+int vhd_fsync(int fd);
+int vhd_ftruncate(int fd, uint64_t len);
+
+/*
+ * A journal of the synchronous library's writes, syncs and truncates
+ * (vhd-util's path), for the power-cut tests (tests/unit/powercut.c), as
+ * tdr_io_set_journal is for the daemon's asynchronous I/O.  Each call
+ * that succeeded is reported once it returned: a write with its data
+ * (each pwrite() of vhd_pwrite_all), a sync, a truncate with the new
+ * length in off.  Process-wide, for tests only; fn NULL turns it off.
+ */
+enum vhd_sync_op {
+	VHD_SYNC_WRITE,
+	VHD_SYNC_DATASYNC,
+	VHD_SYNC_FSYNC,
+	VHD_SYNC_TRUNCATE,
+};
+typedef void (*vhd_sync_journal_fn)(void *arg, enum vhd_sync_op op, int fd, const void *buf,
+				    size_t len, uint64_t off);
+void vhd_sync_set_journal(vhd_sync_journal_fn fn, void *arg);
+/*
  * Makes the file end with the footer fb at offset end (a multiple of 512):
  * the footer written there and made durable, then the length cut to
  * end + 512 and made durable.  Until the cut is durable the file's old

@@ -30,6 +30,22 @@
 
 #define MAX_CHAIN 64
 
+/* The power-cut tests' journal (vhd_sync_set_journal); NULL in production. */
+static vhd_sync_journal_fn sync_journal;
+static void *sync_journal_arg;
+
+void vhd_sync_set_journal(vhd_sync_journal_fn fn, void *arg)
+{
+	sync_journal = fn;
+	sync_journal_arg = arg;
+}
+
+static void journal(enum vhd_sync_op op, int fd, const void *buf, size_t len, uint64_t off)
+{
+	if (sync_journal)
+		sync_journal(sync_journal_arg, op, fd, buf, len, off);
+}
+
 int vhd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
 {
 	size_t done = 0;
@@ -44,8 +60,33 @@ int vhd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
 		}
 		if (n == 0)
 			return -EIO;
+		journal(VHD_SYNC_WRITE, fd, (const char *)buf + done, (size_t)n, off + done);
 		done += (size_t)n;
 	}
+	return 0;
+}
+
+int vhd_fdatasync(int fd)
+{
+	if (fdatasync(fd) < 0)
+		return -1;
+	journal(VHD_SYNC_DATASYNC, fd, NULL, 0, 0);
+	return 0;
+}
+
+int vhd_fsync(int fd)
+{
+	if (fsync(fd) < 0)
+		return -1;
+	journal(VHD_SYNC_FSYNC, fd, NULL, 0, 0);
+	return 0;
+}
+
+int vhd_ftruncate(int fd, uint64_t len)
+{
+	if (ftruncate(fd, (off_t)len) < 0)
+		return -1;
+	journal(VHD_SYNC_TRUNCATE, fd, NULL, 0, len);
 	return 0;
 }
 
@@ -58,11 +99,11 @@ int vhd_file_end_at(int fd, const uint8_t fb[VHD_FOOTER_SIZE], uint64_t end)
 	 * the truncate before an overwrite in place, and a file cut first
 	 * would end with whatever the footer's sectors held before.
 	 */
-	if (!r && fdatasync(fd) < 0)
+	if (!r && vhd_fdatasync(fd) < 0)
 		r = -errno;
-	if (!r && ftruncate(fd, (off_t)(end + VHD_FOOTER_SIZE)) < 0)
+	if (!r && vhd_ftruncate(fd, end + VHD_FOOTER_SIZE) < 0)
 		r = -errno;
-	if (!r && fsync(fd) < 0)
+	if (!r && vhd_fsync(fd) < 0)
 		r = -errno;
 	return r;
 }
@@ -311,7 +352,7 @@ static int write_dynamic(const char *path, struct vhd_footer *f, struct vhd_head
 	}
 	if ((r = write_footer_at(fd, f, end)) < 0)
 		goto io;
-	if (fsync(fd) < 0) {
+	if (vhd_fsync(fd) < 0) {
 		r = -errno;
 		goto io;
 	}
@@ -345,10 +386,10 @@ int vhd_file_create(const char *path, uint64_t size, uint32_t type, uint32_t blo
 		fd = create_fd(path, err);
 		if (fd < 0)
 			return fd;
-		r = ftruncate(fd, (off_t)size) < 0 ? -errno : 0;
+		r = vhd_ftruncate(fd, size) < 0 ? -errno : 0;
 		if (!r)
 			r = write_footer_at(fd, &f, size);
-		if (!r && fsync(fd) < 0)
+		if (!r && vhd_fsync(fd) < 0)
 			r = -errno;
 		close(fd);
 		if (r < 0) {
@@ -643,7 +684,7 @@ static int allocate_block(struct vhd_file *vf, uint32_t b, uint32_t in, uint32_t
 	if (end > vf->m.footer_off) {
 		r = write_footer_at(vf->fd, &vf->m.footer, end);
 		/* durable before the block overwrites the old footer */
-		if (!r && fdatasync(vf->fd) < 0)
+		if (!r && vhd_fdatasync(vf->fd) < 0)
 			r = -errno;
 		if (r)
 			goto out;
@@ -654,7 +695,7 @@ static int allocate_block(struct vhd_file *vf, uint32_t b, uint32_t in, uint32_t
 			   start + bm_bytes + ((uint64_t)in << VHD_SECTOR_SHIFT));
 	if (!r)
 		r = vhd_pwrite_all(vf->fd, map, bm_bytes, start);
-	if (!r && fdatasync(vf->fd) < 0)
+	if (!r && vhd_fdatasync(vf->fd) < 0)
 		r = -errno;
 	if (r)
 		goto out;
@@ -706,7 +747,7 @@ int vhd_file_write(struct vhd_file *vf, uint64_t sec, uint32_t secs, const void 
 				r = vhd_file_read_bitmap(vf, b, map);
 			if (!r && (vhd_bitmap_run(map, in, n, &set) < n || !set)) {
 				/* Data durable before the bit that exposes it. */
-				if (fdatasync(vf->fd) < 0)
+				if (vhd_fdatasync(vf->fd) < 0)
 					r = -errno;
 				vhd_bitmap_set_range(map, in, n);
 				if (!r)

@@ -75,7 +75,7 @@ int vhd_file_make_empty(struct vhd_file *vf, struct vhd_error *err)
 	}
 	if (!r)
 		r = vhd_meta_clear_batmap(vf->fd, m);
-	if (!r && fdatasync(vf->fd) < 0)
+	if (!r && vhd_fdatasync(vf->fd) < 0)
 		r = -errno;
 	if (r)
 		return vhd_fail(err, VHD_ERR_IO, "%s: cannot write the BAT: %s", vf->path,
@@ -176,7 +176,7 @@ int vhd_file_coalesce(const char *child, vhd_progress_fn progress, void *arg,
 		if (progress)
 			progress(arg, done, cf->m.allocated);
 	}
-	if (fsync(pf->fd) < 0) {
+	if (vhd_fsync(pf->fd) < 0) {
 		r = vhd_fail(err, VHD_ERR_IO, "%s: cannot sync: %s", ppath, strerror(errno));
 		goto out;
 	}
@@ -278,7 +278,7 @@ int vhd_file_scrub(struct vhd_file *vf, bool fix, struct vhd_scrub *out,
 		if (progress)
 			progress(arg, out->blocks, vf->m.allocated);
 	}
-	if (fix && out->stale_sectors && fdatasync(vf->fd) < 0)
+	if (fix && out->stale_sectors && vhd_fdatasync(vf->fd) < 0)
 		r = vhd_fail(err, VHD_ERR_IO, "%s: cannot sync: %s", vf->path, strerror(errno));
 out:
 	free(map);

@@ -32,6 +32,7 @@ tests_unit_test_nbd_LDADD = $(TDR_LIBS) $(CHECK_LIBS)
 # VHD library and driver.
 check_PROGRAMS += tests/unit/test-vhd tests/unit/test-vhd-driver
 TESTS += tests/unit/test-vhd tests/unit/test-vhd-driver
+tests_unit_test_vhd_SOURCES = tests/unit/test-vhd.c tests/unit/powercut.c tests/unit/powercut.h
 tests_unit_test_vhd_CFLAGS = $(AM_CFLAGS) $(CHECK_CFLAGS)
 tests_unit_test_vhd_LDADD = $(TDR_LIBS) $(CHECK_LIBS)
 tests_unit_test_vhd_driver_SOURCES = tests/unit/test-vhd-driver.c tests/unit/powercut.c \

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "powercut.h"
+#include "tdr/vhd.h"
 
 #define PC_SECTOR 512u
 /* Each-alone and all-but-each versions: for every undecided write, or this many picked at random. */
@@ -34,7 +35,7 @@ static void pc_push(struct pc_log *log, const struct pc_io *pio)
 
 static bool pc_overlap(const struct pc_io *a, unsigned file, uint64_t off, size_t len)
 {
-	return !a->sync && a->file == file && a->off < off + len && off < a->off + a->len;
+	return !a->sync && !a->trunc && a->file == file && a->off < off + len && off < a->off + a->len;
 }
 
 /* Copies the data of a write, plain or vectored, as the kernel takes it. */
@@ -67,22 +68,31 @@ static char *pc_copy_data(const struct iocb *cb, uint64_t *off, size_t *len)
 	return data;
 }
 
+/* The index of fd's file among the logged ones, or log->nfiles. */
+static unsigned pc_file_of(const struct pc_log *log, int fd)
+{
+	struct stat st;
+	unsigned f = 0;
+
+	ck_assert_int_eq(fstat(fd, &st), 0);
+	while (f < log->nfiles && (st.st_dev != log->files[f].dev || st.st_ino != log->files[f].ino))
+		f++;
+	return f;
+}
+
 static void pc_submit(struct pc_log *log, const struct tdr_iocb *io)
 {
 	const struct iocb *cb = &io->iocb;
 	struct pc_io pio = { .submit = log->events, .done = PC_NEVER, .iocb = io };
-	struct stat st;
 
-	ck_assert_int_eq(fstat((int)cb->aio_fildes, &st), 0);
-	while (pio.file < log->nfiles && (st.st_dev != log->files[pio.file].dev ||
-					  st.st_ino != log->files[pio.file].ino))
-		pio.file++;
+	pio.file = pc_file_of(log, (int)cb->aio_fildes);
 	if (pio.file == log->nfiles) {
 		log->others++;
 		return;
 	}
 	if (cb->aio_lio_opcode == IO_CMD_FDSYNC || cb->aio_lio_opcode == IO_CMD_FSYNC) {
 		pio.sync = true;
+		pio.full_sync = cb->aio_lio_opcode == IO_CMD_FSYNC;
 	} else {
 		pio.data = pc_copy_data(cb, &pio.off, &pio.len);
 		pio.dsync = (cb->aio_rw_flags & RWF_DSYNC) != 0;
@@ -126,8 +136,8 @@ static void pc_journal(void *arg, enum tdr_io_journal_event ev, const struct tdr
 		pc_done(arg, io, res);
 }
 
-void pc_start_files(struct pc_log *log, const char *const *paths, unsigned n,
-		    struct tdr_io_ctx *io)
+/* The files' "before" state: what a cut before any event finds. */
+static void pc_take_files(struct pc_log *log, const char *const *paths, unsigned n)
 {
 	memset(log, 0, sizeof(*log));
 	ck_assert_uint_le(n, PC_MAX_FILES);
@@ -149,7 +159,60 @@ void pc_start_files(struct pc_log *log, const char *const *paths, unsigned n,
 		close(fd);
 	}
 	log->nfiles = n;
+}
+
+void pc_start_files(struct pc_log *log, const char *const *paths, unsigned n,
+		    struct tdr_io_ctx *io)
+{
+	pc_take_files(log, paths, n);
 	tdr_io_set_journal(io, pc_journal, log);
+}
+
+/* A synchronous call: taken and finished in two consecutive events. */
+static void pc_sync_journal(void *arg, enum vhd_sync_op op, int fd, const void *buf, size_t len,
+			    uint64_t off)
+{
+	struct pc_log *log = arg;
+	struct pc_io pio = { .file = pc_file_of(log, fd) };
+
+	if (pio.file == log->nfiles) {
+		log->others++;
+		return;
+	}
+	switch (op) {
+	case VHD_SYNC_WRITE:
+		pio.off = off;
+		pio.len = len;
+		pio.data = malloc(len ? len : 1);
+		ck_assert_ptr_nonnull(pio.data);
+		memcpy(pio.data, buf, len);
+		pio.res = (ssize_t)len;
+		break;
+	case VHD_SYNC_DATASYNC:
+	case VHD_SYNC_FSYNC:
+		pio.sync = true;
+		pio.full_sync = op == VHD_SYNC_FSYNC;
+		break;
+	case VHD_SYNC_TRUNCATE:
+		pio.trunc = true;
+		pio.off = off;
+		break;
+	}
+	pio.submit = log->events++;
+	pio.done = log->events++;
+	pc_push(log, &pio);
+}
+
+void pc_start_sync_files(struct pc_log *log, const char *const *paths, unsigned n)
+{
+	pc_take_files(log, paths, n);
+	vhd_sync_set_journal(pc_sync_journal, log);
+}
+
+void pc_stop_sync(struct pc_log *log)
+{
+	(void)log;
+	vhd_sync_set_journal(NULL, NULL);
 }
 
 void pc_start(struct pc_log *log, const char *path, struct tdr_io_ctx *io)
@@ -194,7 +257,8 @@ bool pc_durable(const struct pc_log *log, size_t i, size_t at)
 	for (size_t j = i + 1; j < log->n; j++) {
 		const struct pc_io *s = &log->ios[j];
 
-		if (s->sync && s->file == p->file && s->submit > p->done && pc_complete(s, at))
+		if (s->sync && (s->full_sync || !p->trunc) && s->file == p->file &&
+		    s->submit > p->done && pc_complete(s, at))
 			return true;
 	}
 	return false;
@@ -236,7 +300,8 @@ struct pc_file {
 /* The files being rebuilt. */
 struct pc_build {
 	struct pc_file f[PC_MAX_FILES];
-	bool *in_base;		/* the writes the bases hold */
+	bool *in_base;		/* the writes (and truncates) the bases hold */
+	bool *cut_short;	/* undecided truncates this version applied */
 };
 
 static void pc_base_write(struct pc_file *f, uint64_t off, const char *data, size_t len)
@@ -312,6 +377,46 @@ static void pc_write_sectors(const struct pc_log *log, struct pc_build *b, size_
 	pc_put(f, to_base, p->off + run, p->data + run, run_len);
 }
 
+/*
+ * Whether a write after truncate i that the base holds reaches past its
+ * length: cutting the file there would lose it, and the model cannot say
+ * in which order such a pair reached the disk.  The tools never do that.
+ */
+static void pc_trunc_check(const struct pc_log *log, const struct pc_build *b, size_t i)
+{
+	const struct pc_io *t = &log->ios[i];
+
+	for (size_t j = i + 1; j < log->n; j++) {
+		const struct pc_io *w = &log->ios[j];
+
+		ck_assert_msg(!(b->in_base[j] && !w->sync && !w->trunc && w->file == t->file &&
+				w->off + w->len > t->off),
+			      "the model cannot order truncate #%zu with the durable write #%zu after it",
+			      i, j);
+	}
+}
+
+/* Truncate i on the file (and the base: to_base). */
+static void pc_truncate(const struct pc_log *log, struct pc_build *b, size_t i, bool to_base)
+{
+	const struct pc_io *t = &log->ios[i];
+	struct pc_file *f = &b->f[t->file];
+
+	pc_trunc_check(log, b, i);
+	ck_assert_int_eq(ftruncate(f->fd, (off_t)t->off), 0);
+	if (!to_base)
+		return;
+	if (t->off < f->base_len) {
+		memset(f->base + t->off, 0, f->base_len - t->off);
+	} else if (t->off > f->base_cap) {
+		f->base = realloc(f->base, t->off);
+		ck_assert_ptr_nonnull(f->base);
+		memset(f->base + f->base_cap, 0, t->off - f->base_cap);
+		f->base_cap = t->off;
+	}
+	f->base_len = t->off;
+}
+
 /* Brings base (and the file) to the cut: the writes newly made durable, in submission order. */
 static size_t pc_advance(const struct pc_log *log, struct pc_build *b, size_t at)
 {
@@ -323,7 +428,10 @@ static size_t pc_advance(const struct pc_log *log, struct pc_build *b, size_t at
 		durable++;
 		if (b->in_base[i])
 			continue;
-		pc_write_sectors(log, b, i, at, true, NULL, NULL);
+		if (log->ios[i].trunc)
+			pc_truncate(log, b, i, true);
+		else
+			pc_write_sectors(log, b, i, at, true, NULL, NULL);
 		b->in_base[i] = true;
 	}
 	return durable;
@@ -361,9 +469,14 @@ static void pc_apply(const struct pc_log *log, struct pc_build *b, const size_t 
 			take = false;
 			break;
 		}
-		if (take)
+		if (take && log->ios[und[k]].trunc) {
+			/* A truncate is whole or not at all. */
+			pc_truncate(log, b, und[k], false);
+			b->cut_short[k] = true;
+		} else if (take) {
 			pc_write_sectors(log, b, und[k], at, false,
 					 v->pick == PC_RANDOM_SECTORS ? pc_coin : NULL, &rng);
+		}
 	}
 }
 
@@ -373,10 +486,18 @@ static void pc_undo(const struct pc_log *log, struct pc_build *b, const size_t *
 	for (size_t k = 0; k < m; k++) {
 		const struct pc_io *p = &log->ios[und[k]];
 		struct pc_file *f = &b->f[p->file];
+		size_t len = p->len;
 
+		if (p->trunc) {
+			/* What it cut off comes back from the base. */
+			if (!b->cut_short[k])
+				continue;
+			b->cut_short[k] = false;
+			len = f->base_len;
+		}
 		if (p->off >= f->base_len)
 			continue;
-		size_t n = f->base_len - p->off < p->len ? f->base_len - p->off : p->len;
+		size_t n = f->base_len - p->off < len ? f->base_len - p->off : len;
 
 		ck_assert_int_eq(pwrite(f->fd, f->base + p->off, n, (off_t)p->off), (ssize_t)n);
 	}
@@ -400,9 +521,14 @@ static void pc_describe(char *buf, size_t len, const struct pc_log *log, const s
 
 		const char *name = strrchr(log->files[p->file].path, '/');
 
-		snprintf(buf, len, "%s journal entry #%zu (%zu bytes at %llu of %s)",
-			 v->pick == PC_ONLY ? "only" : "all but", und[v->k], p->len,
-			 (unsigned long long)p->off, name ? name + 1 : log->files[p->file].path);
+		if (p->trunc)
+			snprintf(buf, len, "%s journal entry #%zu (truncate to %llu of %s)",
+				 v->pick == PC_ONLY ? "only" : "all but", und[v->k],
+				 (unsigned long long)p->off, name ? name + 1 : log->files[p->file].path);
+		else
+			snprintf(buf, len, "%s journal entry #%zu (%zu bytes at %llu of %s)",
+				 v->pick == PC_ONLY ? "only" : "all but", und[v->k], p->len,
+				 (unsigned long long)p->off, name ? name + 1 : log->files[p->file].path);
 		break;
 	}
 	case PC_RANDOM_WRITES:
@@ -465,12 +591,14 @@ static void pc_file_init(struct pc_file *f, const struct pc_logged_file *lf)
 size_t pc_for_each_cut(const struct pc_log *log, pc_check_fn check, void *arg)
 {
 	struct pc_version vs[2 + 2 * PC_EACH_MAX + 2 * PC_RANDOM];
-	struct pc_build b = { .in_base = calloc(log->n + 1, sizeof(bool)) };
+	struct pc_build b = { .in_base = calloc(log->n + 1, sizeof(bool)),
+			      .cut_short = calloc(log->n + 1, sizeof(bool)) };
 	size_t *und = calloc(log->n + 1, sizeof(*und)), checked = 0;
 	char how[160];
 
 	ck_assert_ptr_nonnull(und);
 	ck_assert_ptr_nonnull(b.in_base);
+	ck_assert_ptr_nonnull(b.cut_short);
 	for (unsigned i = 0; i < log->nfiles; i++)
 		pc_file_init(&b.f[i], &log->files[i]);
 
@@ -497,6 +625,7 @@ size_t pc_for_each_cut(const struct pc_log *log, pc_check_fn check, void *arg)
 		free(b.f[i].base);
 	}
 	free(b.in_base);
+	free(b.cut_short);
 	free(und);
 	return checked;
 }

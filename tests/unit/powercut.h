@@ -30,10 +30,12 @@
 
 #include "tdr/io.h"
 
-/* One write or sync of a file, as the kernel saw it. */
+/* One write, sync or truncate of a file, as the kernel saw it. */
 struct pc_io {
 	unsigned file;		/* index into pc_log.files */
 	bool sync;
+	bool full_sync;		/* an fsync (also makes a truncate durable), not an fdatasync */
+	bool trunc;		/* a truncate to off (len 0) */
 	bool dsync;		/* a write with RWF_DSYNC */
 	uint64_t off;
 	size_t len;
@@ -83,6 +85,15 @@ void pc_start(struct pc_log *log, const char *path, struct tdr_io_ctx *io);
 void pc_start_files(struct pc_log *log, const char *const *paths, unsigned n,
 		    struct tdr_io_ctx *io);
 void pc_stop(struct pc_log *log, struct tdr_io_ctx *io);
+/*
+ * The same for the synchronous VHD library (vhd_sync_set_journal: what
+ * vhd-util runs).  Each call is logged as it returns, taken and finished
+ * at once.  A truncate may reach the disk at any time after it returned
+ * (a file system commits its metadata when it likes) and surely has after
+ * an fsync that follows it; an fdatasync is not taken to cover it.
+ */
+void pc_start_sync_files(struct pc_log *log, const char *const *paths, unsigned n);
+void pc_stop_sync(struct pc_log *log);
 void pc_free(struct pc_log *log);
 
 /* Adds a point of the test's to the history; returns its event number. */

@@ -2,7 +2,8 @@
 /*
  * Unit tests of the VHD library: structure round trips, checksums, geometry,
  * timestamps, names, bitmaps; create/snapshot/read/write through chains;
- * make-empty, coalesce, repair; and one test per validation rule.
+ * make-empty, coalesce, repair; power cuts during the offline make-empty
+ * and coalesce; and one test per validation rule.
  */
 #include <check.h>
 #include <errno.h>
@@ -17,6 +18,7 @@
 
 #include "tdr/vhd.h"
 #include "check-run.h"
+#include "powercut.h"
 
 #define MIB (1ull << 20)
 
@@ -1240,6 +1242,241 @@ START_TEST(defect_names_distinct)
 }
 END_TEST
 
+/*
+ * Power cuts during the offline tools (vhd-util modify -z, coalesce): the
+ * library's writes, syncs and truncates go to powercut.c's journal, and
+ * the file is rebuilt as a cut after every event could leave it, with
+ * unsynced writes and truncates kept or lost, whole or sector by sector.
+ * Each version must pass check and read, block by block, as before the
+ * tool or as after it; once the tool returned, exactly as after it.
+ */
+#define PCV_BLOCKS 5
+/* Blocks of a 1 GiB disk of 2 MiB blocks, in four BAT sectors (128 entries each). */
+static const uint32_t pcv_block[PCV_BLOCKS] = { 3, 140, 300, 450, 460 };
+#define PCV_SPB 4096u	/* sectors per 2 MiB block */
+
+struct pcv_run {
+	const char *path;	/* the file the tool changes */
+	unsigned flags;		/* how to open it: VHD_FILE_CHAIN for a child */
+	char *before, *after;	/* the blocks' view, PCV_BLOCKS * 2 MiB each */
+	char *got;
+	size_t done_at;		/* the tool returned at this event */
+	off_t done_len;		/* and the file had this length */
+	bool per_sector;	/* before/after may mix within a block (coalesce) */
+};
+
+static void pcv_read_blocks(const char *path, unsigned flags, char *out)
+{
+	struct vhd_file *vf = xopen(path, flags | VHD_FILE_RDONLY);
+
+	for (int i = 0; i < PCV_BLOCKS; i++)
+		ck_assert_int_eq(vhd_file_read(vf, (uint64_t)pcv_block[i] * PCV_SPB, PCV_SPB,
+					       out + (size_t)i * PCV_SPB * 512), 0);
+	vhd_file_close(vf);
+}
+
+static void pcv_check(void *arg, const struct pc_cut *cut)
+{
+	struct pcv_run *run = arg;
+	const size_t bsz = (size_t)PCV_SPB * 512;
+	struct vhd_error err;
+	bool done = cut->at > run->done_at;
+
+	if (vhd_file_check(run->path, run->flags, &err) < 0)
+		ck_abort_msg("cut after %zu events (%zu durable, %zu undecided), %s: check: %s",
+			     cut->at, cut->durable, cut->undecided, cut->how, err.msg);
+	if (done && file_size(run->path) != run->done_len)
+		ck_abort_msg("cut after %zu events, %s: the tool had returned, but the file has %lld bytes, not %lld",
+			     cut->at, cut->how, (long long)file_size(run->path),
+			     (long long)run->done_len);
+	pcv_read_blocks(run->path, run->flags, run->got);
+	for (int i = 0; i < PCV_BLOCKS; i++) {
+		const char *g = run->got + i * bsz, *a = run->after + i * bsz,
+			   *b = run->before + i * bsz;
+
+		if (!memcmp(g, a, bsz) || (!done && !memcmp(g, b, bsz)))
+			continue;
+		for (size_t sec = 0; run->per_sector && !done && sec < PCV_SPB; sec++)
+			if (memcmp(g + sec * 512, a + sec * 512, 512) &&
+			    memcmp(g + sec * 512, b + sec * 512, 512))
+				ck_abort_msg("cut after %zu events (%zu durable, %zu undecided), %s: block %u sector %zu reads neither before nor after",
+					     cut->at, cut->durable, cut->undecided, cut->how,
+					     pcv_block[i], sec);
+		if (!run->per_sector || done)
+			ck_abort_msg("cut after %zu events (%zu durable, %zu undecided), %s: block %u reads %s",
+				     cut->at, cut->durable, cut->undecided, cut->how, pcv_block[i],
+				     done ? "other than after the tool" : "neither as before nor as after the tool");
+	}
+}
+
+/* Writes a run of random sectors into block pcv_block[i] of vf. */
+static void pcv_write(struct vhd_file *vf, int i, uint32_t in, uint32_t secs, unsigned seed)
+{
+	char *data = malloc((size_t)secs * 512);
+
+	fill_random(data, (size_t)secs * 512, seed);
+	ck_assert_int_eq(vhd_file_write(vf, (uint64_t)pcv_block[i] * PCV_SPB + in, secs, data), 0);
+	free(data);
+}
+
+/*
+ * pa: a 1 GiB dynamic disk with data in three of the blocks; pb: a child
+ * writing the first four (block 4 it leaves to pa).
+ */
+static void pcv_chain(void)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+
+	ck_assert_int_eq(vhd_file_create(pa, 1024 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	vf = xopen(pa, 0);
+	pcv_write(vf, 0, 0, 1024, 1);
+	pcv_write(vf, 2, 2000, 2096, 2);
+	pcv_write(vf, 4, 0, PCV_SPB, 3);
+	vhd_file_close(vf);
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+	vf = xopen(pb, VHD_FILE_CHAIN);
+	pcv_write(vf, 0, 512, 1024, 11);	/* over the parent's data and past it */
+	pcv_write(vf, 1, 0, PCV_SPB, 12);	/* a block the parent lacks, whole */
+	pcv_write(vf, 2, 100, 8, 13);		/* a few sectors of a parent block */
+	pcv_write(vf, 2, 3000, 200, 14);
+	pcv_write(vf, 3, 4000, 96, 15);		/* the parent's hole */
+	vhd_file_close(vf);
+}
+
+/*
+ * pc: a child of pb writing where pa has data and pb has none, so that a
+ * coalesce into pb sets bits of pb's blocks (0, 2) and allocates one (4)
+ * over pa's data: a bit durable before its data would show zeroes there.
+ */
+static void pcv_child(void)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+
+	ck_assert_int_eq(vhd_file_snapshot(pc, pb, &err), 0);
+	vf = xopen(pc, VHD_FILE_CHAIN);
+	pcv_write(vf, 0, 200, 200, 21);
+	pcv_write(vf, 2, 2500, 100, 22);
+	pcv_write(vf, 3, 10, 10, 23);
+	pcv_write(vf, 4, 1000, 200, 24);
+	vhd_file_close(vf);
+}
+
+static void pcv_run_init(struct pcv_run *run, const char *path, unsigned flags)
+{
+	const size_t len = (size_t)PCV_BLOCKS * PCV_SPB * 512;
+
+	*run = (struct pcv_run){ .path = path, .flags = flags, .before = malloc(len),
+				 .after = malloc(len), .got = malloc(len) };
+	ck_assert_ptr_nonnull(run->before);
+	ck_assert_ptr_nonnull(run->after);
+	ck_assert_ptr_nonnull(run->got);
+}
+
+static void pcv_run_free(struct pcv_run *run)
+{
+	free(run->before);
+	free(run->after);
+	free(run->got);
+}
+
+/*
+ * vhd-util modify -z on the child: the BAT (four sectors) cleared and made
+ * durable, the footer written where the file will end and made durable,
+ * the cut, an fsync.  A cut shows each block as the child had it or as
+ * the parent has it, never a BAT entry past the end or a file that ends
+ * in anything but its footer.
+ */
+START_TEST(power_cut_offline_make_empty)
+{
+	struct pcv_run run;
+	struct pc_log log;
+	struct vhd_error err;
+	struct vhd_file *vf;
+	const char *files[1] = { pb };
+	uint8_t junk[VHD_FOOTER_SIZE];
+	size_t versions;
+	uint64_t end;
+
+	pcv_chain();
+	/*
+	 * Where the file will end: padding before the first block.  The
+	 * library leaves the footer of the file's creation there, valid;
+	 * other tools place a block at once, so make it junk, as they would
+	 * leave it.  Then only the footer's own write, made durable before
+	 * the cut, leaves the cut file ending in a footer.
+	 */
+	vf = xopen(pb, VHD_FILE_CHAIN);
+	end = (vf->m.meta_end + 511) & ~(uint64_t)511;
+	for (uint32_t b = 0; b < vf->m.bat_entries; b++)
+		if (vf->m.bat[b] != VHD_BAT_UNUSED)
+			ck_assert_uint_ge(vhd_meta_block_off(&vf->m, b), end + VHD_FOOTER_SIZE);
+	vhd_file_close(vf);
+	memset(junk, 0x5c, sizeof(junk));
+	raw_write(pb, junk, sizeof(junk), (off_t)end);
+	ck_assert_msg(vhd_file_check(pb, VHD_FILE_CHAIN, &err) == 0, "%s", err.msg);
+	pcv_run_init(&run, pb, VHD_FILE_CHAIN);
+	pcv_read_blocks(pb, VHD_FILE_CHAIN, run.before);
+	pcv_read_blocks(pa, 0, run.after);
+	ck_assert(memcmp(run.before, run.after, (size_t)PCV_BLOCKS * PCV_SPB * 512));
+
+	pc_start_sync_files(&log, files, 1);
+	vf = xopen(pb, VHD_FILE_CHAIN);
+	ck_assert_msg(vhd_file_make_empty(vf, &err) == 0, "%s", err.msg);
+	vhd_file_close(vf);
+	run.done_at = pc_mark(&log);
+	pc_stop_sync(&log);
+	run.done_len = file_size(pb);
+	ck_assert_uint_eq(log.others, 0);
+
+	versions = pc_for_each_cut(&log, pcv_check, &run);
+	/* 4 BAT sectors, a sync, the footer, a sync, the truncate, an fsync, the mark. */
+	ck_assert_uint_ge(log.events, 13);
+	ck_assert_uint_gt(versions, log.events);
+	pc_free(&log);
+	pcv_run_free(&run);
+}
+END_TEST
+
+/*
+ * vhd-util coalesce of pc into its parent pb (over pa): an allocation in
+ * pb (footer moved and synced, data and bitmap, sync, BAT) and bitmap
+ * updates of pb's blocks (data, sync, bitmap).  A cut shows each sector
+ * of pb's view as it was or as pc's view, never a bit that exposes data
+ * not yet written (zeroes over pa's data); once coalesce returned,
+ * exactly pc's view.
+ */
+START_TEST(power_cut_offline_coalesce)
+{
+	struct pcv_run run;
+	struct pc_log log;
+	struct vhd_error err;
+	const char *files[1] = { pb };
+	size_t versions;
+
+	pcv_chain();
+	pcv_child();
+	pcv_run_init(&run, pb, VHD_FILE_CHAIN);
+	run.per_sector = true;
+	pcv_read_blocks(pb, VHD_FILE_CHAIN, run.before);
+	pcv_read_blocks(pc, VHD_FILE_CHAIN, run.after);
+
+	pc_start_sync_files(&log, files, 1);
+	ck_assert_msg(vhd_file_coalesce(pc, NULL, NULL, &err) == 0, "%s", err.msg);
+	run.done_at = pc_mark(&log);
+	pc_stop_sync(&log);
+	run.done_len = file_size(pb);
+	ck_assert_uint_eq(log.others, 0);
+
+	versions = pc_for_each_cut(&log, pcv_check, &run);
+	ck_assert_uint_ge(log.events, 20);
+	ck_assert_uint_gt(versions, log.events);
+	pc_free(&log);
+	pcv_run_free(&run);
+}
+END_TEST
+
 static Suite *vhd_suite(void)
 {
 	Suite *s = suite_create("vhd");
@@ -1270,6 +1507,13 @@ static Suite *vhd_suite(void)
 	tcase_add_test(tc, coalesce_keeps_content);
 	tcase_add_test(tc, repair_from_backup);
 	tcase_add_test(tc, scrub_stale_data);
+	suite_add_tcase(s, tc);
+
+	tc = tcase_create("powercut");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 300);
+	tcase_add_test(tc, power_cut_offline_make_empty);
+	tcase_add_test(tc, power_cut_offline_coalesce);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("rules");
