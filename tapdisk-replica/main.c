@@ -46,6 +46,12 @@ static void usage(FILE *out)
 		"      --readahead SIZE     read-ahead for sequential reads of raw images\n"
 		"                           (aio), in whole MiB: 8M (default), 32M, 0 (off);\n"
 		"                           a bare number is KiB, as in read_ahead_kb\n"
+		"      --tls MODE           off (default), on (offered) or require\n"
+		"      --tls-psk FILE       TLS with a pre-shared key file (psktool -u NAME -p FILE)\n"
+		"      --tls-certificates DIR\n"
+		"                           TLS with X.509: DIR/server-cert.pem, server-key.pem\n"
+		"                           and ca-cert.pem\n"
+		"      --tls-verify-peer    X.509: clients need a certificate from that CA\n"
 		"  -l, --log-level LEVEL    err, warn, info (default) or debug\n"
 		"      --syslog             log to syslog instead of stderr\n"
 		"  -p, --pid-file PATH      write the process id to PATH once ready\n"
@@ -78,6 +84,10 @@ static int cmd_serve(int argc, char **argv)
 		{ "export-name", required_argument, NULL, 'e' },
 		{ "read-only", no_argument, NULL, 'r' },
 		{ "readahead", required_argument, NULL, 'A' },
+		{ "tls", required_argument, NULL, 'T' },
+		{ "tls-psk", required_argument, NULL, 'K' },
+		{ "tls-certificates", required_argument, NULL, 'C' },
+		{ "tls-verify-peer", no_argument, NULL, 'Y' },
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "syslog", no_argument, NULL, 'S' },
 		{ "pid-file", required_argument, NULL, 'p' },
@@ -122,6 +132,25 @@ static int cmd_serve(int argc, char **argv)
 			td_set_readahead(window);
 			break;
 		}
+		case 'T':
+			if (strcmp(optarg, "off") == 0)
+				o.tls.mode = NBD_TLS_OFF;
+			else if (strcmp(optarg, "on") == 0)
+				o.tls.mode = NBD_TLS_ON;
+			else if (strcmp(optarg, "require") == 0)
+				o.tls.mode = NBD_TLS_REQUIRE;
+			else
+				return usage_error("bad --tls '%s'; use off, on or require", optarg);
+			break;
+		case 'K':
+			o.tls.psk_file = optarg;
+			break;
+		case 'C':
+			o.tls.certificates = optarg;
+			break;
+		case 'Y':
+			o.tls.verify_peer = true;
+			break;
 		case 'l':
 			if (tdr_log_parse_level(optarg, &level) < 0)
 				return usage_error("bad --log-level '%s'; use err, warn, info or debug",
@@ -190,6 +219,15 @@ static int cmd_serve(int argc, char **argv)
 				   "");
 	if (o.socket_path && !*o.socket_path)
 		return usage_error("%s--socket needs a path; e.g. --socket /run/tapdisk-replica.sock", "");
+	if (o.tls.mode == NBD_TLS_OFF && (o.tls.psk_file || o.tls.certificates || o.tls.verify_peer))
+		return usage_error("%s--tls-psk, --tls-certificates and --tls-verify-peer need --tls on or --tls require; add --tls require",
+				   "");
+	if (o.tls.mode != NBD_TLS_OFF && !o.tls.psk_file == !o.tls.certificates)
+		return usage_error("%s--tls needs --tls-psk FILE or --tls-certificates DIR, one of the two",
+				   "");
+	if (o.tls.verify_peer && !o.tls.certificates)
+		return usage_error("%s--tls-verify-peer checks X.509 client certificates; add --tls-certificates DIR",
+				   "");
 	if (o.tcp && tdr_parse_hostport(o.tcp, host, sizeof(host), port, sizeof(port)) < 0)
 		return usage_error("%s", tdr_last_error());
 

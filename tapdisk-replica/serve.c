@@ -290,6 +290,9 @@ int tdr_serve(const struct tdr_serve_opts *o)
 				    ctx.disk, o->readonly);
 	if (ret < 0)
 		goto out;
+	ret = nbd_server_set_tls(ctx.srv, &o->tls);
+	if (ret < 0)
+		goto out;
 	if (o->socket_path) {
 		ret = nbd_server_listen_unix(ctx.srv, o->socket_path);
 		if (ret < 0)

@@ -11,6 +11,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "tdr/nbd.h"
+
 struct tdr_serve_opts {
 	const char *spec;		/* image spec, e.g. "aio:/srv/disk.img" */
 	const char *socket_path;	/* UNIX socket, or NULL */
@@ -21,6 +23,7 @@ struct tdr_serve_opts {
 	const char *control_path;	/* control socket (file or directory), or NULL */
 	const char *xs_dir;		/* xenstore control directory, or NULL */
 	const char *xs_path;		/* xenstored socket or device; NULL: the default */
+	struct nbd_tls_config tls;	/* --tls, --tls-psk, --tls-certificates, --tls-verify-peer */
 };
 
 /*

@@ -9,8 +9,8 @@
  *   - handshake flags FIXED_NEWSTYLE | NO_ZEROES;
  *   - options GO, INFO, EXPORT_NAME, LIST, ABORT, STRUCTURED_REPLY,
  *     LIST_META_CONTEXT and SET_META_CONTEXT (base:allocation); STARTTLS
- *     is refused with NBD_REP_ERR_POLICY, anything else gets
- *     NBD_REP_ERR_UNSUP;
+ *     when nbd_server_set_tls() turned TLS on (refused with
+ *     NBD_REP_ERR_POLICY otherwise); anything else gets NBD_REP_ERR_UNSUP;
  *   - INFO_EXPORT, INFO_BLOCK_SIZE (always sent: min 512, preferred 4096,
  *     max 32 MiB), INFO_NAME and INFO_DESCRIPTION when asked;
  *   - READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS and DISC, many
@@ -317,6 +317,35 @@ int nbd_server_listen_tcp(struct nbd_server *srv, const char *host, const char *
  * server owns fd from now on, also on failure.  0 or -errno.
  */
 int nbd_server_add_connection(struct nbd_server *srv, int fd);
+
+/*
+ * TLS (NBD_OPT_STARTTLS, GnuTLS).  off: STARTTLS refused; on: offered,
+ * plain connections still served; require: every option but STARTTLS
+ * and ABORT is refused with NBD_REP_ERR_TLS_REQD until TLS is on.  One
+ * of psk_file (psktool's "username:hexkey" lines) and certificates (a
+ * directory with server-cert.pem, server-key.pem and, to check clients,
+ * ca-cert.pem) is needed; verify_peer asks every client for a
+ * certificate signed by that CA.
+ */
+enum nbd_tls_mode {
+	NBD_TLS_OFF = 0,
+	NBD_TLS_ON,
+	NBD_TLS_REQUIRE,
+};
+
+struct nbd_tls_config {
+	enum nbd_tls_mode mode;
+	const char *psk_file;
+	const char *certificates;
+	bool verify_peer;
+};
+
+/*
+ * Loads the keys now (a missing or bad file fails here, not at the first
+ * client) and applies to connections accepted from now on.  0 or -errno
+ * with tdr_set_error().
+ */
+int nbd_server_set_tls(struct nbd_server *srv, const struct nbd_tls_config *cfg);
 
 /* Caps the requests in flight per connection (default 128); for tests. */
 void nbd_server_set_max_inflight(struct nbd_server *srv, unsigned max);

@@ -3,6 +3,7 @@ libtdr_a_SOURCES += \
 	tapdisk-replica/nbd/nbd-int.h \
 	tapdisk-replica/nbd/nbd-proto.c \
 	tapdisk-replica/nbd/nbd-transport.c \
+	tapdisk-replica/nbd/nbd-tls.c \
 	tapdisk-replica/nbd/nbd-conn.c \
 	tapdisk-replica/nbd/nbd-handshake.c \
 	tapdisk-replica/nbd/nbd-transmission.c \

@@ -73,6 +73,8 @@ static size_t conn_hdr_size(const struct nbd_conn *c)
 /* Backpressure: only checked between messages, never inside a payload. */
 static bool conn_paused(const struct nbd_conn *c)
 {
+	if (c->tls_switch)
+		return true;	/* nothing is read in the clear after STARTTLS */
 	if (c->phase == NBD_PH_TRANSMISSION)
 		return c->nreqs >= c->max_inflight || c->req_bytes >= NBD_REQ_BYTES_HIGH;
 	return c->out_bytes >= NBD_HS_OUT_HIGH;
@@ -317,6 +319,28 @@ static void conn_read(struct nbd_conn *c)
 	conn_update_events(c);
 }
 
+/*
+ * STARTTLS was acknowledged and the ACK is out: the transport becomes TLS
+ * and the handshake starts with the next read.  A client that sent
+ * anything after STARTTLS before our ACK broke the protocol: those bytes
+ * would be read in the clear.
+ */
+static void conn_start_tls(struct nbd_conn *c)
+{
+	c->tls_switch = false;
+	if (c->rstart != c->rend) {
+		nbd_conn_kill(c, "data after NBD_OPT_STARTTLS before the server's reply");
+		return;
+	}
+	if (!c->srv || nbd_tls_wrap(&c->tr, c->srv->tls, c->id) < 0) {
+		nbd_conn_kill(c, "cannot start TLS");
+		return;
+	}
+	c->tls_on = true;
+	c->need_read = true;
+	tdr_loop_defer(c->loop, &c->defer);
+}
+
 static void conn_flush(struct nbd_conn *c)
 {
 	while (!c->dead && !tdr_list_empty(&c->outq)) {
@@ -359,6 +383,8 @@ static void conn_flush(struct nbd_conn *c)
 			o->done(o, true);
 		}
 	}
+	if (!c->dead && c->tls_switch && tdr_list_empty(&c->outq))
+		conn_start_tls(c);
 	conn_update_events(c);
 	conn_maybe_close(c);
 }

@@ -293,6 +293,17 @@ static void opt_dispatch(struct nbd_conn *c)
 		opt_error(c, NBD_REP_ERR_SHUTDOWN, "server is shutting down");
 		goto out;
 	}
+	/* tls=require: nothing but STARTTLS and ABORT in the clear. */
+	if (c->srv && nbd_tls_mode(c->srv->tls) == NBD_TLS_REQUIRE && !c->tls_on &&
+	    c->opt.opt != NBD_OPT_STARTTLS && c->opt.opt != NBD_OPT_ABORT) {
+		if (c->opt.opt == NBD_OPT_EXPORT_NAME)
+			/* It has no error reply: all a server can do is hang up. */
+			nbd_conn_kill(c, "NBD_OPT_EXPORT_NAME without TLS, which this server requires");
+		else
+			opt_error(c, NBD_REP_ERR_TLS_REQD,
+				  "this server requires TLS: send NBD_OPT_STARTTLS first");
+		goto out;
+	}
 	switch (c->opt.opt) {
 	case NBD_OPT_EXPORT_NAME:
 		opt_export_name(c, d, len);
@@ -308,8 +319,12 @@ static void opt_dispatch(struct nbd_conn *c)
 	case NBD_OPT_STARTTLS:
 		if (len)
 			opt_error(c, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
-		else
+		else if (!c->srv->tls)
 			opt_error(c, NBD_REP_ERR_POLICY, "TLS is not enabled on this server");
+		else if (c->tls_on)
+			opt_error(c, NBD_REP_ERR_INVALID, "TLS is already on");
+		else if (opt_reply(c, NBD_REP_ACK, NULL, 0))
+			c->tls_switch = true;	/* nbd-conn.c switches once the ACK is out */
 		break;
 	case NBD_OPT_INFO:
 	case NBD_OPT_GO:

@@ -24,8 +24,8 @@
 #include "tdr/nbd.h"
 
 /* ------------------------------------------------------------------ */
-/* Transport: how a connection moves bytes.  Plain sockets today; a TLS
- * implementation provides its own ops (and uses priv) later. */
+/* Transport: how a connection moves bytes: plain sockets (nbd-transport.c),
+ * or TLS after NBD_OPT_STARTTLS (nbd-tls.c, which uses priv). */
 
 struct nbd_transport;
 
@@ -49,6 +49,15 @@ struct nbd_transport {
 
 /* Wraps a connected, non-blocking socket; always succeeds. */
 void nbd_transport_plain_init(struct nbd_transport *t, int fd);
+
+/* nbd-tls.c: a server's TLS credentials, and the TLS transport. */
+struct nbd_tls;
+/* *out NULL for mode off.  0 or -errno with tdr_set_error(). */
+int nbd_tls_new(struct nbd_tls **out, const struct nbd_tls_config *cfg);
+void nbd_tls_free(struct nbd_tls *tls);
+enum nbd_tls_mode nbd_tls_mode(const struct nbd_tls *tls);
+/* Switches t (plain, connected) to TLS as the server; the handshake runs in recv. */
+int nbd_tls_wrap(struct nbd_transport *t, const struct nbd_tls *tls, unsigned id);
 
 /* ------------------------------------------------------------------ */
 
@@ -82,6 +91,8 @@ struct nbd_server {
 	unsigned nconns;
 	unsigned next_id;
 	unsigned max_inflight;
+
+	struct nbd_tls *tls;		/* NULL: no TLS */
 
 	bool shutting_down;
 	void (*done)(void *arg);
@@ -122,6 +133,8 @@ struct nbd_conn {
 	struct tdr_defer defer;		/* flush output, resume input */
 
 	enum nbd_phase phase;
+	bool tls_switch;		/* STARTTLS acknowledged: switch once it is sent */
+	bool tls_on;			/* the transport is TLS */
 	bool no_zeroes;
 	bool structured;
 	bool meta;			/* base:allocation selected ... */

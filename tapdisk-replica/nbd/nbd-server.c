@@ -67,6 +67,18 @@ struct nbd_server *nbd_server_new(struct tdr_loop *loop)
 	return srv;
 }
 
+int nbd_server_set_tls(struct nbd_server *srv, const struct nbd_tls_config *cfg)
+{
+	struct nbd_tls *tls;
+	int r = nbd_tls_new(&tls, cfg);
+
+	if (r < 0)
+		return r;
+	nbd_tls_free(srv->tls);
+	srv->tls = tls;
+	return 0;
+}
+
 void nbd_server_set_max_inflight(struct nbd_server *srv, unsigned max)
 {
 	srv->max_inflight = max ? max : 1;
@@ -606,5 +618,7 @@ void nbd_server_free(struct nbd_server *srv)
 	}
 	tdr_timer_cancel(&srv->shutdown_timer);
 	tdr_loop_cancel_defer(srv->loop, &srv->done_defer);
+	/* Every connection's TLS session is gone with its transport. */
+	nbd_tls_free(srv->tls);
 	free(srv);
 }

@@ -546,7 +546,7 @@ static int nat_opt_reply(struct nat *n, uint32_t type, const unsigned char *d, u
 				  l->export_name, text[0] ? ": " : "", text);
 			break;
 		case NBD_REP_ERR_TLS_REQD:
-			link_fail(l, -EACCES, "NBD handshake failed: the secondary requires TLS, which the link does not speak");
+			link_fail(l, -EACCES, "NBD handshake failed: the secondary requires TLS: add tls=require and its key (tls-psk=FILE) to this spec");
 			break;
 		case NBD_REP_ERR_POLICY:
 			link_fail(l, -EACCES, "NBD handshake failed: the secondary refused export '%s' by policy%s%s",

@@ -707,9 +707,7 @@ static int replica_open(struct td_image *img, const char *params, unsigned flags
 		tdr_set_error("replica:%s: %s", params, c.msg);
 		return err;
 	}
-	if (r->opts.mode == REPLICA_MODE_SECONDARY && r->opts.tls != REPLICA_LINK_TLS_OFF)
-		TDR_WARN("replica:%s: the secondary's export has no TLS; the tls options apply to the link once this disk becomes a primary. To encrypt the export, put a TLS proxy in front of it (tapdisk-replica(8), TLS)",
-			 params);
+
 	if (flags & TD_OPEN_RDONLY) {
 		tdr_set_error("replica:%s: a replicated disk cannot be opened read-only", params);
 		return -EINVAL;

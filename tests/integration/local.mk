@@ -40,6 +40,10 @@ EXTRA_DIST += tests/integration/vhd-util-cli.sh
 TESTS += tests/integration/vhd-cut-order.sh
 EXTRA_DIST += tests/integration/vhd-cut-order.sh
 
+# TLS on the NBD server (serve --tls).
+TESTS += tests/integration/tls-export.sh
+EXTRA_DIST += tests/integration/tls-export.sh
+
 # Control socket: serve --control, daemon, and every tdr-ctl subcommand.
 TESTS += tests/integration/ctl-cli.sh
 EXTRA_DIST += tests/integration/ctl-cli.sh

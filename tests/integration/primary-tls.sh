@@ -6,7 +6,9 @@
 # --tls=require: over a file, and as a TLS proxy (its nbd plugin) in front of
 # tapdisk-replica's own secondary, whose export has no TLS of its own.
 #   1. pre-shared key: replication, a checkpoint, byte-exact; link_tls=1
-#   2. the same through the proxy into our secondary: the SVM's view matches
+#   2. the same through the proxy into our secondary: the SVM's view matches;
+#      and our secondary serving its export over TLS itself (tls= in its
+#      spec), which a primary without TLS cannot use
 #   3. X.509 over TCP: a CA, a server and a client certificate; a server
 #      from another CA or for another address is refused, tls-verify=off
 #      connects; certificates over a UNIX socket (unverifiable) are refused
@@ -22,8 +24,10 @@
 . "$(dirname "$0")/primary-lib.sh"
 need_cmd qemu-io nbdkit nbdcopy psktool certtool truncate cmp
 tdr_setup
+VU_BIN="$TDR_BUILDDIR/tools/vhd-util"
 
-TIMEOUT_MS=3000
+# Generous: a TLS handshake under ASan on a loaded machine takes seconds.
+TIMEOUT_MS=10000
 
 # tls_nbdkit_start SOCKET TLS_ARGS... -- PLUGIN ARGS...: nbdkit that requires TLS.
 tls_nbdkit_start() {
@@ -174,6 +178,33 @@ svm_view_same
 tdr_stop "$PRIMARY_PID" || fail "primary exited with status $? on SIGTERM"
 kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true
 log "proxy: our secondary byte-exact behind a TLS proxy"
+
+# --- 2b. our own secondary serving its export over TLS itself
+rm -f "$T/tlssec-disk.vhd" "$T/tlssec-hidden.vhd" "$T/tlssec-active.vhd"
+"$VU_BIN" create -n "$T/tlssec-disk.vhd" -s 32 >/dev/null || fail "vhd-util create"
+"$VU_BIN" snapshot -n "$T/tlssec-hidden.vhd" -p "$T/tlssec-disk.vhd" >/dev/null || fail "vhd-util snapshot"
+"$VU_BIN" snapshot -n "$T/tlssec-active.vhd" -p "$T/tlssec-hidden.vhd" >/dev/null || fail "vhd-util snapshot"
+tdr_start --control "$T/tlssec-ctl.sock" \
+	"replica:mode=secondary,addr=unix:$T/tlssec.sock,export=secondary,tls=require,tls-psk=$T/keys.psk|vhd:$T/tlssec-active.vhd"
+SEC_PID=$DAEMON_PID
+SEC_URI=$URI
+SEC_CTL="$T/tlssec-ctl.sock"
+rctl "$SEC_CTL" start >/dev/null || fail "secondary start failed"
+wait_connectable "$T/tlssec.sock" "$SEC_PID" "$DAEMON_ERR"
+# A primary without TLS is turned away, the guest unharmed.
+fresh_primary "unix:$T/tlssec.sock" "timeout=$TIMEOUT_MS"
+start_fails "start failed: cannot connect to the secondary .*requires TLS: add tls=require"
+tdr_stop "$PRIMARY_PID" || fail "primary exited with status $? on SIGTERM"
+fresh_primary "unix:$T/tlssec.sock" "$PSK_OPTS"
+pctl_ok start >/dev/null
+assert_eq "our TLS secondary: link_tls" 1 "$(pstatus link_tls)"
+workload 220
+pctl_ok checkpoint >/dev/null
+rctl "$SEC_CTL" checkpoint >/dev/null || fail "secondary checkpoint failed"
+svm_view_same
+tdr_stop "$PRIMARY_PID" || fail "primary exited with status $? on SIGTERM"
+tdr_stop "$SEC_PID" || fail "secondary exited with status $? on SIGTERM"
+log "our secondary's own TLS export: byte-exact; a plain primary refused"
 
 # --- 3. X.509, over TCP: libnbd checks a certificate only against an
 # address it connects to by name, so the server's certificate names 127.0.0.1.
