@@ -552,6 +552,131 @@ START_TEST(test_unknown_options)
 }
 END_TEST
 
+/*
+ * TLS on (a pre-shared key file next to the disk): the server's side of
+ * STARTTLS that a plain client can see.  A real handshake, byte-exact
+ * I/O over it and bad keys are in tests/integration/tls-export.sh.
+ */
+static void tls_on(enum nbd_tls_mode mode)
+{
+	char psk[sizeof(path) + 8];
+	struct nbd_tls_config cfg = { .mode = mode, .psk_file = psk };
+	FILE *f;
+
+	snprintf(psk, sizeof(psk), "%s.psk", path);
+	f = fopen(psk, "w");
+	ck_assert_ptr_nonnull(f);
+	fprintf(f, "alice:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n");
+	fclose(f);
+	ck_assert_int_eq(nbd_server_set_tls(srv, &cfg), 0);
+	unlink(psk);	/* loaded now, not at the first client */
+}
+
+/* require: every option but STARTTLS and ABORT gets TLS_REQD, with a message. */
+START_TEST(test_tls_required)
+{
+	unsigned char buf[256];
+	uint32_t len;
+	static const uint32_t opts[] = { NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST,
+					 NBD_OPT_STRUCTURED_REPLY, NBD_OPT_LIST_META_CONTEXT, 0x1234 };
+
+	tls_on(NBD_TLS_REQUIRE);
+	hs_greeting(NBD_FLAG_C_FIXED_NEWSTYLE);
+	for (size_t i = 0; i < sizeof(opts) / sizeof(opts[0]); i++) {
+		send_opt(opts[i], NULL, 0);
+		ck_assert_uint_eq(read_opt_reply(opts[i], buf, sizeof(buf), &len), NBD_REP_ERR_TLS_REQD);
+		ck_assert_uint_gt(len, 0);
+	}
+	ck_assert_uint_eq(opt_simple(NBD_OPT_STARTTLS, "x", 1), NBD_REP_ERR_INVALID);
+	send_opt(NBD_OPT_ABORT, NULL, 0);
+	ck_assert_uint_eq(read_opt_reply(NBD_OPT_ABORT, buf, sizeof(buf), &len), NBD_REP_ACK);
+	cl_expect_eof();
+}
+END_TEST
+
+/* require: EXPORT_NAME in the clear has no error reply; the server hangs up. */
+START_TEST(test_tls_required_export_name)
+{
+	tls_on(NBD_TLS_REQUIRE);
+	hs_greeting(NBD_FLAG_C_FIXED_NEWSTYLE);
+	send_opt(NBD_OPT_EXPORT_NAME, "", 0);
+	cl_expect_eof();
+}
+END_TEST
+
+/* on: plain clients are served as before. */
+START_TEST(test_tls_on_serves_plain)
+{
+	tls_on(NBD_TLS_ON);
+	hs_greeting(NBD_FLAG_C_FIXED_NEWSTYLE);
+	go_opts("", false, false);
+}
+END_TEST
+
+/* STARTTLS is acknowledged; what follows must be a TLS handshake: garbage closes. */
+START_TEST(test_tls_handshake_garbage)
+{
+	unsigned char buf[64];
+	uint32_t len;
+
+	tls_on(NBD_TLS_REQUIRE);
+	hs_greeting(NBD_FLAG_C_FIXED_NEWSTYLE);
+	send_opt(NBD_OPT_STARTTLS, NULL, 0);
+	ck_assert_uint_eq(read_opt_reply(NBD_OPT_STARTTLS, buf, sizeof(buf), &len), NBD_REP_ACK);
+	ck_assert_uint_eq(len, 0);
+	memset(buf, 0x16, sizeof(buf));	/* a record header's type, then nonsense */
+	cl_write(buf, sizeof(buf));
+	cl_expect_eof();
+}
+END_TEST
+
+/*
+ * Bytes sent after STARTTLS before the server's ACK are not an option to
+ * answer in the clear (nor TLS): the server acknowledges STARTTLS, reads
+ * nothing more in the clear, and hangs up without another byte.
+ */
+START_TEST(test_tls_data_after_starttls)
+{
+	unsigned char buf[64];
+	uint64_t end = now_ms() + 5000;
+	uint32_t len;
+	ssize_t n;
+
+	tls_on(NBD_TLS_ON);
+	hs_greeting(NBD_FLAG_C_FIXED_NEWSTYLE);
+	send_opt(NBD_OPT_STARTTLS, NULL, 0);
+	send_opt(NBD_OPT_LIST, NULL, 0);
+	ck_assert_uint_eq(read_opt_reply(NBD_OPT_STARTTLS, buf, sizeof(buf), &len), NBD_REP_ACK);
+	while ((n = read(cfd, buf, sizeof(buf))) < 0 && errno == EAGAIN) {
+		ck_assert_msg(now_ms() < end, "server did not close the connection");
+		pump(1);
+	}
+	ck_assert_msg(n == 0 || (n < 0 && errno == ECONNRESET),
+		      "the server sent %zd more bytes after acknowledging STARTTLS", n);
+}
+END_TEST
+
+/* Bad settings fail at once, one line saying what to do. */
+START_TEST(test_tls_bad_config)
+{
+	struct nbd_tls_config cfg = { .mode = NBD_TLS_REQUIRE };
+
+	tdr_clear_error();
+	ck_assert_int_eq(nbd_server_set_tls(srv, &cfg), -EINVAL);
+	ck_assert_ptr_nonnull(strstr(tdr_last_error(), "tls-psk=FILE or tls-certificates=DIR"));
+	cfg.psk_file = "/nonexistent/keys.psk";
+	ck_assert_int_eq(nbd_server_set_tls(srv, &cfg), -ENOENT);
+	ck_assert_ptr_nonnull(strstr(tdr_last_error(), "create it with psktool"));
+	cfg.psk_file = NULL;
+	cfg.certificates = "/nonexistent";
+	ck_assert_int_eq(nbd_server_set_tls(srv, &cfg), -EINVAL);
+	ck_assert_ptr_nonnull(strstr(tdr_last_error(), "server-cert.pem"));
+	/* Nothing changed: STARTTLS still refused by policy. */
+	hs_greeting(NBD_FLAG_C_FIXED_NEWSTYLE);
+	ck_assert_uint_eq(opt_simple(NBD_OPT_STARTTLS, NULL, 0), NBD_REP_ERR_POLICY);
+}
+END_TEST
+
 START_TEST(test_option_too_big)
 {
 	size_t big = NBD_MAX_OPTION_LEN + 1;
@@ -1278,6 +1403,12 @@ static Suite *suite(void)
 	tcase_add_test(hs, test_list);
 	tcase_add_test(hs, test_abort);
 	tcase_add_test(hs, test_unknown_options);
+	tcase_add_test(hs, test_tls_required);
+	tcase_add_test(hs, test_tls_required_export_name);
+	tcase_add_test(hs, test_tls_on_serves_plain);
+	tcase_add_test(hs, test_tls_handshake_garbage);
+	tcase_add_test(hs, test_tls_data_after_starttls);
+	tcase_add_test(hs, test_tls_bad_config);
 	tcase_add_test(hs, test_option_too_big);
 	tcase_add_test(hs, test_option_huge_length);
 	tcase_add_test(hs, test_export_name_too_long);
