@@ -78,42 +78,13 @@ psktool -u alice -p "$T/other.psk" >/dev/null 2>&1 || fail "psktool (second key)
 grep -q '^alice:[0-9a-f]\{64\}$' "$T/keys.psk" || fail "psktool wrote an unexpected file: $(cat "$T/keys.psk")"
 cmp -s "$T/keys.psk" "$T/other.psk" && fail "psktool made the same key twice"
 
-# mkcert DIR NAME CA_DIR KIND: NAME-key.pem and NAME-cert.pem in DIR, signed by CA_DIR's CA.
-mkcert() {
-	local dir=$1 name=$2 ca=$3 kind=$4
-	certtool --generate-privkey >"$dir/$name-key.pem" 2>/dev/null || fail "certtool privkey"
-	printf 'cn = %s\n%s\nexpiration_days = 2\n' "$name" "$kind" >"$dir/$name.info"
-	certtool --generate-certificate --load-privkey "$dir/$name-key.pem" \
-		--load-ca-certificate "$ca/ca-cert.pem" --load-ca-privkey "$ca/ca-key.pem" \
-		--template "$dir/$name.info" --outfile "$dir/$name-cert.pem" >/dev/null 2>&1 ||
-		fail "certtool: certificate $name"
-}
-# mkca DIR: a self-signed CA.
-mkca() {
-	mkdir -p "$1"
-	certtool --generate-privkey >"$1/ca-key.pem" 2>/dev/null || fail "certtool CA key"
-	printf 'cn = test CA\nca\ncert_signing_key\nexpiration_days = 2\n' >"$1/ca.info"
-	certtool --generate-self-signed --load-privkey "$1/ca-key.pem" --template "$1/ca.info" \
-		--outfile "$1/ca-cert.pem" >/dev/null 2>&1 || fail "certtool: CA"
-}
-mkca "$T/ca"
-mkca "$T/otherca"
-mkdir -p "$T/server" "$T/server2" "$T/client" "$T/stranger"
-mkcert "$T/server" server "$T/ca" "tls_www_server
-encryption_key
-signing_key
-ip_address = 127.0.0.1"
-mkcert "$T/server2" server "$T/ca" "tls_www_server
-encryption_key
-signing_key
-ip_address = 127.0.0.2"
-mkcert "$T/client" client "$T/ca" "tls_www_client
-encryption_key
-signing_key"
-cp "$T/ca/ca-cert.pem" "$T/server/"
-cp "$T/ca/ca-cert.pem" "$T/server2/"
-cp "$T/ca/ca-cert.pem" "$T/client/"
+tls_mkca "$T/ca"
+tls_mkca "$T/otherca"
+tls_mkcert "$T/server" server "$T/ca" server "ip_address = 127.0.0.1"
+tls_mkcert "$T/server2" server "$T/ca" server "ip_address = 127.0.0.2"
+tls_mkcert "$T/client" client "$T/ca" client
 # The stranger's client certificate is fine, but it trusts another CA.
+mkdir -p "$T/stranger"
 cp "$T/client/client-cert.pem" "$T/client/client-key.pem" "$T/stranger/"
 cp "$T/otherca/ca-cert.pem" "$T/stranger/"
 

@@ -65,28 +65,11 @@ tdr_stop "$DAEMON_PID" || fail "daemon exited with status $? on SIGTERM"
 log "on: plain and TLS clients served"
 
 # --- 3. X.509, client certificates required
-mkca() {
-	mkdir -p "$1"
-	certtool --generate-privkey >"$1/ca-key.pem" 2>/dev/null || fail "certtool"
-	printf 'cn = CA\nca\ncert_signing_key\nexpiration_days = 2\n' >"$1/ca.info"
-	certtool --generate-self-signed --load-privkey "$1/ca-key.pem" --template "$1/ca.info" \
-		--outfile "$1/ca-cert.pem" >/dev/null 2>&1 || fail "certtool: CA"
-}
-# mkcert DIR NAME CA KIND
-mkcert() {
-	mkdir -p "$1"
-	certtool --generate-privkey >"$1/$2-key.pem" 2>/dev/null || fail "certtool"
-	printf 'cn = %s\ntls_www_%s\nencryption_key\nsigning_key\nexpiration_days = 2\n' "$2" "$4" >"$1/$2.info"
-	certtool --generate-certificate --load-privkey "$1/$2-key.pem" --load-ca-certificate "$3/ca-cert.pem" \
-		--load-ca-privkey "$3/ca-key.pem" --template "$1/$2.info" --outfile "$1/$2-cert.pem" \
-		>/dev/null 2>&1 || fail "certtool: $2"
-	cp "$3/ca-cert.pem" "$1/"
-}
-mkca "$T/ca"
-mkca "$T/otherca"
-mkcert "$T/server" server "$T/ca" server
-mkcert "$T/client" client "$T/ca" client
-mkcert "$T/stranger" client "$T/otherca" client
+tls_mkca "$T/ca"
+tls_mkca "$T/otherca"
+tls_mkcert "$T/server" server "$T/ca" server
+tls_mkcert "$T/client" client "$T/ca" client
+tls_mkcert "$T/stranger" client "$T/otherca" client
 mkdir -p "$T/nocert"
 cp "$T/ca/ca-cert.pem" "$T/nocert/"
 # libnbd checks the server's name only on TCP; over the socket, the chain.
