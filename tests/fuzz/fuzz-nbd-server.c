@@ -8,7 +8,9 @@
  * server's replies are read and thrown away as they come.  The export is a
  * 1 MiB disk in memory, served by fuzz-mem.c's driver (some requests fail,
  * some complete at once, most from the loop, out of order), plus a
- * read-only export "ro" of the same disk.
+ * read-only export "ro" of the same disk.  A third of the inputs meet TLS
+ * offered (a pre-shared key) and a third TLS required: their bytes after
+ * an NBD_OPT_STARTTLS go to GnuTLS's handshake (nbd-tls.c).
  *
  * Besides what the sanitizers catch, the harness traps when:
  *   - the server's first bytes are not the fixed-newstyle greeting;
@@ -58,7 +60,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	bool done = false;
 	int sv[2];
 
+	static char psk[] = "/tmp/fuzz-nbd-server-psk-XXXXXX";
+	struct nbd_tls_config tls = { .psk_file = psk };
+
 	if (!loop) {
+		int fd = mkstemp(psk);
+		static const char key[] =
+			"fuzz:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n";
+
+		if (fd < 0 || write(fd, key, sizeof(key) - 1) != (ssize_t)(sizeof(key) - 1))
+			__builtin_trap();
+		close(fd);
 		tdr_log_init("fuzz-nbd-server", false, TDR_LOG_ERR);
 		fuzz_driver = &fuzz_mem_driver;	/* the only driver linked in */
 		loop = tdr_loop_new();
@@ -75,6 +87,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	/* Inputs of odd length meet a cap of 4 requests in flight (reading stops at it). */
 	if (size % 2)
 		nbd_server_set_max_inflight(srv, 4);
+	tls.mode = size % 3 == 1 ? NBD_TLS_ON : size % 3 == 2 ? NBD_TLS_REQUIRE : NBD_TLS_OFF;
+	if (nbd_server_set_tls(srv, &tls) < 0)
+		__builtin_trap();
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
 		__builtin_trap();
 	if (nbd_server_add_connection(srv, sv[0]) < 0 ||

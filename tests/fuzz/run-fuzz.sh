@@ -52,7 +52,7 @@ build() {
 		cc "$src/tests/fuzz/fuzz-nbd-server.c" "$src/tests/fuzz/fuzz-peer.c" \
 			"$src/tests/fuzz/fuzz-table.c" "$src/tests/fuzz/fuzz-mem.c" "$r"/nbd/*.c "$r"/loop.c "$r"/io.c \
 			"$r"/log.c "$r"/request.c "$r"/disk.c "$r"/spec.c "$r"/filelock.c \
-			-laio -o "$out/fuzz-nbd-server" ;;
+			-laio -lgnutls -o "$out/fuzz-nbd-server" ;;
 	nbd-link)
 		cc "$src/tests/fuzz/fuzz-nbd-link.c" "$src/tests/fuzz/fuzz-peer.c" \
 			"$r"/replica/replica-link.c \
@@ -72,7 +72,7 @@ build() {
 			"$r"/replica/*.c "$r"/nbd/*.c "$r"/vhd/*.c "$r"/drivers/*.c \
 			"$r"/log.c "$r"/loop.c "$r"/io.c "$r"/filelock.c "$r"/readahead.c \
 			"$r"/request.c "$r"/disk.c "$r"/spec.c "$r"/driver-table.c \
-			-laio -luuid -lnbd -lm -o "$out/fuzz-ctl-server" ;;
+			-laio -luuid -lnbd -lgnutls -lm -o "$out/fuzz-ctl-server" ;;
 	parsers)
 		# The parsers' files and what they link against; serve.c brings
 		# the daemon's front ends (control socket, xenstore).
@@ -80,7 +80,7 @@ build() {
 			"$r"/xenstore/*.c "$r"/replica/*.c "$r"/nbd/*.c "$r"/vhd/*.c "$r"/drivers/*.c \
 			"$r"/log.c "$r"/loop.c "$r"/io.c "$r"/filelock.c "$r"/readahead.c \
 			"$r"/request.c "$r"/disk.c "$r"/spec.c "$r"/driver-table.c \
-			-laio -luuid -lnbd -lxenstore -lm -o "$out/fuzz-parsers" ;;
+			-laio -luuid -lnbd -lgnutls -lxenstore -lm -o "$out/fuzz-parsers" ;;
 	*)
 		echo "run-fuzz: unknown harness '$1' (vhd, vhd-driver, nbd-server, nbd-link, xs-conn, ctl-server, parsers)" >&2
 		return 1 ;;
