@@ -133,13 +133,7 @@ static int cmd_serve(int argc, char **argv)
 			break;
 		}
 		case 'T':
-			if (strcmp(optarg, "off") == 0)
-				o.tls.mode = NBD_TLS_OFF;
-			else if (strcmp(optarg, "on") == 0)
-				o.tls.mode = NBD_TLS_ON;
-			else if (strcmp(optarg, "require") == 0)
-				o.tls.mode = NBD_TLS_REQUIRE;
-			else
+			if (nbd_tls_parse_mode(optarg, &o.tls.mode) < 0)
 				return usage_error("bad --tls '%s'; use off, on or require", optarg);
 			break;
 		case 'K':

@@ -333,6 +333,9 @@ enum nbd_tls_mode {
 	NBD_TLS_REQUIRE,
 };
 
+/* "off", "on" or "require" into *out; -EINVAL for anything else. */
+int nbd_tls_parse_mode(const char *s, enum nbd_tls_mode *out);
+
 struct nbd_tls_config {
 	enum nbd_tls_mode mode;
 	const char *psk_file;

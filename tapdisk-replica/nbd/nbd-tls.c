@@ -48,6 +48,21 @@ struct tls_conn {
 	unsigned id;
 };
 
+int nbd_tls_parse_mode(const char *s, enum nbd_tls_mode *out)
+{
+	static const char *const names[] = {
+		[NBD_TLS_OFF] = "off", [NBD_TLS_ON] = "on", [NBD_TLS_REQUIRE] = "require",
+	};
+
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+		if (strcmp(s, names[i]) == 0) {
+			*out = (enum nbd_tls_mode)i;
+			return 0;
+		}
+	}
+	return -EINVAL;
+}
+
 enum nbd_tls_mode nbd_tls_mode(const struct nbd_tls *tls)
 {
 	return tls ? tls->mode : NBD_TLS_OFF;
@@ -243,13 +258,14 @@ static ssize_t tls_sendv(struct nbd_transport *t, const struct iovec *iov, int i
 		size_t off = 0;
 
 		while (off < iov[i].iov_len) {
-			/* At most one record (16 KiB) per call. */
+			/* At most one record (gnutls_record_get_max_size) per call. */
 			n = gnutls_record_send(tc->session, (const char *)iov[i].iov_base + off,
 					       iov[i].iov_len - off);
 			if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED) {
 				size_t rec = iov[i].iov_len - off;
+				size_t max = gnutls_record_get_max_size(tc->session);
 
-				tc->send_pending = rec < 16384 ? rec : 16384;
+				tc->send_pending = rec < max ? rec : max;
 				return total ? (ssize_t)total : -EAGAIN;
 			}
 			if (n < 0)

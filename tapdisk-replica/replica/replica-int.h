@@ -27,7 +27,7 @@ struct replica_opts {
 	bool client_given;			/* client= was in the spec */
 	bool no_zerocopy;			/* primary: zerocopy=off, the native client copies payloads */
 	/* primary: TLS on the link (tls=, tls-psk=, tls-certificates=, tls-username=, tls-verify=) */
-	enum replica_link_tls tls;
+	enum nbd_tls_mode tls;
 	char tls_psk[REPLICA_PATH_MAX];
 	char tls_certificates[REPLICA_PATH_MAX];
 	char tls_username[REPLICA_NAME_MAX];

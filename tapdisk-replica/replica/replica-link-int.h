@@ -93,7 +93,7 @@ struct replica_link {
 	bool no_zerocopy;		/* from the config */
 	bool tls_negotiated;
 	/* TLS settings from the config (libnbd client), copies or NULL. */
-	enum replica_link_tls tls;
+	enum nbd_tls_mode tls;
 	char *tls_psk, *tls_certificates, *tls_username;
 	bool tls_no_verify;
 

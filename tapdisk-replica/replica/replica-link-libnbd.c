@@ -48,22 +48,21 @@ static const char *nbd_msg(void)
 /*
  * TLS settings on a fresh handle.  libnbd runs the TLS handshake inside
  * its state machine (STARTTLS after the first option), on the same
- * non-blocking socket our loop watches, so nothing else changes.  An
- * X.509 server's name is not checked, only its chain: libnbd 1.14 learns
- * no host name from a bare socket address.
+ * non-blocking socket our loop watches, so nothing else changes.  How an
+ * X.509 server's certificate gets checked: nbd_connect_any() below.
  */
 static int lnbd_set_tls(struct replica_link *l, struct nbd_handle *h, char *msg, size_t msglen)
 {
 	const char *what = "tls";
 	int err;
 
-	if (l->tls == REPLICA_LINK_TLS_OFF)
+	if (l->tls == NBD_TLS_OFF)
 		return 0;	/* libnbd's default */
 	if (nbd_supports_tls(h) != 1) {
 		snprintf(msg, msglen, "this libnbd was built without TLS support; use tls=off or a libnbd with GnuTLS");
 		return -ENOTSUP;
 	}
-	if (nbd_set_tls(h, l->tls == REPLICA_LINK_TLS_REQUIRE ? LIBNBD_TLS_REQUIRE : LIBNBD_TLS_ALLOW) == -1)
+	if (nbd_set_tls(h, l->tls == NBD_TLS_REQUIRE ? LIBNBD_TLS_REQUIRE : LIBNBD_TLS_ALLOW) == -1)
 		goto fail;
 	what = "tls-psk";
 	if (l->tls_psk && nbd_set_tls_psk_file(h, l->tls_psk) == -1)
@@ -111,7 +110,7 @@ static void lnbd_connect_failed(struct replica_link *l, struct nbd_handle *h, in
 		m = strstr(m, ": ") + 2;
 	if (is_connect_errno(err))
 		link_fail(l, err, "cannot connect: %s", m);
-	else if (l->tls != REPLICA_LINK_TLS_OFF && nbd_get_tls_negotiated(h) != 1 && err != -ENOTSUP)
+	else if (l->tls != NBD_TLS_OFF && nbd_get_tls_negotiated(h) != 1 && err != -ENOTSUP)
 		/* gnutls names the symptom (the server hung up), not the cause. */
 		link_fail(l, err, "TLS handshake failed: %s%s", m,
 			  strstr(m, "gnutls_handshake") ? " (wrong key or certificate?)" : "");
@@ -131,7 +130,7 @@ static int nbd_connect_any(struct replica_link *l, struct nbd_handle *h, const s
 {
 	char host[NI_MAXHOST], port[NI_MAXSERV];
 
-	if (l->tls == REPLICA_LINK_TLS_OFF || sa->sa_family == AF_UNIX ||
+	if (l->tls == NBD_TLS_OFF || sa->sa_family == AF_UNIX ||
 	    getnameinfo(sa, salen, host, sizeof(host), port, sizeof(port),
 			NI_NUMERICHOST | NI_NUMERICSERV) != 0)
 		return nbd_aio_connect(h, sa, salen);
@@ -157,7 +156,7 @@ static int lnbd_open(struct replica_link *l, const struct sockaddr *sa, socklen_
 		nbd_close(h);
 		return err;
 	}
-	if (l->tls != REPLICA_LINK_TLS_OFF && sa->sa_family == AF_UNIX && !l->tls_psk &&
+	if (l->tls != NBD_TLS_OFF && sa->sa_family == AF_UNIX && !l->tls_psk &&
 	    !l->tls_no_verify) {
 		snprintf(msg, msglen, "TLS with certificates over a UNIX socket: libnbd cannot verify the server's certificate there; use addr=tcp:..., tls-psk=, or tls-verify=off to accept any certificate");
 		nbd_close(h);

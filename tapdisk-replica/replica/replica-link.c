@@ -382,7 +382,7 @@ int replica_link_open(struct replica_link **out, struct tdr_loop *loop,
 		snprintf(msg, msglen, "address or export name too long");
 		return -ENAMETOOLONG;
 	}
-	if (cfg->tls != REPLICA_LINK_TLS_OFF && cfg->client != REPLICA_LINK_LIBNBD) {
+	if (cfg->tls != NBD_TLS_OFF && cfg->client != REPLICA_LINK_LIBNBD) {
 		snprintf(msg, msglen, "TLS needs client=libnbd: the native client has no TLS");
 		return -EINVAL;
 	}

@@ -28,6 +28,7 @@
 
 #include "tdr/list.h"
 #include "tdr/loop.h"
+#include "tdr/nbd.h"
 
 struct replica_link;
 struct replica_link_req;
@@ -66,13 +67,6 @@ enum replica_link_client {
 	REPLICA_LINK_LIBNBD,		/* replica-link-libnbd.c */
 };
 
-/* TLS on the link (client=libnbd only: the native client has none). */
-enum replica_link_tls {
-	REPLICA_LINK_TLS_OFF = 0,
-	REPLICA_LINK_TLS_ON,		/* if the server offers it; plain NBD otherwise */
-	REPLICA_LINK_TLS_REQUIRE,	/* no TLS, no connection */
-};
-
 struct replica_link_config {
 	const char *addr;		/* tcp:HOST:PORT or unix:PATH */
 	const char *export_name;
@@ -87,13 +81,13 @@ struct replica_link_config {
 	 */
 	bool no_zerocopy;
 	/*
-	 * TLS, with libnbd's gnutls: a pre-shared key file (psktool's
+	 * TLS (client=libnbd only), with libnbd's gnutls: a pre-shared key file (psktool's
 	 * "username:hexkey" lines, as nbdkit reads), or a directory of X.509
 	 * files (ca-cert.pem, client-cert.pem, client-key.pem), or libnbd's
 	 * default directories when neither is given.  NULL or "": not set.
 	 * The strings are copied.
 	 */
-	enum replica_link_tls tls;
+	enum nbd_tls_mode tls;		/* on: TLS if the server offers it; require: no TLS, no link */
 	const char *tls_psk;
 	const char *tls_certificates;
 	const char *tls_username;

@@ -1528,10 +1528,10 @@ static int start_export_server(struct sec *s)
 				    s->export_disk, false);
 	if (err < 0)
 		return err;
-	if (r->opts.tls != REPLICA_LINK_TLS_OFF) {
+	if (r->opts.tls != NBD_TLS_OFF) {
 		/* The same options as a primary's link, seen from the server's side. */
 		struct nbd_tls_config tls = {
-			.mode = r->opts.tls == REPLICA_LINK_TLS_REQUIRE ? NBD_TLS_REQUIRE : NBD_TLS_ON,
+			.mode = r->opts.tls,
 			.psk_file = r->opts.tls_psk,
 			.certificates = r->opts.tls_certificates,
 			.verify_peer = r->opts.tls_certificates[0] && !r->opts.tls_no_verify,

@@ -122,13 +122,7 @@ static int apply_tls_option(const char *key, const char *val, struct replica_opt
 	size_t len = 0;
 
 	if (strcmp(key, "tls") == 0) {
-		if (strcmp(val, "off") == 0) {
-			spec->tls = REPLICA_LINK_TLS_OFF;
-		} else if (strcmp(val, "on") == 0) {
-			spec->tls = REPLICA_LINK_TLS_ON;
-		} else if (strcmp(val, "require") == 0) {
-			spec->tls = REPLICA_LINK_TLS_REQUIRE;
-		} else {
+		if (nbd_tls_parse_mode(val, &spec->tls) < 0) {
 			snprintf(msg, msglen, "tls=%s: not a TLS mode; use tls=require (or tls=on, tls=off)", val);
 			return -EINVAL;
 		}
@@ -166,7 +160,7 @@ static int check_tls_options(struct replica_opts *o, char *msg, size_t msglen)
 {
 	bool files = o->tls_psk[0] || o->tls_certificates[0];
 
-	if (o->tls == REPLICA_LINK_TLS_OFF) {
+	if (o->tls == NBD_TLS_OFF) {
 		if (files || o->tls_username[0] || o->tls_no_verify) {
 			snprintf(msg, msglen, "%s given but tls=off; add tls=require to use TLS",
 				 o->tls_psk[0] ? "tls-psk=" : o->tls_certificates[0] ? "tls-certificates=" :
@@ -195,7 +189,7 @@ static int check_tls_options(struct replica_opts *o, char *msg, size_t msglen)
 	}
 	if (o->client_given && !o->client_libnbd) {
 		snprintf(msg, msglen, "tls=%s needs client=libnbd, the native client has no TLS; drop client=native",
-			 o->tls == REPLICA_LINK_TLS_ON ? "on" : "require");
+			 o->tls == NBD_TLS_ON ? "on" : "require");
 		return -EINVAL;
 	}
 	/* TLS comes with libnbd's client. */
