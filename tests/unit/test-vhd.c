@@ -1382,6 +1382,46 @@ static void pcv_run_free(struct pcv_run *run)
 }
 
 /*
+ * Runs op with the journal on run's file, marks its return, then checks
+ * every cut (pcv_check).  The history must hold at least min_events.
+ */
+static void pcv_series(struct pcv_run *run, void (*op)(void), size_t min_events)
+{
+	const char *files[1] = { run->path };
+	struct pc_log log;
+	size_t versions;
+
+	pc_start_sync_files(&log, files, 1);
+	op();
+	run->done_at = pc_mark(&log);
+	pc_stop_sync(&log);
+	run->done_len = file_size(run->path);
+	ck_assert_uint_eq(log.others, 0);
+
+	versions = pc_for_each_cut(&log, pcv_check, run);
+	ck_assert_uint_ge(log.events, min_events);
+	ck_assert_uint_gt(versions, log.events);
+	pc_free(&log);
+	pcv_run_free(run);
+}
+
+static void pcv_make_empty_pb(void)
+{
+	struct vhd_error err;
+	struct vhd_file *vf = xopen(pb, VHD_FILE_CHAIN);
+
+	ck_assert_msg(vhd_file_make_empty(vf, &err) == 0, "%s", err.msg);
+	vhd_file_close(vf);
+}
+
+static void pcv_coalesce_pc(void)
+{
+	struct vhd_error err;
+
+	ck_assert_msg(vhd_file_coalesce(pc, NULL, NULL, &err) == 0, "%s", err.msg);
+}
+
+/*
  * vhd-util modify -z on the child: the BAT (four sectors) cleared and made
  * durable, the footer written where the file will end and made durable,
  * the cut, an fsync.  A cut shows each block as the child had it or as
@@ -1391,12 +1431,9 @@ static void pcv_run_free(struct pcv_run *run)
 START_TEST(power_cut_offline_make_empty)
 {
 	struct pcv_run run;
-	struct pc_log log;
 	struct vhd_error err;
 	struct vhd_file *vf;
-	const char *files[1] = { pb };
 	uint8_t junk[VHD_FOOTER_SIZE];
-	size_t versions;
 	uint64_t end;
 
 	pcv_chain();
@@ -1421,21 +1458,8 @@ START_TEST(power_cut_offline_make_empty)
 	pcv_read_blocks(pa, 0, run.after);
 	ck_assert(memcmp(run.before, run.after, (size_t)PCV_BLOCKS * PCV_SPB * 512));
 
-	pc_start_sync_files(&log, files, 1);
-	vf = xopen(pb, VHD_FILE_CHAIN);
-	ck_assert_msg(vhd_file_make_empty(vf, &err) == 0, "%s", err.msg);
-	vhd_file_close(vf);
-	run.done_at = pc_mark(&log);
-	pc_stop_sync(&log);
-	run.done_len = file_size(pb);
-	ck_assert_uint_eq(log.others, 0);
-
-	versions = pc_for_each_cut(&log, pcv_check, &run);
 	/* 4 BAT sectors, a sync, the footer, a sync, the truncate, an fsync, the mark. */
-	ck_assert_uint_ge(log.events, 13);
-	ck_assert_uint_gt(versions, log.events);
-	pc_free(&log);
-	pcv_run_free(&run);
+	pcv_series(&run, pcv_make_empty_pb, 13);
 }
 END_TEST
 
@@ -1450,10 +1474,6 @@ END_TEST
 START_TEST(power_cut_offline_coalesce)
 {
 	struct pcv_run run;
-	struct pc_log log;
-	struct vhd_error err;
-	const char *files[1] = { pb };
-	size_t versions;
 
 	pcv_chain();
 	pcv_child();
@@ -1462,18 +1482,7 @@ START_TEST(power_cut_offline_coalesce)
 	pcv_read_blocks(pb, VHD_FILE_CHAIN, run.before);
 	pcv_read_blocks(pc, VHD_FILE_CHAIN, run.after);
 
-	pc_start_sync_files(&log, files, 1);
-	ck_assert_msg(vhd_file_coalesce(pc, NULL, NULL, &err) == 0, "%s", err.msg);
-	run.done_at = pc_mark(&log);
-	pc_stop_sync(&log);
-	run.done_len = file_size(pb);
-	ck_assert_uint_eq(log.others, 0);
-
-	versions = pc_for_each_cut(&log, pcv_check, &run);
-	ck_assert_uint_ge(log.events, 20);
-	ck_assert_uint_gt(versions, log.events);
-	pc_free(&log);
-	pcv_run_free(&run);
+	pcv_series(&run, pcv_coalesce_pc, 20);
 }
 END_TEST
 
