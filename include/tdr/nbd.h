@@ -336,6 +336,14 @@ enum nbd_tls_mode {
 /* "off", "on" or "require" into *out; -EINVAL for anything else. */
 int nbd_tls_parse_mode(const char *s, enum nbd_tls_mode *out);
 
+/*
+ * A pre-shared key file this process can read: 0, or -errno with
+ * tdr_set_error() naming the file and how to make one.  The export and
+ * the replica's link both check it when their options are read, so a
+ * wrong path shows at start, not at the first connection.
+ */
+int nbd_tls_check_psk_file(const char *file);
+
 struct nbd_tls_config {
 	enum nbd_tls_mode mode;
 	const char *psk_file;

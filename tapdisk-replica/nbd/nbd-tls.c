@@ -63,6 +63,18 @@ int nbd_tls_parse_mode(const char *s, enum nbd_tls_mode *out)
 	return -EINVAL;
 }
 
+int nbd_tls_check_psk_file(const char *file)
+{
+	int r;
+
+	if (access(file, R_OK) == 0)
+		return 0;
+	r = -errno;
+	tdr_set_error("tls-psk=%s: cannot read it: %s; create it with psktool -u NAME -p FILE",
+		      file, strerror(-r));
+	return r;
+}
+
 enum nbd_tls_mode nbd_tls_mode(const struct nbd_tls *tls)
 {
 	return tls ? tls->mode : NBD_TLS_OFF;
@@ -143,12 +155,9 @@ int nbd_tls_new(struct nbd_tls **out, const struct nbd_tls_config *cfg)
 	tls->mode = cfg->mode;
 	tls->verify_peer = cfg->verify_peer;
 	if (cfg->psk_file && *cfg->psk_file) {
-		if (access(cfg->psk_file, R_OK) < 0) {
-			r = -errno;
-			tdr_set_error("tls-psk=%s: cannot read it: %s; create it with psktool -u NAME -p FILE",
-				      cfg->psk_file, strerror(-r));
+		r = nbd_tls_check_psk_file(cfg->psk_file);
+		if (r < 0)
 			goto fail;
-		}
 		r = -ENOMEM;
 		if (gnutls_psk_allocate_server_credentials(&tls->psk) < 0)
 			goto fail;

@@ -173,12 +173,13 @@ static int check_tls_options(struct replica_opts *o, char *msg, size_t msglen)
 		snprintf(msg, msglen, "tls-psk= and tls-certificates= both given; keep tls-psk= for a pre-shared key or tls-certificates= for X.509");
 		return -EINVAL;
 	}
-	if (o->tls_psk[0] && access(o->tls_psk, R_OK) < 0) {
-		int err = -errno;
+	if (o->tls_psk[0]) {
+		int err = nbd_tls_check_psk_file(o->tls_psk);
 
-		snprintf(msg, msglen, "tls-psk=%.120s: cannot read it: %s; create it with psktool -u NAME -p FILE",
-			 o->tls_psk, strerror(-err));
-		return err;
+		if (err < 0) {
+			snprintf(msg, msglen, "%s", tdr_last_error());
+			return err;
+		}
 	}
 	if (o->tls_certificates[0] && access(o->tls_certificates, R_OK | X_OK) < 0) {
 		int err = -errno;
