@@ -297,27 +297,6 @@ secondary_is_view() {
 	done
 }
 
-# TLS test material (needs certtool, from gnutls-bin).
-# tls_mkca DIR: a self-signed CA (ca-key.pem, ca-cert.pem) in DIR.
-tls_mkca() {
-	mkdir -p "$1"
-	certtool --generate-privkey >"$1/ca-key.pem" 2>/dev/null || fail "certtool: CA key"
-	printf 'cn = test CA\nca\ncert_signing_key\nexpiration_days = 2\n' >"$1/ca.info"
-	certtool --generate-self-signed --load-privkey "$1/ca-key.pem" --template "$1/ca.info" \
-		--outfile "$1/ca-cert.pem" >/dev/null 2>&1 || fail "certtool: CA"
-}
-
-# tls_mkcert DIR NAME CA_DIR server|client [TEMPLATE_LINE]: NAME-key.pem and
-# NAME-cert.pem in DIR, signed by CA_DIR's CA, and that CA's ca-cert.pem.
-tls_mkcert() {
-	local dir=$1 name=$2 ca=$3 role=$4 extra=${5:-}
-	mkdir -p "$dir"
-	certtool --generate-privkey >"$dir/$name-key.pem" 2>/dev/null || fail "certtool: key of $name"
-	printf 'cn = %s\ntls_www_%s\nencryption_key\nsigning_key\nexpiration_days = 2\n%s\n' \
-		"$name" "$role" "$extra" >"$dir/$name.info"
-	certtool --generate-certificate --load-privkey "$dir/$name-key.pem" \
-		--load-ca-certificate "$ca/ca-cert.pem" --load-ca-privkey "$ca/ca-key.pem" \
-		--template "$dir/$name.info" --outfile "$dir/$name-cert.pem" >/dev/null 2>&1 ||
-		fail "certtool: certificate of $name"
-	cp "$ca/ca-cert.pem" "$dir/"
-}
+# TLS test material: tls_mkca and tls_mkcert (needs certtool, from gnutls-bin).
+# shellcheck source=../tls-pki.sh
+. "$TDR_SRCDIR/tests/tls-pki.sh"
