@@ -58,5 +58,5 @@ make_pki() {
 	tls_mkcert "$d/client" client "$d" client || die "cannot make the client certificate"
 }
 
-# shellcheck source=../tls-pki.sh
+# shellcheck source=tests/tls-pki.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../tls-pki.sh"

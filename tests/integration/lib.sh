@@ -298,5 +298,5 @@ secondary_is_view() {
 }
 
 # TLS test material: tls_mkca and tls_mkcert (needs certtool, from gnutls-bin).
-# shellcheck source=../tls-pki.sh
+# shellcheck source=tests/tls-pki.sh
 . "$TDR_SRCDIR/tests/tls-pki.sh"
