@@ -48,6 +48,14 @@ static void on_shutdown(void *arg)
 	*(bool *)arg = true;
 }
 
+/* The pre-shared key file of the TLS inputs, made once, removed at exit. */
+static char psk[] = "/tmp/fuzz-nbd-server-psk-XXXXXX";
+
+static void remove_psk(void)
+{
+	unlink(psk);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	static struct tdr_loop *loop;
@@ -60,7 +68,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	bool done = false;
 	int sv[2];
 
-	static char psk[] = "/tmp/fuzz-nbd-server-psk-XXXXXX";
 	struct nbd_tls_config tls = { .psk_file = psk };
 
 	if (!loop) {
@@ -71,6 +78,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (fd < 0 || write(fd, key, sizeof(key) - 1) != (ssize_t)(sizeof(key) - 1))
 			__builtin_trap();
 		close(fd);
+		atexit(remove_psk);
 		tdr_log_init("fuzz-nbd-server", false, TDR_LOG_ERR);
 		fuzz_driver = &fuzz_mem_driver;	/* the only driver linked in */
 		loop = tdr_loop_new();
