@@ -1263,6 +1263,7 @@ struct pcv_run {
 	size_t done_at;		/* the tool returned at this event */
 	off_t done_len;		/* and the file had this length */
 	bool per_sector;	/* before/after may mix within a block (coalesce) */
+	size_t repaired;	/* versions that needed a second repair */
 };
 
 static void pcv_read_blocks(const char *path, unsigned flags, char *out)
@@ -1383,9 +1384,11 @@ static void pcv_run_free(struct pcv_run *run)
 
 /*
  * Runs op with the journal on run's file, marks its return, then checks
- * every cut (pcv_check).  The history must hold at least min_events.
+ * every cut (check, pcv_check by default).  The history must hold at
+ * least min_events.
  */
-static void pcv_series(struct pcv_run *run, void (*op)(void), size_t min_events)
+static void pcv_series_with(struct pcv_run *run, void (*op)(void), size_t min_events,
+			    pc_check_fn check)
 {
 	const char *files[1] = { run->path };
 	struct pc_log log;
@@ -1398,11 +1401,16 @@ static void pcv_series(struct pcv_run *run, void (*op)(void), size_t min_events)
 	run->done_len = file_size(run->path);
 	ck_assert_uint_eq(log.others, 0);
 
-	versions = pc_for_each_cut(&log, pcv_check, run);
+	versions = pc_for_each_cut(&log, check, run);
 	ck_assert_uint_ge(log.events, min_events);
 	ck_assert_uint_gt(versions, log.events);
 	pc_free(&log);
 	pcv_run_free(run);
+}
+
+static void pcv_series(struct pcv_run *run, void (*op)(void), size_t min_events)
+{
+	pcv_series_with(run, op, min_events, pcv_check);
 }
 
 static void pcv_make_empty_pb(void)
@@ -1486,6 +1494,150 @@ START_TEST(power_cut_offline_coalesce)
 }
 END_TEST
 
+/*
+ * pa with data in three blocks (pcv_chain's parent), its footer moved
+ * 8 MiB past the end of its data, where a writer that grows the file
+ * ahead of need leaves it, and junk where the footer will go.
+ */
+static uint64_t pcv_footer_moved_out(uint8_t fb[VHD_FOOTER_SIZE])
+{
+	uint8_t junk[VHD_FOOTER_SIZE];
+	struct vhd_file *vf;
+	uint64_t end;
+
+	pcv_chain();
+	vf = xopen(pa, 0);
+	end = vf->m.data_end;
+	ck_assert_uint_eq(end % 512, 0);
+	ck_assert_uint_eq((uint64_t)file_size(pa), end + VHD_FOOTER_SIZE);
+	vhd_file_close(vf);
+	raw_read(pa, fb, VHD_FOOTER_SIZE, (off_t)end);
+	memset(junk, 0x5c, sizeof(junk));
+	raw_write(pa, junk, sizeof(junk), (off_t)end);
+	raw_write(pa, fb, VHD_FOOTER_SIZE, (off_t)(end + 8 * MIB));
+	return end;
+}
+
+static uint8_t pcv_fb[VHD_FOOTER_SIZE];
+static uint64_t pcv_end;
+
+static void pcv_end_at_pa(void)
+{
+	int fd = open(pa, O_RDWR | O_CLOEXEC);
+
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(vhd_file_end_at(fd, pcv_fb, pcv_end), 0);
+	close(fd);
+}
+
+/*
+ * The footer brought back to the end of the data (vhd_file_end_at: what
+ * the driver's trim at a clean close and vhd-util repair run): the footer
+ * written, fdatasync, the truncate, fsync.  Every cut must pass check and
+ * read as before; the old footer stays the file's last sector until the
+ * truncate, which cannot come before the new footer is durable.
+ */
+START_TEST(power_cut_footer_move)
+{
+	struct pcv_run run;
+	struct vhd_error err;
+
+	pcv_end = pcv_footer_moved_out(pcv_fb);
+	ck_assert_msg(vhd_file_check(pa, 0, &err) == 0, "%s", err.msg);
+	pcv_run_init(&run, pa, 0);
+	pcv_read_blocks(pa, 0, run.before);
+	memcpy(run.after, run.before, (size_t)PCV_BLOCKS * PCV_SPB * 512);
+
+	/* The footer, a sync, the truncate, an fsync, the mark. */
+	pcv_series(&run, pcv_end_at_pa, 5);
+	ck_assert_int_eq(file_size(pa), (off_t)(pcv_end + VHD_FOOTER_SIZE));
+}
+END_TEST
+
+static void copy_file(const char *from, const char *to)
+{
+	off_t len = file_size(from);
+	char *buf = malloc((size_t)len + 1);
+	int fd;
+
+	ck_assert_ptr_nonnull(buf);
+	if (len)
+		raw_read(from, buf, (size_t)len, 0);
+	fd = open(to, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(write(fd, buf, (size_t)len), (ssize_t)len);
+	close(fd);
+	free(buf);
+}
+
+/*
+ * A cut during repair leaves the file repaired or still repairable:
+ * check passes and the blocks read as before, or check fails, and a
+ * repair of a copy (the version must stay as built) succeeds and gives
+ * that.  Once repair returned, check passes on the file itself.
+ */
+static void pcv_check_repair(void *arg, const struct pc_cut *cut)
+{
+	struct pcv_run *run = arg;
+	const size_t len = (size_t)PCV_BLOCKS * PCV_SPB * 512;
+	struct vhd_error err;
+
+	if (cut->at > run->done_at || vhd_file_check(run->path, 0, &err) == 0) {
+		pcv_check(run, cut);
+		return;
+	}
+	copy_file(run->path, pd);
+	if (vhd_file_repair(pd, &err) < 0)
+		ck_abort_msg("cut after %zu events (%zu durable, %zu undecided), %s: the file is broken and repair fails: %s",
+			     cut->at, cut->durable, cut->undecided, cut->how, err.msg);
+	if (vhd_file_check(pd, 0, &err) < 0)
+		ck_abort_msg("cut after %zu events, %s: check after a second repair: %s",
+			     cut->at, cut->how, err.msg);
+	run->repaired++;
+	pcv_read_blocks(pd, 0, run->got);
+	if (memcmp(run->got, run->after, len))
+		ck_abort_msg("cut after %zu events, %s: the blocks read otherwise after a second repair",
+			     cut->at, cut->how);
+}
+
+static void pcv_repair_pa(void)
+{
+	struct vhd_error err;
+
+	ck_assert_msg(vhd_file_repair(pa, &err) == 0, "%s", err.msg);
+}
+
+/*
+ * vhd-util repair of a file whose last sector is junk, 8 MiB past its
+ * data (a writer that grew it died before its footer's write): the copy
+ * at offset 0 goes where the data ends, then the cut.
+ */
+START_TEST(power_cut_repair)
+{
+	struct pcv_run run;
+	struct vhd_error err;
+	uint8_t fb[VHD_FOOTER_SIZE], junk[VHD_FOOTER_SIZE];
+	uint64_t end;
+
+	end = pcv_footer_moved_out(fb);
+	memset(junk, 0xa7, sizeof(junk));
+	raw_write(pa, junk, sizeof(junk), (off_t)(end + 8 * MIB));
+	ck_assert_int_lt(vhd_file_check(pa, 0, &err), 0);
+	ck_assert_int_eq(err.code, VHD_ERR_FOOTER_COOKIE);
+	pcv_run_init(&run, pa, 0);
+	pcv_read_blocks(pa, VHD_FILE_USE_BACKUP, run.before);
+	memcpy(run.after, run.before, (size_t)PCV_BLOCKS * PCV_SPB * 512);
+
+	/* The footer, a sync, the truncate, an fsync, the mark. */
+	pcv_series_with(&run, pcv_repair_pa, 5, pcv_check_repair);
+	/* Cuts before the footer's sync leave it broken: both branches ran. */
+	ck_assert_uint_gt(run.repaired, 0);
+	ck_assert_int_eq(file_size(pa), (off_t)(end + VHD_FOOTER_SIZE));
+	raw_read(pa, junk, sizeof(junk), (off_t)end);
+	ck_assert_mem_eq(junk, fb, sizeof(fb));
+}
+END_TEST
+
 static Suite *vhd_suite(void)
 {
 	Suite *s = suite_create("vhd");
@@ -1523,6 +1675,8 @@ static Suite *vhd_suite(void)
 	tcase_set_timeout(tc, 300);
 	tcase_add_test(tc, power_cut_offline_make_empty);
 	tcase_add_test(tc, power_cut_offline_coalesce);
+	tcase_add_test(tc, power_cut_footer_move);
+	tcase_add_test(tc, power_cut_repair);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("rules");
