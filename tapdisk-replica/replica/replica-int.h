@@ -166,7 +166,10 @@ struct replica_chunkset {
 	uint32_t chunk_secs;
 	uint64_t *bits;
 	uint64_t count;			/* bits set */
-	/* Chunks set since the last clear_all; may hold stale or repeated entries. */
+	/*
+	 * Chunks set since the last clear_all; may hold stale or repeated
+	 * entries.  nset UINT64_MAX: the list was given up until clear_all.
+	 */
 	uint64_t *set_list;
 	uint64_t nset, set_cap;
 };
@@ -174,10 +177,13 @@ struct replica_chunkset {
 int replica_chunkset_init(struct replica_chunkset *cs, uint64_t disk_secs, uint32_t chunk_secs);
 void replica_chunkset_free(struct replica_chunkset *cs);
 bool replica_chunkset_test(const struct replica_chunkset *cs, uint64_t chunk);
-/* Returns -ENOMEM if the list could not grow (the bit is then not set). */
-int replica_chunkset_set(struct replica_chunkset *cs, uint64_t chunk);
+/*
+ * Never fails: when the list cannot grow (or would outgrow the bitmap),
+ * the set keeps the bitmap alone and clear_all clears all of it.
+ */
+void replica_chunkset_set(struct replica_chunkset *cs, uint64_t chunk);
 /* Marks every chunk that [sec, sec+secs) touches. */
-int replica_chunkset_set_range(struct replica_chunkset *cs, uint64_t sec, uint64_t secs);
+void replica_chunkset_set_range(struct replica_chunkset *cs, uint64_t sec, uint64_t secs);
 /* Clears one chunk. */
 void replica_chunkset_clear(struct replica_chunkset *cs, uint64_t chunk);
 /* Clears everything, in time proportional to what was set. */

@@ -185,18 +185,9 @@ static void update_dirty_stats(struct primary *p)
 	p->r->stats.dirty_bytes = replica_chunkset_count(&p->dirty) * bytes(DIRTY_CHUNK_SECS);
 }
 
-static void track_failed(struct primary *p)
-{
-	/* The set could not grow: only a full resync is then sure to be complete. */
-	if (!p->need_full)
-		TDR_ERR("replica primary: out of memory tracking changes; the next resync must be full");
-	p->need_full = true;
-}
-
 static void mark_unflushed(struct primary *p, uint64_t sec, uint64_t secs)
 {
-	if (replica_chunkset_set_range(&p->unflushed[p->uf_cur], sec, secs) < 0)
-		track_failed(p);
+	replica_chunkset_set_range(&p->unflushed[p->uf_cur], sec, secs);
 }
 
 /* The link went away: what the secondary may not have kept must be copied again. */
@@ -206,11 +197,8 @@ static void unflushed_to_dirty(struct primary *p)
 		struct replica_chunkset *cs = &p->unflushed[g];
 		uint64_t c = 0;
 
-		while (replica_chunkset_count(cs) && replica_chunkset_next(cs, c, &c)) {
-			if (replica_chunkset_set(&p->dirty, c) < 0)
-				track_failed(p);
-			c++;
-		}
+		while (replica_chunkset_count(cs) && replica_chunkset_next(cs, c, &c))
+			replica_chunkset_set(&p->dirty, c++);
 		replica_chunkset_clear_all(cs);
 	}
 	update_dirty_stats(p);
@@ -218,8 +206,7 @@ static void unflushed_to_dirty(struct primary *p)
 
 static void mark_dirty(struct primary *p, uint64_t sec, uint64_t secs)
 {
-	if (replica_chunkset_set_range(&p->dirty, sec, secs) < 0)
-		track_failed(p);
+	replica_chunkset_set_range(&p->dirty, sec, secs);
 	update_dirty_stats(p);
 }
 

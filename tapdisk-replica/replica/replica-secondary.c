@@ -166,7 +166,9 @@ struct sec {
 	const char *empty_what;
 
 	/* Failover. */
+	bool fo_draining;		/* failover asked, the primary's writes still finishing */
 	unsigned fo_copies;
+	struct sec_copy *fo_inflight;	/* those copies, linked by next */
 	uint64_t fo_bytes_inflight;	/* of those copies */
 	uint64_t fo_copied;		/* bytes copied, re-copies included */
 	bool fo_flushing;		/* the last flush before the switch is in flight */
@@ -210,7 +212,7 @@ struct sec_copy {
 	size_t buf_len;
 	struct sec *s;
 	struct sec_fwd *f;	/* copy-before-write: the write waiting for it */
-	struct sec_copy *next;	/* in f->copies */
+	struct sec_copy *next;	/* in f->copies, or in sec.fo_inflight */
 	int err;		/* its copy into hidden failed */
 	uint64_t first_chunk, nchunks;
 };
@@ -705,7 +707,16 @@ static void sec_dispatch_export(struct sec *s, struct td_request *req)
 
 	switch (r->state) {
 	case REPLICA_STATE_NONE:
-		/* Before start: the initial sync fills the secondary disk directly. */
+		/*
+		 * Before start: the initial sync fills the secondary disk
+		 * directly.  While start empties active and hidden, its
+		 * writes wait: one landing after the switch to running would
+		 * change the SVM's view with nothing copied into hidden.
+		 */
+		if (s->hold_all) {
+			hold(s, req, DOOR_EXPORT);
+			return;
+		}
 		break;
 	case REPLICA_STATE_RUNNING:
 		if (s->hold_all) {
@@ -995,12 +1006,38 @@ static void fo_switch_done(struct sec *s)
 	td_queue_request(s->secondary, &s->fo_flush);
 }
 
+/*
+ * The end of the copy in flight that covers chunk c, or 0 for none.  Two
+ * copies of one chunk must never be in flight together: the older one,
+ * which read the chunk before an SVM write to it, could land last and
+ * put the old data back.  A chunk an SVM write marks again while its
+ * copy runs waits for that copy (fo_copy_next).
+ */
+static uint64_t fo_copying(const struct sec *s, uint64_t c)
+{
+	for (const struct sec_copy *k = s->fo_inflight; k; k = k->next)
+		if (c >= k->first_chunk && c < k->first_chunk + k->nchunks)
+			return k->first_chunk + k->nchunks;
+	return 0;
+}
+
+static void fo_unlink(struct sec *s, struct sec_copy *c)
+{
+	struct sec_copy **pp = &s->fo_inflight;
+
+	while (*pp && *pp != c)
+		pp = &(*pp)->next;
+	if (*pp)
+		*pp = c->next;
+}
+
 static void fo_copy_wrote(struct td_request *wr, int err, void *arg)
 {
 	struct sec_copy *c = arg;
 	struct sec *s = c->s;
 	struct replica *r = s->r;
 
+	fo_unlink(s, c);
 	if (err) {
 		if (!s->fo_err)
 			s->fo_err = err;
@@ -1075,16 +1112,30 @@ static uint64_t fo_copy_budget(const struct sec *s)
 	return budget < run ? budget : run;
 }
 
+/* The first chunk from `from` on that is dirty and not being copied. */
+static bool fo_next_idle(const struct sec *s, uint64_t from, uint64_t *first)
+{
+	uint64_t end;
+
+	while (replica_chunkset_next(&s->fo_dirty, from, first)) {
+		end = fo_copying(s, *first);
+		if (!end)
+			return true;
+		from = end;
+	}
+	return false;
+}
+
 /* Takes the next run of dirty chunks and copies the SVM's view of it. */
 static bool fo_copy_next(struct sec *s, uint64_t max_chunks)
 {
 	uint64_t first, n = 1;
 	struct sec_copy *c;
 
-	if (!replica_chunkset_next(&s->fo_dirty, s->fo_cursor, &first) &&
-	    !replica_chunkset_next(&s->fo_dirty, 0, &first))
+	if (!fo_next_idle(s, s->fo_cursor, &first) && !fo_next_idle(s, 0, &first))
 		return false;
-	while (n < max_chunks && replica_chunkset_test(&s->fo_dirty, first + n))
+	while (n < max_chunks && replica_chunkset_test(&s->fo_dirty, first + n) &&
+	       !fo_copying(s, first + n))
 		n++;
 	if (!(c = sec_copy_new(s, first, n))) {
 		if (!s->fo_err)
@@ -1094,6 +1145,8 @@ static bool fo_copy_next(struct sec *s, uint64_t max_chunks)
 	for (uint64_t i = 0; i < n; i++)
 		replica_chunkset_clear(&s->fo_dirty, first + i);
 	s->fo_cursor = first + n;
+	c->next = s->fo_inflight;
+	s->fo_inflight = c;
 	s->fo_copies++;
 	s->fo_bytes_inflight += c->buf_len;
 	if (fo_svm_busy(s) && s->fo_bytes_inflight > s->r->stats.fo_svm_peak_bytes)
@@ -1190,7 +1243,14 @@ static void fo_pump(struct sec *s)
 {
 	struct replica *r = s->r;
 
-	if (r->state != REPLICA_STATE_FAILOVER)
+	/*
+	 * Not before fo_begin: an SVM write completing while the primary's
+	 * writes drain would find fo_dirty holding its own chunks only (and,
+	 * in a retry, the last attempt's fo_err and fo_preflushed), and the
+	 * failover would switch to done without the rest of active and
+	 * hidden.
+	 */
+	if (r->state != REPLICA_STATE_FAILOVER || s->fo_draining)
 		return;
 	if (s->closing && !s->fo_err)
 		s->fo_err = -ECANCELED;
@@ -1230,39 +1290,28 @@ static void fo_pump(struct sec *s)
 	fo_switch_done(s);
 }
 
-static int fo_snapshot(struct sec *s)
+static void fo_snapshot(struct sec *s)
 {
 	uint64_t c = 0;
-	int err;
 
 	replica_chunkset_clear_all(&s->fo_dirty);
 	for (uint64_t from = 0; replica_chunkset_next(&s->svm_written, from, &c); from = c + 1)
-		if ((err = replica_chunkset_set(&s->fo_dirty, c)) < 0)
-			return err;
+		replica_chunkset_set(&s->fo_dirty, c);
 	for (uint64_t from = 0; replica_chunkset_next(&s->cbw, from, &c); from = c + 1)
-		if ((err = replica_chunkset_set(&s->fo_dirty, c)) < 0)
-			return err;
-	return 0;
+		replica_chunkset_set(&s->fo_dirty, c);
 }
 
 /* The primary's writes in flight are done: what hidden holds is final. */
 static void fo_begin(struct sec *s)
 {
 	struct replica *r = s->r;
-	int err;
 
+	s->fo_draining = false;
 	/* Before any SVM request is let go: from now on they write in safe mode. */
 	sec_set_scratch(s, false);
 	sec_set_running_io(s, false);
 	s->hold_all = false;
-	err = fo_snapshot(s);
-	if (err) {
-		/* Failed, but the SVM goes on with active/hidden: make them safe too. */
-		s->fo_err = err;
-		fo_chainflush(s);
-		fo_pump(s);
-		return;
-	}
+	fo_snapshot(s);
 	s->fo_err = 0;
 	s->fo_cursor = 0;
 	s->fo_final = false;
@@ -1332,7 +1381,8 @@ static int fo_adopt_run(void *arg, uint64_t sec, uint64_t secs)
 {
 	struct sec *s = arg;
 
-	return replica_chunkset_set_range(&s->svm_written, sec, secs);
+	replica_chunkset_set_range(&s->svm_written, sec, secs);
+	return 0;
 }
 
 /* The failover proper, from running, failover-failed or an adopted chain. */
@@ -1341,6 +1391,7 @@ static void fo_start(struct sec *s)
 	replica_set_state(s->r, REPLICA_STATE_FAILOVER);
 	replica_op_done(s->r, 0, "%s", "");
 	/* Let the primary's writes in flight finish (new ones are refused now). */
+	s->fo_draining = true;
 	s->hold_all = true;
 	wait_drained(s, fo_begin);
 }

@@ -167,44 +167,42 @@ bool replica_chunkset_test(const struct replica_chunkset *cs, uint64_t chunk)
 	return chunk < cs->nchunks && (cs->bits[chunk / 64] >> (chunk % 64)) & 1;
 }
 
-int replica_chunkset_set(struct replica_chunkset *cs, uint64_t chunk)
+void replica_chunkset_set(struct replica_chunkset *cs, uint64_t chunk)
 {
 	if (chunk >= cs->nchunks || replica_chunkset_test(cs, chunk))
-		return 0;
-	if (cs->nset == cs->set_cap) {
+		return;
+	if (cs->nset != UINT64_MAX && cs->nset == cs->set_cap) {
+		uint64_t words = (cs->nchunks + 63) / 64;
 		uint64_t cap = cs->set_cap ? cs->set_cap * 2 : 256;
-		uint64_t *l;
+		uint64_t *l = NULL;
 
-		/* Past the number of chunks, the list is no cheaper than the bitmap. */
-		if (cs->set_cap >= cs->nchunks) {
+		/*
+		 * Past as many entries as the bitmap has words, the list costs
+		 * more to keep than clear_all's memset of the bitmap saves.
+		 * Out of memory, the same: the list is an accelerator, the bit
+		 * is what counts, and losing one would lose a write's tracking.
+		 */
+		if (cs->set_cap < words)
+			l = realloc(cs->set_list, cap * sizeof(*l));
+		if (l) {
+			cs->set_list = l;
+			cs->set_cap = cap;
+		} else {
 			cs->nset = UINT64_MAX;
-			goto set_bit;
 		}
-		l = realloc(cs->set_list, cap * sizeof(*l));
-		if (!l)
-			return -ENOMEM;
-		cs->set_list = l;
-		cs->set_cap = cap;
 	}
 	if (cs->nset != UINT64_MAX)
 		cs->set_list[cs->nset++] = chunk;
-set_bit:
 	cs->bits[chunk / 64] |= 1ull << (chunk % 64);
 	cs->count++;
-	return 0;
 }
 
-int replica_chunkset_set_range(struct replica_chunkset *cs, uint64_t sec, uint64_t secs)
+void replica_chunkset_set_range(struct replica_chunkset *cs, uint64_t sec, uint64_t secs)
 {
 	if (!secs)
-		return 0;
-	for (uint64_t c = sec / cs->chunk_secs; c <= (sec + secs - 1) / cs->chunk_secs; c++) {
-		int r = replica_chunkset_set(cs, c);
-
-		if (r < 0)
-			return r;
-	}
-	return 0;
+		return;
+	for (uint64_t c = sec / cs->chunk_secs; c <= (sec + secs - 1) / cs->chunk_secs; c++)
+		replica_chunkset_set(cs, c);
 }
 
 void replica_chunkset_clear(struct replica_chunkset *cs, uint64_t chunk)

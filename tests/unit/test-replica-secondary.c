@@ -1653,6 +1653,298 @@ START_TEST(randomized_model)
 }
 END_TEST
 
+/* ------------------------------------------------------------ races */
+
+/*
+ * A gate on one image's writes: while it is up, writes queued to that
+ * image (those starting at gate_sec only, unless UINT64_MAX) are held
+ * until gate_release() passes them on; later ones go through once
+ * gate_open is set.  With gate_flushes, its flushes are held too, to the
+ * release.  A disk gives requests in flight no order, so a gate only
+ * picks one of the completion orders a real disk may produce.
+ */
+#define GATE_MAX 16
+static struct td_driver gate_drv;
+static const struct td_driver *gate_orig;
+static struct td_image *gate_img;
+static struct td_request *gate_held[GATE_MAX];
+static int gate_n, gate_passed;
+static uint64_t gate_sec;
+static bool gate_open, gate_flushes;
+
+static void gate_hold(struct td_request *req)
+{
+	ck_assert_int_lt(gate_n, GATE_MAX);
+	gate_held[gate_n++] = req;
+}
+
+static void gate_flush(struct td_image *img, struct td_request *req)
+{
+	if (gate_flushes) {
+		gate_hold(req);
+		return;
+	}
+	gate_orig->queue_flush(img, req);
+}
+
+static void gate_write(struct td_image *img, struct td_request *req)
+{
+	if (!gate_open && (gate_sec == UINT64_MAX || req->sec == gate_sec)) {
+		gate_hold(req);
+		return;
+	}
+	if (gate_sec == UINT64_MAX || req->sec == gate_sec)
+		gate_passed++;
+	gate_orig->queue_write(img, req);
+}
+
+static void gate_install(struct td_image *img, uint64_t sec)
+{
+	gate_orig = img->drv;
+	gate_drv = *img->drv;
+	gate_drv.queue_write = gate_write;
+	gate_drv.queue_flush = gate_flush;
+	gate_img = img;
+	gate_n = gate_passed = 0;
+	gate_sec = sec;
+	gate_open = gate_flushes = false;
+	img->drv = &gate_drv;
+}
+
+/* Passes the held writes on, in order, and takes the gate down. */
+static void gate_release(void)
+{
+	int n = gate_n;
+
+	gate_img->drv = gate_orig;
+	gate_n = 0;
+	for (int i = 0; i < n; i++) {
+		if (gate_held[i]->op == TD_OP_FLUSH)
+			gate_orig->queue_flush(gate_img, gate_held[i]);
+		else
+			gate_orig->queue_write(gate_img, gate_held[i]);
+	}
+}
+
+static void run_until_held(int n)
+{
+	for (int i = 0; i < 20000 && gate_n < n; i++)
+		ck_assert_int_ge(tdr_loop_run_once(loop, 1), 0);
+	ck_assert_int_eq(gate_n, n);
+}
+
+/* Until a write at sec is among the held requests. */
+static void run_until_copy_held(uint64_t sec)
+{
+	for (int i = 0; i < 20000; i++) {
+		for (int k = 0; k < gate_n; k++)
+			if (gate_held[k]->op == TD_OP_WRITE && gate_held[k]->sec == sec)
+				return;
+		ck_assert_int_ge(tdr_loop_run_once(loop, 1), 0);
+	}
+	ck_abort_msg("no write at sector %llu was held", (unsigned long long)sec);
+}
+
+static void spin(int n)
+{
+	for (int i = 0; i < n; i++)
+		ck_assert_int_ge(tdr_loop_run_once(loop, 1), 0);
+}
+
+/* The secondary disk, all of it, must read as want. */
+static void expect_secondary_is(const char *want)
+{
+	char *got = xalloc(DISK_SIZE);
+
+	ck_assert_int_eq(iio(secondary, TD_OP_READ, 0, DISK_SECS, got), 0);
+	for (uint64_t sct = 0; sct < DISK_SECS; sct++)
+		ck_assert_msg(!memcmp(got + sct * 512, want + sct * 512, 512),
+			      "the secondary disk differs from the SVM's view at sector %llu",
+			      (unsigned long long)sct);
+	free(got);
+}
+
+/*
+ * Failover asked with an SVM write in flight while a primary write's copy
+ * into hidden is slow: the SVM write completes while the failover waits
+ * for the primary's write.  The commit must still start from everything
+ * active and hidden hold, not from the chunks of that SVM write alone
+ * (which once switched to done without the rest).
+ */
+START_TEST(failover_svm_write_completes_while_primary_drains)
+{
+	char *d = xalloc(MIB), *w = xalloc(MIB), *p = xalloc(MIB), *view = xalloc(DISK_SIZE);
+	char *got = xalloc(DISK_SIZE);
+	struct td_request preq, wreq;
+	struct done pd = { 0 }, wd = { 0 };
+
+	ck_assert_int_eq(op("start"), 0);
+	fill(d, MIB, 40);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 0, 128, d), 0);	/* chunk 0 in active */
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, view), 0);
+
+	/* A primary write to chunk 100, its copy into hidden held. */
+	gate_install(hidden, UINT64_MAX);
+	fill(p, MIB, 41);
+	td_request_init(&preq, TD_OP_WRITE, 12800, 8, p, req_done, &pd);
+	td_disk_submit(exp_disk, &preq);
+	run_until_held(1);
+
+	fill(w, MIB, 42);
+	td_request_init(&wreq, TD_OP_WRITE, 1280, 8, w, req_done, &wd);
+	td_disk_submit(disk, &wreq);
+	memcpy(view + 1280 * 512, w, 8 * 512);
+	ck_assert_int_eq(op("failover"), 0);
+	run_until(&wd.done);
+	ck_assert_int_eq(wd.err, 0);
+	spin(2000);
+	/* Still waiting for the primary's write: nothing committed yet. */
+	ck_assert_int_eq(state(), REPLICA_STATE_FAILOVER);
+	ck_assert(!pd.done);
+	gate_release();
+	run_until(&pd.done);
+	ck_assert_int_eq(pd.err, 0);
+	wait_state_not(REPLICA_STATE_FAILOVER);
+	ck_assert_int_eq(state(), REPLICA_STATE_DONE);
+	expect_secondary_is(view);
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, got), 0);
+	ck_assert_msg(memcmp(got, view, DISK_SIZE) == 0, "after the failover the SVM reads other bytes");
+	free(d);
+	free(w);
+	free(p);
+	free(view);
+	free(got);
+}
+END_TEST
+
+/*
+ * A retry from failover-failed with an SVM write in flight (the SVM keeps
+ * running in failover-failed): the write's completion must not end the
+ * retry with the last attempt's error before it began.
+ */
+START_TEST(failover_retry_with_svm_write_in_flight)
+{
+	char *w = xalloc(MIB), *view = xalloc(DISK_SIZE);
+	struct td_request wreq;
+	struct done wd = { 0 };
+
+	ck_assert_int_eq(op("start"), 0);
+	fill(w, MIB, 50);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 0, 128, w), 0);		/* active */
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 8192, 128, w), 0);	/* hidden */
+	tdr_io_set_fault(io, TDR_FAULT_FAIL, 0);
+	failover_to(REPLICA_STATE_FAILOVER_FAILED);
+	tdr_io_set_fault(io, TDR_FAULT_NONE, 0);
+
+	fill(w, MIB, 51);
+	td_request_init(&wreq, TD_OP_WRITE, 16, 8, w, req_done, &wd);
+	td_disk_submit(disk, &wreq);
+	ck_assert_int_eq(op("failover"), 0);
+	run_until(&wd.done);
+	ck_assert_int_eq(wd.err, 0);
+	wait_state_not(REPLICA_STATE_FAILOVER);
+	ck_assert_int_eq(op("get-error"), 0);
+	ck_assert_msg(state() == REPLICA_STATE_DONE, "the retry ended in %s: %s",
+		      replica_state_name(state()), last_msg);
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 0, DISK_SECS, view), 0);
+	expect_secondary_is(view);
+	free(w);
+	free(view);
+}
+END_TEST
+
+/*
+ * The commit's copy of a chunk is writing into the secondary disk (held)
+ * when the SVM rewrites the chunk.  The chunk must be copied again, but
+ * only after the first copy landed: two copies in flight could land in
+ * either order, and the older last would put the old data back.  The
+ * secondary disk's flushes are held too: the last phase, which holds SVM
+ * writes, begins after one, and the SVM's write must go in first.
+ */
+START_TEST(failover_copies_of_a_chunk_never_overlap)
+{
+	char *a = xalloc(MIB), *w = xalloc(MIB), *got = xalloc(MIB);
+	struct td_request wreq;
+	struct done wd = { 0 };
+
+	ck_assert_int_eq(op("start"), 0);
+	fill(a, MIB, 60);
+	ck_assert_int_eq(dio(disk, TD_OP_WRITE, 5120, 128, a), 0);	/* chunk 40 in active */
+	gate_install(secondary, 5120);
+	gate_flushes = true;
+	ck_assert_int_eq(op("failover"), 0);
+	run_until_copy_held(5120);
+	gate_open = true;
+	fill(w, MIB, 61);
+	td_request_init(&wreq, TD_OP_WRITE, 5120, 128, w, req_done, &wd);
+	td_disk_submit(disk, &wreq);
+	run_until(&wd.done);
+	ck_assert_int_eq(wd.err, 0);
+	spin(2000);
+	ck_assert_msg(gate_passed == 0, "a second copy of the chunk was written while the first was in flight");
+	ck_assert_int_eq(state(), REPLICA_STATE_FAILOVER);
+	gate_release();
+	wait_state_not(REPLICA_STATE_FAILOVER);
+	ck_assert_int_eq(state(), REPLICA_STATE_DONE);
+	ck_assert_int_eq(iio(secondary, TD_OP_READ, 5120, 128, got), 0);
+	ck_assert_msg(memcmp(got, w, 128 * 512) == 0, "the secondary disk holds %s",
+		      memcmp(got, a, 128 * 512) == 0 ? "the chunk from before the SVM's write" : "other data");
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 5120, 128, got), 0);
+	ck_assert_msg(memcmp(got, w, 128 * 512) == 0, "the SVM lost its write");
+	free(a);
+	free(w);
+	free(got);
+}
+END_TEST
+
+/*
+ * A primary write that arrives while start empties active and hidden
+ * waits for running and is copied before it lands: the SVM's view of the
+ * range stays the secondary disk's at start until the next checkpoint.
+ */
+START_TEST(start_holds_primary_writes)
+{
+	char *old = xalloc(MIB), *neu = xalloc(MIB), *r1 = xalloc(MIB), *r2 = xalloc(MIB);
+	struct td_request preq, rreq;
+	struct done pd = { 0 }, sd = { 0 }, rd = { 0 };
+	struct replica_status st;
+	struct replica_cmd cmd;
+	char msg[256];
+
+	fill(old, MIB, 70);
+	fill(neu, MIB, 71);
+	ck_assert_int_eq(dio(exp_disk, TD_OP_WRITE, 2048, 8, old), 0);	/* initial sync */
+	ck_assert_int_eq(replica_parse("start", &cmd, msg, sizeof(msg)), 0);
+	replica_execute(rep, &cmd, op_done_cb, &sd);
+	gate_install(secondary, 2048);
+	td_request_init(&preq, TD_OP_WRITE, 2048, 8, neu, req_done, &pd);
+	td_disk_submit(exp_disk, &preq);
+	run_until(&sd.done);
+	ck_assert_int_eq(sd.err, 0);
+	ck_assert_int_eq(state(), REPLICA_STATE_RUNNING);
+	run_until_held(1);
+	/* The SVM reads the range while the primary's write is in flight. */
+	td_request_init(&rreq, TD_OP_READ, 2048, 8, r1, req_done, &rd);
+	td_disk_submit(disk, &rreq);
+	spin(200);
+	gate_release();
+	run_until(&pd.done);
+	ck_assert_int_eq(pd.err, 0);
+	run_until(&rd.done);
+	ck_assert_int_eq(rd.err, 0);
+	ck_assert_int_eq(dio(disk, TD_OP_READ, 2048, 8, r2), 0);
+	ck_assert_msg(memcmp(r1, old, 8 * 512) == 0, "the SVM's first read is not the disk at start");
+	ck_assert_msg(memcmp(r2, old, 8 * 512) == 0, "the SVM's view changed without a checkpoint");
+	expect_image(secondary, 2048, 8, neu);
+	replica_get_status(rep, &st);
+	ck_assert_uint_eq(st.stats.cbw_count, 1);
+	free(old);
+	free(neu);
+	free(r1);
+	free(r2);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("replica-secondary");
@@ -1691,6 +1983,14 @@ int main(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, randomized_model);
+	suite_add_tcase(s, tc);
+	tc = tcase_create("races");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 120);
+	tcase_add_test(tc, failover_svm_write_completes_while_primary_drains);
+	tcase_add_test(tc, failover_retry_with_svm_write_in_flight);
+	tcase_add_test(tc, failover_copies_of_a_chunk_never_overlap);
+	tcase_add_test(tc, start_holds_primary_writes);
 	suite_add_tcase(s, tc);
 	return check_run(s, CHECK_RUN_NOFORK);
 }

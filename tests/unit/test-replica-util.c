@@ -3,7 +3,8 @@
  * The replica driver's range lock, against a brute-force model: granted
  * ranges never conflict, a waiter waits only for a holder or an earlier
  * waiter it overlaps, and ranges are found across bucket boundaries, bucket
- * aliasing and the list of big ranges.
+ * aliasing and the list of big ranges.  Its chunk set, against a bool
+ * array.
  */
 #include <check.h>
 #include <stdbool.h>
@@ -199,6 +200,99 @@ START_TEST(randomized_against_model)
 }
 END_TEST
 
+/* ------------------------------------------------------------ chunkset */
+
+/* The set against a plain bool array: test, count, next, in every mode. */
+static void chunkset_check(const struct replica_chunkset *cs, const bool *model, uint64_t n)
+{
+	uint64_t count = 0, c = 0, from = 0;
+
+	for (uint64_t i = 0; i < n; i++) {
+		ck_assert_msg(replica_chunkset_test(cs, i) == model[i], "chunk %llu",
+			      (unsigned long long)i);
+		count += model[i];
+	}
+	ck_assert_uint_eq(replica_chunkset_count(cs), count);
+	for (uint64_t i = 0; i < n; i++) {
+		if (!model[i])
+			continue;
+		ck_assert(replica_chunkset_next(cs, from, &c));
+		ck_assert_uint_eq(c, i);
+		from = c + 1;
+	}
+	ck_assert(!replica_chunkset_next(cs, from, &c));
+	ck_assert(!replica_chunkset_test(cs, n));	/* past the end */
+}
+
+/*
+ * Random sets, ranges, clears and clear_alls on a set of 100,003 chunks
+ * (1,563 bitmap words): a few entries keep the list, tens of thousands
+ * give it up for the bitmap alone, and clear_all must clear both ways.
+ */
+START_TEST(chunkset_against_model)
+{
+	const uint64_t n = 100003;
+	const uint32_t chunk_secs = 128;
+	struct replica_chunkset cs;
+	bool *model = calloc(n, sizeof(*model));
+	bool overflowed = false, listed = false;
+
+	ck_assert_ptr_nonnull(model);
+	ck_assert_int_eq(replica_chunkset_init(&cs, n * chunk_secs - 5, chunk_secs), 0);
+	ck_assert_uint_eq(cs.nchunks, n);
+	srandom(77);
+	for (int round = 0; round < 12; round++) {
+		/* Rounds alternate between a few marks and very many. */
+		unsigned marks = round % 2 ? 30000 : 200;
+
+		for (unsigned k = 0; k < marks; k++) {
+			uint64_t c = (uint64_t)random() % (n + 10);	/* some past the end */
+
+			switch (random() % 4) {
+			case 0: {
+				uint64_t secs = (uint64_t)random() % (4 * chunk_secs) + 1;
+				uint64_t sec = c * chunk_secs + (uint64_t)random() % chunk_secs;
+
+				if (sec + secs > n * chunk_secs)
+					break;
+				replica_chunkset_set_range(&cs, sec, secs);
+				for (uint64_t i = sec / chunk_secs; i <= (sec + secs - 1) / chunk_secs; i++)
+					model[i] = true;
+				break;
+			}
+			case 1:
+				replica_chunkset_clear(&cs, c);
+				if (c < n)
+					model[c] = false;
+				break;
+			default:
+				replica_chunkset_set(&cs, c);
+				if (c < n)
+					model[c] = true;
+				break;
+			}
+		}
+		if (cs.nset == UINT64_MAX)
+			overflowed = true;
+		else if (cs.nset)
+			listed = true;
+		chunkset_check(&cs, model, n);
+		/* The list never outgrows the bitmap by more than its doubling. */
+		ck_assert_uint_le(cs.set_cap, 2 * ((n + 63) / 64));
+		if (round % 3 == 2) {
+			replica_chunkset_clear_all(&cs);
+			memset(model, 0, n * sizeof(*model));
+			chunkset_check(&cs, model, n);
+			ck_assert_uint_eq(cs.nset, 0);
+		}
+	}
+	ck_assert(overflowed);
+	ck_assert(listed);
+	replica_chunkset_free(&cs);
+	free(model);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("replica-util");
@@ -208,6 +302,10 @@ int main(void)
 	tcase_add_test(tc, basic_rules);
 	tcase_add_test(tc, buckets_and_big_ranges);
 	tcase_add_test(tc, randomized_against_model);
+	suite_add_tcase(s, tc);
+	tc = tcase_create("chunkset");
+	tcase_set_timeout(tc, 120);
+	tcase_add_test(tc, chunkset_against_model);
 	suite_add_tcase(s, tc);
 	tdr_log_init("test-replica-util", false, TDR_LOG_WARN);
 	return check_run(s, CHECK_RUN_FORK);
