@@ -88,6 +88,7 @@ void nbd_hs_client_flags(struct nbd_conn *c, const unsigned char *p)
 		return;
 	}
 	c->no_zeroes = flags & NBD_FLAG_C_NO_ZEROES;
+	c->fixed_newstyle = flags & NBD_FLAG_C_FIXED_NEWSTYLE;
 	c->phase = NBD_PH_OPTIONS;
 }
 
@@ -321,10 +322,22 @@ static void opt_dispatch(struct nbd_conn *c)
 			opt_error(c, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
 		else if (!c->srv->tls)
 			opt_error(c, NBD_REP_ERR_POLICY, "TLS is not enabled on this server");
+		else if (!c->fixed_newstyle)
+			/* proto.md: NOTLS mode unless the client set FIXED_NEWSTYLE. */
+			opt_error(c, NBD_REP_ERR_POLICY,
+				  "TLS needs a fixed-newstyle client (NBD_FLAG_C_FIXED_NEWSTYLE)");
 		else if (c->tls_on)
 			opt_error(c, NBD_REP_ERR_INVALID, "TLS is already on");
-		else if (opt_reply(c, NBD_REP_ACK, NULL, 0))
+		else if (opt_reply(c, NBD_REP_ACK, NULL, 0)) {
+			/*
+			 * proto.md: nothing negotiated in the clear survives
+			 * STARTTLS; a man in the middle could have added it.
+			 */
+			c->structured = false;
+			c->meta = false;
+			c->meta_exp = NULL;
 			c->tls_switch = true;	/* nbd-conn.c switches once the ACK is out */
+		}
 		break;
 	case NBD_OPT_INFO:
 	case NBD_OPT_GO:

@@ -136,6 +136,7 @@ struct nbd_conn {
 	bool tls_switch;		/* STARTTLS acknowledged: switch once it is sent */
 	bool tls_on;			/* the transport is TLS */
 	bool no_zeroes;
+	bool fixed_newstyle;		/* the client set NBD_FLAG_C_FIXED_NEWSTYLE */
 	bool structured;
 	bool meta;			/* base:allocation selected ... */
 	const struct nbd_export *meta_exp;	/* ... for this export */

@@ -6,13 +6,16 @@
 #      64 MiB each way, byte-exact) and qemu's own TLS client (qemu-io)
 #      read and write; a plain client is refused with TLS required; the
 #      wrong key and an unknown user fail, and the server goes on serving
-#   2. --tls on: plain and TLS clients both served
+#   2. --tls on: plain and TLS clients both served; STARTTLS forgets the
+#      options negotiated in the clear (an injected structured-reply
+#      request), and is refused to a client that is not fixed newstyle
 #   3. X.509 with --tls-verify-peer: a client with a certificate from the
 #      CA is served; one without a certificate, or from another CA, is not
 #   4. bad options: one line each, nothing served
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
 need_cmd nbdinfo nbdcopy qemu-io psktool certtool truncate cmp timeout
+need_pynbd
 tdr_setup
 
 psktool -u alice -p "$T/keys.psk" >/dev/null 2>&1 || fail "psktool failed"
@@ -61,8 +64,95 @@ log "require: plain client, wrong key, unknown user refused; the server went on"
 tdr_start --tls on --tls-psk "$T/keys.psk" "aio:$T/disk.img"
 assert_eq "plain client, --tls on" 67108864 "$(nbdinfo --size "nbd+unix:///?socket=$SOCK")"
 nbdinfo --json "$(psk_uri "$SOCK")" | grep -q '"TLS": true' || fail "--tls on: no TLS for a TLS client"
+
+# STARTTLS drops what was negotiated in the clear (proto.md): a man in the
+# middle injects NBD_OPT_STRUCTURED_REPLY before the client's STARTTLS and
+# relays the rest; the client, which asked for simple replies, must get
+# them.  And a client that did not set NBD_FLAG_C_FIXED_NEWSTYLE gets no
+# TLS.  (Before the fix, the injected option survived: "server sent
+# unexpected structured reply".)
+out=$("$PY" - "$SOCK" "$T/mitm.sock" "$T/keys.psk" "$T/disk.img" <<'PYEOF' 2>&1
+import socket, struct, sys, threading, nbd
+server, proxy_path, psk, image = sys.argv[1:5]
+MAGIC = 0x49484156454F5054
+def recvn(s, n):
+    b = b''
+    while len(b) < n:
+        d = s.recv(n - len(b))
+        if not d:
+            raise EOFError('connection closed')
+        b += d
+    return b
+def relay(a, b):
+    try:
+        while True:
+            d = a.recv(65536)
+            if not d:
+                break
+            b.sendall(d)
+    except OSError:
+        pass
+    try:
+        b.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+def mitm(lsock):
+    c, _ = lsock.accept()
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(server)
+    c.sendall(recvn(s, 18))                  # greeting
+    s.sendall(recvn(c, 4))                   # client flags
+    hdr = recvn(c, 16)
+    magic, opt, ln = struct.unpack('>QII', hdr)
+    data = recvn(c, ln)
+    if opt != 5:
+        print('client sent option %d, not STARTTLS' % opt)
+        sys.exit(1)
+    s.sendall(struct.pack('>QII', MAGIC, 8, 0))   # NBD_OPT_STRUCTURED_REPLY
+    _, _, rtype, _ = struct.unpack('>QIII', recvn(s, 20))
+    if rtype != 1:
+        print('the injected option was not acknowledged: %d' % rtype)
+        sys.exit(1)
+    s.sendall(hdr + data)
+    threading.Thread(target=relay, args=(s, c), daemon=True).start()
+    relay(c, s)
+l = socket.socket(socket.AF_UNIX)
+l.bind(proxy_path)
+l.listen(1)
+threading.Thread(target=mitm, args=(l,), daemon=True).start()
+h = nbd.NBD()
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_tls_psk_file(psk)
+h.set_tls_username('alice')
+h.set_request_structured_replies(False)
+h.connect_unix(proxy_path)
+assert h.get_tls_negotiated()
+assert not h.get_structured_replies_negotiated()
+got = h.pread(65536, 0)
+with open(image, 'rb') as f:
+    want = f.read(65536)
+if got != want:
+    print('read through the injected session differs from the file')
+    sys.exit(1)
+h.shutdown()
+
+# Not fixed newstyle: client flags 0, then STARTTLS -> NBD_REP_ERR_POLICY.
+s = socket.socket(socket.AF_UNIX)
+s.connect(server)
+recvn(s, 18)
+s.sendall(struct.pack('>I', 0))
+s.sendall(struct.pack('>QII', MAGIC, 5, 0))
+_, opt, rtype, ln = struct.unpack('>QIII', recvn(s, 20))
+recvn(s, ln)
+if (opt, rtype) != (5, 0x80000000 + 2):
+    print('STARTTLS from a client without FIXED_NEWSTYLE: reply %#x, not NBD_REP_ERR_POLICY' % rtype)
+    sys.exit(1)
+print('ok')
+PYEOF
+) || fail "STARTTLS and state negotiated in the clear: $out"
+assert_eq "STARTTLS checks" ok "$(tail -1 <<<"$out")"
 tdr_stop "$DAEMON_PID" || fail "daemon exited with status $? on SIGTERM"
-log "on: plain and TLS clients served"
+log "on: plain and TLS clients served; STARTTLS forgets what came before it"
 
 # --- 3. X.509, client certificates required
 tls_mkca "$T/ca"
