@@ -138,6 +138,18 @@ int vhd_file_coalesce(const char *child, vhd_progress_fn progress, void *arg,
 			*err = perr;
 		goto out;
 	}
+	/*
+	 * A child may be larger than its parent (grown after the snapshot),
+	 * but its sectors past the parent's end have nowhere to go: refuse
+	 * before anything is written, not halfway through.
+	 */
+	if (cf->m.footer.current_size > pf->m.footer.current_size) {
+		r = vhd_fail(err, VHD_ERR_PARENT_SIZE,
+			     "%s: %llu bytes, larger than its parent %s (%llu bytes): nothing coalesced; resize the parent first",
+			     child, (unsigned long long)cf->m.footer.current_size, ppath,
+			     (unsigned long long)pf->m.footer.current_size);
+		goto out;
+	}
 	map = malloc((size_t)cf->m.bm_secs * VHD_SECTOR_SIZE);
 	buf = malloc(cf->m.header.block_size);
 	if (!map || !buf) {

@@ -461,7 +461,7 @@ static int load_dynamic(struct vhd_meta *m, const struct vhd_src *src, unsigned 
 	struct vhd_header *h = &m->header;
 	struct region reg[4 + VHD_MAX_LOCATORS];
 	uint8_t buf[VHD_HEADER_SIZE];
-	uint64_t bat_bytes, limit;
+	uint64_t bat_bytes, limit, blocks;
 	int nreg = 0, r;
 	uint32_t sum;
 
@@ -493,12 +493,19 @@ static int load_dynamic(struct vhd_meta *m, const struct vhd_src *src, unsigned 
 				src->name, h->block_size);
 	m->spb = h->block_size >> VHD_SECTOR_SHIFT;
 	m->bm_secs = vhd_bitmap_secs(h->block_size);
-	m->blocks = (uint32_t)((m->footer.current_size + h->block_size - 1) / h->block_size);
-	if (h->max_bat_entries < m->blocks)
+	/*
+	 * In 64 bits: a large size in small blocks needs more than 2^32
+	 * entries, and a count cut to 32 bits would pass with a tiny BAT
+	 * that every read past it overruns.
+	 */
+	blocks = (m->footer.current_size + h->block_size - 1) / h->block_size;
+	if (h->max_bat_entries < blocks)
 		return vhd_fail(err, VHD_ERR_BAT_SIZE,
-				"%s: the BAT has %u entries, too few for %llu bytes in blocks of %u (%u needed)",
+				"%s: the BAT has %u entries, too few for %llu bytes in blocks of %u (%llu needed)",
 				src->name, h->max_bat_entries,
-				(unsigned long long)m->footer.current_size, h->block_size, m->blocks);
+				(unsigned long long)m->footer.current_size, h->block_size,
+				(unsigned long long)blocks);
+	m->blocks = (uint32_t)blocks;
 
 	/* Metadata regions a block or locator must stay out of. */
 	reg[nreg++] = (struct region){ 0, VHD_FOOTER_SIZE, "footer copy" };
@@ -677,8 +684,8 @@ int vhd_resolve_parent(const struct vhd_meta *m, const char *child_path, char *o
 {
 	const char *cand[3 * VHD_MAX_LOCATORS + 1];
 	bool relative[3 * VHD_MAX_LOCATORS + 1];
-	char dir[PATH_MAX], tried[512], buf[2 * PATH_MAX];
-	const char *slash;
+	char dir[PATH_MAX], real[PATH_MAX], tried[512], buf[2 * PATH_MAX];
+	const char *slash, *base;
 	int n = 0, i, pass;
 	size_t tlen = 0;
 
@@ -686,38 +693,47 @@ int vhd_resolve_parent(const struct vhd_meta *m, const char *child_path, char *o
 		return vhd_fail(err, VHD_ERR_NO_PARENT, "%s: a %s disk has no parent", child_path,
 				vhd_type_name(m->footer.type));
 
-	/* Pass 0: absolute W2ku and MacX; 1: W2ru and relative MacX. */
-	for (pass = 0; pass < 2; pass++)
+	/*
+	 * Pass 0: the relative locators (W2ru, a relative MacX or W2ku) and
+	 * a relative parent name; 1: the absolute ones.  Relative first, as
+	 * blktap resolves them: a chain copied or moved as a directory finds
+	 * its own parent, not the one at the path it was made at (whose UUID
+	 * a copy shares, so that no later check would stop a coalesce from
+	 * writing into the other chain's parent).
+	 */
+	for (pass = 0; pass < 2; pass++) {
 		for (i = 0; i < VHD_MAX_LOCATORS; i++) {
 			const char *p = m->loc_path[i];
 			uint32_t code = m->header.loc[i].code;
 
-			if (!p)
+			if (!p || (p[0] == '/') != (pass == 1))
 				continue;
-			if (pass == 0 && p[0] == '/' && (code == VHD_PLAT_W2KU || code == VHD_PLAT_MACX)) {
+			if (code == VHD_PLAT_W2RU || code == VHD_PLAT_W2KU || code == VHD_PLAT_MACX) {
 				cand[n] = p;
-				relative[n++] = false;
-			} else if (pass == 1 && (code == VHD_PLAT_W2RU ||
-						 (code == VHD_PLAT_MACX && p[0] != '/'))) {
-				cand[n] = p;
-				relative[n++] = p[0] != '/';
+				relative[n++] = pass == 0;
 			}
 		}
-	if (m->parent_name[0]) {
-		cand[n] = m->parent_name;
-		relative[n++] = m->parent_name[0] != '/';
+		if (m->parent_name[0] && (m->parent_name[0] == '/') == (pass == 1)) {
+			cand[n] = m->parent_name;
+			relative[n++] = pass == 0;
+		}
 	}
 	if (!n)
 		return vhd_fail(err, VHD_ERR_NO_PARENT,
 				"%s: differencing disk without a parent name or locator", child_path);
 
-	slash = strrchr(child_path, '/');
+	/*
+	 * Relative to where the child really is: through a symbolic link to
+	 * it, the link's directory is not the chain's.
+	 */
+	base = realpath(child_path, real) ? real : child_path;
+	slash = strrchr(base, '/');
 	if (slash) {
-		size_t len = (size_t)(slash - child_path);
+		size_t len = (size_t)(slash - base);
 
 		if (len >= sizeof(dir))
 			len = sizeof(dir) - 1;
-		memcpy(dir, child_path, len ? len : 1);
+		memcpy(dir, base, len ? len : 1);
 		dir[len ? len : 1] = '\0';
 	} else {
 		strcpy(dir, ".");

@@ -453,6 +453,70 @@ START_TEST(parent_resolution)
 }
 END_TEST
 
+/*
+ * A chain copied to another directory finds the copy's parent, not the
+ * original at the absolute path it was made at (which shares the copy's
+ * UUID, so that a coalesce would have written into it); a child reached
+ * through a symbolic link resolves beside the file itself.
+ */
+START_TEST(parent_resolution_copied_chain)
+{
+	char da[PATH_MAX], db[PATH_MAX], dl[PATH_MAX], cmd[4 * PATH_MAX];
+	char p1[PATH_MAX], c1[PATH_MAX], c2[PATH_MAX], link[PATH_MAX], decoy[PATH_MAX];
+	char out[PATH_MAX], want[PATH_MAX];
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char data[4096], back[4096];
+
+	snprintf(da, sizeof(da), "%s/vmA", dir);
+	snprintf(db, sizeof(db), "%s/vmB", dir);
+	snprintf(dl, sizeof(dl), "%s/links", dir);
+	ck_assert_int_eq(mkdir(da, 0755), 0);
+	ck_assert_int_eq(mkdir(dl, 0755), 0);
+	snprintf(p1, sizeof(p1), "%s/vmA/p.vhd", dir);
+	snprintf(c1, sizeof(c1), "%s/vmA/c.vhd", dir);
+	ck_assert_int_eq(vhd_file_create(p1, 4 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_snapshot(c1, p1, &err), 0);
+	snprintf(cmd, sizeof(cmd), "cp -a '%s' '%s'", da, db);
+	ck_assert_int_eq(system(cmd), 0);
+
+	snprintf(c2, sizeof(c2), "%s/vmB/c.vhd", dir);
+	snprintf(want, sizeof(want), "%s/vmB/p.vhd", dir);
+	ck_assert_ptr_nonnull(realpath(want, out));
+	strcpy(want, out);
+	vf = xopen(c2, VHD_FILE_CHAIN);
+	ck_assert_int_eq(vhd_resolve_parent(&vf->m, c2, out, sizeof(out), &err), 0);
+	ck_assert_str_eq(out, want);
+	vhd_file_close(vf);
+
+	/* A coalesce of the copy changes the copy's parent only. */
+	fill_random(data, sizeof(data), 9);
+	vf = xopen(c2, VHD_FILE_CHAIN);
+	ck_assert_int_eq(vhd_file_write(vf, 8, 8, data), 0);
+	vhd_file_close(vf);
+	ck_assert_msg(vhd_file_coalesce(c2, NULL, NULL, &err) == 0, "%s", err.msg);
+	vf = xopen(want, 0);
+	ck_assert_int_eq(vhd_file_read(vf, 8, 8, back), 0);
+	ck_assert_mem_eq(back, data, sizeof(data));
+	vhd_file_close(vf);
+	vf = xopen(p1, 0);
+	ck_assert_int_eq(vhd_file_read(vf, 8, 8, back), 0);
+	memset(data, 0, sizeof(data));
+	ck_assert_mem_eq(back, data, sizeof(data));
+	vhd_file_close(vf);
+
+	/* Through a link in another directory, beside which lies a decoy p.vhd. */
+	snprintf(link, sizeof(link), "%s/links/c.vhd", dir);
+	ck_assert_int_eq(symlink(c2, link), 0);
+	snprintf(decoy, sizeof(decoy), "%s/links/p.vhd", dir);
+	ck_assert_int_eq(vhd_file_create(decoy, 4 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	vf = xopen(link, VHD_FILE_CHAIN);
+	ck_assert_int_eq(vhd_resolve_parent(&vf->m, link, out, sizeof(out), &err), 0);
+	ck_assert_str_eq(out, want);
+	vhd_file_close(vf);
+}
+END_TEST
+
 /* Large tables: zeroed, writable to the last byte, freed with their length. */
 START_TEST(big_alloc)
 {
@@ -866,6 +930,8 @@ static void h_bat_size(struct vhd_header *h) { h->max_bat_entries = 2; }
 static void h_bat_offset(struct vhd_header *h) { h->table_offset = 1000; }
 static void h_bat_in_header(struct vhd_header *h) { h->table_offset = 1024; }
 static void h_bat_huge(struct vhd_header *h) { h->max_bat_entries = 1u << 30; }
+static void h_tiny_blocks(struct vhd_header *h) { h->block_size = 512; h->max_bat_entries = 1; }
+static void f_size_2t(struct vhd_footer *f) { f->current_size = 1ull << 41; }
 static void h_loc_code(struct vhd_header *h) { h->loc[1].code = 0x12345678; }
 static void h_loc_len(struct vhd_header *h) { h->loc[2].data_len = 100000; }
 static void h_loc_place(struct vhd_header *h) { h->loc[0].data_offset = 1536; }
@@ -921,6 +987,67 @@ START_TEST(rule_bat_size)
 	make_dyn(pa);
 	rewrite_header(pa, h_bat_size, true);
 	expect_defect(pa, 0, VHD_ERR_BAT_SIZE);
+}
+END_TEST
+
+/*
+ * 2 TiB in blocks of 512 bytes needs 2^32 entries: a count cut to 32 bits
+ * (0) once let a BAT of one entry pass, and reads past it overran it.
+ */
+START_TEST(rule_bat_size_overflow)
+{
+	struct vhd_error err;
+
+	make_dyn(pa);
+	rewrite_footers(pa, f_size_2t, true, true, true);
+	rewrite_header(pa, h_tiny_blocks, true);
+	expect_defect(pa, 0, VHD_ERR_BAT_SIZE);
+	ck_assert_int_lt(vhd_file_check(pa, 0, &err), 0);
+	ck_assert_ptr_nonnull(strstr(err.msg, "4294967296 needed"));
+}
+END_TEST
+
+static void f_size_20m(struct vhd_footer *f) { f->current_size = 20 * MIB; }
+static void h_bat_10(struct vhd_header *h) { h->max_bat_entries = 10; }
+
+/*
+ * A child grown past its parent's size is valid, but a coalesce has
+ * nowhere to put its sectors past the parent's end: it is refused before
+ * a byte of the parent changes (it once wrote the blocks that fit, then
+ * failed).
+ */
+START_TEST(coalesce_refuses_larger_child)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char data[4096];
+	uint8_t *before, *after;
+	off_t size;
+
+	ck_assert_int_eq(vhd_file_create(pa, 10 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+	rewrite_footers(pb, f_size_20m, true, true, true);
+	rewrite_header(pb, h_bat_10, true);
+	ck_assert_msg(vhd_file_check(pb, VHD_FILE_CHAIN, &err) == 0, "%s", err.msg);
+	vf = xopen(pb, VHD_FILE_CHAIN);
+	fill_random(data, sizeof(data), 11);
+	ck_assert_int_eq(vhd_file_write(vf, 0, 8, data), 0);
+	ck_assert_int_eq(vhd_file_write(vf, 14 * MIB / 512, 8, data), 0);
+	vhd_file_close(vf);
+	size = file_size(pa);
+	before = malloc((size_t)size);
+	after = malloc((size_t)size);
+	ck_assert_ptr_nonnull(before);
+	ck_assert_ptr_nonnull(after);
+	raw_read(pa, before, (size_t)size, 0);
+	ck_assert_int_eq(vhd_file_coalesce(pb, NULL, NULL, &err), -EINVAL);
+	ck_assert_int_eq(err.code, VHD_ERR_PARENT_SIZE);
+	ck_assert_ptr_nonnull(strstr(err.msg, "larger than its parent"));
+	ck_assert_int_eq(file_size(pa), size);
+	raw_read(pa, after, (size_t)size, 0);
+	ck_assert_mem_eq(after, before, (size_t)size);
+	free(before);
+	free(after);
 }
 END_TEST
 
@@ -1662,10 +1789,12 @@ static Suite *vhd_suite(void)
 	tcase_add_test(tc, write_read_dynamic);
 	tcase_add_test(tc, chain_three_deep);
 	tcase_add_test(tc, parent_resolution);
+	tcase_add_test(tc, parent_resolution_copied_chain);
 	tcase_add_test(tc, big_alloc);
 	tcase_add_test(tc, make_empty);
 	tcase_add_test(tc, end_at_moves_footer);
 	tcase_add_test(tc, coalesce_keeps_content);
+	tcase_add_test(tc, coalesce_refuses_larger_child);
 	tcase_add_test(tc, repair_from_backup);
 	tcase_add_test(tc, scrub_stale_data);
 	suite_add_tcase(s, tc);
@@ -1700,6 +1829,7 @@ static Suite *vhd_suite(void)
 	tcase_add_test(tc, rule_header_data_offset);
 	tcase_add_test(tc, rule_block_size);
 	tcase_add_test(tc, rule_bat_size);
+	tcase_add_test(tc, rule_bat_size_overflow);
 	tcase_add_test(tc, rule_bat_offset);
 	tcase_add_test(tc, rule_bat_past_eof);
 	tcase_add_test(tc, rule_batmap_past_eof);
