@@ -88,14 +88,14 @@ static int parse_size(const char *s, uint64_t *out)
 
 static int do_create(int argc, char **argv)
 {
-	const char *usage = "-n NAME -s SIZE (MiB, or with a K/M/G/T suffix) [-r (fixed)] [-S BLOCK_SIZE]";
+	const char *usage = "-n NAME -s SIZE (MiB, or with a K/M/G/T suffix) [-S MAX_SIZE (metadata for growth to it)] [-r (fixed)] [-B BLOCK_SIZE]";
 	const char *name = NULL;
-	uint64_t size = 0, bs = 0;
+	uint64_t size = 0, max_size = 0, bs = 0;
 	bool have_size = false, fixed = false;
 	struct vhd_error err = { 0 };
 	int c, r;
 
-	while ((c = getopt(argc, argv, "n:s:rbS:h")) != -1) {
+	while ((c = getopt(argc, argv, "n:s:rbS:B:h")) != -1) {
 		switch (c) {
 		case 'n':
 			name = optarg;
@@ -111,7 +111,12 @@ static int do_create(int argc, char **argv)
 		case 'b':
 			break;	/* blktap: "file is fixed size"; files grow as needed here */
 		case 'S':
-			/* a plain number is bytes here */
+			/* blktap: the size in MiB the BAT is made for (resize later) */
+			if (parse_size(optarg, &max_size) < 0)
+				return value_error(c, optarg, "not a size (MiB, or a number with a K, M, G or T suffix)");
+			break;
+		case 'B':
+			/* ours (blktap has 2 MiB only): a plain number is bytes */
 			if (parse_num(optarg, UINT32_MAX, &bs) < 0 &&
 			    (parse_size(optarg, &bs) < 0 || bs > UINT32_MAX))
 				return value_error(c, optarg, "not a block size (bytes, or a number with a K or M suffix, below 4 GiB)");
@@ -124,8 +129,8 @@ static int do_create(int argc, char **argv)
 		return usage_error(usage);
 	/* Round up to whole sectors like blktap's MiB sizes always are. */
 	size = (size + VHD_SECTOR_SIZE - 1) & ~(uint64_t)(VHD_SECTOR_SIZE - 1);
-	r = vhd_file_create(name, size, fixed ? VHD_TYPE_FIXED : VHD_TYPE_DYNAMIC, (uint32_t)bs,
-			    &err);
+	r = vhd_file_create_max(name, size, max_size, fixed ? VHD_TYPE_FIXED : VHD_TYPE_DYNAMIC,
+				(uint32_t)bs, &err);
 	return r < 0 ? fail(&err, r) : 0;
 }
 
@@ -161,14 +166,14 @@ static int do_snapshot(int argc, char **argv)
 
 static int do_query(int argc, char **argv)
 {
-	const char *usage = "-n NAME [-v virtual size MiB] [-s physical size bytes] [-p parent] [-f fields] [-d chain depth] [-S max size MiB]";
+	const char *usage = "-n NAME [-v virtual size MiB] [-s physical size bytes] [-p parent] [-f hidden field] [-d chain depth] [-S max size MiB] [-i fields as key: value]";
 	const char *name = NULL;
-	bool v = false, s = false, p = false, f = false, d = false, S = false;
+	bool v = false, s = false, p = false, f = false, d = false, S = false, info = false;
 	struct vhd_error err = { 0 };
 	struct vhd_file *vf;
 	int c, r, ret = 0;
 
-	while ((c = getopt(argc, argv, "n:vspfdSh")) != -1) {
+	while ((c = getopt(argc, argv, "n:vspfdSih")) != -1) {
 		switch (c) {
 		case 'n':
 			name = optarg;
@@ -190,6 +195,9 @@ static int do_query(int argc, char **argv)
 			break;
 		case 'S':
 			S = true;
+			break;
+		case 'i':
+			info = true;
 			break;
 		default:
 			return usage_error(usage);
@@ -215,12 +223,16 @@ static int do_query(int argc, char **argv)
 			printf("%s\n", path);
 		}
 	}
-	if (f) {
+	/* blktap prints this one line; XenServer's storage manager parses it. */
+	if (f)
+		printf("hidden: %u\n", vf->m.footer.hidden);
+	if (info) {
 		char uuid[37], ts[40];
 
 		vhd_uuid_format(vf->m.footer.uuid, uuid);
 		vhd_time_format(vf->m.footer.timestamp, ts, sizeof(ts));
-		printf("hidden: %u\n", vf->m.footer.hidden);
+		if (!f)
+			printf("hidden: %u\n", vf->m.footer.hidden);
 		printf("type: %s\n", vhd_type_name(vf->m.footer.type));
 		printf("uuid: %s\n", uuid);
 		printf("virtual-size: %" PRIu64 "\n", vf->m.footer.current_size);
@@ -285,15 +297,16 @@ static int check_stale(struct vhd_file *vf, const char *name)
 static int do_check(int argc, char **argv)
 {
 	const char *usage = "-n NAME [-p check parents] [-i ignore a bad primary footer] "
-			    "[-t strict parent timestamps] [-z look for data under clear bitmap bits]";
+			    "[-t ignore parent timestamps] [-T strict parent timestamps] "
+			    "[-z look for data under clear bitmap bits]";
 	const char *name = NULL;
 	unsigned flags = 0;
-	bool stale = false;
+	bool stale = false, quiet_time = false;
 	struct vhd_error err = { 0 };
 	struct vhd_file *vf;
 	int c, r;
 
-	while ((c = getopt(argc, argv, "n:ipthz")) != -1) {
+	while ((c = getopt(argc, argv, "n:iptThz")) != -1) {
 		switch (c) {
 		case 'n':
 			name = optarg;
@@ -305,6 +318,10 @@ static int do_check(int argc, char **argv)
 			flags |= VHD_FILE_CHAIN;
 			break;
 		case 't':
+			/* blktap: ignore timestamps (here: no warning either) */
+			quiet_time = true;
+			break;
+		case 'T':
 			flags |= VHD_FILE_STRICT_TIME;
 			break;
 		case 'z':
@@ -316,6 +333,10 @@ static int do_check(int argc, char **argv)
 	}
 	if (!name || optind != argc)
 		return usage_error(usage);
+	if (quiet_time && (flags & VHD_FILE_STRICT_TIME)) {
+		fprintf(stderr, "vhd-util check: -t ignores parent timestamps, -T makes them fatal: give one\n");
+		return 2;
+	}
 	/*
 	 * Opening validates (vhd_file_check is this open and a close).  A
 	 * differencing disk is only usable with its parent: check it too.
@@ -325,7 +346,7 @@ static int do_check(int argc, char **argv)
 		fprintf(stderr, "vhd-util check: %s [%s]\n", err.msg, vhd_defect_name(err.code));
 		return 1;
 	}
-	if (err.code != VHD_OK)
+	if (err.code != VHD_OK && !(quiet_time && err.code == VHD_ERR_PARENT_TIMESTAMP))
 		fprintf(stderr, "vhd-util check: warning: %s\n", err.msg);
 	r = stale ? check_stale(vf, name) : 0;
 	vhd_file_close(vf);
@@ -479,7 +500,10 @@ static void print_headers(const struct vhd_file *vf, bool hex)
 	printf("Current disk size   : %" PRIu64 " MB (%" PRIu64 " Bytes)\n", f->current_size >> 20,
 	       f->current_size);
 	printf("Geometry            : Cyl: %u, Hds: %u, Sctrs: %u\n", f->cylinders, f->heads, f->spt);
-	printf("Disk type           : %s\n", vhd_type_name(f->type));
+	/* blktap's words: scripts match "Disk type *: (\S+) hard disk". */
+	printf("Disk type           : %s hard disk\n",
+	       f->type == VHD_TYPE_FIXED ? "Fixed" : f->type == VHD_TYPE_DYNAMIC ? "Dynamic" :
+	       f->type == VHD_TYPE_DIFF ? "Differencing" : "Unknown");
 	printf("Checksum            : 0x%x|0x%x (%s)\n", f->checksum, vhd_footer_checksum(f),
 	       f->checksum == vhd_footer_checksum(f) ? "Good!" : "Bad!");
 	printf("UUID                : %s\n", uuid);
@@ -711,6 +735,22 @@ static void usage(FILE *out)
 	fprintf(out, "'vhd-util COMMAND -h' lists a command's options; see vhd-util(8).\n");
 }
 
+/*
+ * blktap's vhd-util takes --debug anywhere after the command (XenServer's
+ * storage manager passes it to nearly every call) and uses it to log to
+ * syslog; our messages go to stderr anyway, so it is dropped here.
+ */
+static void drop_debug(int *argc, char **argv)
+{
+	int j = 2;
+
+	for (int i = 2; i < *argc; i++)
+		if (strcmp(argv[i], "--debug"))
+			argv[j++] = argv[i];
+	argv[j] = NULL;
+	*argc = j;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 2) {
@@ -726,6 +766,7 @@ int main(int argc, char **argv)
 			continue;
 		cmd = cmds[i].name;
 		optind = 1;
+		drop_debug(&argc, argv);
 		return cmds[i].fn(argc - 1, argv + 1);
 	}
 	fprintf(stderr, "vhd-util: unknown command '%s'\n", argv[1]);

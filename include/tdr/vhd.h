@@ -403,6 +403,13 @@ void vhd_file_close(struct vhd_file *vf);
 int vhd_file_create(const char *path, uint64_t size, uint32_t type, uint32_t block_size,
 		    struct vhd_error *err);
 /*
+ * The same, with a BAT large enough for max_size bytes (blktap's
+ * "metadata preallocation", so that the disk can later grow up to it
+ * without moving data); max_size at most size: just size.  Dynamic only.
+ */
+int vhd_file_create_max(const char *path, uint64_t size, uint64_t max_size, uint32_t type,
+			uint32_t block_size, struct vhd_error *err);
+/*
  * Creates a differencing disk over parent (a VHD) with the parent's size
  * and block size, the parent's UUID, its mtime as parent timestamp, its
  * name, and MacX (absolute), W2ku (absolute) and W2ru (relative) locators.

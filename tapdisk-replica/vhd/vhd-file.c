@@ -370,6 +370,12 @@ out:
 int vhd_file_create(const char *path, uint64_t size, uint32_t type, uint32_t block_size,
 		    struct vhd_error *err)
 {
+	return vhd_file_create_max(path, size, 0, type, block_size, err);
+}
+
+int vhd_file_create_max(const char *path, uint64_t size, uint64_t max_size, uint32_t type,
+			uint32_t block_size, struct vhd_error *err)
+{
 	struct vhd_footer f;
 	struct vhd_header h;
 	uint8_t *none[VHD_MAX_LOCATORS] = { NULL };
@@ -381,6 +387,12 @@ int vhd_file_create(const char *path, uint64_t size, uint32_t type, uint32_t blo
 		return vhd_fail(err, VHD_ERR_FOOTER_SIZE,
 				"%s: size %llu is not a positive multiple of 512 bytes", path,
 				(unsigned long long)size);
+	if (max_size < size)
+		max_size = size;
+	if (type == VHD_TYPE_FIXED && max_size > size)
+		return vhd_fail(err, VHD_ERR_FOOTER_TYPE,
+				"%s: a fixed disk has no BAT to make room in; give no maximum size",
+				path);
 	if (type == VHD_TYPE_FIXED) {
 		vhd_footer_init(&f, VHD_TYPE_FIXED, size);
 		fd = create_fd(path, err);
@@ -407,13 +419,13 @@ int vhd_file_create(const char *path, uint64_t size, uint32_t type, uint32_t blo
 				"%s: bad block size %u (must be a power of two from %u bytes to %u MiB; 2 MiB if not given)",
 				path, block_size, VHD_BLOCK_SIZE_MIN, VHD_BLOCK_SIZE_MAX >> 20);
 	/* BAT entries are 32-bit sector numbers: the file must stay below 2 TiB. */
-	if (size > (2040ull << 30))
+	if (max_size > (2040ull << 30))
 		return vhd_fail(err, VHD_ERR_FOOTER_SIZE,
 				"%s: %llu bytes is more than a VHD can hold (2040 GiB)", path,
-				(unsigned long long)size);
+				(unsigned long long)max_size);
 	vhd_footer_init(&f, VHD_TYPE_DYNAMIC, size);
 	vhd_header_init(&h, VHD_FOOTER_SIZE + VHD_HEADER_SIZE,
-			(uint32_t)((size + block_size - 1) / block_size), block_size);
+			(uint32_t)((max_size + block_size - 1) / block_size), block_size);
 	return write_dynamic(path, &f, &h, none, err);
 }
 

@@ -81,7 +81,7 @@ fill "$T/mz.vhd"
 "${TRACE[@]}" -o "$T/mz.trace" "$VU" modify -n "$T/mz.vhd" -z || fail "vhd-util modify -z failed"
 check_order "$T/mz.trace" "$T/mz.vhd" "modify -z"
 assert_eq "blocks after modify -z" 0 \
-	"$("$VU" query -n "$T/mz.vhd" -f | awk -F': ' '$1 == "allocated-blocks" { print $2 }')"
+	"$("$VU" query -n "$T/mz.vhd" -i | awk -F': ' '$1 == "allocated-blocks" { print $2 }')"
 log "1: modify -z writes the footer, fdatasync, ftruncate, fsync"
 
 # ---- 2. repair of a damaged footer

@@ -86,7 +86,7 @@ vhdiinfo "$T/child.vhd" >"$T/vi2.out" 2>&1 || fail "vhdiinfo failed: $(cat "$T/v
 grep -qE 'Disk type[[:space:]]*: Differential' "$T/vi2.out" || fail "vhdiinfo type: $(cat "$T/vi2.out")"
 grep -q '(33554432 bytes)' "$T/vi2.out" || fail "vhdiinfo size: $(cat "$T/vi2.out")"
 grep -qE 'Parent filename[[:space:]]*: ours.vhd' "$T/vi2.out" || fail "vhdiinfo parent: $(cat "$T/vi2.out")"
-puuid=$("$VU" query -n "$T/ours.vhd" -f | sed -n 's/^uuid: //p')
+puuid=$("$VU" query -n "$T/ours.vhd" -i | sed -n 's/^uuid: //p')
 grep -qiE "Parent identifier[[:space:]]*: $puuid" "$T/vi2.out" || fail "vhdiinfo parent UUID: $(cat "$T/vi2.out")"
 assert_eq "vhd-util query -p" "$(realpath "$T/ours.vhd")" "$("$VU" query -n "$T/child.vhd" -p)"
 assert_eq "vhd-util query -v" 32 "$("$VU" query -n "$T/child.vhd" -v)"

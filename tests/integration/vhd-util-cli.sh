@@ -9,10 +9,13 @@
 #  3. every command, on each of three damaged files (not a VHD at all; a
 #     dynamic header with a bad checksum; a file cut short), exits 1 with
 #     a message naming the file, and leaves the file byte for byte as it
-#     was; snapshot over such a parent creates no child.
+#     was; snapshot over such a parent creates no child;
+#  4. where blktap's scripts depend on them, blktap's meanings and output:
+#     create -S (MiB of metadata) and our -B (block size), query -f
+#     ("hidden: N"), read -p's disk type, --debug, check -t and our -T.
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
-need_cmd md5sum
+need_cmd md5sum touch
 tdr_setup
 
 VU="$TDR_BUILDDIR/tools/vhd-util"
@@ -40,10 +43,12 @@ run_vu 2 create -n "$T/new.vhd"
 err_has "vhd-util create: bad usage"
 run_vu 2 create -n "$T/new.vhd" -s abc
 err_has "vhd-util create: -s 'abc': not a size"
+run_vu 2 create -n "$T/new.vhd" -s 8 -B 3x
+err_has "-B '3x': not a block size"
+run_vu 2 create -n "$T/new.vhd" -s 8 -B 99999999999
+err_has "-B '99999999999': not a block size"
 run_vu 2 create -n "$T/new.vhd" -s 8 -S 3x
-err_has "-S '3x': not a block size"
-run_vu 2 create -n "$T/new.vhd" -s 8 -S 99999999999
-err_has "-S '99999999999': not a block size"
+err_has "-S '3x': not a size"
 [ ! -e "$T/new.vhd" ] || fail "a refused create left $T/new.vhd"
 
 "$VU" create -n "$T/ok.vhd" -s 8 || fail "vhd-util create failed"
@@ -63,10 +68,13 @@ sum=$(md5sum <"$T/ok.vhd")
 run_vu 1 create -n "$T/ok.vhd" -s 16
 err_has "$T/ok.vhd: cannot create: File exists; remove it first"
 assert_eq "existing file after a refused create" "$sum" "$(md5sum <"$T/ok.vhd")"
-run_vu 1 create -n "$T/new.vhd" -s 8 -S 3
+run_vu 1 create -n "$T/new.vhd" -s 8 -B 3
 err_has "bad block size 3 (must be a power of two from 512 bytes to 256 MiB"
 [ ! -e "$T/new.vhd" ] || fail "create with a bad block size left $T/new.vhd"
-log "2: create refuses an existing file and a bad block size"
+run_vu 1 create -n "$T/new.vhd" -s 8 -S 64 -r
+err_has "a fixed disk has no BAT to make room in"
+[ ! -e "$T/new.vhd" ] || fail "create -r -S left $T/new.vhd"
+log "2: create refuses an existing file, a bad block size, -S for a fixed disk"
 
 # ---- 3. damaged files: every command refuses and writes nothing
 head -c 100000 /dev/urandom >"$T/junk.vhd"
@@ -98,5 +106,36 @@ for f in junk badsum short; do
 	done
 done
 log "3: ten commands on three damaged files: exit 1, the file named, not a byte written"
+
+# ---- 4. blktap's option meanings and output, where scripts depend on them
+# create -S: MiB the BAT is made for; -B: the block size (ours).
+run_vu 0 create -n "$T/grow.vhd" -s 100 -S 4096
+run_vu 0 query -n "$T/grow.vhd" -v -S
+assert_eq "query -v -S after create -s 100 -S 4096" "100
+4096" "$(cat "$T/out")"
+run_vu 0 create -n "$T/small.vhd" -s 8 -B 4096
+run_vu 0 query -n "$T/small.vhd" -i
+grep -qx "block-size: 4096" "$T/out" || fail "create -B 4096: $(cat "$T/out")"
+# query -f: the one line blktap prints (XenServer parses its last field).
+run_vu 0 query -n "$T/grow.vhd" -f
+assert_eq "query -f" "hidden: 0" "$(cat "$T/out")"
+# read -p: blktap's words for the type.
+run_vu 0 read -n "$T/grow.vhd" -p
+grep -qE '^Disk type +: Dynamic hard disk$' "$T/out" || fail "read -p type: $(grep 'Disk type' "$T/out")"
+# --debug anywhere after the command, ignored.
+run_vu 0 query --debug -v -n "$T/grow.vhd" --debug
+assert_eq "query with --debug" 100 "$(cat "$T/out")"
+# check -t ignores a parent's timestamp, -T makes it fatal, both: usage.
+run_vu 0 snapshot -n "$T/kid.vhd" -p "$T/grow.vhd"
+touch -d 2020-01-01 "$T/grow.vhd"
+run_vu 0 check -n "$T/kid.vhd"
+err_has "was modified since the child was made"
+run_vu 0 check -n "$T/kid.vhd" -t
+[ ! -s "$T/err" ] || fail "check -t still warns: $(cat "$T/err")"
+run_vu 1 check -n "$T/kid.vhd" -T
+err_has "[parent-timestamp]"
+run_vu 2 check -n "$T/kid.vhd" -t -T
+err_has "-t ignores parent timestamps, -T makes them fatal"
+log "4: create -S/-B, query -f, read -p, --debug and check -t/-T as blktap's scripts expect"
 
 pass
