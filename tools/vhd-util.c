@@ -545,6 +545,15 @@ static void print_headers(const struct vhd_file *vf, bool hex)
 	}
 }
 
+static void past_bat(const struct vhd_file *vf, const char *name, uint64_t b)
+{
+	if (!vhd_meta_dynamic(&vf->m))
+		fprintf(stderr, "vhd-util read: %s: a fixed disk has no blocks or bitmaps\n", name);
+	else
+		fprintf(stderr, "vhd-util read: %s: block %" PRIu64 " past the end (%u blocks)\n",
+			name, b, b >= vf->m.bat_entries ? vf->m.bat_entries : vf->m.blocks);
+}
+
 static int do_read(int argc, char **argv)
 {
 	const char *usage = "-n NAME [-p headers] [-b BLK bat] [-m BLK bitmap] [-i SEC test bit] [-t SEC translate] [-d BLK data] [-r SEC read] [-c COUNT] [-x hex]";
@@ -607,6 +616,7 @@ static int do_read(int argc, char **argv)
 		map = malloc((size_t)vf->m.bm_secs * VHD_SECTOR_SIZE);
 		buf = malloc(vf->m.header.block_size);
 		if (!map || !buf) {
+			fprintf(stderr, "vhd-util read: %s: out of memory\n", name);
 			r = 1;
 			goto out;
 		}
@@ -615,8 +625,7 @@ static int do_read(int argc, char **argv)
 		uint64_t b = (uint64_t)bat + i;
 
 		if (b >= vf->m.bat_entries) {
-			fprintf(stderr, "vhd-util read: %s: block %" PRIu64 " past the BAT (%u entries)\n",
-				name, b, vf->m.bat_entries);
+			past_bat(vf, name, b);
 			r = 1;
 			goto out;
 		}
@@ -634,6 +643,7 @@ static int do_read(int argc, char **argv)
 		uint64_t b = (uint64_t)bitmap + i;
 
 		if (b >= vf->m.bat_entries) {
+			past_bat(vf, name, b);
 			r = 1;
 			goto out;
 		}
@@ -642,6 +652,8 @@ static int do_read(int argc, char **argv)
 			continue;
 		}
 		if (fwrite(map, (size_t)vf->m.bm_secs * VHD_SECTOR_SIZE, 1, stdout) != 1) {
+			fprintf(stderr, "vhd-util read: cannot write to standard output: %s\n",
+				strerror(errno));
 			r = 1;
 			goto out;
 		}
@@ -659,9 +671,10 @@ static int do_read(int argc, char **argv)
 		       present);
 	}
 	for (uint64_t i = 0; tsec >= 0 && i < count; i++) {
-		uint64_t sec = (uint64_t)tsec + i, b = sec / vf->m.spb;
+		uint64_t sec = (uint64_t)tsec + i, b = vf->m.spb ? sec / vf->m.spb : 0;
 
-		if (b >= vf->m.bat_entries) {
+		if (!vf->m.spb || b >= vf->m.bat_entries) {
+			past_bat(vf, name, b);
 			r = 1;
 			goto out;
 		}
@@ -677,6 +690,7 @@ static int do_read(int argc, char **argv)
 		uint64_t b = (uint64_t)data + i;
 
 		if (b >= vf->m.blocks) {
+			past_bat(vf, name, b);
 			r = 1;
 			goto out;
 		}
@@ -685,8 +699,14 @@ static int do_read(int argc, char **argv)
 			continue;
 		}
 		if (vhd_src_fd_pread((void *)(intptr_t)vf->fd, buf, vf->m.header.block_size,
-				     ((uint64_t)vf->m.bat[b] + vf->m.bm_secs) << VHD_SECTOR_SHIFT) < 0 ||
-		    fwrite(buf, vf->m.header.block_size, 1, stdout) != 1) {
+				     ((uint64_t)vf->m.bat[b] + vf->m.bm_secs) << VHD_SECTOR_SHIFT) < 0) {
+			fprintf(stderr, "vhd-util read: %s: cannot read block %" PRIu64 "\n", name, b);
+			r = 1;
+			goto out;
+		}
+		if (fwrite(buf, vf->m.header.block_size, 1, stdout) != 1) {
+			fprintf(stderr, "vhd-util read: cannot write to standard output: %s\n",
+				strerror(errno));
 			r = 1;
 			goto out;
 		}

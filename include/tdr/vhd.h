@@ -321,6 +321,7 @@ struct vhd_meta {
 
 /* vhd_meta_load flags */
 #define VHD_LOAD_USE_BACKUP  (1u << 0)	/* a bad footer at EOF: use the copy at 0 */
+#define VHD_LOAD_IGNORE_BACKUP (1u << 1)	/* a valid footer at EOF: skip the copy at 0 */
 
 /*
  * Reads and validates the footer, its copy, the dynamic header, the BAT and
@@ -393,6 +394,8 @@ struct vhd_file {
  * are still locked.
  */
 #define VHD_FILE_NO_LOCK     (1u << 4)
+/* See VHD_LOAD_IGNORE_BACKUP; forces read-only use (vhd_file_repair). */
+#define VHD_FILE_IGNORE_BACKUP (1u << 5)
 
 int vhd_file_open(struct vhd_file **out, const char *path, unsigned flags,
 		  struct vhd_error *err);

@@ -156,7 +156,7 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 		r = vhd_fail(err, VHD_ERR_NOMEM, "%s: out of memory", path);
 		goto fail;
 	}
-	vf->rdonly = (flags & (VHD_FILE_RDONLY | VHD_FILE_USE_BACKUP)) != 0;
+	vf->rdonly = (flags & (VHD_FILE_RDONLY | VHD_FILE_USE_BACKUP | VHD_FILE_IGNORE_BACKUP)) != 0;
 	vf->fd = open(path, (vf->rdonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
 	if (vf->fd < 0) {
 		r = -errno;
@@ -164,8 +164,14 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 			 "%s: cannot open: %s", path, strerror(errno));
 		goto fail;
 	}
-	if (fstat(vf->fd, &st) < 0 || (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))) {
-		r = vhd_fail(err, VHD_ERR_IO, "%s: not a regular file or block device", path);
+	if (fstat(vf->fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+		/*
+		 * A block device's size is not st_size, and a VHD in one
+		 * ends where its data ends, not at the device's end: not
+		 * supported, so say so rather than call it truncated.
+		 */
+		r = vhd_fail(err, VHD_ERR_IO, "%s: not a regular file%s; VHDs are files here", path,
+			     S_ISBLK(st.st_mode) ? " (block devices are not supported)" : "");
 		goto fail;
 	}
 	if (seen) {
@@ -192,8 +198,9 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 	src.ctx = (void *)(intptr_t)vf->fd;
 	src.size = (uint64_t)st.st_size;
 	src.name = path;
-	r = vhd_meta_load(&vf->m, &src, (flags & VHD_FILE_USE_BACKUP) ? VHD_LOAD_USE_BACKUP : 0,
-			  err);
+	r = vhd_meta_load(&vf->m, &src,
+			  ((flags & VHD_FILE_USE_BACKUP) ? VHD_LOAD_USE_BACKUP : 0) |
+			  ((flags & VHD_FILE_IGNORE_BACKUP) ? VHD_LOAD_IGNORE_BACKUP : 0), err);
 	if (r < 0)
 		goto fail;
 	if (vhd_meta_dynamic(&vf->m)) {
@@ -213,7 +220,7 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 		if (r < 0)
 			goto fail;
 		r = open_internal(&vf->parent, ppath,
-				  (flags | VHD_FILE_RDONLY) & ~(VHD_FILE_USE_BACKUP | VHD_FILE_NO_LOCK),
+				  (flags | VHD_FILE_RDONLY) & ~(VHD_FILE_USE_BACKUP | VHD_FILE_IGNORE_BACKUP | VHD_FILE_NO_LOCK),
 				  err, seen);
 		if (r < 0) {
 			if (err && err->code != VHD_ERR_PARENT_LOOP && err->code != VHD_ERR_PARENT_MISSING &&
@@ -501,8 +508,13 @@ int vhd_file_snapshot(const char *path, const char *parent, struct vhd_error *er
 	h.parent_timestamp = vhd_time_from_unix((int64_t)st.st_mtime);
 	base = strrchr(pabs, '/') ? strrchr(pabs, '/') + 1 : pabs;
 	if (vhd_utf16_encode(base, h.parent_name, sizeof(h.parent_name), true) < 0) {
+		/* Fails for bad UTF-8 too: a name that fits when unbounded is not UTF-8. */
+		uint8_t wide[4 * NAME_MAX + 4];
+		bool utf8 = vhd_utf16_encode(base, wide, sizeof(wide), true) >= 0;
+
 		r = vhd_fail(err, VHD_ERR_NO_PARENT,
-			     "%s: parent name %s is too long for the header (255 UTF-16 units)",
+			     utf8 ? "%s: parent name %s is too long for the header (255 UTF-16 units)"
+				  : "%s: parent name %s is not UTF-8, which a VHD's UTF-16 name needs; rename the parent",
 			     path, base);
 		goto out;
 	}

@@ -334,6 +334,28 @@ int vhd_file_repair(const char *path, struct vhd_error *err)
 	r = vhd_file_open(&vf, path, VHD_FILE_RDONLY | VHD_FILE_NO_LOCK, &first);
 	if (r == 0)
 		goto out;
+	/*
+	 * The footer at the end is valid but its copy at offset 0 is not,
+	 * or differs: the end's wins (blktap's repair rewrites both from it).
+	 */
+	if (first.code == VHD_ERR_BACKUP_FOOTER || first.code == VHD_ERR_FOOTER_MISMATCH) {
+		r = vhd_file_open(&vf, path, VHD_FILE_IGNORE_BACKUP | VHD_FILE_NO_LOCK, err);
+		if (r < 0)
+			goto out;
+		vhd_footer_encode(&vf->m.footer, fb);
+		vhd_file_close(vf);
+		vf = NULL;
+		r = vhd_pwrite_all(fd, fb, sizeof(fb), 0);
+		if (!r && vhd_fdatasync(fd) < 0)
+			r = -errno;
+		if (r) {
+			vhd_fail(err, VHD_ERR_IO, "%s: cannot write the footer copy: %s", path,
+				 strerror(-r));
+			goto out;
+		}
+		r = vhd_file_open(&vf, path, VHD_FILE_RDONLY | VHD_FILE_NO_LOCK, err);
+		goto out;
+	}
 	r = vhd_file_open(&vf, path, VHD_FILE_USE_BACKUP | VHD_FILE_NO_LOCK, err);
 	if (r < 0)
 		goto out;

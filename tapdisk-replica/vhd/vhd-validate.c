@@ -650,7 +650,7 @@ int vhd_meta_load(struct vhd_meta *m, const struct vhd_src *src, unsigned flags,
 		return 0;
 	}
 
-	if (!m->used_backup) {
+	if (!m->used_backup && !(flags & VHD_LOAD_IGNORE_BACKUP)) {
 		if (bd != VHD_OK)
 			return vhd_fail(err, VHD_ERR_BACKUP_FOOTER,
 					"%s: footer copy at offset 0: %s; run 'vhd-util repair -n %s'",

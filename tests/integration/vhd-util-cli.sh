@@ -12,10 +12,12 @@
 #     was; snapshot over such a parent creates no child;
 #  4. where blktap's scripts depend on them, blktap's meanings and output:
 #     create -S (MiB of metadata) and our -B (block size), query -f
-#     ("hidden: N"), read -p's disk type, --debug, check -t and our -T.
+#     ("hidden: N"), read -p's disk type, --debug, check -t and our -T;
+#  5. a device is refused as not a file; a damaged footer copy at offset 0
+#     is what check says to repair, and repair mends it.
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
-need_cmd md5sum touch
+need_cmd md5sum touch dd cmp
 tdr_setup
 
 VU="$TDR_BUILDDIR/tools/vhd-util"
@@ -58,10 +60,16 @@ run_vu 2 read -n "$T/ok.vhd" -c -1
 err_has "-c '-1': not a count"
 run_vu 2 read -n "$T/ok.vhd" -r 12x
 err_has "-r '12x': not a sector number"
+for o in "-b 99" "-m 99" "-d 99" "-t 999999"; do
+	# shellcheck disable=SC2086 # the option and its value
+	run_vu 1 read -n "$T/ok.vhd" $o
+	err_has "$T/ok.vhd: block"
+	err_has "past the end (4 blocks)"
+done
 run_vu 0 read -n "$T/ok.vhd" -b 2 -c 2
 assert_eq "read -b 2 -c 2" "block: 2: offset: not allocated
 block: 3: offset: not allocated" "$(cat "$T/out")"
-log "1: bad usage and bad values exit 2 and name the option"
+log "1: bad usage and bad values exit 2 and name the option; read past the end says so"
 
 # ---- 2. create's own refusals
 sum=$(md5sum <"$T/ok.vhd")
@@ -138,4 +146,23 @@ run_vu 2 check -n "$T/kid.vhd" -t -T
 err_has "-t ignores parent timestamps, -T makes them fatal"
 log "4: create -S/-B, query -f, read -p, --debug and check -t/-T as blktap's scripts expect"
 
-pass
+# ---- 5. not a file, and a footer copy that repair rewrites from the end's
+run_vu 1 check -n /dev/null
+err_has "/dev/null: not a regular file; VHDs are files here"
+"$VU" create -n "$T/copy.vhd" -s 8 || fail "vhd-util create failed"
+printf '\x77' | dd of="$T/copy.vhd" bs=1 seek=30 conv=notrunc status=none
+run_vu 1 check -n "$T/copy.vhd"
+err_has "footer copy at offset 0"
+err_has "run 'vhd-util repair -n $T/copy.vhd'"
+run_vu 0 repair -n "$T/copy.vhd"
+run_vu 0 check -n "$T/copy.vhd"
+cmp -s <(head -c 512 "$T/copy.vhd") <(tail -c 512 "$T/copy.vhd") ||
+	fail "repair left the footer copy unlike the footer"
+bad=$(printf '%s/p\351.vhd' "$T")	# Latin-1 e acute: not UTF-8
+"$VU" create -n "$bad" -s 8 || fail "vhd-util create of a non-UTF-8 name failed"
+run_vu 1 snapshot -n "$T/latin.vhd" -p "$bad"
+err_has "is not UTF-8, which a VHD's UTF-16 name needs"
+[ ! -e "$T/latin.vhd" ] || fail "a refused snapshot left $T/latin.vhd"
+log "5: a device refused by name; check's advice for a bad footer copy works; a non-UTF-8 parent name refused as such"
+
+pass "vhd-util: bad usage, damaged files, blktap option meanings, repair of a footer copy"

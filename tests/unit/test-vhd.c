@@ -1007,6 +1007,49 @@ START_TEST(rule_bat_size_overflow)
 }
 END_TEST
 
+static void f_older(struct vhd_footer *f) { f->timestamp -= 100; }
+
+/*
+ * The copy at offset 0 bad (a flipped byte) or valid but different: the
+ * footer at the end is the one to keep, and repair writes it over the
+ * copy, as blktap's does; the data is untouched.
+ */
+START_TEST(repair_backup_copy)
+{
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char data[4096], back[4096];
+	uint8_t end[512], copy[512];
+
+	for (int round = 0; round < 2; round++) {
+		unlink(pa);
+		ck_assert_int_eq(vhd_file_create(pa, 4 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+		vf = xopen(pa, 0);
+		fill_random(data, sizeof(data), 6 + round);
+		ck_assert_int_eq(vhd_file_write(vf, 64, 8, data), 0);
+		vhd_file_close(vf);
+		if (round == 0) {
+			raw_read(pa, copy, sizeof(copy), 0);
+			copy[30] ^= 0x40;
+			raw_write(pa, copy, sizeof(copy), 0);
+		} else {
+			rewrite_footers(pa, f_older, true, false, true);
+		}
+		ck_assert_int_lt(vhd_file_check(pa, 0, &err), 0);
+		ck_assert_int_eq(err.code, round == 0 ? VHD_ERR_BACKUP_FOOTER : VHD_ERR_FOOTER_MISMATCH);
+		ck_assert_msg(vhd_file_repair(pa, &err) == 0, "%s", err.msg);
+		ck_assert_msg(vhd_file_check(pa, 0, &err) == 0, "%s", err.msg);
+		raw_read(pa, end, sizeof(end), file_size(pa) - 512);
+		raw_read(pa, copy, sizeof(copy), 0);
+		ck_assert_mem_eq(copy, end, sizeof(end));
+		vf = xopen(pa, 0);
+		ck_assert_int_eq(vhd_file_read(vf, 64, 8, back), 0);
+		ck_assert_mem_eq(back, data, sizeof(data));
+		vhd_file_close(vf);
+	}
+}
+END_TEST
+
 static void f_size_20m(struct vhd_footer *f) { f->current_size = 20 * MIB; }
 static void h_bat_10(struct vhd_header *h) { h->max_bat_entries = 10; }
 
@@ -1796,6 +1839,7 @@ static Suite *vhd_suite(void)
 	tcase_add_test(tc, coalesce_keeps_content);
 	tcase_add_test(tc, coalesce_refuses_larger_child);
 	tcase_add_test(tc, repair_from_backup);
+	tcase_add_test(tc, repair_backup_copy);
 	tcase_add_test(tc, scrub_stale_data);
 	suite_add_tcase(s, tc);
 
