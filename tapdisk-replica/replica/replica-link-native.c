@@ -60,7 +60,8 @@
 
 #define NAT_IN_SIZE     (64u << 10)	/* receive buffer: 4,096 replies */
 #define NAT_BATCH       64u		/* commands per sendmsg() */
-#define NAT_MAX_OPT_LEN (64u << 10)	/* longest option reply we accept */
+/* Longest option reply we accept: it and its 20-byte header fit the buffer. */
+#define NAT_MAX_OPT_LEN (NAT_IN_SIZE - 20u)
 #define NAT_OLDSTYLE_MAGIC 0x0000420281861253ULL
 #define NAT_ZC_MIN      (64u << 10)	/* payloads from this size are spliced */
 /*

@@ -816,8 +816,13 @@ static void rs_scan_done(struct td_request *req, int err, void *arg)
 		rs->run_hole = false;
 		rs->run_end = req->sec + req->secs;
 	} else {
-		/* Only a range that reads as zeroes may become zeroes on the secondary. */
-		rs->run_hole = (req->bs_flags & TD_BS_ZERO) && replica_link_can_zero(p->link);
+		/*
+		 * Only a range that reads as zeroes may become zeroes on the
+		 * secondary.  The link may be gone (stop, a break) while the
+		 * query was out: the resync is being abandoned then.
+		 */
+		rs->run_hole = (req->bs_flags & TD_BS_ZERO) && p->link &&
+			       replica_link_can_zero(p->link);
 		rs->run_end = req->sec + req->bs_secs;
 	}
 	rs->run_sec = req->sec;

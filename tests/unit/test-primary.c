@@ -25,6 +25,7 @@
 #include "test-primary-peer.h"
 #include "tdr/log.h"
 #include "tdr/nbd.h"
+#include "tdr/vhd.h"
 #include "check-run.h"
 
 #define DISK (16u * TP_MIB)
@@ -1884,6 +1885,49 @@ START_TEST(t_model)
 }
 END_TEST
 
+/*
+ * stop while a full resync's block-status query is out: on a VHD it
+ * completes later (a bitmap read), with the link gone.  It once read the
+ * closed link's capabilities through a NULL pointer and killed the daemon.
+ */
+START_TEST(t_stop_during_resync_scan)
+{
+	char vhd[160], base[160], spec[512];
+	struct vhd_error verr;
+	struct td_disk *d;
+	char *buf = tp_pattern(64 * KIB, 3);
+	int r;
+
+	snprintf(vhd, sizeof(vhd), "%s/local.vhd", tp_dir);
+	snprintf(base, sizeof(base), "%s/base.vhd", tp_dir);
+	ck_assert_int_eq(vhd_file_create(base, DISK, VHD_TYPE_DYNAMIC, 0, &verr), 0);
+	ck_assert_int_eq(vhd_file_snapshot(vhd, base, &verr), 0);
+	/* Data at 1 MiB: block 0 allocated, its first sectors not in the bitmap. */
+	snprintf(spec, sizeof(spec), "vhd:%s", vhd);
+	r = td_disk_open(&d, spec, 0, tp_loop, tp_io);
+	ck_assert_msg(r == 0, "%s", tdr_last_error());
+	tp_disk = d;
+	ck_assert_int_eq(tp_guest_io(TD_OP_WRITE, TP_MIB, 64 * KIB, buf, 0), 0);
+	td_disk_close(d);
+	tp_disk = NULL;
+
+	tp_fake_start(TP_FAKE_GOOD, 0);
+	snprintf(spec, sizeof(spec), "replica:mode=primary,addr=unix:%s|vhd:%s", tp_sock, vhd);
+	r = td_disk_open(&tp_disk, spec, 0, tp_loop, tp_io);
+	ck_assert_msg(r == 0, "%s", tdr_last_error());
+	tp_rimg = replica_find(tp_disk);
+	assert_op("start");
+	assert_op("resync full");
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_RESYNC);
+	/* The scan's query is out: the disk is busy with it. */
+	ck_assert_uint_gt(td_disk_busy(tp_disk, NULL), 0);
+	assert_op("stop");
+	tp_run_for(200);
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_DONE);
+	free(buf);
+}
+END_TEST
+
 static void setup_model(void)
 {
 	tp_setup(MDISK, MDISK, 1);
@@ -1941,6 +1985,7 @@ static Suite *suite(void)
 	ADD("resync-full-with-writes", setup16, t_resync_full_with_writes);
 	ADD("resync-broken", setup16, t_resync_broken);
 	ADD("close-during-resync", setup16, t_close_during_resync);
+	ADD("stop-during-resync-scan", setup16, t_stop_during_resync_scan);
 	/* Its own case, so that CK_RUN_CASE=model runs it alone. */
 	ADD("model", setup_model, t_model);
 #undef ADD
