@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -485,6 +486,19 @@ int xs_conn_rm(struct xs_conn *c, const char *path, xs_reply_fn fn, void *arg)
 int xs_conn_directory(struct xs_conn *c, const char *path, xs_reply_fn fn, void *arg)
 {
 	return send_path(c, XS_DIRECTORY, path, fn, arg);
+}
+
+int xs_conn_directory_part(struct xs_conn *c, const char *path, size_t offset, xs_reply_fn fn,
+			   void *arg)
+{
+	char offs[24];
+	const void *parts[] = { path, offs };
+	size_t lens[2];
+
+	snprintf(offs, sizeof(offs), "%zu", offset);
+	lens[0] = strlen(path) + 1;
+	lens[1] = strlen(offs) + 1;
+	return xs_conn_send(c, XS_DIRECTORY_PART, parts, lens, 2, fn, arg);
 }
 
 int xs_conn_write(struct xs_conn *c, const char *path, const char *val, xs_reply_fn fn,

@@ -70,6 +70,13 @@ int xs_conn_write(struct xs_conn *c, const char *path, const char *val, xs_reply
 int xs_conn_mkdir(struct xs_conn *c, const char *path, xs_reply_fn fn, void *arg);
 int xs_conn_rm(struct xs_conn *c, const char *path, xs_reply_fn fn, void *arg);
 int xs_conn_directory(struct xs_conn *c, const char *path, xs_reply_fn fn, void *arg);
+/*
+ * XS_DIRECTORY_PART (Xen 4.9 and later), for a listing longer than one
+ * reply: the names from byte offset of the list on; the reply is
+ * "<generation>\0" then names, an empty name after the last one.
+ */
+int xs_conn_directory_part(struct xs_conn *c, const char *path, size_t offset, xs_reply_fn fn,
+			   void *arg);
 /* perms: e.g. "n0" (owner dom0, nobody else may read or write). */
 int xs_conn_set_perms(struct xs_conn *c, const char *path, const char *perms, xs_reply_fn fn,
 		      void *arg);

@@ -39,6 +39,8 @@
 #define PEND_MAX 4096u		/* request ids remembered from watch events */
 #define SELF_RM 8u		/* our own removals whose watch events we expect */
 #define WATCH_TOKEN "tdr-request"
+/* xenstored's longest absolute path (XENSTORE_ABS_PATH_MAX), with room to spare */
+#define REQ_PATH_MAX 3200
 #define PERMS "n0"		/* owner dom0; other domains: no access */
 
 /* Status keys published at the top of the directory; the rest go to stats/. */
@@ -54,6 +56,7 @@ struct kv {
 	bool dirty;
 	bool inflight;
 	bool warned;		/* a failed write is logged once */
+	bool perms_sent;	/* its permissions set on this connection */
 };
 
 /*
@@ -64,13 +67,13 @@ struct kv {
 struct completion {
 	struct tdr_list entry;
 	struct tdr_xs_ctl *x;
-	char name[24];
 	uint64_t id;
 	bool advance;
 	char *resp;
 	unsigned acks;		/* replies outstanding */
 	bool sent;
 	bool lost;		/* a reply was -ECONNRESET: send again */
+	char name[];		/* whole: a bad name is answered under itself */
 };
 
 /* The execution of a request; outlives the ctl if it is freed meanwhile. */
@@ -82,9 +85,9 @@ struct exec_ctx {
 struct check_ctx {
 	struct tdr_list entry;		/* in the ctl's checks: freed with it */
 	struct tdr_xs_ctl *x;
-	char name[256];
 	uint64_t id;
 	bool valid_id;
+	char name[];
 };
 
 enum phase { PH_DOWN, PH_LOADING, PH_READY };
@@ -111,6 +114,10 @@ struct tdr_xs_ctl {
 	uint64_t *pend;
 	size_t npend;
 	bool scan_inflight, scan_again;
+	/* A listing too long for one reply, read in parts (XS_DIRECTORY_PART). */
+	char *part_buf;
+	size_t part_len, part_cap;
+	char part_gen[32];
 
 	enum rq_state rq;
 	uint64_t cur_id;
@@ -219,6 +226,27 @@ static void kv_flush(struct tdr_xs_ctl *x)
 			kv_send(x, x->kv[i]);
 }
 
+/*
+ * The reply to a permission setting of ours on a key that may not exist:
+ * ENOENT is fine (a node made later inherits the directory's), a lost
+ * connection sets them again on the next.
+ */
+static void perms_reply(void *arg, int err, const char *data, size_t len)
+{
+	const char *what = arg;
+
+	(void)data;
+	(void)len;
+	if (err && err != -ENOENT && err != -ECONNRESET)
+		TDR_WARN("xenstore: cannot make %s dom0-only: %s", what, strerror(-err));
+}
+
+/*
+ * A write keeps the permissions of a node that exists: one made by
+ * someone else before (a guest, when the directory was not dom0-only)
+ * would stay theirs.  So each key's first write on a connection is
+ * followed by setting them.
+ */
 static void kv_send(struct tdr_xs_ctl *x, struct kv *e)
 {
 	char path[512];
@@ -233,6 +261,9 @@ static void kv_send(struct tdr_xs_ctl *x, struct kv *e)
 	if (ret == 0) {
 		e->dirty = false;
 		e->inflight = true;
+		if (e->want && !e->perms_sent &&
+		    xs_conn_set_perms(x->conn, path, PERMS, perms_reply, "a published key") == 0)
+			e->perms_sent = true;
 	}
 }
 
@@ -366,7 +397,7 @@ static void completion_reply(void *arg, int err, const char *data, size_t len)
 
 static void completion_send(struct tdr_xs_ctl *x, struct completion *c)
 {
-	char path[512], idbuf[24];
+	char path[REQ_PATH_MAX], idbuf[24];
 	unsigned n = 0;
 
 	if (x->phase != PH_READY || c->sent)
@@ -414,7 +445,7 @@ static void complete(struct tdr_xs_ctl *x, const char *name, uint64_t id, bool a
 static void complete(struct tdr_xs_ctl *x, const char *name, uint64_t id, bool advance,
 		     const char *fmt, ...)
 {
-	struct completion *c = calloc(1, sizeof(*c));
+	struct completion *c = calloc(1, sizeof(*c) + strlen(name) + 1);
 	va_list ap;
 
 	if (!c) {
@@ -422,7 +453,7 @@ static void complete(struct tdr_xs_ctl *x, const char *name, uint64_t id, bool a
 		return;
 	}
 	c->x = x;
-	snprintf(c->name, sizeof(c->name), "%s", name);
+	strcpy(c->name, name);
 	c->id = id;
 	c->advance = advance;
 	if (fmt) {
@@ -485,15 +516,35 @@ static void pend_add(struct tdr_xs_ctl *x, uint64_t id)
 			hi = mid;
 	}
 	if (x->npend == PEND_MAX) {
-		/* Too many at once: forget the newest; a listing finds them again. */
+		/*
+		 * Too many at once: forget the newest; a listing finds them
+		 * again (on_kick lists once one has been taken).
+		 */
+		x->scan_again = true;
 		if (lo == x->npend)
 			return;
 		x->npend--;
-		x->scan_again = true;
 	}
 	memmove(&x->pend[lo + 1], &x->pend[lo], (x->npend - lo) * sizeof(x->pend[0]));
 	x->pend[lo] = id;
 	x->npend++;
+}
+
+static bool pend_has(const struct tdr_xs_ctl *x, uint64_t id)
+{
+	size_t lo = 0, hi = x->npend;
+
+	while (lo < hi) {
+		size_t mid = (lo + hi) / 2;
+
+		if (x->pend[mid] == id)
+			return true;
+		if (x->pend[mid] < id)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return false;
 }
 
 static bool pend_pop(struct tdr_xs_ctl *x, uint64_t *id)
@@ -533,13 +584,13 @@ static void check_reply(void *arg, int err, const char *data, size_t len)
 /* request/<name> is a duplicate or has a bad name: answer it if it exists. */
 static void check_request(struct tdr_xs_ctl *x, const char *name, bool valid_id, uint64_t id)
 {
-	struct check_ctx *k = calloc(1, sizeof(*k));
-	char path[512];
+	struct check_ctx *k = calloc(1, sizeof(*k) + strlen(name) + 1);
+	char path[REQ_PATH_MAX];
 
 	if (!k)
 		return;
 	k->x = x;
-	snprintf(k->name, sizeof(k->name), "%s", name);
+	strcpy(k->name, name);
 	k->valid_id = valid_id;
 	k->id = id;
 	snprintf(path, sizeof(path), "%s/request/%s", x->dir, name);
@@ -583,19 +634,12 @@ static void request_name(struct tdr_xs_ctl *x, const char *name, bool from_event
 
 static void scan(struct tdr_xs_ctl *x);
 
-static void scan_reply(void *arg, int err, const char *data, size_t len)
+/* A whole listing of request/: take every name in it. */
+static void scan_names(struct tdr_xs_ctl *x, const char *data, size_t len)
 {
-	struct tdr_xs_ctl *x = arg;
 	size_t off = 0;
 
 	x->scan_inflight = false;
-	if (err == -ECONNRESET)
-		return;
-	if (err) {
-		if (err != -ENOENT)
-			TDR_WARN("xenstore: cannot list %s/request: %s", x->dir, strerror(-err));
-		return;
-	}
 	while (off < len) {
 		const char *name = data + off;
 		size_t n = strnlen(name, len - off);
@@ -609,6 +653,118 @@ static void scan_reply(void *arg, int err, const char *data, size_t len)
 		scan(x);
 	}
 	kick(x);
+}
+
+static void scan_part(struct tdr_xs_ctl *x);
+
+static void scan_part_end(struct tdr_xs_ctl *x)
+{
+	free(x->part_buf);
+	x->part_buf = NULL;
+	x->part_len = x->part_cap = 0;
+	x->part_gen[0] = '\0';
+}
+
+/*
+ * A part: "<generation>\0" and names, each with its NUL, after the first
+ * part_len bytes of the list; an empty name ends the list.  A generation
+ * that changed means the directory did meanwhile: start over.
+ */
+static void scan_part_reply(void *arg, int err, const char *data, size_t len)
+{
+	struct tdr_xs_ctl *x = arg;
+	size_t glen, off;
+
+	if (err) {
+		if (err != -ECONNRESET && err != -ENOENT)
+			TDR_WARN("xenstore: cannot list %s/request in parts: %s", x->dir,
+				 strerror(-err));
+		scan_part_end(x);
+		x->scan_inflight = false;
+		return;
+	}
+	glen = strnlen(data, len);
+	if (glen == len || glen >= sizeof(x->part_gen)) {
+		TDR_WARN("xenstore: a malformed part of the listing of %s/request; listing again",
+			 x->dir);
+		scan_part_end(x);
+		x->scan_inflight = false;
+		x->scan_again = true;
+		kick(x);
+		return;
+	}
+	if (x->part_gen[0] && strcmp(x->part_gen, data) != 0) {
+		/* These names are at part_len of another list: from the start. */
+		x->part_len = 0;
+		memcpy(x->part_gen, data, glen + 1);
+		scan_part(x);
+		return;
+	}
+	memcpy(x->part_gen, data, glen + 1);
+	for (off = glen + 1; off < len;) {
+		size_t n = strnlen(data + off, len - off);
+
+		if (n == 0) {
+			char *buf = x->part_buf;
+			size_t blen = x->part_len;
+
+			x->part_buf = NULL;
+			scan_part_end(x);
+			scan_names(x, buf, blen);
+			free(buf);
+			return;
+		}
+		if (x->part_len + n + 1 > x->part_cap) {
+			size_t cap = x->part_cap ? x->part_cap * 2 : 8192;
+			char *nb;
+
+			while (cap < x->part_len + n + 1)
+				cap *= 2;
+			nb = realloc(x->part_buf, cap);
+			if (!nb) {
+				TDR_ERR("xenstore: out of memory listing %s/request", x->dir);
+				scan_part_end(x);
+				x->scan_inflight = false;
+				return;
+			}
+			x->part_buf = nb;
+			x->part_cap = cap;
+		}
+		memcpy(x->part_buf + x->part_len, data + off, n + 1);
+		x->part_len += n + 1;
+		off += n + 1;
+	}
+	scan_part(x);
+}
+
+static void scan_part(struct tdr_xs_ctl *x)
+{
+	char path[512];
+
+	snprintf(path, sizeof(path), "%s/request", x->dir);
+	if (xs_conn_directory_part(x->conn, path, x->part_len, scan_part_reply, x) < 0) {
+		scan_part_end(x);
+		x->scan_inflight = false;
+	}
+}
+
+static void scan_reply(void *arg, int err, const char *data, size_t len)
+{
+	struct tdr_xs_ctl *x = arg;
+
+	if (err == -E2BIG) {
+		/* More names than one reply holds (4096 bytes): in parts. */
+		scan_part_end(x);
+		scan_part(x);
+		return;
+	}
+	if (err) {
+		x->scan_inflight = false;
+		if (err != -ECONNRESET && err != -ENOENT)
+			TDR_WARN("xenstore: cannot list %s/request: %s", x->dir, strerror(-err));
+		return;
+	}
+	scan_names(x, data, len);
 }
 
 static void scan(struct tdr_xs_ctl *x)
@@ -908,8 +1064,12 @@ static void executing_reply(void *arg, int err, const char *data, size_t len)
 		x->store_executing = v;
 		x->have_executing = true;
 	}
-	/* Claimed above last-id and not ours: a previous daemon's. */
-	if (x->have_executing && v > x->last_id && !id_in_hand(x, v)) {
+	/*
+	 * Claimed above last-id and not ours: a previous daemon's.  One in
+	 * our queue is ours, claimed on the lost connection whose reply never
+	 * came: not executed, and claimed again (claim_write_reply).
+	 */
+	if (x->have_executing && v > x->last_id && !id_in_hand(x, v) && !pend_has(x, v)) {
 		snprintf(path, sizeof(path), "%s/response/%llu", x->dir, (unsigned long long)v);
 		if (xs_conn_read(x->conn, path, recover_reply, x) == 0)
 			x->load_left++;
@@ -929,6 +1089,7 @@ static void resp_dir_reply(void *arg, int err, const char *data, size_t len)
 	struct tdr_xs_ctl *x = arg;
 	uint64_t *ids = NULL, id;
 	size_t n = 0, cap = 0, off = 0, i, j;
+	char path[REQ_PATH_MAX];
 
 	if (err == -ECONNRESET)
 		return;
@@ -940,6 +1101,10 @@ static void resp_dir_reply(void *arg, int err, const char *data, size_t len)
 			off += l + 1;
 			if (!parse_id(name, &id))
 				continue;
+			/* We write it again if its id comes back: it must be ours. */
+			if (snprintf(path, sizeof(path), "%s/response/%s", x->dir, name) <
+			    (int)sizeof(path))
+				xs_conn_set_perms(x->conn, path, PERMS, perms_reply, "a response");
 			if (n == cap) {
 				uint64_t *nid;
 
@@ -973,6 +1138,7 @@ static void resp_dir_reply(void *arg, int err, const char *data, size_t len)
 static void load_done(struct tdr_xs_ctl *x)
 {
 	struct tdr_list *pos, *tmp;
+	char path[512], idbuf[24];
 	size_t i;
 
 	x->phase = PH_READY;
@@ -981,8 +1147,25 @@ static void load_done(struct tdr_xs_ctl *x)
 	/* Bookkeeping first: it must reach xenstored before anything new. */
 	tdr_list_for_each_safe(pos, tmp, &x->completions)
 		completion_send(x, tdr_list_entry(pos, struct completion, entry));
-	for (i = 0; i < x->nkv; i++)
+	/*
+	 * A xenstored that restarted without its contents lost last-id and
+	 * executing: put back what we know, so that the toolstack sees which
+	 * ids are used and a daemon started after us refuses them too.
+	 */
+	if (x->last_id > x->store_last_id) {
+		snprintf(idbuf, sizeof(idbuf), "%llu", (unsigned long long)x->last_id);
+		snprintf(path, sizeof(path), "%s/last-id", x->dir);
+		xs_conn_write(x->conn, path, idbuf, perms_reply, "last-id");
+	}
+	if (x->rq == RQ_EXEC && (!x->have_executing || x->store_executing != x->cur_id)) {
+		snprintf(idbuf, sizeof(idbuf), "%llu", (unsigned long long)x->cur_id);
+		snprintf(path, sizeof(path), "%s/executing", x->dir);
+		xs_conn_write(x->conn, path, idbuf, perms_reply, "executing");
+	}
+	for (i = 0; i < x->nkv; i++) {
 		x->kv[i]->dirty = true;
+		x->kv[i]->perms_sent = false;
+	}
 	publish(x, true);
 	scan(x);
 	kick(x);
@@ -992,6 +1175,7 @@ static void on_connected(void *arg)
 {
 	struct tdr_xs_ctl *x = arg;
 	static const char *const dirs[] = { "", "/request", "/response" };
+	static const char *const own_keys[] = { "last-id", "executing", "stats" };
 	char path[512];
 	size_t i;
 	int ret = 0;
@@ -1012,6 +1196,11 @@ static void on_connected(void *arg)
 			if (ret == 0)
 				x->load_left++;
 		}
+	}
+	/* Keys of ours that may exist already, made by someone else. */
+	for (i = 0; i < sizeof(own_keys) / sizeof(own_keys[0]) && ret == 0; i++) {
+		snprintf(path, sizeof(path), "%s/%s", x->dir, own_keys[i]);
+		ret = xs_conn_set_perms(x->conn, path, PERMS, perms_reply, (void *)own_keys[i]);
 	}
 	if (ret == 0) {
 		snprintf(path, sizeof(path), "%s/last-id", x->dir);
@@ -1055,6 +1244,7 @@ static void on_disconnected(void *arg, int err)
 	x->phase = PH_DOWN;
 	x->load_left = 0;
 	x->scan_inflight = false;
+	scan_part_end(x);
 }
 
 static void on_watch_event(void *arg, const char *path, const char *token)
@@ -1201,6 +1391,7 @@ void tdr_xs_ctl_free(struct tdr_xs_ctl *x)
 		tdr_list_del(pos);
 		free(tdr_list_entry(pos, struct check_ctx, entry));
 	}
+	free(x->part_buf);
 	for (i = 0; i < x->nkv; i++) {
 		free(x->kv[i]->key);
 		free(x->kv[i]->want);

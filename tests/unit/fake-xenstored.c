@@ -22,6 +22,7 @@ struct node {
 	char *val;
 	size_t len;
 	char *perms;
+	uint64_t gen;		/* changes when its children do (DIRECTORY_PART) */
 };
 
 struct watch {
@@ -53,7 +54,24 @@ struct fake_xs {
 	size_t nnodes;
 	struct fconn *conns[MAX_CONNS];
 	uint64_t msgs;
+	uint64_t gen;
 };
+
+/* The parent of path has a child more or less: a new generation. */
+static struct node *find(struct fake_xs *f, const char *path);
+static void children_changed(struct fake_xs *f, const char *path)
+{
+	char *parent = strdup(path), *slash = strrchr(parent, '/');
+	struct node *p;
+
+	if (slash && slash != parent) {
+		*slash = '\0';
+		p = find(f, parent);
+		if (p)
+			p->gen = ++f->gen;
+	}
+	free(parent);
+}
 
 static void conn_update(struct fconn *c);
 static void fconn_close(struct fconn *c);
@@ -134,8 +152,10 @@ static struct node *create(struct fake_xs *f, const char *path)
 	n->val = strdup("");
 	n->len = 0;
 	n->perms = strdup(perms);
+	n->gen = ++f->gen;
 	free(parent);
-	return n;
+	children_changed(f, path);
+	return find(f, path);
 }
 
 static int store_write(struct fake_xs *f, const char *path, const char *val, size_t len)
@@ -177,6 +197,7 @@ static int store_rm(struct fake_xs *f, const char *path)
 	}
 	if (!found)
 		return -ENOENT;
+	children_changed(f, path);
 	fire(f, path, true);
 	return 0;
 }
@@ -258,11 +279,13 @@ static void handle(struct fconn *c, const struct xsd_sockmsg *h, const char *p)
 		else
 			reply_ok(c, h->req_id, XS_RM);
 		return;
-	case XS_DIRECTORY: {
-		char buf[XENSTORE_PAYLOAD_MAX];
-		size_t len = 0, i;
+	case XS_DIRECTORY:
+	case XS_DIRECTORY_PART: {
+		/* The whole list, then what one reply holds, as xenstored does. */
+		char *all = NULL, *buf;
+		size_t len = 0, i, off = 0, glen, room, take;
 
-		if (!find(f, p)) {
+		if (!(n = find(f, p))) {
 			reply_err(c, h->req_id, ENOENT);
 			return;
 		}
@@ -272,13 +295,43 @@ static void handle(struct fconn *c, const struct xsd_sockmsg *h, const char *p)
 			if (under(q, p) && !strchr(q + strlen(p) + 1, '/')) {
 				size_t l = strlen(q + strlen(p) + 1) + 1;
 
-				if (len + l > sizeof(buf))
-					break;
-				memcpy(buf + len, q + strlen(p) + 1, l);
+				all = realloc(all, len + l);
+				memcpy(all + len, q + strlen(p) + 1, l);
 				len += l;
 			}
 		}
-		reply(c, XS_DIRECTORY, h->req_id, buf, len);
+		if (h->type == XS_DIRECTORY) {
+			if (len > XENSTORE_PAYLOAD_MAX)
+				reply_err(c, h->req_id, E2BIG);
+			else
+				reply(c, XS_DIRECTORY, h->req_id, all, len);
+			free(all);
+			return;
+		}
+		if (plen + 1 < h->len)
+			off = strtoull(p + plen + 1, NULL, 10);
+		if (off > len) {
+			free(all);
+			reply_err(c, h->req_id, EINVAL);
+			return;
+		}
+		buf = malloc(XENSTORE_PAYLOAD_MAX);
+		glen = (size_t)snprintf(buf, 32, "%llu", (unsigned long long)n->gen) + 1;
+		room = XENSTORE_PAYLOAD_MAX - glen - 1;	/* and the end marker */
+		/* Whole names only. */
+		for (take = 0; off + take < len;) {
+			size_t l = strlen(all + off + take) + 1;
+
+			if (take + l > room)
+				break;
+			take += l;
+		}
+		memcpy(buf + glen, all + off, take);
+		if (off + take == len)
+			buf[glen + take++] = '\0';	/* the list ends here */
+		reply(c, XS_DIRECTORY_PART, h->req_id, buf, glen + take);
+		free(buf);
+		free(all);
 		return;
 	}
 	case XS_SET_PERMS: {
@@ -562,6 +615,17 @@ char *fake_xs_perms(struct fake_xs *f, const char *path)
 	struct node *n = find(f, path);
 
 	return n ? strdup(n->perms) : NULL;
+}
+
+int fake_xs_set_perms(struct fake_xs *f, const char *path, const char *perms)
+{
+	struct node *n = find(f, path);
+
+	if (!n)
+		return -ENOENT;
+	free(n->perms);
+	n->perms = strdup(perms);
+	return 0;
 }
 
 size_t fake_xs_count_children(struct fake_xs *f, const char *path)

@@ -30,6 +30,8 @@ char *fake_xs_read(struct fake_xs *f, const char *path);
 /* Permissions as "n0" or "n0,r5"; malloc'd, or NULL. */
 char *fake_xs_perms(struct fake_xs *f, const char *path);
 /* Number of direct children of path. */
+/* As another domain's toolstack would have left them: "b5", "n0,r5". */
+int fake_xs_set_perms(struct fake_xs *f, const char *path, const char *perms);
 size_t fake_xs_count_children(struct fake_xs *f, const char *path);
 
 /* Frozen: reads nothing, answers nothing, accepts nothing (SIGSTOP). */

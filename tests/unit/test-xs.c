@@ -751,6 +751,189 @@ START_TEST(t_no_replica)
 }
 END_TEST
 
+/* -------------------------------------------------- found by review */
+
+/* Waits until be.nexec reaches n; false after ms. */
+static bool wait_nexec(unsigned n, unsigned ms)
+{
+	uint64_t end = tdr_now_ns() + (uint64_t)ms * 1000000ull;
+
+	while (tdr_now_ns() < end && be.nexec < n)
+		tdr_loop_run_once(loop, 5);
+	return be.nexec >= n;
+}
+
+static bool wait_no_requests(unsigned ms)
+{
+	uint64_t end = tdr_now_ns() + (uint64_t)ms * 1000000ull;
+
+	while (tdr_now_ns() < end && fake_xs_count_children(fxs, DIR_ "/request"))
+		tdr_loop_run_once(loop, 5);
+	return fake_xs_count_children(fxs, DIR_ "/request") == 0;
+}
+
+/*
+ * A bad name longer than 23 characters is answered under its whole name
+ * and removed (its answer once went under a name cut to 23 characters,
+ * and the request stayed, answered again at every listing).
+ */
+START_TEST(t_long_bad_name)
+{
+	const char *name = "this-is-not-a-valid-request-id-but-a-long-one";
+	char rel[128];
+
+	ck_assert(wait_ready(2000));
+	req(name, "checkpoint");
+	snprintf(rel, sizeof(rel), "response/%s", name);
+	ck_assert(wait_exists(rel, 2000));
+	ck_assert(has_prefix(rel, "error EINVAL bad request id"));
+	ck_assert(wait_no_requests(2000));
+	ck_assert_uint_eq(fake_xs_count_children(fxs, DIR_ "/response"), 1);
+	ck_assert_uint_eq(be.nexec, 0);
+}
+END_TEST
+
+/*
+ * More requests at once than the queue holds (4096), written while one
+ * executes: every one is executed, in order (those past the queue were
+ * once forgotten until something else listed the directory).  The
+ * listing is then longer than one xenstore reply: read in parts.
+ */
+START_TEST(t_queue_overflow)
+{
+	const unsigned n = 4400;
+	char id[32];
+
+	ck_assert(wait_ready(2000));
+	be.ckpt_ms = 500;
+	req("1", "checkpoint");
+	ck_assert(wait_value("executing", "1", 2000));
+	for (unsigned i = 2; i <= n; i++) {
+		snprintf(id, sizeof(id), "%u", i);
+		req(id, "status");
+		if (i % 256 == 0)
+			tdr_loop_run_once(loop, 0);
+	}
+	ck_assert_msg(wait_nexec(n, 25000), "executed %u of %u", be.nexec, n);
+	ck_assert(wait_no_requests(2000));
+	snprintf(id, sizeof(id), "%u", n);
+	ck_assert(wait_value("last-id", id, 2000));
+}
+END_TEST
+
+/*
+ * Requests queued while no daemon runs, more than one xenstore reply can
+ * list (400 ids of 10 digits, 4,400 bytes): all executed at start (real
+ * xenstored answers E2BIG to such a listing; the rest were once lost).
+ */
+START_TEST(t_big_queue_while_down)
+{
+	char id[32];
+
+	ck_assert(wait_ready(2000));
+	ctl_stop();
+	for (unsigned i = 0; i < 400; i++) {
+		snprintf(id, sizeof(id), "%u", 1000000000u + i);
+		req(id, "status");
+	}
+	fbe_init(&be);
+	ctl_start();
+	ck_assert(wait_ready(3000));
+	ck_assert_msg(wait_nexec(400, 10000), "executed %u of 400", be.nexec);
+	ck_assert(wait_no_requests(2000));
+	ck_assert(wait_value("last-id", "1000000399", 2000));
+}
+END_TEST
+
+/*
+ * xenstored restarted and lost everything: last-id comes back at once
+ * (it stayed absent until the next request), and old ids are refused.
+ */
+START_TEST(t_last_id_after_store_lost)
+{
+	char *r;
+
+	ck_assert(wait_ready(2000));
+	ck_response("1", "checkpoint", "ok");
+	ck_response("2", "checkpoint", "ok");
+	fake_xs_stop(fxs, true);
+	spin(100);
+	ck_assert_int_eq(fake_xs_start(fxs), 0);
+	ck_assert(wait_ready(3000));
+	ck_assert(wait_value("last-id", "2", 2000));
+	r = call("1", "checkpoint");
+	ck_assert_ptr_nonnull(r);
+	ck_assert_msg(strncmp(r, "error EALREADY", 14) == 0, "%s", r);
+	free(r);
+	ck_assert_uint_eq(be.nexec, 2);
+}
+END_TEST
+
+/*
+ * The connection drops just after xenstored stored our claim of request 2
+ * (executing=2) and before its replies reached us: the request was not
+ * executed, and is executed after the reconnection (it was once answered
+ * EINTR "the daemon restarted", which it had not).
+ */
+START_TEST(t_claim_reply_lost)
+{
+	unsigned i;
+	char *r;
+
+	ck_assert(wait_ready(2000));
+	ck_response("1", "checkpoint", "ok");
+	req("2", "checkpoint");
+	for (i = 0; i < 2000 && !is("executing", "2"); i++)
+		tdr_loop_run_once(loop, 1);
+	ck_assert(is("executing", "2"));
+	fake_xs_stop(fxs, false);
+	spin(50);
+	ck_assert_int_eq(fake_xs_start(fxs), 0);
+	ck_assert(wait_exists("response/2", 3000));
+	r = get("response/2");
+	ck_assert_str_eq(r, "ok");
+	free(r);
+	ck_assert_uint_eq(be.nexec, 2);
+}
+END_TEST
+
+/*
+ * Keys of ours that existed before, made by another domain (the directory
+ * was once writable to it): they become dom0-only like the directory.
+ */
+START_TEST(t_perms_of_existing_keys)
+{
+	static const char *const keys[] = { "", "/last-id", "/stats", "/stats/checkpoints",
+					    "/state", "/response/50" };
+	char path[512];
+
+	ck_assert(wait_ready(2000));
+	ctl_stop();
+	fake_xs_rm(fxs, DIR_);
+	ck_assert_int_eq(fake_xs_write(fxs, DIR_ "/last-id", "40"), 0);
+	ck_assert_int_eq(fake_xs_write(fxs, DIR_ "/stats/checkpoints", "0"), 0);
+	ck_assert_int_eq(fake_xs_write(fxs, DIR_ "/state", "running"), 0);
+	ck_assert_int_eq(fake_xs_write(fxs, DIR_ "/response/50", "ok"), 0);
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		snprintf(path, sizeof(path), DIR_ "%s", keys[i]);
+		ck_assert_int_eq(fake_xs_set_perms(fxs, path, "b5"), 0);
+	}
+	fbe_init(&be);
+	ctl_start();
+	ck_assert(wait_ready(3000));
+	spin(300);
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		char *perms;
+
+		snprintf(path, sizeof(path), DIR_ "%s", keys[i]);
+		perms = fake_xs_perms(fxs, path);
+		ck_assert_msg(perms && strcmp(perms, "n0") == 0, "%s: %s", path,
+			      perms ? perms : "(gone)");
+		free(perms);
+	}
+}
+END_TEST
+
 static Suite *suite(void)
 {
 	Suite *s = suite_create("xenstore");
@@ -775,6 +958,16 @@ static Suite *suite(void)
 	tcase_add_test(tc, t_xenstored_restart_while_executing);
 	tcase_add_test(tc, t_xenstored_absent);
 	tcase_add_test(tc, t_no_replica);
+	suite_add_tcase(s, tc);
+	tc = tcase_create("review");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 60);
+	tcase_add_test(tc, t_long_bad_name);
+	tcase_add_test(tc, t_queue_overflow);
+	tcase_add_test(tc, t_big_queue_while_down);
+	tcase_add_test(tc, t_last_id_after_store_lost);
+	tcase_add_test(tc, t_claim_reply_lost);
+	tcase_add_test(tc, t_perms_of_existing_keys);
 	suite_add_tcase(s, tc);
 	return s;
 }
