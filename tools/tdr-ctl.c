@@ -4,9 +4,10 @@
  * with blktap3 tap-ctl's commands and options where they apply, plus the
  * replica operations.  See docs/man/tdr-ctl.8.
  *
- * Exit status: 0 on success; 2 for usage errors; the daemon's errno value
- * when it refused a request; 1 for anything else (no such daemon, broken
- * connection).  Every failure prints one line on stderr:
+ * Exit status: 0 on success; the daemon's errno value when it refused a
+ * request; 64 for usage errors; 69 when the daemon could not be reached
+ * (no such daemon, broken connection).  Every failure prints one line on
+ * stderr:
  * "tdr-ctl: <what failed>: <why>".
  */
 #include "config.h"
@@ -25,7 +26,14 @@
 #include "tdr/ctl-message.h"
 
 #define PROG "tdr-ctl"
-#define EXIT_USAGE 2
+/*
+ * Exit statuses: a refusal by the daemon exits with its errno value (1 to
+ * 133), so that the two fixed ones must lie elsewhere: sysexits.h's
+ * EX_USAGE and EX_UNAVAILABLE (errno 64 and 69, ENONET and ESRMNT, are
+ * never a daemon's answer).
+ */
+#define EXIT_USAGE 64
+#define EXIT_NO_DAEMON 69
 /* Quick requests; pause, close and replica operations wait as long as they take. */
 #define QUICK_TIMEOUT_MS 10000
 
@@ -50,7 +58,11 @@ static int usage_error(const char *fmt, ...)
 	return EXIT_USAGE;
 }
 
-/* One line on stderr; returns the exit status for err (a positive errno value, or 0: generic). */
+/*
+ * One line on stderr; returns the exit status for err: a positive errno
+ * value (the daemon's answer), or 0: the daemon could not be reached or
+ * did not answer (EXIT_NO_DAEMON).
+ */
 static int failure(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static int failure(int err, const char *fmt, ...)
 {
@@ -61,7 +73,7 @@ static int failure(int err, const char *fmt, ...)
 	vfprintf(stderr, fmt, ap);
 	va_end(ap);
 	fputc('\n', stderr);
-	return err > 0 && err < 256 ? err : 1;
+	return err > 0 && err < 256 ? err : EXIT_NO_DAEMON;
 }
 
 static void usage(FILE *out)
@@ -85,8 +97,8 @@ static void usage(FILE *out)
 		"\n"
 		"Every command also takes -s SOCKET to name a control socket instead of -p PID.\n"
 		"Daemons are found as DIR/ctlPID with DIR $TDR_CONTROL_DIR or " BLKTAP_CONTROL_DIR ".\n"
-		"Exit status: 0 success, 2 usage error, the daemon's errno value when it\n"
-		"refused the request, 1 otherwise.\n");
+		"Exit status: 0 success, the daemon's errno value when it refused the\n"
+		"request, 64 usage error, 69 daemon not reachable.\n");
 }
 
 static int parse_int(const char *opt, const char *s, long min, long max, long *out)

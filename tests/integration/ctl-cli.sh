@@ -105,16 +105,16 @@ run_ctl 95 replica -p "$P" -m 0 status
 assert_eq "replica without filter" "tdr-ctl: replica status on minor 0: minor 0 (aio:$T/disk.img) has no replica filter; open it with a spec like replica:mode=secondary|aio:/path" "$ERR"
 
 # Usage errors and absent daemons.
-run_ctl 2 pause -m 0
+run_ctl 64 pause -m 0
 assert_eq "no -p" "tdr-ctl: which daemon? give -p PID (or -s SOCKET); see tdr-ctl --help" "$ERR"
-run_ctl 2 pause -p "$P"
+run_ctl 64 pause -p "$P"
 assert_eq "no -m" "tdr-ctl: which disk? give -m MINOR; see tdr-ctl --help" "$ERR"
-run_ctl 2 pause -p abc -m 0
+run_ctl 64 pause -p abc -m 0
 assert_eq "bad -p" "tdr-ctl: bad -p PID 'abc': expected a number from 1 to 2147483647; see tdr-ctl --help" "$ERR"
-run_ctl 2 frobnicate
+run_ctl 64 frobnicate
 assert_eq "bad command" "tdr-ctl: unknown command 'frobnicate'; see tdr-ctl --help" "$ERR"
-run_ctl 2 replica -p "$P" -m 0
-run_ctl 1 pause -p 999999 -m 0
+run_ctl 64 replica -p "$P" -m 0
+run_ctl 69 pause -p 999999 -m 0
 assert_eq "no daemon" "tdr-ctl: cannot connect to process 999999 ($T/ctl999999): No such file or directory; is it running? see tdr-ctl list" "$ERR"
 
 # A second daemon on the same socket is refused; the first keeps serving.
@@ -144,7 +144,8 @@ tdr_wait_ready "$D" "$T/daemon-d.err" "$T/ctl$D"
 mkrandom "$T/r.img" 2
 run_ctl 0 open -p "$D" -m 3 -a "aio:$T/disk.img" -R
 run_ctl 0 open -p "$D" -m 1 -a "replica:mode=primary|aio:$T/r.img"
-run_ctl 2 open -p "$D" -m 2
+run_ctl 64 open -p "$D" -m 2
+# ENOENT from the daemon: 2, not the usage error's 64 just above
 run_ctl 2 open -p "$D" -m 2 -a "aio:$T/nonexistent.img"
 assert_eq "open missing file" "tdr-ctl: open of minor 2: $T/nonexistent.img: no such file; create it first (e.g. truncate -s 1G $T/nonexistent.img)" "$ERR"
 run_ctl 114 open -p "$D" -m 3 -a "aio:$T/disk.img"
