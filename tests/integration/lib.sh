@@ -26,6 +26,8 @@ export TDR_SRCDIR TDR_BUILDDIR TDR_BIN
 
 # Debian's interpreter: the one on PATH may be a build without python3-libnbd.
 PY=/usr/bin/python3
+# This directory: PYTHONPATH for the tests' Python (nbdwire.py).
+TESTDIR=$TDR_SRCDIR/tests/integration
 
 TEST_NAME=$(basename "$0" .sh)
 T=""			# the test's temporary directory

@@ -5,7 +5,7 @@
 TEST_EXTENSIONS = .sh
 SH_LOG_COMPILER = bash
 
-EXTRA_DIST += tests/integration/lib.sh tests/tls-pki.sh
+EXTRA_DIST += tests/integration/lib.sh tests/tls-pki.sh tests/integration/nbdwire.py
 
 TESTS += tests/integration/nbdinfo.sh
 TESTS += tests/integration/qemu-io.sh

@@ -71,18 +71,11 @@ nbdinfo --json "$(psk_uri "$SOCK")" | grep -q '"TLS": true' || fail "--tls on: n
 # them.  And a client that did not set NBD_FLAG_C_FIXED_NEWSTYLE gets no
 # TLS.  (Before the fix, the injected option survived: "server sent
 # unexpected structured reply".)
-out=$("$PY" - "$SOCK" "$T/mitm.sock" "$T/keys.psk" "$T/disk.img" <<'PYEOF' 2>&1
+out=$(PYTHONPATH=$TESTDIR "$PY" - "$SOCK" "$T/mitm.sock" "$T/keys.psk" "$T/disk.img" <<'PYEOF' 2>&1
 import socket, struct, sys, threading, nbd
+from nbdwire import (OPT_MAGIC, OPT_STARTTLS, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_POLICY,
+                     recv_exact as recvn)
 server, proxy_path, psk, image = sys.argv[1:5]
-MAGIC = 0x49484156454F5054
-def recvn(s, n):
-    b = b''
-    while len(b) < n:
-        d = s.recv(n - len(b))
-        if not d:
-            raise EOFError('connection closed')
-        b += d
-    return b
 def relay(a, b):
     try:
         while True:
@@ -105,12 +98,12 @@ def mitm(lsock):
     hdr = recvn(c, 16)
     magic, opt, ln = struct.unpack('>QII', hdr)
     data = recvn(c, ln)
-    if opt != 5:
+    if opt != OPT_STARTTLS:
         print('client sent option %d, not STARTTLS' % opt)
         sys.exit(1)
-    s.sendall(struct.pack('>QII', MAGIC, 8, 0))   # NBD_OPT_STRUCTURED_REPLY
+    s.sendall(struct.pack('>QII', OPT_MAGIC, OPT_STRUCTURED_REPLY, 0))
     _, _, rtype, _ = struct.unpack('>QIII', recvn(s, 20))
-    if rtype != 1:
+    if rtype != REP_ACK:
         print('the injected option was not acknowledged: %d' % rtype)
         sys.exit(1)
     s.sendall(hdr + data)
@@ -141,10 +134,10 @@ s = socket.socket(socket.AF_UNIX)
 s.connect(server)
 recvn(s, 18)
 s.sendall(struct.pack('>I', 0))
-s.sendall(struct.pack('>QII', MAGIC, 5, 0))
+s.sendall(struct.pack('>QII', OPT_MAGIC, OPT_STARTTLS, 0))
 _, opt, rtype, ln = struct.unpack('>QIII', recvn(s, 20))
 recvn(s, ln)
-if (opt, rtype) != (5, 0x80000000 + 2):
+if (opt, rtype) != (OPT_STARTTLS, REP_ERR_POLICY):
     print('STARTTLS from a client without FIXED_NEWSTYLE: reply %#x, not NBD_REP_ERR_POLICY' % rtype)
     sys.exit(1)
 print('ok')

@@ -33,19 +33,9 @@ wpid=$!
 
 cat >"$T/vanish.py" <<'PYEOF'
 import os, socket, struct, sys, time
+from nbdwire import NBDMAGIC, IHAVEOPT, REQ_MAGIC, recv_exact
 
 sock_path, mode = sys.argv[1], sys.argv[2]
-NBDMAGIC, IHAVEOPT = b"NBDMAGIC", b"IHAVEOPT"
-REQ_MAGIC = 0x25609513
-
-def recv_exact(s, n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c:
-            raise EOFError("server closed")
-        b += c
-    return b
 
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(sock_path)
@@ -88,7 +78,7 @@ PYEOF
 
 for ((i = 0; i < 8; i++)); do
 	for mode in handshake option header payload reads reset; do
-		"$PY" "$T/vanish.py" "$SOCK" "$mode" ||
+		PYTHONPATH=$TESTDIR "$PY" "$T/vanish.py" "$SOCK" "$mode" ||
 			fail "vanishing client ($mode) could not even connect / handshake"
 		tdr_alive
 	done

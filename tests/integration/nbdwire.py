@@ -1,0 +1,29 @@
+# SPDX-License-Identifier: BSD-3-Clause
+"""NBD wire constants and a receive helper for the integration tests'
+raw-socket clients (proto.md of the NetworkBlockDevice project).
+
+The tests run their Python from a here-document with PYTHONPATH set to
+this directory: `PYTHONPATH=$TESTDIR "$PY" - ARGS <<'PYEOF'`.
+"""
+
+NBDMAGIC = b"NBDMAGIC"
+IHAVEOPT = b"IHAVEOPT"
+OPT_MAGIC = 0x49484156454F5054        # IHAVEOPT as a number
+REQ_MAGIC = 0x25609513
+
+OPT_EXPORT_NAME = 1
+OPT_STARTTLS = 5
+OPT_STRUCTURED_REPLY = 8
+REP_ACK = 1
+REP_ERR_POLICY = 0x80000000 + 2
+
+
+def recv_exact(s, n):
+    """Exactly n bytes from socket s; EOFError if the peer closes first."""
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c:
+            raise EOFError("the server closed the connection")
+        b += c
+    return b
