@@ -213,7 +213,8 @@ static void reply(struct fconn *c, uint32_t type, uint32_t req_id, const void *d
 		c->out = realloc(c->out, c->out_cap);
 	}
 	memcpy(c->out + c->out_len, &h, HDR);
-	memcpy(c->out + c->out_len + HDR, data, len);
+	if (len)
+		memcpy(c->out + c->out_len + HDR, data, len);
 	c->out_len += HDR + len;
 	conn_update(c);
 }
