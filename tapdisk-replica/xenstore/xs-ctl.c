@@ -114,6 +114,12 @@ struct tdr_xs_ctl {
 	uint64_t *pend;
 	size_t npend;
 	bool scan_inflight, scan_again;
+	/*
+	 * The lowest id the full queue had to forget (UINT64_MAX: none):
+	 * nothing above it is claimed before a listing brings it back, or
+	 * it would be refused as older than an id already answered.
+	 */
+	uint64_t dropped_min;
 	/* A listing too long for one reply, read in parts (XS_DIRECTORY_PART). */
 	char *part_buf;
 	size_t part_len, part_cap;
@@ -518,11 +524,16 @@ static void pend_add(struct tdr_xs_ctl *x, uint64_t id)
 	if (x->npend == PEND_MAX) {
 		/*
 		 * Too many at once: forget the newest; a listing finds them
-		 * again (on_kick lists once one has been taken).
+		 * again (on_kick lists once the queue is empty).
 		 */
 		x->scan_again = true;
-		if (lo == x->npend)
+		if (lo == x->npend) {
+			if (id < x->dropped_min)
+				x->dropped_min = id;
 			return;
+		}
+		if (x->pend[x->npend - 1] < x->dropped_min)
+			x->dropped_min = x->pend[x->npend - 1];
 		x->npend--;
 	}
 	memmove(&x->pend[lo + 1], &x->pend[lo], (x->npend - lo) * sizeof(x->pend[0]));
@@ -640,6 +651,8 @@ static void scan_names(struct tdr_xs_ctl *x, const char *data, size_t len)
 	size_t off = 0;
 
 	x->scan_inflight = false;
+	/* Whatever was forgotten is in this listing (or forgotten again now). */
+	x->dropped_min = UINT64_MAX;
 	while (off < len) {
 		const char *name = data + off;
 		size_t n = strnlen(name, len - off);
@@ -648,10 +661,7 @@ static void scan_names(struct tdr_xs_ctl *x, const char *data, size_t len)
 			request_name(x, name, false);
 		off += n + 1;
 	}
-	if (x->scan_again) {
-		x->scan_again = false;
-		scan(x);
-	}
+	/* Listing again, if asked meanwhile, waits for the queue (on_kick). */
 	kick(x);
 }
 
@@ -668,7 +678,12 @@ static void scan_part_end(struct tdr_xs_ctl *x)
 /*
  * A part: "<generation>\0" and names, each with its NUL, after the first
  * part_len bytes of the list; an empty name ends the list.  A generation
- * that changed means the directory did meanwhile: start over.
+ * that changed means the directory did meanwhile (our own removals of
+ * answered requests do it all the time): starting over could go on as
+ * long as requests are answered, so the parts are taken as they come and
+ * the directory is listed once more afterwards.  A name listed that is
+ * gone by then is read and found gone; one that the shift made us skip
+ * is in the next listing.
  */
 static void scan_part_reply(void *arg, int err, const char *data, size_t len)
 {
@@ -693,13 +708,8 @@ static void scan_part_reply(void *arg, int err, const char *data, size_t len)
 		kick(x);
 		return;
 	}
-	if (x->part_gen[0] && strcmp(x->part_gen, data) != 0) {
-		/* These names are at part_len of another list: from the start. */
-		x->part_len = 0;
-		memcpy(x->part_gen, data, glen + 1);
-		scan_part(x);
-		return;
-	}
+	if (x->part_gen[0] && strcmp(x->part_gen, data) != 0)
+		x->scan_again = true;
 	memcpy(x->part_gen, data, glen + 1);
 	for (off = glen + 1; off < len;) {
 		size_t n = strnlen(data + off, len - off);
@@ -935,7 +945,7 @@ static void on_kick(void *arg)
 	if (x->phase != PH_READY)
 		return;
 	kv_flush(x);
-	while (x->rq == RQ_IDLE && pend_pop(x, &id)) {
+	while (x->rq == RQ_IDLE && x->npend && x->pend[0] <= x->dropped_min && pend_pop(x, &id)) {
 		snprintf(idbuf, sizeof(idbuf), "%llu", (unsigned long long)id);
 		if (id <= x->last_id) {
 			check_request(x, idbuf, true, id);
@@ -961,7 +971,13 @@ static void on_kick(void *arg)
 			return;
 		}
 	}
-	if (x->scan_again && !x->scan_inflight) {
+	/*
+	 * Listed again once the queue is empty: what a listing added (up to
+	 * 4096 ids) is done first, and a listing that costs a pass over every
+	 * name is not repeated per request while thousands wait.
+	 */
+	if (x->scan_again && !x->scan_inflight && x->rq == RQ_IDLE &&
+	    (!x->npend || x->pend[0] > x->dropped_min)) {
 		x->scan_again = false;
 		scan(x);
 	}
@@ -1333,6 +1349,7 @@ int tdr_xs_ctl_new(struct tdr_xs_ctl **out, struct tdr_loop *loop, const struct 
 	if (!x)
 		goto nomem;
 	x->pend = calloc(PEND_MAX, sizeof(*x->pend));
+	x->dropped_min = UINT64_MAX;
 	x->dir = strdup(o->dir);
 	if (!x->pend || !x->dir)
 		goto nomem;
