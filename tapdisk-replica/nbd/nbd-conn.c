@@ -413,8 +413,15 @@ static void conn_event(struct tdr_fd_watch *w, uint32_t events, void *arg)
 		nbd_conn_kill(c, "socket error");
 		goto out;
 	}
-	if (events & EPOLLOUT)
+	if (events & EPOLLOUT) {
 		conn_flush(c);
+		/*
+		 * The flush may lift the pause on input already read (rbuf,
+		 * or a record inside TLS): the socket will not say so again.
+		 */
+		if (!c->dead && c->need_read && conn_wants_input(c))
+			nbd_conn_kick(c);
+	}
 	if (c->dead)
 		goto out;
 	if (events & (EPOLLIN | EPOLLHUP)) {
