@@ -94,6 +94,13 @@ struct vhd_bm {
 	struct vhd_state *s;
 	uint32_t block;
 	uint8_t *map;		/* bits set only once their data is written */
+	/*
+	 * Bits that a completed write (or the load, or the block's
+	 * allocation) put in the file.  map may be ahead of it: a write
+	 * finds its bits there set by another write whose bitmap write is
+	 * not out yet, and must not count on them (write_io_done).
+	 */
+	uint8_t *disk;
 	uint8_t *wbuf;		/* aligned: being read into or written, else NULL */
 	bool loaded, loading, writing;
 	bool orphan;		/* dropped while held (bm_drop_all): the last bm_put frees it */
@@ -376,16 +383,19 @@ static void bm_evict_some(struct vhd_state *s)
 /* A cached bitmap: a copy of map, or zeroes until loaded. */
 static struct vhd_bm *bm_new(struct vhd_state *s, uint32_t block, const uint8_t *map)
 {
-	/* The map right behind the struct: one allocation per cached bitmap. */
-	struct vhd_bm *bm = calloc(1, sizeof(*bm) + s->bm_bytes);
+	/* The maps right behind the struct: one allocation per cached bitmap. */
+	struct vhd_bm *bm = calloc(1, sizeof(*bm) + 2 * (size_t)s->bm_bytes);
 
 	if (!bm)
 		return NULL;
 	bm->s = s;
 	bm->block = block;
 	bm->map = (uint8_t *)(bm + 1);
-	if (map)
+	bm->disk = bm->map + s->bm_bytes;
+	if (map) {
 		memcpy(bm->map, map, s->bm_bytes);
+		memcpy(bm->disk, map, s->bm_bytes);
+	}
 	tdr_list_init(&bm->waiters);
 	tdr_list_init(&bm->pending);
 	tdr_list_init(&bm->inflight);
@@ -435,6 +445,7 @@ static void bm_load_done(struct tdr_iocb *io, ssize_t res, void *arg)
 	bm->loading = false;
 	if (!err) {
 		memcpy(bm->map, bm->wbuf, bm->s->bm_bytes);
+		memcpy(bm->disk, bm->wbuf, bm->s->bm_bytes);
 		bm->loaded = true;
 	}
 	free(bm->wbuf);
@@ -918,6 +929,14 @@ static void alloc_done(struct vhd_alloc *a, int err)
 
 	if (err) {
 		s->bat_disk[a->block] = VHD_BAT_UNUSED;
+		/*
+		 * Its BAT sector may have gone down with the data (bat_early)
+		 * and still point at the block: the next make-empty must
+		 * rewrite that sector too, or the entry would survive into
+		 * space handed out again.
+		 */
+		if (a->bat_early)
+			alloc_list_add(s, a->block);
 		alloc_fail(a, err);
 		return;
 	}
@@ -1283,6 +1302,8 @@ static void bm_write_done(struct tdr_iocb *io, ssize_t res, void *arg)
 	int err = res < 0 ? (int)res : (res != (ssize_t)bm->s->bm_bytes ? -EIO : 0);
 
 	bm->writing = false;
+	if (!err && bm->wbuf)
+		memcpy(bm->disk, bm->wbuf, bm->s->bm_bytes);
 	bm_get(bm);
 	tdr_list_for_each_safe(pos, tmp, &bm->inflight) {
 		struct vhd_op *op = tdr_list_entry(pos, struct vhd_op, entry);
@@ -1423,7 +1444,8 @@ static void write_io_done(struct tdr_iocb *io, ssize_t res, void *arg)
 		op_finish(op, res < 0 ? (int)res : -EIO);
 		return;
 	}
-	if (vhd_bitmap_run(bm->map, op->in, op->n, &set) == op->n && set) {
+	/* Only bits in the file spare the write a bitmap write of its own. */
+	if (vhd_bitmap_run(bm->disk, op->in, op->n, &set) == op->n && set) {
 		bm_put(bm);
 		op_finish(op, 0);
 		return;
@@ -1460,7 +1482,7 @@ static void op_with_bitmap(struct vhd_op *op, int err)
 		 * there the bits must follow the data.
 		 */
 		if (!is_diff(s) &&
-		    !(vhd_bitmap_run(op->bm->map, op->in, op->n, &set) == op->n && set)) {
+		    !(vhd_bitmap_run(op->bm->disk, op->in, op->n, &set) == op->n && set)) {
 			op->parts = 2;
 			tdr_list_add_tail(&op->entry, &op->bm->pending);
 		}
@@ -1784,6 +1806,7 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 	struct vhd_error err;
 	struct vhd_src src;
 	struct stat st;
+	uint64_t data_end;
 	int mfd, r;
 
 	s->img = img;
@@ -1888,8 +1911,26 @@ static int vhd_open(struct td_image *img, const char *params, unsigned flags)
 	}
 	vhd_footer_encode(&s->m.footer, s->fmv->footer);
 	s->footer_off = s->m.footer_off;
-	s->assigned_end = s->footer_off;
-	set_next_free(s, s->m.data_end > s->footer_off ? s->m.data_end : s->footer_off);
+	data_end = s->m.data_end > s->m.meta_end ? s->m.data_end : s->m.meta_end;
+	if (is_dynamic(s) && !(flags & TD_OPEN_RDONLY) && s->footer_off > data_end) {
+		/*
+		 * A file longer than its data: a daemon died before the trim
+		 * at close, with the footer moved to the disk's full length.
+		 * New blocks go from the data's end again, not past the
+		 * footer (the space would never come back, and near 2 TiB the
+		 * file would be full), and the close trims it.  The space up
+		 * to the footer is treated as given back: allocations the
+		 * crash cut short may have left data there that no BAT entry
+		 * points at (zero-filled, and synced before their BAT, as
+		 * after an online make-empty).
+		 */
+		s->reuse_end = s->footer_off;
+		s->assigned_end = data_end;
+		set_next_free(s, data_end);
+	} else {
+		s->assigned_end = s->footer_off;
+		set_next_free(s, data_end > s->footer_off ? data_end : s->footer_off);
+	}
 	return 0;
 }
 
