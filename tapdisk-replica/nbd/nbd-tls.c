@@ -12,8 +12,10 @@
  * sent again with no data: sendv() then reports it as written once it is
  * out, which is where the caller's next iovec begins anyway.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <gnutls/gnutls.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -63,15 +65,75 @@ int nbd_tls_parse_mode(const char *s, enum nbd_tls_mode *out)
 	return -EINVAL;
 }
 
+/* 0 if line (without its newline) is "NAME:HEXKEY", else a reason. */
+static const char *psk_line_defect(const char *line)
+{
+	const char *colon = strchr(line, ':'), *p;
+
+	if (!colon)
+		return "no ':' between the name and the key";
+	if (colon == line)
+		return "an empty name";
+	if (!colon[1])
+		return "an empty key";
+	for (p = colon + 1; *p; p++)
+		if (!isxdigit((unsigned char)*p))
+			return "the key is not hexadecimal";
+	if ((p - colon - 1) % 2)
+		return "the key has an odd number of hex digits";
+	return NULL;
+}
+
+/*
+ * GnuTLS reads the file only when a client connects, so a bad one would
+ * let the daemon start and fail every handshake: checked here, where the
+ * option is taken.  Lines "NAME:HEXKEY" (psktool's), blank lines and '#'
+ * comments; at least one key.
+ */
 int nbd_tls_check_psk_file(const char *file)
 {
-	int r;
+	char line[1024];
+	unsigned n = 0, keys = 0;
+	FILE *f = fopen(file, "re");
+	int r = 0;
 
-	if (access(file, R_OK) == 0)
-		return 0;
-	r = -errno;
-	tdr_set_error("tls-psk=%s: cannot read it: %s; create it with psktool -u NAME -p FILE",
-		      file, strerror(-r));
+	if (!f) {
+		r = -errno;
+		tdr_set_error("tls-psk=%s: cannot read it: %s; create it with psktool -u NAME -p FILE",
+			      file, strerror(-r));
+		return r;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		size_t len = strlen(line);
+		const char *why;
+
+		n++;
+		if (len && line[len - 1] != '\n' && !feof(f)) {
+			why = "longer than 1023 bytes";
+		} else {
+			while (len && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+				line[--len] = '\0';
+			if (!len || line[0] == '#')
+				continue;
+			why = psk_line_defect(line);
+		}
+		if (why) {
+			tdr_set_error("tls-psk=%s: line %u: %s; each line is NAME:HEXKEY, as psktool -u NAME -p FILE writes them",
+				      file, n, why);
+			r = -EINVAL;
+			goto out;
+		}
+		keys++;
+	}
+	if (ferror(f)) {
+		r = -EIO;
+		tdr_set_error("tls-psk=%s: cannot read it: %s", file, strerror(EIO));
+	} else if (!keys) {
+		r = -EINVAL;
+		tdr_set_error("tls-psk=%s: no key in it; add one with psktool -u NAME -p %s", file, file);
+	}
+out:
+	fclose(f);
 	return r;
 }
 

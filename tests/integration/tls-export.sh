@@ -183,6 +183,13 @@ refused "need --tls on or --tls require" --tls-psk "$T/keys.psk"
 refused "--tls needs --tls-psk FILE or --tls-certificates DIR" --tls require
 refused "bad --tls 'maybe'" --tls maybe
 refused "tls-psk=$T/nope.psk: cannot read it" --tls require --tls-psk "$T/nope.psk"
+# A bad key file is refused at start, not at each client's handshake.
+printf 'alice:this-is-not-hex\n' >"$T/bad.psk"
+refused "tls-psk=$T/bad.psk: line 1: the key is not hexadecimal" --tls require --tls-psk "$T/bad.psk"
+printf '# keys\n\nalice:abc\n' >"$T/odd.psk"
+refused "tls-psk=$T/odd.psk: line 3: the key has an odd number of hex digits" --tls require --tls-psk "$T/odd.psk"
+printf '# no keys\n' >"$T/empty.psk"
+refused "tls-psk=$T/empty.psk: no key in it" --tls require --tls-psk "$T/empty.psk"
 refused "cannot load server-cert.pem and server-key.pem" --tls require --tls-certificates "$T/nocert"
 refused "--tls-verify-peer checks X.509 client certificates" --tls require --tls-psk "$T/keys.psk" --tls-verify-peer
 pass "TLS export: PSK and X.509, libnbd and qemu clients, byte-exact; refusals clean"
