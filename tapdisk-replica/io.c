@@ -296,10 +296,37 @@ void tdr_io_ctx_free(struct tdr_io_ctx *ctx)
 	free(ctx);
 }
 
+/*
+ * Whether direct I/O on fd takes 512-byte offsets and lengths, which is
+ * what NBD clients are told (the minimum block size) and what the drivers
+ * write (a VHD's BAT sectors).  Storage with 4 KiB logical sectors (4Kn,
+ * or a file system on it) refuses them with EINVAL; a 512-byte read at
+ * offset 512, from a page-aligned buffer, tells.  At open only: blocking.
+ */
+static bool io_direct_takes_512(int fd)
+{
+	void *buf = NULL;
+	bool ok = true;
+
+	if (posix_memalign(&buf, 4096, 512) != 0)
+		return true;	/* cannot tell: as before */
+	if (pread(fd, buf, 512, 512) < 0 && errno == EINVAL)
+		ok = false;
+	free(buf);
+	return ok;
+}
+
 int tdr_io_open(const char *path, int flags, mode_t mode, bool *direct)
 {
 	int fd = open(path, flags | O_DIRECT | O_CLOEXEC, mode);
 
+	if (fd >= 0 && !io_direct_takes_512(fd)) {
+		TDR_WARN("%s: direct I/O here needs more than 512-byte alignment (4 KiB logical sectors); using buffered I/O, which serves 512-byte requests but blocks the event loop while the kernel copies",
+			 path);
+		close(fd);
+		fd = -1;
+		errno = EINVAL;
+	}
 	if (fd >= 0) {
 		if (direct)
 			*direct = true;

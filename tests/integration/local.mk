@@ -14,6 +14,7 @@ TESTS += tests/integration/qemu-img-compare.sh
 TESTS += tests/integration/concurrent-clients.sh
 TESTS += tests/integration/vanishing-client.sh
 TESTS += tests/integration/option-flood.sh
+TESTS += tests/integration/sector-4k.sh
 TESTS += tests/integration/read-only.sh
 TESTS += tests/integration/block-status.sh
 TESTS += tests/integration/sigterm-drain.sh
