@@ -52,6 +52,9 @@ static void usage(FILE *out)
 		"                           TLS with X.509: DIR/server-cert.pem, server-key.pem\n"
 		"                           and ca-cert.pem\n"
 		"      --tls-verify-peer    X.509: clients need a certificate from that CA\n"
+		"      --handshake-timeout SECONDS\n"
+		"                           close a connection not past its handshake (options,\n"
+		"                           TLS) after SECONDS (default 30; 0: never)\n"
 		"  -l, --log-level LEVEL    err, warn, info (default) or debug\n"
 		"      --syslog             log to syslog instead of stderr\n"
 		"  -p, --pid-file PATH      write the process id to PATH once ready\n"
@@ -88,6 +91,7 @@ static int cmd_serve(int argc, char **argv)
 		{ "tls-psk", required_argument, NULL, 'K' },
 		{ "tls-certificates", required_argument, NULL, 'C' },
 		{ "tls-verify-peer", no_argument, NULL, 'Y' },
+		{ "handshake-timeout", required_argument, NULL, 'H' },
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "syslog", no_argument, NULL, 'S' },
 		{ "pid-file", required_argument, NULL, 'p' },
@@ -145,6 +149,18 @@ static int cmd_serve(int argc, char **argv)
 		case 'Y':
 			o.tls.verify_peer = true;
 			break;
+		case 'H': {
+			char *end;
+			unsigned long v;
+
+			errno = 0;
+			v = strtoul(optarg, &end, 10);
+			if (!*optarg || *end || errno || v > 86400 || optarg[0] == '-')
+				return usage_error("bad --handshake-timeout '%s'; use seconds from 0 (no limit) to 86400",
+						   optarg);
+			nbd_set_handshake_timeout((unsigned)v);
+			break;
+		}
 		case 'l':
 			if (tdr_log_parse_level(optarg, &level) < 0)
 				return usage_error("bad --log-level '%s'; use err, warn, info or debug",

@@ -360,6 +360,14 @@ int nbd_server_set_tls(struct nbd_server *srv, const struct nbd_tls_config *cfg)
 
 /* Caps the requests in flight per connection (default 128); for tests. */
 void nbd_server_set_max_inflight(struct nbd_server *srv, unsigned max);
+/*
+ * How long a connection may take from its accept to transmission (client
+ * flags, options, a TLS handshake): past it the connection is closed, so
+ * that clients that never finish cannot hold every slot.  Process-wide;
+ * 0: no limit.  Default NBD_HANDSHAKE_TIMEOUT_DEFAULT seconds.
+ */
+#define NBD_HANDSHAKE_TIMEOUT_DEFAULT 30
+void nbd_set_handshake_timeout(unsigned seconds);
 
 /* Writes "unix:PATH tcp:HOST:PORT ..." (the bound addresses) into buf. */
 void nbd_server_describe(struct nbd_server *srv, char *buf, size_t len);

@@ -20,6 +20,30 @@
 #define NBD_READ_BUDGET		32
 /* Stop reading options while this much option output is unsent. */
 #define NBD_HS_OUT_HIGH		(1u << 20)
+
+static uint64_t hs_limit_ns = NBD_HANDSHAKE_TIMEOUT_DEFAULT * 1000000000ull;
+
+void nbd_set_handshake_timeout(unsigned seconds)
+{
+	hs_limit_ns = (uint64_t)seconds * 1000000000ull;
+}
+
+static void hs_timeout(struct tdr_timer *t, void *arg)
+{
+	struct nbd_conn *c = arg;
+
+	(void)t;
+	if (c->dead || c->phase == NBD_PH_TRANSMISSION)
+		return;
+	TDR_WARN("nbd: connection %u: handshake not finished within %llu s; closing it",
+		 c->id, (unsigned long long)(hs_limit_ns / 1000000000ull));
+	nbd_conn_kill(c, "handshake timeout");
+}
+
+void nbd_conn_handshake_done(struct nbd_conn *c)
+{
+	tdr_timer_cancel(&c->hs_timer);
+}
 /* Stop reading requests while their buffers hold this much. */
 #define NBD_REQ_BYTES_HIGH	(256ull << 20)
 #define NBD_IOV_BATCH		64
@@ -123,6 +147,7 @@ void nbd_conn_kill(struct nbd_conn *c, const char *why)
 		TDR_DEBUG("nbd: connection %u closed", c->id);
 	c->dead = true;
 	c->read_eof = true;
+	tdr_timer_cancel(&c->hs_timer);
 	tdr_loop_cancel_defer(c->loop, &c->defer);
 	if (c->watching) {
 		tdr_loop_unwatch_fd(&c->watch);
@@ -465,8 +490,11 @@ struct nbd_conn *nbd_conn_new(struct nbd_server *srv, int fd)
 	tdr_list_init(&c->entry);
 	tdr_bufpool_init(&c->bufs, NBD_BUF_CACHE_BYTES);
 	tdr_defer_init(&c->defer, conn_deferred, c);
+	tdr_timer_init(&c->hs_timer, srv->loop, hs_timeout, c);
 	if (tdr_loop_watch_fd(srv->loop, &c->watch, fd, EPOLLIN, conn_event, c) < 0)
 		goto fail;
+	if (hs_limit_ns)
+		tdr_timer_arm(&c->hs_timer, hs_limit_ns);
 	c->watching = true;
 	c->events = EPOLLIN;
 	tdr_list_add_tail(&c->entry, &srv->conns);

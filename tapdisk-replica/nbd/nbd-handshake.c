@@ -96,6 +96,7 @@ static void enter_transmission(struct nbd_conn *c, struct nbd_export *e)
 {
 	c->exp = e;
 	c->phase = NBD_PH_TRANSMISSION;
+	nbd_conn_handshake_done(c);
 	/* Block status needs contexts set for the export actually chosen. */
 	if (c->meta_exp != e)
 		c->meta = false;

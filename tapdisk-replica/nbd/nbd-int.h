@@ -131,6 +131,7 @@ struct nbd_conn {
 	bool watching;
 	uint32_t events;
 	struct tdr_defer defer;		/* flush output, resume input */
+	struct tdr_timer hs_timer;	/* the handshake's deadline */
 
 	enum nbd_phase phase;
 	bool tls_switch;		/* STARTTLS acknowledged: switch once it is sent */
@@ -206,6 +207,8 @@ void nbd_conn_queue(struct nbd_conn *c, struct nbd_out *o);
 void nbd_conn_expect_payload(struct nbd_conn *c, char *dst, uint64_t len, nbd_payload_done_t done);
 /* Re-evaluates flow control (after a request is freed, say). */
 void nbd_conn_kick(struct nbd_conn *c);
+/* Transmission reached: the handshake deadline is off. */
+void nbd_conn_handshake_done(struct nbd_conn *c);
 /* Called when the server shuts down. */
 void nbd_conn_shutdown(struct nbd_conn *c);
 

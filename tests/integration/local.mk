@@ -15,6 +15,7 @@ TESTS += tests/integration/concurrent-clients.sh
 TESTS += tests/integration/vanishing-client.sh
 TESTS += tests/integration/option-flood.sh
 TESTS += tests/integration/sector-4k.sh
+TESTS += tests/integration/handshake-timeout.sh
 TESTS += tests/integration/read-only.sh
 TESTS += tests/integration/block-status.sh
 TESTS += tests/integration/sigterm-drain.sh
