@@ -79,6 +79,16 @@ static int usage_error(const char *fmt, const char *arg)
 	return EXIT_USAGE;
 }
 
+/* A decimal number from 0 to max, digits only: 0, or -1. */
+static int parse_decimal(const char *s, unsigned long max, unsigned long *out)
+{
+	char *end;
+
+	errno = 0;
+	*out = strtoul(s, &end, 10);
+	return *s >= '0' && *s <= '9' && !*end && !errno && *out <= max ? 0 : -1;
+}
+
 static int cmd_serve(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -150,12 +160,9 @@ static int cmd_serve(int argc, char **argv)
 			o.tls.verify_peer = true;
 			break;
 		case 'H': {
-			char *end;
 			unsigned long v;
 
-			errno = 0;
-			v = strtoul(optarg, &end, 10);
-			if (!*optarg || *end || errno || v > 86400 || optarg[0] == '-')
+			if (parse_decimal(optarg, 86400, &v) < 0)
 				return usage_error("bad --handshake-timeout '%s'; use seconds from 0 (no limit) to 86400",
 						   optarg);
 			nbd_set_handshake_timeout((unsigned)v);
@@ -182,12 +189,9 @@ static int cmd_serve(int argc, char **argv)
 			break;
 		case 'D':
 		case 'V': {
-			char *end;
 			unsigned long v;
 
-			errno = 0;
-			v = strtoul(optarg, &end, 10);
-			if (!*optarg || *end || errno || v > 65535 || optarg[0] == '-')
+			if (parse_decimal(optarg, 65535, &v) < 0)
 				return usage_error(c == 'D' ? "bad --xs-domid '%s'; use a domain id from 0 to 65535"
 							    : "bad --xs-devid '%s'; use a device id from 0 to 65535",
 						   optarg);
