@@ -392,12 +392,26 @@ static void sec_dispatch_svm(struct sec *s, struct td_request *req)
 	struct sec_fwd *f;
 	bool modifies = op_modifies(req->op);
 
-	if (r->state == REPLICA_STATE_NONE) {
+	if (r->state == REPLICA_STATE_NONE && req->op != TD_OP_FLUSH) {
 		td_complete_request(req, -EIO);
 		return;
 	}
 	if (s->hold_all || (s->hold_writes && modifies)) {
 		hold(s, req, DOOR_SVM);
+		return;
+	}
+	if (r->state == REPLICA_STATE_NONE) {
+		/*
+		 * No SVM yet, but a flush (the one of a close or SIGTERM) makes
+		 * the secondary disk durable: what the initial sync wrote.
+		 */
+		f = fwd_new(s, req, DOOR_SVM, svm_done);
+		if (!f) {
+			td_complete_request(req, -ENOMEM);
+			return;
+		}
+		s->svm_inflight++;
+		td_queue_request(s->secondary, &f->child);
 		return;
 	}
 	f = fwd_new(s, req, DOOR_SVM, svm_done);

@@ -525,23 +525,40 @@ static int switch_mode_check(struct replica *r, enum replica_mode m, char *msg, 
 	return 0;
 }
 
-/* The old mode is idle (see switch_poll): replace it. */
+/*
+ * The old mode is idle (see switch_poll): replace it.  The new mode is set
+ * up first and the old one freed only once that worked: a secondary on a
+ * chain that is not one (or an export address in use) leaves the disk the
+ * primary it was, not a mode with no state that the next request crashes.
+ */
 static int switch_mode(struct replica *r, enum replica_mode m, char *msg, size_t msglen)
 {
-	const struct replica_mode_ops *ops = mode_ops(m);
+	const struct replica_mode_ops *ops = mode_ops(m), *old_ops = r->ops;
+	enum replica_mode old_mode = r->opts.mode;
+	void *old_priv = r->mode_priv, *new_priv;
 	int err;
 
-	r->ops->fini(r);
 	r->mode_priv = NULL;
 	r->opts.mode = m;
 	r->ops = ops;
-	r->state = REPLICA_STATE_NONE;
 	tdr_clear_error();
 	err = ops->init(r);
 	if (err < 0) {
-		snprintf(msg, msglen, "start mode=%s: %s", replica_mode_name(m), tdr_last_error());
+		snprintf(msg, msglen, "start mode=%s: %s; still a %s", replica_mode_name(m),
+			 tdr_last_error(), replica_mode_name(old_mode));
+		r->mode_priv = old_priv;
+		r->opts.mode = old_mode;
+		r->ops = old_ops;
 		return err;
 	}
+	new_priv = r->mode_priv;
+	r->mode_priv = old_priv;
+	r->opts.mode = old_mode;
+	old_ops->fini(r);
+	r->mode_priv = new_priv;
+	r->opts.mode = m;
+	r->ops = ops;
+	r->state = REPLICA_STATE_NONE;
 	replica_notify(r);
 	return 0;
 }
@@ -623,6 +640,12 @@ void replica_execute(struct td_image *img, const struct replica_cmd *cmd,
 			err = switch_mode_check(r, cmd->mode, msg, sizeof(msg));
 			if (err < 0) {
 				replica_op_done(r, err, "%s", msg);
+				return;
+			}
+			/* What the new mode's start refuses, refused before anything changes. */
+			if (cmd->mode == REPLICA_MODE_SECONDARY &&
+			    (cmd->addr[0] || cmd->has_export || cmd->timeout_ms || cmd->sync)) {
+				replica_op_done(r, -EINVAL, "start refused: a secondary takes no addr/export/timeout/sync at start; they belong in its spec");
 				return;
 			}
 			r->switch_cmd = *cmd;

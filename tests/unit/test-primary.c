@@ -1886,6 +1886,47 @@ START_TEST(t_model)
 END_TEST
 
 /*
+ * start mode=secondary on a primary whose image is no active/hidden/
+ * secondary chain fails, and the disk stays the primary it was: it once
+ * became a secondary with no state, which the next write (or the flush of
+ * a SIGTERM) crashed on.  Arguments a secondary refuses are refused before
+ * the switch, not after it.
+ */
+START_TEST(t_failed_switch_keeps_primary)
+{
+	struct replica_status st;
+
+	tp_fake_start(TP_FAKE_GOOD, 0);
+	tp_open("");
+	assert_op_fails("start mode=secondary timeout=100", -EINVAL, "a secondary takes no addr");
+	replica_get_status(tp_rimg, &st);
+	ck_assert_int_eq(st.mode, REPLICA_MODE_PRIMARY);
+	write_check(0, 64 * KIB, 21);
+	assert_op_fails("start mode=secondary", -EINVAL, "still a primary");
+	replica_get_status(tp_rimg, &st);
+	ck_assert_int_eq(st.mode, REPLICA_MODE_PRIMARY);
+	ck_assert_int_eq(st.state, REPLICA_STATE_NONE);
+	write_check(TP_MIB, 64 * KIB, 22);
+	ck_assert_int_eq(tp_guest_io(TD_OP_FLUSH, 0, 0, NULL, 0), 0);
+	/*
+	 * The same primary, with its tracking: the writes before start are
+	 * known to be missing on the secondary (a primary set up anew would
+	 * have forgotten them and called itself running).
+	 */
+	{
+		char msg[512];
+
+		ck_assert_int_eq(tp_op("start", msg, sizeof(msg)), 0);
+		ck_assert_msg(strstr(msg, "run resync incremental"), "%s", msg);
+	}
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_BROKEN);
+	assert_op("resync incremental");
+	tp_wait_state(REPLICA_STATE_RUNNING);
+	write_check(2 * TP_MIB, 64 * KIB, 23);
+}
+END_TEST
+
+/*
  * stop while a full resync's block-status query is out: on a VHD it
  * completes later (a bitmap read), with the link gone.  It once read the
  * closed link's capabilities through a NULL pointer and killed the daemon.
@@ -1986,6 +2027,7 @@ static Suite *suite(void)
 	ADD("resync-broken", setup16, t_resync_broken);
 	ADD("close-during-resync", setup16, t_close_during_resync);
 	ADD("stop-during-resync-scan", setup16, t_stop_during_resync_scan);
+	ADD("failed-switch-keeps-primary", setup16, t_failed_switch_keeps_primary);
 	/* Its own case, so that CK_RUN_CASE=model runs it alone. */
 	ADD("model", setup_model, t_model);
 #undef ADD
