@@ -92,6 +92,9 @@ static int check_addr(const char *v)
 	colon = strrchr(v + 4, ':');
 	if (!colon || colon == v + 4)
 		return -EINVAL;
+	/* "[]" is no host either (getaddrinfo would take it for loopback). */
+	if (colon - (v + 4) == 2 && v[4] == '[' && v[5] == ']')
+		return -EINVAL;
 	return parse_u32(colon + 1, 1, 65535, &port);
 }
 
@@ -318,7 +321,8 @@ int replica_parse(const char *line, struct replica_cmd *cmd, char *msg, size_t m
 		}
 		if (n == 1)
 			return 0;
-		snprintf(msg, msglen, "stop takes no argument but 'failover', got '%s'", words[1]);
+		snprintf(msg, msglen, "stop takes no argument but 'failover', got '%s'",
+			 words[n > 2 && strcmp(words[1], "failover") == 0 ? 2 : 1]);
 		return -EINVAL;
 	}
 	if (strcmp(words[0], "resync") == 0) {
@@ -329,7 +333,9 @@ int replica_parse(const char *line, struct replica_cmd *cmd, char *msg, size_t m
 			cmd->full = true;
 			return 0;
 		}
-		snprintf(msg, msglen, "resync takes 'full' or 'incremental', got '%s'", words[1]);
+		snprintf(msg, msglen, "resync takes 'full' or 'incremental', got '%s'",
+			 words[n > 2 && (strcmp(words[1], "full") == 0 ||
+					 strcmp(words[1], "incremental") == 0) ? 2 : 1]);
 		return -EINVAL;
 	}
 
