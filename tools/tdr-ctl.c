@@ -6,7 +6,7 @@
  *
  * Exit status: 0 on success; the daemon's errno value when it refused a
  * request; 64 for usage errors; 69 when the daemon could not be reached
- * (no such daemon, broken connection).  Every failure prints one line on
+ * (no such daemon, broken connection); 75 when -t ran out.  Every failure prints one line on
  * stderr:
  * "tdr-ctl: <what failed>: <why>".
  */
@@ -34,6 +34,8 @@
  */
 #define EXIT_USAGE 64
 #define EXIT_NO_DAEMON 69
+/* -t SECS ran out: the daemon goes on with the request (EX_TEMPFAIL). */
+#define EXIT_WAITED 75
 /* Quick requests; pause, close and replica operations wait as long as they take. */
 #define QUICK_TIMEOUT_MS 10000
 
@@ -98,7 +100,7 @@ static void usage(FILE *out)
 		"Every command also takes -s SOCKET to name a control socket instead of -p PID.\n"
 		"Daemons are found as DIR/ctlPID with DIR $TDR_CONTROL_DIR or " BLKTAP_CONTROL_DIR ".\n"
 		"Exit status: 0 success, the daemon's errno value when it refused the\n"
-		"request, 64 usage error, 69 daemon not reachable.\n");
+		"request, 64 usage error, 69 daemon not reachable, 75 -t ran out.\n");
 }
 
 static int parse_int(const char *opt, const char *s, long min, long max, long *out)
@@ -200,6 +202,11 @@ static int transact(struct target *t, int fd, struct tdr_ctl_msg *req, struct td
 	if (r < 0)
 		return failure(0, "%s: cannot send to %s: %s", what, who(t, w, sizeof(w)), strerror(-r));
 	r = tdr_ctl_recv(fd, rsp, timeout_ms);
+	if (r == -ETIMEDOUT && timeout_ms >= 0) {
+		failure(0, "%s: no answer from %s within %d s; a request it took goes on: see " PROG " list",
+			what, who(t, w, sizeof(w)), timeout_ms / 1000);
+		return EXIT_WAITED;
+	}
 	if (r < 0)
 		return failure(0, "%s: no answer from %s: %s", what, who(t, w, sizeof(w)),
 			       r == -EPIPE ? "connection closed" : strerror(-r));
@@ -338,7 +345,12 @@ static int cmd_list(int argc, char **argv, struct target *t)
 
 		snprintf(pattern, sizeof(pattern), "%s/" BLKTAP_CONTROL_SOCKET "*", tdr_ctl_dir());
 		if (glob(pattern, 0, NULL, &g) == 0) {
-			for (size_t i = 0; i < g.gl_pathc && !status; i++) {
+			/*
+			 * One daemon that does not answer (exiting, at its
+			 * connection limit, hung) is reported; the others are
+			 * listed all the same, and the exit status says so.
+			 */
+			for (size_t i = 0; i < g.gl_pathc; i++) {
 				const char *base = strrchr(g.gl_pathv[i], '/') + 1;
 				char *end;
 				long pid = strtol(base + strlen(BLKTAP_CONTROL_SOCKET), &end, 10);
@@ -348,13 +360,16 @@ static int cmd_list(int argc, char **argv, struct target *t)
 				t->pid = pid;
 				snprintf(t->path, sizeof(t->path), "%s", g.gl_pathv[i]);
 				/* Stale sockets of dead daemons are skipped, as tap-ctl does. */
-				status = list_daemon(t, &v, &n, &cap, true);
+				int st = list_daemon(t, &v, &n, &cap, true);
+
+				if (st && !status)
+					status = st;
 			}
 			globfree(&g);
 		}
 	}
 
-	for (size_t i = 0; i < n && !status; i++) {
+	for (size_t i = 0; i < n; i++) {
 		struct entry *e = &v[i];
 		char etype[64], pid_s[24] = "-", minor_s[16] = "-", state_s[16] = "-";
 		const char *epath;

@@ -216,6 +216,16 @@ static void hook_close(void *arg, int minor, struct td_disk *disk, ctl_done_fn d
 		return;
 	}
 	if (m->closing) {
+		/*
+		 * Closing for the daemon's exit (SIGTERM) already: the client
+		 * gets that close's own outcome, not a refusal of a close
+		 * that is happening anyway.
+		 */
+		if (!m->done) {
+			m->done = done;
+			m->done_arg = done_arg;
+			return;
+		}
 		done(done_arg, -EBUSY, "already closing");
 		return;
 	}

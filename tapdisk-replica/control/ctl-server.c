@@ -1053,8 +1053,13 @@ static void do_open(struct ctl_conn *c)
 	ctl_conn_queue(c, &rsp, NULL, 0);
 	return;
 fail:
-	if (created)
+	if (created) {
 		minor_free(m);
+	} else {
+		/* An attached minor keeps no trace of the image that failed. */
+		free(m->params);
+		m->params = NULL;
+	}
 }
 
 static void do_disk_info(struct ctl_conn *c)
@@ -1209,13 +1214,22 @@ static void on_drain_timer(struct tdr_timer *timer, void *arg)
 		tdr_timer_arm(&m->drain_timer, CTL_DRAIN_POLL_NS);
 		return;
 	}
-	/* Nothing in flight below us: every pause waiter is served. */
+	/*
+	 * Nothing in flight below us: every pause waiter is served; if a
+	 * close came meanwhile, the minor is not going to stay paused, and
+	 * saying "paused" would send the toolstack on to an unpause that
+	 * fails.
+	 */
 	tdr_list_for_each_safe(pos, tmp, &m->waiters) {
 		struct ctl_conn *c = tdr_list_entry(pos, struct ctl_conn, wait_entry);
 
 		if (c->req.type != TAPDISK_MESSAGE_PAUSE)
 			continue;
-		respond(c, TAPDISK_MESSAGE_PAUSE_RSP);
+		if (m->state == CTL_MINOR_CLOSING)
+			ctl_conn_error(c, ESHUTDOWN, "minor %d is being closed; it will not stay paused",
+				       m->minor);
+		else
+			respond(c, TAPDISK_MESSAGE_PAUSE_RSP);
 		conn_wait_done(c);
 	}
 	if (m->state == CTL_MINOR_PAUSING) {
@@ -1245,6 +1259,11 @@ static void do_close(struct ctl_conn *c, bool force)
 	}
 	if (m->state == CTL_MINOR_CLOSING) {
 		conn_wait_on(c, m);
+		if (force) {
+			/* A forced close joining a plain one: held requests fail now. */
+			hold_release(m, -EIO);
+			hold_insert(m);
+		}
 		return;
 	}
 	if (!c->srv->hooks.close) {

@@ -753,6 +753,12 @@ static void replica_close(struct td_image *img)
 	switch_cancel(r, "the disk closed first");
 	if (r->ops)
 		r->ops->fini(r);
+	/*
+	 * An operation the mode abandoned (a start still connecting when
+	 * SIGTERM closed the disk) is answered, or its client waits forever.
+	 */
+	if (r->op_busy)
+		replica_op_done(r, -ESHUTDOWN, "the disk closed before the operation completed; its outcome is unknown: check the state once the disk is open again");
 	tdr_loop_cancel_defer(img->loop, &r->notify);
 }
 

@@ -751,6 +751,24 @@ START_TEST(test_open_close)
 	ck_assert_int_eq(rsp.u.list.state, TDR_CTL_STATE_CLOSED);
 	ck_assert_str_eq(rsp.u.list.path, "");
 	recv_msg(cfd, &rsp);
+	/*
+	 * A failed open of the attached minor leaves no image name behind:
+	 * a resume naming the image that never opened is not taken for it.
+	 */
+	tdr_ctl_msg_init(&m, TAPDISK_MESSAGE_OPEN, 5);
+	strcpy(m.u.params.path, "nosuchtype:/x");
+	send_msg(cfd, &m);
+	recv_msg(cfd, &rsp);
+	expect_error(&rsp, EINVAL, "unknown image type 'nosuchtype'");
+	rpc(cfd, TAPDISK_MESSAGE_PAUSE, 5, &rsp);
+	ck_assert_uint_eq(rsp.type, TAPDISK_MESSAGE_PAUSE_RSP);
+	tdr_ctl_msg_init(&m, TAPDISK_MESSAGE_RESUME, 5);
+	strcpy(m.u.params.path, "nosuchtype:/x");
+	send_msg(cfd, &m);
+	recv_msg(cfd, &rsp);
+	expect_error(&rsp, EOPNOTSUPP, "instead of none");
+	rpc(cfd, TAPDISK_MESSAGE_RESUME, 5, &rsp);
+	ck_assert_uint_eq(rsp.type, TAPDISK_MESSAGE_RESUME_RSP);
 	rpc(cfd, TAPDISK_MESSAGE_DETACH, 5, &rsp);
 	ck_assert_uint_eq(rsp.type, TAPDISK_MESSAGE_DETACH_RSP);
 	unlink(p2);

@@ -1885,6 +1885,53 @@ START_TEST(t_model)
 }
 END_TEST
 
+struct pending_op {
+	bool done;
+	int err;
+	char msg[512];
+};
+
+static void pending_op_done(void *arg, int err, const char *msg)
+{
+	struct pending_op *o = arg;
+
+	o->done = true;
+	o->err = err;
+	snprintf(o->msg, sizeof(o->msg), "%s", msg ? msg : "");
+}
+
+/*
+ * The disk closes (SIGTERM) while a start still waits for the secondary's
+ * handshake: the start is answered ESHUTDOWN.  It was never answered, and
+ * the control socket's record of it leaked.
+ */
+START_TEST(t_close_answers_pending_start)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct pending_op o = { 0 };
+	struct replica_cmd cmd;
+	char m[256];
+	int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	/* A secondary that takes the connection and never says a word. */
+	ck_assert_int_ge(lfd, 0);
+	ck_assert_uint_lt(strlen(tp_sock), sizeof(sa.sun_path));
+	memcpy(sa.sun_path, tp_sock, strlen(tp_sock) + 1);
+	ck_assert_int_eq(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	ck_assert_int_eq(listen(lfd, 4), 0);
+	tp_open(",timeout=60000");
+	ck_assert_int_eq(replica_parse("start", &cmd, m, sizeof(m)), 0);
+	replica_execute(tp_rimg, &cmd, pending_op_done, &o);
+	tp_run_for(100);
+	ck_assert(!o.done);
+	tp_close();
+	ck_assert(o.done);
+	ck_assert_int_eq(o.err, -ESHUTDOWN);
+	ck_assert_msg(strstr(o.msg, "closed before the operation completed"), "%s", o.msg);
+	close(lfd);
+}
+END_TEST
+
 /*
  * start mode=secondary on a primary whose image is no active/hidden/
  * secondary chain fails, and the disk stays the primary it was: it once
@@ -2028,6 +2075,7 @@ static Suite *suite(void)
 	ADD("close-during-resync", setup16, t_close_during_resync);
 	ADD("stop-during-resync-scan", setup16, t_stop_during_resync_scan);
 	ADD("failed-switch-keeps-primary", setup16, t_failed_switch_keeps_primary);
+	ADD("close-answers-pending-start", setup16, t_close_answers_pending_start);
 	/* Its own case, so that CK_RUN_CASE=model runs it alone. */
 	ADD("model", setup_model, t_model);
 #undef ADD
