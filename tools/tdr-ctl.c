@@ -566,8 +566,8 @@ out:
 
 /* ------------------------------------------------------------ replica */
 
-/* Whether line "key=value" has one of the keys. */
-static bool key_wanted(const char *line, size_t len, char **keys, int nkeys)
+/* Whether line "key=value" has one of the keys; marks it in found. */
+static bool key_wanted(const char *line, size_t len, char **keys, int nkeys, bool *found)
 {
 	const char *eq = memchr(line, '=', len);
 	size_t klen = eq ? (size_t)(eq - line) : len;
@@ -575,8 +575,10 @@ static bool key_wanted(const char *line, size_t len, char **keys, int nkeys)
 	if (!nkeys)
 		return true;
 	for (int i = 0; i < nkeys; i++)
-		if (strlen(keys[i]) == klen && !strncmp(keys[i], line, klen))
+		if (strlen(keys[i]) == klen && !strncmp(keys[i], line, klen)) {
+			found[i] = true;
 			return true;
+		}
 	return false;
 }
 
@@ -585,6 +587,7 @@ static int cmd_replica(int argc, char **argv, struct target *t)
 	struct tdr_ctl_msg req, rsp;
 	char line[TAPDISK_MESSAGE_STRING_LENGTH], what[96];
 	char *out = NULL, **keys = NULL;
+	bool *found = NULL;
 	size_t len = 0, off = 0, olen = 0;
 	int c, fd, i, nkeys = 0, status = 0;
 	bool is_status;
@@ -670,18 +673,29 @@ static int cmd_replica(int argc, char **argv, struct target *t)
 		goto out;
 	}
 	/* Lines of output (status), filtered by the keys asked for. */
+	found = calloc(nkeys ? (size_t)nkeys : 1, sizeof(*found));
+	if (!found) {
+		status = failure(ENOMEM, "%s: out of memory", what);
+		goto out;
+	}
 	while (off < olen) {
 		char *nl = memchr(out + off, '\n', olen - off);
 		size_t n = nl ? (size_t)(nl - (out + off)) : olen - off;
 
-		if (key_wanted(out + off, n, keys, nkeys))
+		if (key_wanted(out + off, n, keys, nkeys, found))
 			printf("%.*s\n", (int)n, out + off);
 		off += n + (nl ? 1 : 0);
 	}
 	if (rsp.u.response.message[0])
 		printf("%s\n", rsp.u.response.message);
 	status = 0;
+	/* A misspelt key would read as an empty value: said, and a failure. */
+	for (i = 0; i < nkeys && !status; i++)
+		if (!found[i])
+			status = failure(EINVAL, "%s: no key '%s'; " PROG " replica status alone lists them",
+					 what, keys[i]);
 out:
+	free(found);
 	free(out);
 	close(fd);
 	return status;

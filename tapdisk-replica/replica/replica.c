@@ -208,6 +208,15 @@ static int apply_option(const char *key, const char *val, enum replica_mode *mod
 {
 	uint32_t n;
 
+	/*
+	 * An empty value is a mistake (an unset shell variable, say), not a
+	 * default: tls-psk= would silently leave the link without its key.
+	 * export= alone may be empty: the server's default export.
+	 */
+	if (!*val && strcmp(key, "export") != 0) {
+		snprintf(msg, msglen, "%s= needs a value; leave the option out for its default", key);
+		return -EINVAL;
+	}
 	if (strcmp(key, "mode") == 0) {
 		if (parse_mode(val, mode) < 0) {
 			snprintf(msg, msglen, "mode=%s: expected mode=primary or mode=secondary", val);

@@ -162,6 +162,9 @@ echo "$OUT" | grep -qx "link_errors=0" || fail "status: no link_errors in '$OUT'
 run_ctl 0 replica -s "$T/ctl$D" -m 1 status state mode
 assert_eq "status KEYS" "mode=primary
 state=none" "$OUT"
+# A misspelt key is an error, not an empty value.
+run_ctl 22 replica -p "$D" -m 1 status state stat
+assert_eq "status with a bad key" "tdr-ctl: replica status on minor 1: no key 'stat'; tdr-ctl replica status alone lists them" "$ERR"
 run_ctl 0 replica -p "$D" -m 1 get-error
 assert_eq "get-error" "none" "$OUT"
 run_ctl 22 replica -p "$D" -m 1 chekpoint

@@ -113,6 +113,7 @@ spec_refused "tls=require,tls-certificates=$T/missing" "tls-certificates=$T/miss
 spec_refused "tls=require,tls-psk=$T/keys.psk,tls-certificates=$T/client" "tls-psk= and tls-certificates= both given"
 spec_refused "tls=require,client=native" "tls=require needs client=libnbd, the native client has no TLS; drop client=native"
 spec_refused "tls-fips=on" "unknown option 'tls-fips'; the TLS options are"
+spec_refused "tls=require,tls-psk=" "tls-psk= needs a value; leave the option out"
 
 PSK_OPTS="timeout=$TIMEOUT_MS,export=secondary,tls=require,tls-psk=$T/keys.psk,tls-username=alice"
 
