@@ -651,30 +651,31 @@ void tp_close(void)
 	tp_rimg = NULL;
 }
 
-struct op_result {
-	bool done;
-	int err;
-	char msg[512];
-};
-
 static void op_cb(void *arg, int err, const char *msg)
 {
-	struct op_result *res = arg;
+	struct tp_op_result *res = arg;
 
 	res->done = true;
 	res->err = err;
 	snprintf(res->msg, sizeof(res->msg), "%s", msg ? msg : "");
 }
 
-int tp_op(const char *line, char *msg, size_t msglen)
+void tp_op_begin(const char *line, struct tp_op_result *res)
 {
 	struct replica_cmd cmd;
-	struct op_result res = { 0 };
 	char m[256];
+
+	*res = (struct tp_op_result){ 0 };
+	ck_assert_msg(replica_parse(line, &cmd, m, sizeof(m)) == 0, "parse '%s': %s", line, m);
+	replica_execute(tp_rimg, &cmd, op_cb, res);
+}
+
+int tp_op(const char *line, char *msg, size_t msglen)
+{
+	struct tp_op_result res;
 	uint64_t t0 = tdr_now_ns();
 
-	ck_assert_msg(replica_parse(line, &cmd, m, sizeof(m)) == 0, "parse '%s': %s", line, m);
-	replica_execute(tp_rimg, &cmd, op_cb, &res);
+	tp_op_begin(line, &res);
 	while (!res.done) {
 		ck_assert_int_ge(tdr_loop_run_once(tp_loop, 100), 0);
 		ck_assert_msg(tdr_now_ns() - t0 < DEADLINE_NS, "operation '%s' never completed", line);

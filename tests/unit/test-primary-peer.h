@@ -82,6 +82,14 @@ void tp_open(const char *extra_opts);	/* "" or ",timeout=500" ... */
 void tp_close(void);
 /* Runs a request line; returns err, copies the message into msg (may be NULL). */
 int tp_op(const char *line, char *msg, size_t msglen);
+/* An operation's outcome, filled in when it completes. */
+struct tp_op_result {
+	bool done;
+	int err;
+	char msg[512];
+};
+/* Starts line on tp_rimg and returns at once; res is filled in later. */
+void tp_op_begin(const char *line, struct tp_op_result *res);
 void tp_status(struct replica_status *st);
 enum replica_state tp_state(void);
 /* Runs the loop until the state is s (fails after a generous deadline). */

@@ -1885,21 +1885,6 @@ START_TEST(t_model)
 }
 END_TEST
 
-struct pending_op {
-	bool done;
-	int err;
-	char msg[512];
-};
-
-static void pending_op_done(void *arg, int err, const char *msg)
-{
-	struct pending_op *o = arg;
-
-	o->done = true;
-	o->err = err;
-	snprintf(o->msg, sizeof(o->msg), "%s", msg ? msg : "");
-}
-
 /*
  * The disk closes (SIGTERM) while a start still waits for the secondary's
  * handshake: the start is answered ESHUTDOWN.  It was never answered, and
@@ -1908,9 +1893,7 @@ static void pending_op_done(void *arg, int err, const char *msg)
 START_TEST(t_close_answers_pending_start)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	struct pending_op o = { 0 };
-	struct replica_cmd cmd;
-	char m[256];
+	struct tp_op_result o;
 	int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 
 	/* A secondary that takes the connection and never says a word. */
@@ -1920,8 +1903,7 @@ START_TEST(t_close_answers_pending_start)
 	ck_assert_int_eq(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
 	ck_assert_int_eq(listen(lfd, 4), 0);
 	tp_open(",timeout=60000");
-	ck_assert_int_eq(replica_parse("start", &cmd, m, sizeof(m)), 0);
-	replica_execute(tp_rimg, &cmd, pending_op_done, &o);
+	tp_op_begin("start", &o);
 	tp_run_for(100);
 	ck_assert(!o.done);
 	tp_close();
