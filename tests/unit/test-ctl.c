@@ -95,6 +95,19 @@ static void rpc(int fd, unsigned type, unsigned cookie, struct tdr_ctl_msg *rsp)
 	recv_msg(fd, rsp);
 }
 
+/* rpc() of a message carrying params.path (open, resume), no flags. */
+static void rpc_path(int fd, unsigned type, unsigned cookie, const char *path,
+		     struct tdr_ctl_msg *rsp)
+{
+	struct tdr_ctl_msg m;
+
+	tdr_ctl_msg_init(&m, type, cookie);
+	ck_assert_uint_lt(strlen(path), sizeof(m.u.params.path));
+	strcpy(m.u.params.path, path);
+	send_msg(fd, &m);
+	recv_msg(fd, rsp);
+}
+
 static void expect_error(const struct tdr_ctl_msg *rsp, int err, const char *needle)
 {
 	ck_assert_uint_eq(rsp->type, TAPDISK_MESSAGE_ERROR);
@@ -687,10 +700,7 @@ START_TEST(test_open_close)
 	char p2[64], s2[96];
 
 	/* Without hooks: precise refusals. */
-	tdr_ctl_msg_init(&m, TAPDISK_MESSAGE_OPEN, 1);
-	strcpy(m.u.params.path, "aio:/x");
-	send_msg(cfd, &m);
-	recv_msg(cfd, &rsp);
+	rpc_path(cfd, TAPDISK_MESSAGE_OPEN, 1, "aio:/x", &rsp);
 	expect_error(&rsp, EOPNOTSUPP, "tapdisk-replica daemon");
 	rpc(cfd, TAPDISK_MESSAGE_CLOSE, 0, &rsp);
 	expect_error(&rsp, EOPNOTSUPP, "cannot close minor 0");
@@ -718,10 +728,7 @@ START_TEST(test_open_close)
 	recv_msg(cfd, &rsp);
 	expect_error(&rsp, EOPNOTSUPP, "secondary images");
 	/* A failing open leaves no minor behind. */
-	tdr_ctl_msg_init(&m, TAPDISK_MESSAGE_OPEN, 2);
-	strcpy(m.u.params.path, "nosuchtype:/x");
-	send_msg(cfd, &m);
-	recv_msg(cfd, &rsp);
+	rpc_path(cfd, TAPDISK_MESSAGE_OPEN, 2, "nosuchtype:/x", &rsp);
 	expect_error(&rsp, EINVAL, "unknown image type 'nosuchtype'");
 	rpc(cfd, TAPDISK_MESSAGE_DISK_INFO, 2, &rsp);
 	expect_error(&rsp, ENODEV, "no minor 2");
@@ -755,17 +762,11 @@ START_TEST(test_open_close)
 	 * A failed open of the attached minor leaves no image name behind:
 	 * a resume naming the image that never opened is not taken for it.
 	 */
-	tdr_ctl_msg_init(&m, TAPDISK_MESSAGE_OPEN, 5);
-	strcpy(m.u.params.path, "nosuchtype:/x");
-	send_msg(cfd, &m);
-	recv_msg(cfd, &rsp);
+	rpc_path(cfd, TAPDISK_MESSAGE_OPEN, 5, "nosuchtype:/x", &rsp);
 	expect_error(&rsp, EINVAL, "unknown image type 'nosuchtype'");
 	rpc(cfd, TAPDISK_MESSAGE_PAUSE, 5, &rsp);
 	ck_assert_uint_eq(rsp.type, TAPDISK_MESSAGE_PAUSE_RSP);
-	tdr_ctl_msg_init(&m, TAPDISK_MESSAGE_RESUME, 5);
-	strcpy(m.u.params.path, "nosuchtype:/x");
-	send_msg(cfd, &m);
-	recv_msg(cfd, &rsp);
+	rpc_path(cfd, TAPDISK_MESSAGE_RESUME, 5, "nosuchtype:/x", &rsp);
 	expect_error(&rsp, EOPNOTSUPP, "instead of none");
 	rpc(cfd, TAPDISK_MESSAGE_RESUME, 5, &rsp);
 	ck_assert_uint_eq(rsp.type, TAPDISK_MESSAGE_RESUME_RSP);
