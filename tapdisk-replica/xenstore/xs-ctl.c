@@ -507,20 +507,33 @@ static void resp_remember(struct tdr_xs_ctl *x, uint64_t id)
 
 /* ------------------------------------------------------------ pending ids */
 
-static void pend_add(struct tdr_xs_ctl *x, uint64_t id)
+/* Whether id is queued; *at: its place, or where it would go (sorted). */
+static bool pend_find(const struct tdr_xs_ctl *x, uint64_t id, size_t *at)
 {
 	size_t lo = 0, hi = x->npend;
 
 	while (lo < hi) {
 		size_t mid = (lo + hi) / 2;
 
-		if (x->pend[mid] == id)
-			return;
+		if (x->pend[mid] == id) {
+			*at = mid;
+			return true;
+		}
 		if (x->pend[mid] < id)
 			lo = mid + 1;
 		else
 			hi = mid;
 	}
+	*at = lo;
+	return false;
+}
+
+static void pend_add(struct tdr_xs_ctl *x, uint64_t id)
+{
+	size_t lo;
+
+	if (pend_find(x, id, &lo))
+		return;
 	if (x->npend == PEND_MAX) {
 		/*
 		 * Too many at once: forget the newest; a listing finds them
@@ -539,23 +552,6 @@ static void pend_add(struct tdr_xs_ctl *x, uint64_t id)
 	memmove(&x->pend[lo + 1], &x->pend[lo], (x->npend - lo) * sizeof(x->pend[0]));
 	x->pend[lo] = id;
 	x->npend++;
-}
-
-static bool pend_has(const struct tdr_xs_ctl *x, uint64_t id)
-{
-	size_t lo = 0, hi = x->npend;
-
-	while (lo < hi) {
-		size_t mid = (lo + hi) / 2;
-
-		if (x->pend[mid] == id)
-			return true;
-		if (x->pend[mid] < id)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	return false;
 }
 
 static bool pend_pop(struct tdr_xs_ctl *x, uint64_t *id)
@@ -1071,6 +1067,7 @@ static void executing_reply(void *arg, int err, const char *data, size_t len)
 	struct tdr_xs_ctl *x = arg;
 	char path[512];
 	uint64_t v = 0;
+	size_t at;
 
 	(void)len;
 	if (err == -ECONNRESET)
@@ -1085,7 +1082,7 @@ static void executing_reply(void *arg, int err, const char *data, size_t len)
 	 * our queue is ours, claimed on the lost connection whose reply never
 	 * came: not executed, and claimed again (claim_write_reply).
 	 */
-	if (x->have_executing && v > x->last_id && !id_in_hand(x, v) && !pend_has(x, v)) {
+	if (x->have_executing && v > x->last_id && !id_in_hand(x, v) && !pend_find(x, v, &at)) {
 		snprintf(path, sizeof(path), "%s/response/%llu", x->dir, (unsigned long long)v);
 		if (xs_conn_read(x->conn, path, recover_reply, x) == 0)
 			x->load_left++;
