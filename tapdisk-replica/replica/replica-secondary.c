@@ -400,20 +400,6 @@ static void sec_dispatch_svm(struct sec *s, struct td_request *req)
 		hold(s, req, DOOR_SVM);
 		return;
 	}
-	if (r->state == REPLICA_STATE_NONE) {
-		/*
-		 * No SVM yet, but a flush (the one of a close or SIGTERM) makes
-		 * the secondary disk durable: what the initial sync wrote.
-		 */
-		f = fwd_new(s, req, DOOR_SVM, svm_done);
-		if (!f) {
-			td_complete_request(req, -ENOMEM);
-			return;
-		}
-		s->svm_inflight++;
-		td_queue_request(s->secondary, &f->child);
-		return;
-	}
 	f = fwd_new(s, req, DOOR_SVM, svm_done);
 	if (!f) {
 		td_complete_request(req, -ENOMEM);
@@ -428,6 +414,14 @@ static void sec_dispatch_svm(struct sec *s, struct td_request *req)
 	}
 
 	switch (r->state) {
+	case REPLICA_STATE_NONE:
+		/*
+		 * No SVM yet, only a flush gets here (the one of a close or
+		 * SIGTERM): it makes the secondary disk durable, what the
+		 * initial sync wrote.
+		 */
+		td_queue_request(s->secondary, &f->child);
+		return;
 	case REPLICA_STATE_RUNNING:
 		if (!modifies && req->op != TD_OP_FLUSH) {
 			/* Reads wait for primary writes in flight on their range. */
