@@ -233,18 +233,19 @@ static void kv_flush(struct tdr_xs_ctl *x)
 }
 
 /*
- * The reply to a permission setting of ours on a key that may not exist:
- * ENOENT is fine (a node made later inherits the directory's), a lost
- * connection sets them again on the next.
+ * The reply to a best-effort message of ours (arg: what it did, as "cannot
+ * ..." goes on): permissions of a key that may not exist (ENOENT is fine,
+ * a node made later inherits the directory's), or a key put back after a
+ * reconnection.  A lost connection does it again on the next.
  */
-static void perms_reply(void *arg, int err, const char *data, size_t len)
+static void best_effort_reply(void *arg, int err, const char *data, size_t len)
 {
 	const char *what = arg;
 
 	(void)data;
 	(void)len;
 	if (err && err != -ENOENT && err != -ECONNRESET)
-		TDR_WARN("xenstore: cannot make %s dom0-only: %s", what, strerror(-err));
+		TDR_WARN("xenstore: cannot %s: %s", what, strerror(-err));
 }
 
 /*
@@ -268,7 +269,8 @@ static void kv_send(struct tdr_xs_ctl *x, struct kv *e)
 		e->dirty = false;
 		e->inflight = true;
 		if (e->want && !e->perms_sent &&
-		    xs_conn_set_perms(x->conn, path, PERMS, perms_reply, "a published key") == 0)
+		    xs_conn_set_perms(x->conn, path, PERMS, best_effort_reply,
+				      "make a published key dom0-only") == 0)
 			e->perms_sent = true;
 	}
 }
@@ -1117,7 +1119,8 @@ static void resp_dir_reply(void *arg, int err, const char *data, size_t len)
 			/* We write it again if its id comes back: it must be ours. */
 			if (snprintf(path, sizeof(path), "%s/response/%s", x->dir, name) <
 			    (int)sizeof(path))
-				xs_conn_set_perms(x->conn, path, PERMS, perms_reply, "a response");
+				xs_conn_set_perms(x->conn, path, PERMS, best_effort_reply,
+						  "make a response dom0-only");
 			if (n == cap) {
 				uint64_t *nid;
 
@@ -1168,12 +1171,12 @@ static void load_done(struct tdr_xs_ctl *x)
 	if (x->last_id > x->store_last_id) {
 		snprintf(idbuf, sizeof(idbuf), "%llu", (unsigned long long)x->last_id);
 		snprintf(path, sizeof(path), "%s/last-id", x->dir);
-		xs_conn_write(x->conn, path, idbuf, perms_reply, "last-id");
+		xs_conn_write(x->conn, path, idbuf, best_effort_reply, "rewrite last-id");
 	}
 	if (x->rq == RQ_EXEC && (!x->have_executing || x->store_executing != x->cur_id)) {
 		snprintf(idbuf, sizeof(idbuf), "%llu", (unsigned long long)x->cur_id);
 		snprintf(path, sizeof(path), "%s/executing", x->dir);
-		xs_conn_write(x->conn, path, idbuf, perms_reply, "executing");
+		xs_conn_write(x->conn, path, idbuf, best_effort_reply, "rewrite executing");
 	}
 	for (i = 0; i < x->nkv; i++) {
 		x->kv[i]->dirty = true;
@@ -1188,7 +1191,14 @@ static void on_connected(void *arg)
 {
 	struct tdr_xs_ctl *x = arg;
 	static const char *const dirs[] = { "", "/request", "/response" };
-	static const char *const own_keys[] = { "last-id", "executing", "stats" };
+	/* Keys of ours that may exist already, made by someone else. */
+	static const struct {
+		const char *key, *why;
+	} own[] = {
+		{ "last-id", "make last-id dom0-only" },
+		{ "executing", "make executing dom0-only" },
+		{ "stats", "make stats dom0-only" },
+	};
 	char path[512];
 	size_t i;
 	int ret = 0;
@@ -1210,10 +1220,9 @@ static void on_connected(void *arg)
 				x->load_left++;
 		}
 	}
-	/* Keys of ours that may exist already, made by someone else. */
-	for (i = 0; i < sizeof(own_keys) / sizeof(own_keys[0]) && ret == 0; i++) {
-		snprintf(path, sizeof(path), "%s/%s", x->dir, own_keys[i]);
-		ret = xs_conn_set_perms(x->conn, path, PERMS, perms_reply, (void *)own_keys[i]);
+	for (i = 0; i < sizeof(own) / sizeof(own[0]) && ret == 0; i++) {
+		snprintf(path, sizeof(path), "%s/%s", x->dir, own[i].key);
+		ret = xs_conn_set_perms(x->conn, path, PERMS, best_effort_reply, (void *)own[i].why);
 	}
 	if (ret == 0) {
 		snprintf(path, sizeof(path), "%s/last-id", x->dir);
