@@ -156,6 +156,9 @@ struct primary {
 	enum pending_op pending;
 	bool pending_full;		/* resync full requested */
 	enum replica_state start_from;
+	/* The options before a pending start changed them: a start that fails,
+	 * now or when its connection does, leaves them as they were. */
+	struct replica_opts start_saved;
 
 	/* checkpoint */
 	uint64_t barrier_seq;
@@ -248,15 +251,20 @@ static void link_connected(void *arg, int err, const char *msg)
 	struct primary *p = arg;
 	struct replica *r = p->r;
 	enum pending_op op = p->pending;
+	struct replica_opts tried;
 
 	p->pending = PENDING_NONE;
 	if (err) {
 		replica_set_error(r, err, "cannot connect to the secondary %s export '%s': %s",
 				  r->opts.addr, r->opts.export_name, msg);
 		close_link(p);
+		tried = r->opts;
+		/* Before the answer, which may run the next queued operation. */
+		if (op == PENDING_START)
+			r->opts = p->start_saved;
 		replica_op_done(r, err, "%s failed: cannot connect to the secondary %s export '%s': %s",
-				op == PENDING_RESYNC ? "resync" : "start", r->opts.addr,
-				r->opts.export_name, msg);
+				op == PENDING_RESYNC ? "resync" : "start", tried.addr,
+				tried.export_name, msg);
 		return;
 	}
 	p->link_up = true;
@@ -278,6 +286,9 @@ static void link_connected(void *arg, int err, const char *msg)
 					r->opts.addr, r->stats.dirty_bytes);
 		return;
 	}
+	/* Replicating again: the last error is history, as when a resync starts. */
+	r->error = 0;
+	r->error_msg[0] = '\0';
 	replica_set_state(r, REPLICA_STATE_RUNNING);
 	replica_op_done(r, 0, "replicating to %s export '%s'", r->opts.addr, r->opts.export_name);
 }
@@ -1029,7 +1040,6 @@ static void primary_resync(struct replica *r, bool full)
 static void primary_start(struct replica *r, const struct replica_cmd *cmd)
 {
 	struct primary *p = r->mode_priv;
-	struct replica_opts saved = r->opts;
 	char msg[REPLICA_MSG_MAX];
 	int err;
 
@@ -1051,6 +1061,7 @@ static void primary_start(struct replica *r, const struct replica_cmd *cmd)
 				replica_state_name(r->state));
 		return;
 	}
+	p->start_saved = r->opts;
 	if (cmd->addr[0])
 		snprintf(r->opts.addr, sizeof(r->opts.addr), "%s", cmd->addr);
 	if (cmd->has_export)
@@ -1065,7 +1076,7 @@ static void primary_start(struct replica *r, const struct replica_cmd *cmd)
 	err = open_link(p, msg, sizeof(msg));
 	if (err < 0) {
 		p->pending = PENDING_NONE;
-		r->opts = saved;
+		r->opts = p->start_saved;
 		replica_op_done(r, err, "start refused: %s", msg);
 	}
 }

@@ -671,6 +671,23 @@ START_TEST(t_bad_export)
 }
 END_TEST
 
+/*
+ * A start whose connection fails after the request was accepted (here the
+ * secondary refuses the export in the handshake) leaves the options as they
+ * were, as a start refused at once does: a plain start then uses the spec's
+ * export again and replicates.
+ */
+START_TEST(t_failed_start_keeps_options)
+{
+	NEED_PEER("qemu-nbd");
+	tp_qemu_nbd("secondary");
+	tp_open("");
+	assert_op_fails("start export=nosuch", -ENOENT, "nosuch");
+	ck_assert_int_eq(tp_state(), REPLICA_STATE_NONE);
+	replicate_and_compare();	/* a plain start: the spec's export */
+}
+END_TEST
+
 START_TEST(t_size_mismatch)
 {
 	NEED_PEER("qemu-nbd");
@@ -2045,6 +2062,7 @@ static Suite *suite(void)
 	ADD("refused", setup16, t_refused);
 	ADD("link-socket-buffer", setup16, t_link_socket_buffer);
 	ADD("bad-export", setup16, t_bad_export);
+	ADD("failed-start-keeps-options", setup16, t_failed_start_keeps_options);
 	ADD("size-mismatch", setup16, t_size_mismatch);
 	ADD("bad-addr", setup16, t_bad_addr);
 	ADD("zerocopy-blocked", setup16, t_zerocopy_blocked);
