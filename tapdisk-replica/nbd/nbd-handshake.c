@@ -292,7 +292,11 @@ static void opt_dispatch(struct nbd_conn *c)
 	uint32_t len = c->opt.len;
 
 	if ((!c->srv || c->srv->shutting_down) && c->opt.opt != NBD_OPT_ABORT) {
-		opt_error(c, NBD_REP_ERR_SHUTDOWN, "server is shutting down");
+		if (c->opt.opt == NBD_OPT_EXPORT_NAME || !c->fixed_newstyle)
+			/* No error reply exists for these: all we can do is hang up. */
+			nbd_conn_kill(c, "server shutting down");
+		else
+			opt_error(c, NBD_REP_ERR_SHUTDOWN, "server is shutting down");
 		goto out;
 	}
 	/* tls=require: nothing but STARTTLS and ABORT in the clear. */

@@ -4,7 +4,8 @@
 #
 # SIGTERM drains: the daemon exits 0, every write it acknowledged is in the
 # file (even with no FLUSH from the client), with a client idle, and with a
-# client that has many writes in flight when the signal arrives.
+# client that has many writes in flight when the signal arrives; clients
+# still negotiating are answered NBD_REP_ERR_SHUTDOWN.
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
 need_cmd qemu-io cmp truncate
@@ -111,5 +112,79 @@ if bad:
     print(f"  acknowledged but not in the file: {bad[:10]}", file=sys.stderr)
     sys.exit(1)
 PYEOF
+
+# 3. SIGTERM with clients still negotiating (proto.md: the server SHOULD
+#    error further options with NBD_REP_ERR_SHUTDOWN; the client MUST then
+#    disconnect): one in option haggling gets the error for its next option
+#    and an acknowledged NBD_OPT_ABORT; one that had only the greeting gets
+#    the same after its flags; one that sends nothing more is closed.  The
+#    daemon exits 0.
+truncate -s 8M "$T/c.img"
+tdr_start "aio:$T/c.img"
+out=$(PYTHONPATH=$TESTDIR "$PY" - "$SOCK" "$DAEMON_PID" "$DAEMON_ERR" <<'PYEOF' 2>&1
+import os, signal, socket, struct, sys, time
+from nbdwire import (OPT_MAGIC, OPT_REPLY_MAGIC, OPT_STRUCTURED_REPLY, OPT_ABORT, OPT_GO, OPT_LIST,
+                     REP_ACK, REP_ERR_SHUTDOWN, recv_exact)
+path, pid, err = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+def conn(flags=True):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(path)
+    recv_exact(s, 18)
+    if flags:
+        s.sendall(struct.pack('>I', 3))
+    return s
+
+def option(s, opt, data=b''):
+    s.sendall(struct.pack('>QII', OPT_MAGIC, opt, len(data)) + data)
+    magic, ropt, rtype, ln = struct.unpack('>QIII', recv_exact(s, 20))
+    payload = recv_exact(s, ln)
+    assert magic == OPT_REPLY_MAGIC and ropt == opt, (hex(magic), ropt, opt)
+    return rtype, payload
+
+def eof(s, who):
+    try:
+        assert s.recv(1) == b'', who + ': data instead of EOF'
+    except socket.timeout:
+        sys.exit(who + ': still open 30 s after the shutdown')
+
+haggling = conn()
+assert option(haggling, OPT_STRUCTURED_REPLY)[0] == REP_ACK
+greeted = conn(flags=False)
+idle = conn()
+assert option(idle, OPT_STRUCTURED_REPLY)[0] == REP_ACK
+os.kill(pid, signal.SIGTERM)
+for _ in range(600):
+    if 'stopping: no new connections' in open(err).read():
+        break
+    time.sleep(0.05)
+else:
+    sys.exit('no shutdown message in the log')
+
+rtype, msg = option(haggling, OPT_LIST)
+assert rtype == REP_ERR_SHUTDOWN, 'LIST after SIGTERM: reply type %#x' % rtype
+assert b'shutting down' in msg, msg
+rtype, _ = option(haggling, OPT_ABORT)
+assert rtype == REP_ACK, 'ABORT after SIGTERM: reply type %#x' % rtype
+eof(haggling, 'the aborted client')
+
+greeted.sendall(struct.pack('>I', 3))
+go = struct.pack('>I', 0) + struct.pack('>H', 0)
+rtype, _ = option(greeted, OPT_GO, go)
+assert rtype == REP_ERR_SHUTDOWN, 'GO after SIGTERM: reply type %#x' % rtype
+greeted.close()
+
+eof(idle, 'the idle negotiating client')
+print('ok')
+PYEOF
+) || fail "clients negotiating at SIGTERM: $out"
+assert_eq "clients negotiating at SIGTERM told of the shutdown" ok "$out"
+st=0
+tdr_stop || st=$?
+assert_eq "exit status on SIGTERM with clients negotiating" 0 "$st"
+grep -q "still negotiating when the server shut down" "$DAEMON_ERR" ||
+	fail "the idle negotiating client's close is not in the log: $(tail -c 2000 "$DAEMON_ERR")"
+
 [ "$nbdsh_ok" = 1 ] || fail unreachable
 pass
