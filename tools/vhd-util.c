@@ -294,25 +294,93 @@ static int check_stale(struct vhd_file *vf, const char *name)
 	return 0;
 }
 
+/*
+ * vhd-util check -b / -s: reads every bitmap of every file of the chain (an
+ * unreadable one is a defect) and, with stats, prints each file's
+ * allocation.  1 after a defect, else 0.
+ */
+static int check_chain_blocks(struct vhd_file *vf, bool bitmaps, bool stats)
+{
+	for (struct vhd_file *f = vf; f; f = f->parent) {
+		const struct vhd_meta *m = &f->m;
+		uint64_t present = 0;
+		uint8_t *map;
+		uint32_t b;
+		int r;
+
+		if (!vhd_meta_dynamic(m)) {
+			if (stats)
+				printf("%s: %s disk, %" PRIu64 " bytes, all present\n", f->path,
+				       vhd_type_name(m->footer.type), m->footer.current_size);
+			continue;
+		}
+		map = bitmaps ? malloc((size_t)m->bm_secs * VHD_SECTOR_SIZE) : NULL;
+		if (bitmaps && !map) {
+			fprintf(stderr, "vhd-util check: out of memory\n");
+			return 1;
+		}
+		for (b = 0; bitmaps && b < m->bat_entries; b++) {
+			if (m->bat[b] == VHD_BAT_UNUSED)
+				continue;
+			r = vhd_file_read_bitmap(f, b, map);
+			if (r < 0) {
+				fprintf(stderr, "vhd-util check: %s: cannot read the bitmap of block %u at offset %" PRIu64
+					": %s; the storage under the file may be failing [%s]\n",
+					f->path, b, vhd_meta_block_off(m, b), strerror(-r),
+					vhd_defect_name(VHD_ERR_IO));
+				free(map);
+				return 1;
+			}
+			for (uint32_t i = 0; i < m->spb; i++)
+				present += (map[i / 8] >> (7 - i % 8)) & 1;
+		}
+		free(map);
+		if (!stats)
+			continue;
+		printf("%s: %s disk, %" PRIu64 " bytes, %u of %u blocks of %u bytes allocated (%" PRIu64 " bytes)",
+		       f->path, vhd_type_name(m->footer.type), m->footer.current_size, m->allocated,
+		       m->bat_entries, m->header.block_size, (uint64_t)m->allocated * m->header.block_size);
+		if (bitmaps)
+			printf(", %" PRIu64 " sectors present by the bitmaps", present);
+		printf("\n");
+	}
+	return 0;
+}
+
 static int do_check(int argc, char **argv)
 {
 	const char *usage = "-n NAME [-p check parents] [-i ignore a bad primary footer] "
-			    "[-t ignore parent timestamps] [-T strict parent timestamps] "
+			    "[-I ignore parent UUIDs] [-t ignore parent timestamps] "
+			    "[-T strict parent timestamps] [-B accepted; BAT overlaps are always checked] "
+			    "[-b read every bitmap] [-s print allocation stats] "
 			    "[-z look for data under clear bitmap bits]";
 	const char *name = NULL;
 	unsigned flags = 0;
-	bool stale = false, quiet_time = false;
+	bool stale = false, quiet_time = false, bitmaps = false, stats = false;
 	struct vhd_error err = { 0 };
 	struct vhd_file *vf;
 	int c, r;
 
-	while ((c = getopt(argc, argv, "n:iptThz")) != -1) {
+	while ((c = getopt(argc, argv, "n:iIptTBbshz")) != -1) {
 		switch (c) {
 		case 'n':
 			name = optarg;
 			break;
 		case 'i':
 			flags |= VHD_FILE_USE_BACKUP;
+			break;
+		case 'I':
+			flags |= VHD_FILE_IGNORE_PARENT_UUID;
+			break;
+		case 'B':
+			/* blktap: skip the overlap check to go faster.  Ours is
+			 * a sort of the BAT in memory: it always runs. */
+			break;
+		case 'b':
+			bitmaps = true;
+			break;
+		case 's':
+			stats = true;
 			break;
 		case 'p':
 			flags |= VHD_FILE_CHAIN;
@@ -349,6 +417,8 @@ static int do_check(int argc, char **argv)
 	if (err.code != VHD_OK && !(quiet_time && err.code == VHD_ERR_PARENT_TIMESTAMP))
 		fprintf(stderr, "vhd-util check: warning: %s\n", err.msg);
 	r = stale ? check_stale(vf, name) : 0;
+	if (!r && (bitmaps || stats))
+		r = check_chain_blocks(vf, bitmaps, stats);
 	vhd_file_close(vf);
 	if (r)
 		return r;

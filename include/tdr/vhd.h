@@ -357,6 +357,7 @@ int vhd_resolve_parent(const struct vhd_meta *m, const char *child_path, char *o
 
 /* vhd_check_parent flags */
 #define VHD_PARENT_STRICT_TIME (1u << 0)	/* a timestamp mismatch is an error */
+#define VHD_PARENT_IGNORE_UUID (1u << 1)	/* a UUID mismatch is only a warning */
 
 /*
  * Checks that parent is the disk child was made over: the UUID must match
@@ -364,8 +365,8 @@ int vhd_resolve_parent(const struct vhd_meta *m, const char *child_path, char *o
  * modification time when the child was made, per the spec) is compared with
  * parent_mtime; like blktap we only warn about a mismatch unless
  * VHD_PARENT_STRICT_TIME, because committing into the parent legitimately
- * changes it.  Returns 0 (err->code may then hold VHD_ERR_PARENT_TIMESTAMP as
- * a warning) or -errno.
+ * changes it.  Returns 0 (err->code may then hold VHD_ERR_PARENT_TIMESTAMP, or
+ * with VHD_PARENT_IGNORE_UUID VHD_ERR_PARENT_UUID, as a warning) or -errno.
  */
 int vhd_check_parent(const struct vhd_meta *child, const char *child_path,
 		     const struct vhd_meta *parent, const char *parent_path, int64_t parent_mtime,
@@ -396,6 +397,12 @@ struct vhd_file {
 #define VHD_FILE_NO_LOCK     (1u << 4)
 /* See VHD_LOAD_IGNORE_BACKUP; forces read-only use (vhd_file_repair). */
 #define VHD_FILE_IGNORE_BACKUP (1u << 5)
+/*
+ * See VHD_PARENT_IGNORE_UUID, for every parent of the chain (vhd-util check
+ * -I, after an administrator replaced a parent on purpose); forces
+ * read-only use: a chain that fails its UUID check is never written.
+ */
+#define VHD_FILE_IGNORE_PARENT_UUID (1u << 6)
 
 int vhd_file_open(struct vhd_file **out, const char *path, unsigned flags,
 		  struct vhd_error *err);

@@ -156,7 +156,8 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 		r = vhd_fail(err, VHD_ERR_NOMEM, "%s: out of memory", path);
 		goto fail;
 	}
-	vf->rdonly = (flags & (VHD_FILE_RDONLY | VHD_FILE_USE_BACKUP | VHD_FILE_IGNORE_BACKUP)) != 0;
+	vf->rdonly = (flags & (VHD_FILE_RDONLY | VHD_FILE_USE_BACKUP | VHD_FILE_IGNORE_BACKUP |
+			       VHD_FILE_IGNORE_PARENT_UUID)) != 0;
 	vf->fd = open(path, (vf->rdonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
 	if (vf->fd < 0) {
 		r = -errno;
@@ -238,7 +239,9 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 		if (stat(ppath, &pst) < 0)
 			pst.st_mtime = 0;
 		r = vhd_check_parent(&vf->m, path, &vf->parent->m, ppath, (int64_t)pst.st_mtime,
-				     (flags & VHD_FILE_STRICT_TIME) ? VHD_PARENT_STRICT_TIME : 0, &perr);
+				     ((flags & VHD_FILE_STRICT_TIME) ? VHD_PARENT_STRICT_TIME : 0) |
+				     ((flags & VHD_FILE_IGNORE_PARENT_UUID) ? VHD_PARENT_IGNORE_UUID : 0),
+				     &perr);
 		if (r < 0) {
 			if (err)
 				*err = perr;

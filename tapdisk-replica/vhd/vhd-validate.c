@@ -761,6 +761,7 @@ int vhd_check_parent(const struct vhd_meta *child, const char *child_path,
 		     unsigned flags, struct vhd_error *err)
 {
 	char want[37], have[37];
+	bool uuid_warned = false;
 	uint32_t ts;
 
 	if (err) {
@@ -768,11 +769,16 @@ int vhd_check_parent(const struct vhd_meta *child, const char *child_path,
 		err->msg[0] = '\0';
 	}
 	if (memcmp(child->header.parent_uuid, parent->footer.uuid, 16)) {
+		int r;
+
 		vhd_uuid_format(child->header.parent_uuid, want);
 		vhd_uuid_format(parent->footer.uuid, have);
-		return vhd_fail(err, VHD_ERR_PARENT_UUID,
-				"%s: parent UUID mismatch: it was made over %s but %s is %s; the parent was replaced, do not use this chain",
-				child_path, want, parent_path, have);
+		r = vhd_fail(err, VHD_ERR_PARENT_UUID,
+			     "%s: parent UUID mismatch: it was made over %s but %s is %s; the parent was replaced, do not use this chain",
+			     child_path, want, parent_path, have);
+		if (!(flags & VHD_PARENT_IGNORE_UUID))
+			return r;
+		uuid_warned = true;
 	}
 	if (parent->footer.current_size > child->footer.current_size)
 		return vhd_fail(err, VHD_ERR_PARENT_SIZE,
@@ -781,7 +787,8 @@ int vhd_check_parent(const struct vhd_meta *child, const char *child_path,
 				(unsigned long long)parent->footer.current_size,
 				(unsigned long long)child->footer.current_size);
 	ts = vhd_time_from_unix(parent_mtime);
-	if (child->header.parent_timestamp != ts) {
+	/* A replaced parent's timestamp differs too: keep the UUID warning. */
+	if (child->header.parent_timestamp != ts && (!uuid_warned || (flags & VHD_PARENT_STRICT_TIME))) {
 		char a[40], b[40];
 		int r;
 

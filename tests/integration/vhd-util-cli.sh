@@ -17,7 +17,7 @@
 #     is what check says to repair, and repair mends it.
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
-need_cmd md5sum touch dd cmp
+need_cmd md5sum touch dd cmp qemu-io sha256sum realpath
 tdr_setup
 
 VU="$TDR_BUILDDIR/tools/vhd-util"
@@ -164,5 +164,48 @@ run_vu 1 snapshot -n "$T/latin.vhd" -p "$bad"
 err_has "is not UTF-8, which a VHD's UTF-16 name needs"
 [ ! -e "$T/latin.vhd" ] || fail "a refused snapshot left $T/latin.vhd"
 log "5: a device refused by name; check's advice for a bad footer copy works; a non-UTF-8 parent name refused as such"
+
+# ---- 6. check -I, -B, -b, -s (blktap's names; Xen's storage manager runs
+#      "check -B" for a fast check, which here is the full one)
+"$VU" create -n "$T/p6.vhd" -s 16 || fail "vhd-util create failed"
+qemu-io -f vpc -c "write -P 7 0 1M" -c "write -P 8 2M 1M" "$T/p6.vhd" >/dev/null ||
+	fail "qemu-io write failed"
+"$VU" snapshot -n "$T/c6.vhd" -p "$T/p6.vhd" || fail "vhd-util snapshot failed"
+p6=$(realpath "$T/p6.vhd")
+run_vu 0 check -n "$T/c6.vhd" -b -s
+assert_eq "check -b -s output" "$T/c6.vhd: differencing disk, 16777216 bytes, 0 of 8 blocks of 2097152 bytes allocated (0 bytes), 0 sectors present by the bitmaps
+$p6: dynamic disk, 16777216 bytes, 2 of 8 blocks of 2097152 bytes allocated (4194304 bytes), 8192 sectors present by the bitmaps
+$T/c6.vhd is valid" "$(cat "$T/out")"
+run_vu 0 check -n "$T/c6.vhd" -s
+assert_eq "check -s output, first line" "$T/c6.vhd: differencing disk, 16777216 bytes, 0 of 8 blocks of 2097152 bytes allocated (0 bytes)" "$(head -n 1 "$T/out")"
+# qemu's vpc driver sets every bit of a block it allocates: 2 x 4096 sectors.
+# -B still finds overlapping blocks: block 1 pointed at block 0's place.
+cp "$T/p6.vhd" "$T/lap.vhd"
+"$PY" - "$T/lap.vhd" <<'PYEOF' || fail "could not point block 1 at block 0"
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(512 + 16)
+    bat = struct.unpack(">Q", f.read(8))[0]
+    f.seek(bat)
+    b0, b1 = struct.unpack(">II", f.read(8))
+    assert b0 != 0xFFFFFFFF and b1 != 0xFFFFFFFF, (b0, b1)
+    f.seek(bat + 4)
+    f.write(struct.pack(">I", b0))
+PYEOF
+run_vu 0 check -n "$T/p6.vhd" -B
+run_vu 1 check -n "$T/lap.vhd" -B
+err_has "[bat-overlap]"
+# A replaced parent: a defect, or with -I a warning; the files stay unchanged.
+rm "$T/p6.vhd"
+"$VU" create -n "$T/p6.vhd" -s 16 || fail "vhd-util create failed"
+sum_before=$(cat "$T/c6.vhd" "$T/p6.vhd" | sha256sum)
+run_vu 1 check -n "$T/c6.vhd"
+err_has "parent UUID mismatch"
+err_has "[parent-uuid]"
+run_vu 0 check -n "$T/c6.vhd" -I
+err_has "vhd-util check: warning: $T/c6.vhd: parent UUID mismatch"
+assert_eq "check -I output" "$T/c6.vhd is valid" "$(cat "$T/out")"
+assert_eq "files after check -I" "$sum_before" "$(cat "$T/c6.vhd" "$T/p6.vhd" | sha256sum)"
+log "6: check -b/-s print each file's allocation, -B still finds overlaps, -I makes a replaced parent a warning"
 
 pass "vhd-util: bad usage, damaged files, blktap option meanings, repair of a footer copy"

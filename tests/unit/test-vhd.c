@@ -1263,10 +1263,20 @@ START_TEST(rule_parent_uuid)
 {
 	struct vhd_error err;
 
+	struct vhd_file *vf;
+	uint8_t sec[VHD_SECTOR_SIZE] = { 1 };
+
 	make_diff();
 	ck_assert_int_eq(unlink(pa), 0);
 	ck_assert_int_eq(vhd_file_create(pa, 8 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
 	expect_defect(pb, VHD_FILE_CHAIN, VHD_ERR_PARENT_UUID);
+	/* vhd-util check -I: only a warning, and never a writable file */
+	ck_assert_int_eq(vhd_file_open(&vf, pb, VHD_FILE_CHAIN | VHD_FILE_IGNORE_PARENT_UUID, &err), 0);
+	ck_assert_msg(err.code == VHD_ERR_PARENT_UUID, "%s", err.msg);
+	ck_assert(vf->rdonly);
+	ck_assert(vf->parent && vf->parent->rdonly);
+	ck_assert_int_eq(vhd_file_write(vf, 0, 1, sec), -EROFS);
+	vhd_file_close(vf);
 }
 END_TEST
 
