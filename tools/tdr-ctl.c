@@ -87,12 +87,12 @@ static void usage(FILE *out)
 		"  list    [-p PID] [-m MINOR] [-t TYPE] [-f FILE]\n"
 		"  pause   -p PID -m MINOR [-t SECS]\n"
 		"  unpause -p PID -m MINOR [-a TYPE:/PATH]\n"
-		"  stats   -p PID -m MINOR\n"
+		"  stats   -p PID -m MINOR [-t SECS]\n"
 		"  open    -p PID -m MINOR -a TYPE:/PATH [-R] [-D]\n"
 		"  close   -p PID -m MINOR [-f] [-t SECS]\n"
 		"  attach  -p PID -m MINOR\n"
 		"  detach  -p PID -m MINOR\n"
-		"  replica -p PID -m MINOR OPERATION [ARGS...]\n"
+		"  replica -p PID -m MINOR [-t SECS] OPERATION [ARGS...]\n"
 		"          start [mode=primary|secondary] [addr=ADDR] [export=NAME] [timeout=MS] [sync=both|local]\n"
 		"          checkpoint | stop [failover] | failover | resync [full|incremental]\n"
 		"          get-error | status [KEY...]\n"
@@ -192,6 +192,20 @@ static const char *who(const struct target *t, char *buf, size_t len)
  * Sends req and reads one response into rsp.  expect: the success type.
  * Returns 0, or an exit status after printing "<what>: <why>".
  */
+/* A failed wait for an answer: EXIT_WAITED when the -t (or built-in) limit ran out. */
+static int recv_failure(struct target *t, const char *what, int r, int timeout_ms)
+{
+	char w[PATH_MAX + 32];
+
+	if (r == -ETIMEDOUT && timeout_ms >= 0) {
+		failure(0, "%s: no answer from %s within %d s; a request it took goes on: see " PROG " list",
+			what, who(t, w, sizeof(w)), timeout_ms / 1000);
+		return EXIT_WAITED;
+	}
+	return failure(0, "%s: no answer from %s: %s", what, who(t, w, sizeof(w)),
+		       r == -EPIPE ? "connection closed" : strerror(-r));
+}
+
 static int transact(struct target *t, int fd, struct tdr_ctl_msg *req, struct tdr_ctl_msg *rsp,
 		    unsigned expect, const char *what, int timeout_ms)
 {
@@ -202,14 +216,8 @@ static int transact(struct target *t, int fd, struct tdr_ctl_msg *req, struct td
 	if (r < 0)
 		return failure(0, "%s: cannot send to %s: %s", what, who(t, w, sizeof(w)), strerror(-r));
 	r = tdr_ctl_recv(fd, rsp, timeout_ms);
-	if (r == -ETIMEDOUT && timeout_ms >= 0) {
-		failure(0, "%s: no answer from %s within %d s; a request it took goes on: see " PROG " list",
-			what, who(t, w, sizeof(w)), timeout_ms / 1000);
-		return EXIT_WAITED;
-	}
 	if (r < 0)
-		return failure(0, "%s: no answer from %s: %s", what, who(t, w, sizeof(w)),
-			       r == -EPIPE ? "connection closed" : strerror(-r));
+		return recv_failure(t, what, r, timeout_ms);
 	if (rsp->type == expect)
 		return 0;
 	if (rsp->type == TAPDISK_MESSAGE_ERROR) {
@@ -517,12 +525,12 @@ static int cmd_stats(int argc, char **argv, struct target *t)
 {
 	struct tdr_ctl_msg req, rsp;
 	char what[64], *buf;
-	int c, fd, status = 0;
+	int c, fd, timeout, status = 0;
 	size_t len;
 
 	while ((c = getopt(argc, argv, ":p:m:s:t:h")) != -1) {
 		if (c == 'h') {
-			printf("usage: " PROG " stats -p PID -m MINOR [-s SOCKET]\n");
+			printf("usage: " PROG " stats -p PID -m MINOR [-s SOCKET] [-t SECS]\n");
 			return 0;
 		}
 		if ((status = common_opt(c, t)))
@@ -537,7 +545,8 @@ static int cmd_stats(int argc, char **argv, struct target *t)
 		return status;
 	snprintf(what, sizeof(what), "stats of minor %d", t->minor);
 	tdr_ctl_msg_init(&req, TAPDISK_MESSAGE_STATS, (unsigned)t->minor);
-	status = transact(t, fd, &req, &rsp, TAPDISK_MESSAGE_STATS_RSP, what, QUICK_TIMEOUT_MS);
+	timeout = t->timeout_ms >= 0 ? t->timeout_ms : QUICK_TIMEOUT_MS;
+	status = transact(t, fd, &req, &rsp, TAPDISK_MESSAGE_STATS_RSP, what, timeout);
 	if (status)
 		goto out;
 	len = rsp.u.info.length;
@@ -550,10 +559,11 @@ static int cmd_stats(int argc, char **argv, struct target *t)
 		status = failure(ENOMEM, "%s: out of memory", what);
 		goto out;
 	}
-	status = tdr_ctl_recv_raw(fd, buf, len, QUICK_TIMEOUT_MS);
+	status = tdr_ctl_recv_raw(fd, buf, len, timeout);
 	if (status < 0) {
 		free(buf);
-		status = failure(0, "%s: statistics cut short: %s", what, strerror(-status));
+		status = status == -ETIMEDOUT ? recv_failure(t, what, status, timeout) :
+			 failure(0, "%s: statistics cut short: %s", what, strerror(-status));
 		goto out;
 	}
 	fwrite(buf, 1, len, stdout);
@@ -639,8 +649,7 @@ static int cmd_replica(int argc, char **argv, struct target *t)
 	for (;;) {
 		status = tdr_ctl_recv(fd, &rsp, t->timeout_ms);
 		if (status < 0) {
-			status = failure(0, "%s: no answer: %s", what,
-					 status == -EPIPE ? "connection closed" : strerror(-status));
+			status = recv_failure(t, what, status, t->timeout_ms);
 			goto out;
 		}
 		if (rsp.type == TDR_MESSAGE_REPLICA_DATA) {

@@ -427,7 +427,12 @@ static void aio_stats(struct td_image *img, FILE *out)
 		struct tdr_ra_stats st;
 
 		tdr_ra_get_stats(p->ra, &st);
-		fprintf(out, "    readahead: streams=%llu hits=%llu misses=%llu deep=%llu chunks=%llu unused=%llu invalidated=%llu reading=%llu memory=%zu\n",
+		/* One key=value per line: tdr-ctl stats makes each a JSON member. */
+		fprintf(out, "    readahead_streams=%llu\n    readahead_hits=%llu\n"
+			"    readahead_misses=%llu\n    readahead_deep=%llu\n"
+			"    readahead_chunks=%llu\n    readahead_unused=%llu\n"
+			"    readahead_invalidated=%llu\n    readahead_reading=%llu\n"
+			"    readahead_memory=%zu\n",
 			(unsigned long long)st.streams, (unsigned long long)st.hits,
 			(unsigned long long)st.misses, (unsigned long long)st.deep,
 			(unsigned long long)st.chunks,

@@ -60,6 +60,11 @@ assert s["minor"] == 0 and s["state"] == 0
 assert s["size"] == 8192, s["size"]
 assert s["images"][0]["type"] == "aio"
 assert "replica" not in s
+d = s["images"][0]["driver"]
+ra = ["readahead_" + k for k in ("streams", "hits", "misses", "deep", "chunks", "unused",
+                                 "invalidated", "reading", "memory")]
+assert sorted(d) == sorted(["type", "short_io_retries"] + ra), sorted(d)
+assert all(d[k] == 0 for k in ra), d
 ' "$OUT" "aio:$T/disk.img" || fail "stats JSON: $OUT"
 run_ctl 19 stats -p "$P" -m 5
 assert_eq "stats -m 5" "tdr-ctl: stats of minor 5: no minor 5 in this daemon; see tap-ctl list" "$ERR"
@@ -178,6 +183,37 @@ s = json.loads(sys.argv[1])
 assert s["replica"]["mode"] == "primary" and s["replica"]["state"] == "none", s
 assert [i["type"] for i in s["images"]] == ["replica", "aio"], s["images"]
 ' "$OUT" || fail "replica stats: $OUT"
+
+# -t on replica: a secondary that takes the connection and never answers
+# keeps start waiting (for the link's own 60 s); tdr-ctl gives up after 1 s
+# with 75 (EX_TEMPFAIL), the start going on in the daemon.
+"$PY" -c '
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(8)
+open(sys.argv[2], "w").close()
+time.sleep(120)
+' "$T/never.sock" "$T/never.ready" &
+never=$!
+for ((i = 0; i < TDR_TIMEOUT * 20; i++)); do
+	[ -e "$T/never.ready" ] && break
+	sleep 0.05
+done
+[ -e "$T/never.ready" ] || fail "the silent secondary did not start"
+run_ctl 75 replica -p "$D" -m 1 -t 1 start addr=unix:$T/never.sock timeout=60000
+case "$ERR" in
+"tdr-ctl: replica start on minor 1: no answer from "*" within 1 s; a request it took goes on: see tdr-ctl list") ;;
+*) fail "replica -t: unexpected message '$ERR'" ;;
+esac
+kill "$never"
+wait "$never" 2>/dev/null || true
+for ((i = 0; i < TDR_TIMEOUT * 20; i++)); do
+	"$CTL" replica -p "$D" -m 1 get-error 2>/dev/null | grep -q "never.sock" && break
+	sleep 0.05
+done
+run_ctl 0 replica -p "$D" -m 1 status state
+assert_eq "state after the silent secondary went away" "state=none" "$OUT"
 
 run_ctl 0 close -p "$D" -m 3 -f
 run_ctl 0 list -p "$D"

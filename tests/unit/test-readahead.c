@@ -138,9 +138,9 @@ static struct ra_counts ra_stats(void)
 
 	disk->top->drv->stats(disk->top, f);
 	fclose(f);
-	p = strstr(text, "readahead:");
+	p = strstr(text, "readahead_");
 	if (p)
-		ck_assert_int_eq(sscanf(p, "readahead: streams=%llu hits=%llu misses=%llu deep=%llu chunks=%*u unused=%*u invalidated=%*u reading=%llu memory=%zu",
+		ck_assert_int_eq(sscanf(p, "readahead_streams=%llu readahead_hits=%llu readahead_misses=%llu readahead_deep=%llu readahead_chunks=%*u readahead_unused=%*u readahead_invalidated=%*u readahead_reading=%llu readahead_memory=%zu",
 					&c.streams, &c.hits, &c.misses, &c.deep, &c.reading, &c.memory), 6);
 	free(text);
 	return c;
