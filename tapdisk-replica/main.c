@@ -21,6 +21,9 @@
 #include "tdr/image.h"
 #include "tdr/log.h"
 #include "tdr/readahead.h"
+#ifdef HAVE_XENSTORE
+#include "tdr/xenstore.h"
+#endif
 
 #define PROG "tapdisk-replica"
 
@@ -221,6 +224,11 @@ static int cmd_serve(int argc, char **argv)
 			 xs_domid, xs_devid);
 		o.xs_dir = xs_dir;
 	}
+#ifdef HAVE_XENSTORE
+	/* A bad value is a usage error (2), like every other option's. */
+	if (o.xs_dir && tdr_xs_check_dir(o.xs_dir) < 0)
+		return usage_error("%s", tdr_last_error());
+#endif
 	if (optind >= argc)
 		return usage_error("%sserve needs an image SPEC (e.g. aio:/srv/disk.img); see " PROG
 				   " --help", "");

@@ -195,7 +195,8 @@ mkrandom() {
 # qio URI COMMAND...: run qemu-io with one -c per argument on a raw NBD
 # export and fail on any error or pattern mismatch.  qemu-io's exit status
 # is not reliable for verification failures on every version, so the output
-# is checked as well.  The output is left in $T/qio.out.
+# is checked as well.  The output is left in $T/qio.out.  QIO_TIMEOUT=SECS
+# in the environment: a run that does not end by then fails as held.
 qio() {
 	local uri=$1 st=0
 	shift
@@ -204,7 +205,10 @@ qio() {
 	for c in "$@"; do
 		args+=(-c "$c")
 	done
-	qemu-io -f raw "$uri" "${args[@]}" >"$T/qio.out" 2>&1 || st=$?
+	${QIO_TIMEOUT:+timeout "$QIO_TIMEOUT"} qemu-io -f raw "$uri" "${args[@]}" >"$T/qio.out" 2>&1 || st=$?
+	if [ -n "${QIO_TIMEOUT:-}" ] && [ "$st" -eq 124 ]; then
+		fail "qemu-io ($*) did not finish within ${QIO_TIMEOUT} s: the guest's I/O is held"
+	fi
 	if [ "$st" -ne 0 ] || grep -qiE 'verification failed|failed|error|Operation not permitted|Input/output' "$T/qio.out"; then
 		cat "$T/qio.out" >&2
 		fail "qemu-io ($*) failed (status $st)"

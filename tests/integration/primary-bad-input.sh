@@ -16,14 +16,15 @@ tdr_setup
 mkraw "$T/primary.img" 16M
 primary_start "unix:$T/none.sock" timeout=1000
 
-# expect_start_error REGEX [START ARGS...]: start fails with REGEX; the guest is fine.
+# expect_start_error ERRNO REGEX [START ARGS...]: start fails with tdr-ctl's
+# exit status ERRNO (the daemon's errno value) and REGEX; the guest is fine.
 n=0
 expect_start_error() {
-	local re=$1 out st=0
-	shift
+	local want=$1 re=$2 out st=0
+	shift 2
 	n=$((n + 1))
 	out=$(pctl start "$@" 2>&1) || st=$?
-	[ "$st" -ne 0 ] || fail "start $* succeeded: $out"
+	assert_eq "exit status (errno) of start $*" "$want" "$st"
 	printf '%s\n' "$out" | grep -qE "$re" || fail "start $*: expected /$re/, got: $out"
 	[ "$(printf '%s\n' "$out" | wc -l)" -eq 1 ] || fail "start $*: not one line: $out"
 	assert_eq "state after failed start ($*)" none "$(pstatus state)"
@@ -32,22 +33,22 @@ expect_start_error() {
 }
 
 # Nothing listens.
-expect_start_error "cannot connect.*No such file" "addr=unix:$T/none.sock"
+expect_start_error 2 "cannot connect.*No such file" "addr=unix:$T/none.sock"
 # A TCP port nobody listens on (connection refused).
 port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-expect_start_error "cannot connect.*refused" "addr=tcp:127.0.0.1:$port"
+expect_start_error 111 "cannot connect.*refused" "addr=tcp:127.0.0.1:$port"
 # A host name: refused before anything (a lookup would block the disk).
-expect_start_error "not a numeric" "addr=tcp:secondary.invalid:10809"
+expect_start_error 22 "not a numeric" "addr=tcp:secondary.invalid:10809"
 
 mkraw "$T/sec.img" 16M
 qemu_nbd_start "$T/q.sock" "$T/sec.img"
-expect_start_error "no export named 'nosuch'" "addr=unix:$T/q.sock" export=nosuch
+expect_start_error 2 "no export named 'nosuch'" "addr=unix:$T/q.sock" export=nosuch
 kill -KILL "$PEER_PID"; wait "$PEER_PID" 2>/dev/null || true
 wait "$PEER_PID" 2>/dev/null || true
 
 mkraw "$T/small.img" 8M
 qemu_nbd_start "$T/small.sock" "$T/small.img"
-expect_start_error "8388608 bytes but the local disk has 16777216" "addr=unix:$T/small.sock" export=secondary
+expect_start_error 22 "8388608 bytes but the local disk has 16777216" "addr=unix:$T/small.sock" export=secondary
 kill -KILL "$PEER_PID"; wait "$PEER_PID" 2>/dev/null || true
 wait "$PEER_PID" 2>/dev/null || true
 
@@ -103,7 +104,7 @@ PYEOF
 "$PY" "$T/badserver.py" garbage "$T/garbage.sock" 16777216 &
 TDR_PIDS+=("$!")
 wait_connectable "$T/garbage.sock" "$!" /dev/null
-expect_start_error "cannot connect.*handshake" "addr=unix:$T/garbage.sock"
+expect_start_error 71 "cannot connect.*handshake" "addr=unix:$T/garbage.sock"
 
 "$PY" "$T/badserver.py" bogus "$T/bogus.sock" 16777216 &
 TDR_PIDS+=("$!")
@@ -115,7 +116,7 @@ mkraw "$T/primary.img" 16M
 primary_start "unix:$T/bogus.sock" timeout=1000
 pctl_ok start >/dev/null
 assert_eq "bogus replies: state after start" running "$(pstatus state)"
-timed_qio 5000 "$PURI" "write -P 0x77 10M 64k" flush
+guest_qio "$PURI" "write -P 0x77 10M 64k" flush
 assert_eq "bogus replies: state" broken "$(pstatus state)"
 ge=$(pctl_ok get-error)
 case $ge in "EPROTO "*"a reply to a request never made (cookie 0x5555)"*"link dropped"*) ;; *) fail "bogus replies: get-error says '$ge'" ;; esac

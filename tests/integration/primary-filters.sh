@@ -3,8 +3,9 @@
 #
 # Slow, failing and frozen links (nbdkit's delay, error and pause filters
 # between primary and secondary): guest writes through the primary still
-# complete within the link timeout plus a margin, the error is reported by
-# get-error, and no acknowledged write is lost locally.
+# complete while the secondary does not answer, the link is reported broken
+# with the exact errno (ETIMEDOUT, EIO) by status and get-error, and no
+# acknowledged write is lost locally.
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
 # shellcheck source=tests/integration/primary-lib.sh
@@ -13,8 +14,6 @@ need_cmd qemu-io nbdkit truncate cmp
 tdr_setup
 
 TIMEOUT_MS=1000
-# Generous: a loaded machine must not fail this; a hang of the guest would.
-LIMIT_MS=$((TIMEOUT_MS + 4000))
 
 # broken_case NAME ERRNO_NAME NBDKIT_ARGS...: the link breaks, the guest does not.
 broken_case() {
@@ -27,7 +26,7 @@ broken_case() {
 	primary_start "unix:$T/$name.sock" "timeout=$TIMEOUT_MS"
 	pctl_ok start >/dev/null
 	[ -n "${BEFORE_BREAK:-}" ] && $BEFORE_BREAK
-	timed_qio "$LIMIT_MS" "$PURI" "write -P 0x61 0 64k" "write -P 0x62 1M 1M"
+	guest_qio "$PURI" "write -P 0x61 0 64k" "write -P 0x62 1M 1M"
 	log "$name: guest writes completed in ${LAST_MS} ms (timeout ${TIMEOUT_MS} ms)"
 	assert_eq "$name: state" broken "$(pstatus state)"
 	assert_eq "$name: error" "$want" "$(pstatus error)"
@@ -39,7 +38,7 @@ broken_case() {
 	esac
 	[ "$(pstatus dirty_bytes)" -gt 0 ] || fail "$name: nothing tracked for resync"
 	# The guest goes on, at local speed, and nothing it saw complete is lost.
-	timed_qio "$LIMIT_MS" "$PURI" "write -P 0x63 2M 64k" flush
+	guest_qio "$PURI" "write -P 0x63 2M 64k" flush
 	qio "$PURI" "read -P 0x61 0 64k" "read -P 0x62 1M 1M" "read -P 0x63 2M 64k"
 	tdr_stop "$PRIMARY_PID" || fail "primary exited with status $? on SIGTERM"
 	qio_file() { qemu-io -f raw -r "$T/primary.img" -c "$1" >"$T/qio.out" 2>&1 && ! grep -q 'failed' "$T/qio.out"; }
@@ -49,8 +48,9 @@ broken_case() {
 	wait "$npid" 2>/dev/null || true
 }
 
-# Slow: every write takes 3 s, longer than the timeout.
-broken_case slow ETIMEDOUT --filter=delay delay-write=3
+# Slow: every write takes 10 minutes, far past the timeout and past the
+# test: a guest write that waited for the secondary's answer would hang.
+broken_case slow ETIMEDOUT --filter=delay delay-write=600
 
 # Failing: every write fails with EIO.
 broken_case failing EIO --filter=error error-pwrite=EIO error-pwrite-rate=100%
@@ -79,4 +79,4 @@ qio "$PURI" "write -P 0x71 0 1M" "write -P 0x72 5M 64k" flush
 pctl_ok checkpoint >/dev/null
 assert_eq "delayed: state" running "$(pstatus state)"
 same_as_primary "$T/ok.img"
-pass "slow, failing and frozen links never held the guest past the timeout"
+pass "slow, failing and frozen links never held the guest"

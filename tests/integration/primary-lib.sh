@@ -135,15 +135,18 @@ wait_pstate() {
 	done
 }
 
-# timed_qio LIMIT_MS URI COMMAND...: qemu-io that must finish within LIMIT_MS.
-timed_qio() {
-	local limit=$1 t0 t1
-	shift
+# guest_qio URI COMMAND...: qemu-io as the guest while the secondary is
+# frozen, silent, failing or dead.  What is checked is behaviour: the I/O
+# completes while the secondary still does not answer (a primary that held
+# the guest until the secondary recovered would hang here; GUEST_HANG_S only
+# keeps such a build from stalling the suite), and the callers check the
+# state and errno the primary reports.  The time it took is logged
+# ($LAST_MS), never asserted: tests do not assert timings.
+guest_qio() {
+	local t0
 	t0=$(now_ms)
-	qio "$@"
-	t1=$(now_ms)
-	LAST_MS=$((t1 - t0))
-	[ "$LAST_MS" -le "$limit" ] || fail "qemu-io ($*) took ${LAST_MS} ms, more than ${limit} ms"
+	QIO_TIMEOUT=${GUEST_HANG_S:-120} qio "$@"
+	LAST_MS=$(($(now_ms) - t0))
 }
 
 # same_as_primary FILE: byte-exact against the primary's image.

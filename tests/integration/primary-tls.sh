@@ -270,7 +270,7 @@ pctl_ok start >/dev/null
 workload 190
 pctl_ok checkpoint >/dev/null
 kill -KILL "$psk_pid"; wait "$psk_pid" 2>/dev/null || true
-timed_qio $((TIMEOUT_MS + 4000)) "$PURI" "write -P 0x51 4M 1M" "write -P 0x52 30M 64k"
+guest_qio "$PURI" "write -P 0x51 4M 1M" "write -P 0x52 30M 64k"
 assert_eq "killed: state" broken "$(pstatus state)"
 assert_eq "killed: link_tls" 0 "$(pstatus link_tls)"
 tls_nbdkit_start "$T/psk.sock" "--tls-psk=$T/keys.psk" -- file "$T/sec.img"

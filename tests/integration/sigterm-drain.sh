@@ -16,7 +16,6 @@ tdr_setup
 # 1. Writes without a flush, client still connected and idle at SIGTERM.
 mkraw "$T/a.img" 16M
 tdr_start "aio:$T/a.img"
-nbdsh_ok=0
 "$PY" - "$URI" "$T/hold.ready" <<'PYEOF' &
 import sys, time, nbd
 h = nbd.NBD()
@@ -41,7 +40,6 @@ st=0
 tdr_stop || st=$?
 assert_eq "exit status on SIGTERM with an idle client" 0 "$st"
 wait "$holder" || true
-grep -q . "$DAEMON_ERR" || true
 "$PY" - "$T/a.img" <<'PYEOF' || fail "acknowledged writes missing from the file after SIGTERM"
 import sys
 M = 1 << 20
@@ -51,7 +49,6 @@ assert d[:M] == bytes(M)
 assert d[M:5 * M] == b"\x5c" * (4 * M)
 assert d[5 * M:] == bytes(11 * M)
 PYEOF
-nbdsh_ok=1
 
 # 2. SIGTERM while 128 x 256 KiB writes are in flight: each one the server
 #    acknowledged must be in the file; the daemon exits 0.
@@ -186,5 +183,4 @@ assert_eq "exit status on SIGTERM with clients negotiating" 0 "$st"
 grep -q "still negotiating when the server shut down" "$DAEMON_ERR" ||
 	fail "the idle negotiating client's close is not in the log: $(tail -c 2000 "$DAEMON_ERR")"
 
-[ "$nbdsh_ok" = 1 ] || fail unreachable
 pass

@@ -116,11 +116,11 @@ cp "$T/ours.vhd" "$T/bad.vhd"
 printf 'X' | dd of="$T/bad.vhd" bs=1 seek=600 conv=notrunc status=none
 st=0
 "$VU" check -n "$T/bad.vhd" >"$T/bad.out" 2>&1 || st=$?
-[ "$st" -ne 0 ] || fail "vhd-util check passed a corrupted header"
+assert_eq "vhd-util check status for a corrupted header" 1 "$st"
 grep -q "$T/bad.vhd: dynamic header has a bad checksum" "$T/bad.out" || fail "check message: $(cat "$T/bad.out")"
 st=0
 "$TDR_BIN" serve --socket "$T/bad.sock" "vhd:$T/bad.vhd" >"$T/bad-serve.out" 2>&1 || st=$?
-[ "$st" -ne 0 ] || fail "serve accepted a corrupted VHD"
+assert_eq "serve's status for a corrupted VHD" 1 "$st"
 grep -q "bad checksum" "$T/bad-serve.out" || fail "serve message: $(cat "$T/bad-serve.out")"
 log "4: a bad header is named by check and refused by serve"
 

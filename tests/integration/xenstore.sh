@@ -99,10 +99,14 @@ tdr_start --xs-dir /tdr/plain --xs-path "$T/xs.sock" "aio:$T/plain.img"
 call /tdr/plain 1 checkpoint "error ENODEV"
 
 # Bad options.
-"$TDR_BIN" serve --socket "$T/x.sock" --xs-dir relative "aio:$T/plain.img" 2>"$T/err" &&
-	fail "a relative --xs-dir was accepted"
-grep -q "absolute path" "$T/err" || fail "no precise error for a relative --xs-dir: $(cat "$T/err")"
-"$TDR_BIN" serve --socket "$T/x.sock" --xs-domid 5 "aio:$T/plain.img" 2>"$T/err" &&
-	fail "--xs-domid without --xs-devid was accepted"
+# Usage errors: exit status 2 and one line naming the problem.
+st=0
+"$TDR_BIN" serve --socket "$T/x.sock" --xs-dir relative "aio:$T/plain.img" 2>"$T/err" || st=$?
+assert_eq "exit status for a relative --xs-dir" 2 "$st"
+grep -q "xenstore directory 'relative': expected an absolute path" "$T/err" ||
+	fail "no precise error for a relative --xs-dir: $(cat "$T/err")"
+st=0
+"$TDR_BIN" serve --socket "$T/x.sock" --xs-domid 5 "aio:$T/plain.img" 2>"$T/err" || st=$?
+assert_eq "exit status for --xs-domid alone" 2 "$st"
 grep -q "go together" "$T/err" || fail "no precise error for --xs-domid alone: $(cat "$T/err")"
 pass

@@ -644,9 +644,9 @@ START_TEST(t_refused)
 	char msg[512];
 	int err;
 
-	tp_open("");	/* nothing listens on tp_sock */
+	tp_open("");	/* nothing listens on tp_sock: there is no such socket */
 	err = tp_op("start", msg, sizeof(msg));
-	ck_assert_int_lt(err, 0);
+	ck_assert_int_eq(err, -ENOENT);
 	ck_assert_msg(strstr(msg, "cannot connect"), "%s", msg);
 	ck_assert_int_eq(tp_state(), REPLICA_STATE_NONE);
 	write_check(0, 4 * KIB, 1);
@@ -664,7 +664,7 @@ START_TEST(t_bad_export)
 	tp_qemu_nbd("other");
 	tp_open(",export=nosuch");
 	err = tp_op("start", msg, sizeof(msg));
-	ck_assert_int_lt(err, 0);
+	ck_assert_int_eq(err, -ENOENT);
 	ck_assert_msg(strstr(msg, "nosuch"), "%s", msg);
 	ck_assert_int_eq(tp_state(), REPLICA_STATE_NONE);
 	write_check(0, 4 * KIB, 1);

@@ -6,21 +6,26 @@
  *     w:OFF:LEN:BYTE   write LEN bytes of BYTE at OFF
  *     r:OFF:LEN:BYTE   read and check that every byte is BYTE
  *     f                flush
- *   nbdio SOCKET EXPORT load SECONDS SIZE_MB
+ *   nbdio SOCKET EXPORT load SECONDS SIZE_MB [COUNT_FILE]
  *     a guest-like workload: 4 KiB writes, each read back and checked, at
  *     pseudo-random places of the first SIZE_MB; prints the number of
  *     operations and the longest gap between two completions (what a
  *     guest would see as its disk stalling).  Exit 1 on any I/O error.
+ *     With COUNT_FILE, the number of operations completed so far is
+ *     rewritten there after each one, so that a test can count what
+ *     completed during an outage it causes.
  *
  * OFF and LEN take a K or M suffix; BYTE is a number (0x.. for hex).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <libnbd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static double now_ms(void)
 {
@@ -42,7 +47,7 @@ static uint64_t num(const char *s)
 	return v;
 }
 
-static int load(struct nbd_handle *h, double secs, uint64_t size)
+static int load(struct nbd_handle *h, double secs, uint64_t size, int count_fd)
 {
 	char wbuf[4096], rbuf[4096];
 	uint64_t x = 88172645463325252ull, ops = 0, slow = 0;
@@ -86,6 +91,15 @@ static int load(struct nbd_handle *h, double secs, uint64_t size)
 		}
 		last = now_ms();
 		ops += 2;
+		if (count_fd >= 0) {
+			char c[32];
+			int n = snprintf(c, sizeof(c), "%20" PRIu64 "\n", ops);
+
+			if (pwrite(count_fd, c, (size_t)n, 0) != n) {
+				perror("nbdio load: count file");
+				return 1;
+			}
+		}
 	}
 	printf("LOAD ops=%" PRIu64 " seconds=%.1f max_gap_ms=%.1f at_s=%.2f gaps_over_50ms=%" PRIu64,
 	       ops, (now_ms() - start) / 1000, max_gap, max_at / 1000, slow);
@@ -110,7 +124,19 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	if (strcmp(argv[3], "load") == 0 && argc >= 6) {
-		ret = load(h, atof(argv[4]), num(argv[5]) << 20);
+		int fd = -1;
+
+		if (argc >= 7) {
+			fd = open(argv[6], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+			if (fd < 0) {
+				perror(argv[6]);
+				ret = 1;
+				goto out;
+			}
+		}
+		ret = load(h, atof(argv[4]), num(argv[5]) << 20, fd);
+		if (fd >= 0)
+			close(fd);
 		goto out;
 	}
 	for (i = 3; i < argc && !ret; i++) {
