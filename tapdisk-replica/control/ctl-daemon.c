@@ -51,6 +51,7 @@ struct dminor {
 struct daemon {
 	const char *prog;
 	const char *nbd_dir;
+	bool control_is_dir;	/* the control path is the default directory, not --control's */
 	struct tdr_loop *loop;
 	struct tdr_io_ctx *io;
 	struct ctl_server *ctl;
@@ -289,6 +290,14 @@ static int setup(struct daemon *d, const char *control)
 			      d->nbd_dir, strerror(errno));
 		return ret;
 	}
+	/* The default place is a directory, as tap-ctl expects: make it, or
+	 * the socket would take the directory's name. */
+	if (d->control_is_dir && mkdir(control, 0700) < 0 && errno != EEXIST) {
+		ret = -errno;
+		tdr_set_error("control directory %s: %s; create it, set TDR_CONTROL_DIR or give --control PATH",
+			      control, strerror(errno));
+		return ret;
+	}
 	d->ctl = ctl_server_new(d->loop, control);
 	if (!d->ctl)
 		return -errno;
@@ -349,7 +358,7 @@ int tdr_daemon_main(int argc, char **argv, const char *prog)
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct daemon d = { .prog = prog, .nbd_dir = DEFAULT_NBD_DIR, .sfd = -1 };
+	struct daemon d = { .prog = prog, .nbd_dir = DEFAULT_NBD_DIR, .sfd = -1, .control_is_dir = true };
 	const char *control = getenv("TDR_CONTROL_DIR");
 	enum tdr_log_level level = TDR_LOG_INFO;
 	bool use_syslog = false;
@@ -364,6 +373,7 @@ int tdr_daemon_main(int argc, char **argv, const char *prog)
 		switch (c) {
 		case 'c':
 			control = optarg;
+			d.control_is_dir = false;
 			break;
 		case 'n':
 			d.nbd_dir = optarg;

@@ -222,4 +222,18 @@ assert_eq "list after close" "pid=$D minor=1 state=0 args=replica:mode=primary|a
 tdr_stop "$D" || fail "daemon exited with status $? on SIGTERM"
 [ ! -e "$T/ctl$D" ] || fail "daemon control socket left behind"
 grep -q "stopped; every disk flushed and closed" "$T/daemon-d.err" || fail "daemon did not stop cleanly"
+
+# The default control place is a directory (tap-ctl's): made if missing,
+# the socket ctlPID inside it, found by tdr-ctl through the same variable.
+TDR_CONTROL_DIR="$T/newctl" "$TDR_BIN" daemon --nbd-dir "$NBD" </dev/null >"$T/daemon-e.out" 2>"$T/daemon-e.err" &
+E=$!
+TDR_PIDS+=("$E")
+tdr_wait_ready "$E" "$T/daemon-e.err" "$T/newctl/ctl$E"
+assert_eq "made control directory's mode" 700 "$(stat -c %a "$T/newctl")"
+OLD_CONTROL_DIR=$TDR_CONTROL_DIR
+export TDR_CONTROL_DIR="$T/newctl"
+run_ctl 0 list -p "$E"
+assert_eq "list in the made directory" "pid=$E" "$OUT"
+export TDR_CONTROL_DIR=$OLD_CONTROL_DIR
+tdr_stop "$E" || fail "daemon exited with status $? on SIGTERM"
 pass
