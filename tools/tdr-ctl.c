@@ -274,7 +274,7 @@ static int list_daemon(struct target *t, struct entry **v, size_t *n, size_t *ca
 		(*n)++;
 		status = tdr_ctl_recv(fd, &rsp, QUICK_TIMEOUT_MS);
 		if (status < 0) {
-			status = failure(0, "list: %s stopped answering: %s", t->path, strerror(-status));
+			status = recv_failure(t, "list", status, QUICK_TIMEOUT_MS);
 			goto out;
 		}
 		if (rsp.type != TAPDISK_MESSAGE_LIST_RSP) {

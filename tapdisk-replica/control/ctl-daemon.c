@@ -292,11 +292,20 @@ static int setup(struct daemon *d, const char *control)
 	}
 	/* The default place is a directory, as tap-ctl expects: make it, or
 	 * the socket would take the directory's name. */
-	if (d->control_is_dir && mkdir(control, 0700) < 0 && errno != EEXIST) {
-		ret = -errno;
-		tdr_set_error("control directory %s: %s; create it, set TDR_CONTROL_DIR or give --control PATH",
-			      control, strerror(errno));
-		return ret;
+	if (d->control_is_dir) {
+		struct stat st;
+
+		if (mkdir(control, 0700) < 0 && errno != EEXIST) {
+			ret = -errno;
+			tdr_set_error("control directory %s: %s; create it, set TDR_CONTROL_DIR or give --control PATH",
+				      control, strerror(errno));
+			return ret;
+		}
+		if (stat(control, &st) < 0 || !S_ISDIR(st.st_mode)) {
+			tdr_set_error("control directory %s: not a directory (a socket of an older daemon?); remove it, set TDR_CONTROL_DIR or give --control PATH",
+				      control);
+			return -ENOTDIR;
+		}
 	}
 	d->ctl = ctl_server_new(d->loop, control);
 	if (!d->ctl)

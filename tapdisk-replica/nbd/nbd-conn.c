@@ -21,10 +21,6 @@
 /* Stop reading options while this much option output is unsent. */
 #define NBD_HS_OUT_HIGH		(1u << 20)
 
-/* A client still negotiating when the server shuts down has this long to
- * read its NBD_REP_ERR_SHUTDOWN and leave: a prompt exit matters more. */
-#define NBD_SHUTDOWN_HS_GRACE_NS	(1000ull * 1000 * 1000)
-
 static uint64_t hs_limit_ns = NBD_HANDSHAKE_TIMEOUT_DEFAULT * 1000000000ull;
 
 void nbd_set_handshake_timeout(unsigned seconds)
@@ -39,12 +35,6 @@ static void hs_timeout(struct tdr_timer *t, void *arg)
 	(void)t;
 	if (c->dead || c->phase == NBD_PH_TRANSMISSION)
 		return;
-	if (c->srv && c->srv->shutting_down) {
-		TDR_INFO("nbd: connection %u: still negotiating when the server shut down; closing it",
-			 c->id);
-		nbd_conn_kill(c, "server shutting down");
-		return;
-	}
 	TDR_WARN("nbd: connection %u: handshake not finished within %llu s; closing it",
 		 c->id, (unsigned long long)(hs_limit_ns / 1000000000ull));
 	nbd_conn_kill(c, "handshake timeout");
@@ -472,18 +462,20 @@ out:
 
 void nbd_conn_shutdown(struct nbd_conn *c)
 {
+	if (c->dead)
+		return;
 	nbd_conn_get(c);
 	if (c->phase == NBD_PH_TRANSMISSION)
 		nbd_conn_finish(c);
 	else if (c->phase == NBD_PH_OPTIONS && !c->fixed_newstyle)
 		/* It cannot be told why: option errors are fixed newstyle. */
 		nbd_conn_kill(c, "server shutting down");
-	else
-		/* Still negotiating.  proto.md: the server SHOULD error its
-		 * further options with NBD_REP_ERR_SHUTDOWN (opt_dispatch does),
-		 * and the client MUST then disconnect; it gets a short while for
-		 * that before it is closed anyway. */
-		tdr_timer_arm(&c->hs_timer, NBD_SHUTDOWN_HS_GRACE_NS);
+	/*
+	 * Else still negotiating.  proto.md: the server SHOULD error its
+	 * further options with NBD_REP_ERR_SHUTDOWN (opt_dispatch does), and
+	 * the client MUST then disconnect; the server's shutdown grace period
+	 * closes it if it does not.
+	 */
 	nbd_conn_put(c);
 }
 

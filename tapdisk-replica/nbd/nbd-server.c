@@ -39,12 +39,16 @@ static void shutdown_timeout_cb(struct tdr_timer *t, void *arg)
 	struct nbd_server *srv = arg;
 	struct tdr_list *pos, *tmp;
 
-	/* Clients that do not read their replies do not hold us up forever;
-	 * requests still in the disk are waited for all the same. */
+	/* Clients that do not read their replies, or still negotiate, do not
+	 * hold us up forever; requests still in the disk are waited for all
+	 * the same. */
 	tdr_list_for_each_safe(pos, tmp, &srv->conns) {
 		struct nbd_conn *c = tdr_list_entry(pos, struct nbd_conn, entry);
 
-		if (!c->dead)
+		if (!c->dead && c->phase != NBD_PH_TRANSMISSION)
+			TDR_INFO("nbd: connection %u: still negotiating at the end of the shutdown grace period; closing it",
+				 c->id);
+		else if (!c->dead)
 			TDR_WARN("nbd: connection %u: replies not taken within the shutdown grace period; closing it",
 				 c->id);
 		nbd_conn_kill(c, "shutdown grace period over");

@@ -247,8 +247,11 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 				*err = perr;
 			goto fail;
 		}
-		/* Pass a timestamp warning up unless a deeper one is there. */
-		if (err && perr.code != VHD_OK && err->code == VHD_OK)
+		/* Pass a warning up unless a deeper one is there; a UUID
+		 * mismatch (-I) outranks a timestamp warning. */
+		if (err && perr.code != VHD_OK &&
+		    (err->code == VHD_OK ||
+		     (perr.code == VHD_ERR_PARENT_UUID && err->code == VHD_ERR_PARENT_TIMESTAMP)))
 			*err = perr;
 	}
 	*out = vf;

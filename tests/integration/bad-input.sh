@@ -56,7 +56,8 @@ cp "$T/disk.img" "$T/noperm.img"
 chmod 000 "$T/noperm.img"
 # Root reads a mode-000 file anyway: run it without the capabilities that
 # override file permissions, so that the case runs as root too.
-[ "$(id -u)" -ne 0 ] || AS=(setpriv --bounding-set '-dac_override,-dac_read_search' --)
+[ "$(id -u)" -ne 0 ] || AS=(setpriv --inh-caps '-dac_override,-dac_read_search'
+	--ambient-caps '-dac_override,-dac_read_search' --bounding-set '-dac_override,-dac_read_search' --)
 refuse "unreadable file" 1 serve --socket "$S" "aio:$T/noperm.img"
 grep -q "noperm.img" "$T/err" || { log "case 'unreadable file': the message does not name the file"; nfail=$((nfail + 1)); }
 AS=()

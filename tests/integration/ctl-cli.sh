@@ -208,10 +208,15 @@ case "$ERR" in
 esac
 kill "$never"
 wait "$never" 2>/dev/null || true
+gone=0
 for ((i = 0; i < TDR_TIMEOUT * 20; i++)); do
-	"$CTL" replica -p "$D" -m 1 get-error 2>/dev/null | grep -q "never.sock" && break
+	if "$CTL" replica -p "$D" -m 1 get-error 2>/dev/null | grep -q "cannot connect to the secondary unix:$T/never.sock"; then
+		gone=1
+		break
+	fi
 	sleep 0.05
 done
+[ "$gone" = 1 ] || fail "the start that tdr-ctl gave up on did not fail when the secondary went away"
 run_ctl 0 replica -p "$D" -m 1 status state
 assert_eq "state after the silent secondary went away" "state=none" "$OUT"
 
@@ -236,4 +241,13 @@ run_ctl 0 list -p "$E"
 assert_eq "list in the made directory" "pid=$E" "$OUT"
 export TDR_CONTROL_DIR=$OLD_CONTROL_DIR
 tdr_stop "$E" || fail "daemon exited with status $? on SIGTERM"
+# Something else at the default place (a socket of an older daemon, a file):
+# refused, not bound over.
+: >"$T/notdir"
+st=0
+TDR_CONTROL_DIR="$T/notdir" timeout 30 "$TDR_BIN" daemon --nbd-dir "$NBD" </dev/null >/dev/null 2>"$T/notdir.err" || st=$?
+assert_eq "daemon on a control place that is a file" 1 "$st"
+grep -q "control directory $T/notdir: not a directory" "$T/notdir.err" ||
+	fail "no clear refusal of a control place that is a file: $(cat "$T/notdir.err")"
+[ -f "$T/notdir" ] || fail "the file at the control place was replaced"
 pass

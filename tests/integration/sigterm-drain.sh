@@ -180,7 +180,7 @@ assert_eq "clients negotiating at SIGTERM told of the shutdown" ok "$out"
 st=0
 tdr_stop || st=$?
 assert_eq "exit status on SIGTERM with clients negotiating" 0 "$st"
-grep -q "still negotiating when the server shut down" "$DAEMON_ERR" ||
+grep -q "still negotiating at the end of the shutdown grace period" "$DAEMON_ERR" ||
 	fail "the idle negotiating client's close is not in the log: $(tail -c 2000 "$DAEMON_ERR")"
 
 pass

@@ -206,6 +206,15 @@ run_vu 0 check -n "$T/c6.vhd" -I
 err_has "vhd-util check: warning: $T/c6.vhd: parent UUID mismatch"
 assert_eq "check -I output" "$T/c6.vhd is valid" "$(cat "$T/out")"
 assert_eq "files after check -I" "$sum_before" "$(cat "$T/c6.vhd" "$T/p6.vhd" | sha256sum)"
+# Deeper: the UUID warning outranks a grandparent's timestamp warning.
+"$VU" create -n "$T/a7.vhd" -s 16 || fail "vhd-util create failed"
+"$VU" snapshot -n "$T/b7.vhd" -p "$T/a7.vhd" || fail "vhd-util snapshot failed"
+"$VU" snapshot -n "$T/c7.vhd" -p "$T/b7.vhd" || fail "vhd-util snapshot failed"
+rm "$T/b7.vhd"
+"$VU" snapshot -n "$T/b7.vhd" -p "$T/a7.vhd" || fail "vhd-util snapshot failed"
+touch -d 2020-01-01 "$T/a7.vhd"
+run_vu 0 check -n "$T/c7.vhd" -I -t
+err_has "vhd-util check: warning: $T/c7.vhd: parent UUID mismatch"
 log "6: check -b/-s print each file's allocation, -B still finds overlaps, -I makes a replaced parent a warning"
 
 pass "vhd-util: bad usage, damaged files, blktap option meanings, repair of a footer copy"

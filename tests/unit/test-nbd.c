@@ -1281,13 +1281,41 @@ START_TEST(test_shutdown)
 }
 END_TEST
 
+/*
+ * A client still negotiating at shutdown (proto.md): its options are
+ * answered NBD_REP_ERR_SHUTDOWN, its NBD_OPT_ABORT is acknowledged, then
+ * the connection closes and the shutdown completes.
+ */
 START_TEST(test_shutdown_during_handshake)
 {
-	unsigned char g[NBD_GREETING_SIZE];
+	unsigned char g[NBD_GREETING_SIZE], f[4], d[64];
+	uint32_t len;
 
 	shut_done = false;
 	cl_read(g, sizeof(g));
 	nbd_server_shutdown(srv, on_shutdown, NULL);
+	pump(2);
+	ck_assert(!shut_done);
+	nbd_put32(f, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
+	cl_write(f, sizeof(f));
+	len = info_data(d, "", NULL, 0);
+	ck_assert_uint_eq(opt_simple(NBD_OPT_GO, d, len), NBD_REP_ERR_SHUTDOWN);
+	ck_assert_uint_eq(opt_simple(NBD_OPT_LIST, NULL, 0), NBD_REP_ERR_SHUTDOWN);
+	ck_assert_uint_eq(opt_simple(NBD_OPT_ABORT, NULL, 0), NBD_REP_ACK);
+	cl_expect_eof();
+	pump(2);
+	ck_assert(shut_done);
+}
+END_TEST
+
+/* One that cannot be told (NBD_OPT_EXPORT_NAME has no error reply) is hung up on. */
+START_TEST(test_shutdown_export_name)
+{
+	shut_done = false;
+	hs_greeting(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
+	pump(2);
+	nbd_server_shutdown(srv, on_shutdown, NULL);
+	send_opt(NBD_OPT_EXPORT_NAME, NULL, 0);
 	cl_expect_eof();
 	pump(2);
 	ck_assert(shut_done);
@@ -1436,6 +1464,7 @@ static Suite *suite(void)
 	tcase_add_test(tx, test_two_connections);
 	tcase_add_test(tx, test_shutdown);
 	tcase_add_test(tx, test_shutdown_during_handshake);
+	tcase_add_test(tx, test_shutdown_export_name);
 	suite_add_tcase(s, tx);
 
 	tcase_add_checked_fixture(bp, setup_small_cap, teardown);

@@ -233,8 +233,10 @@ static void spin(unsigned ms)
 {
 	uint64_t end = tdr_now_ns() + (uint64_t)ms * 1000000ull;
 
-	while (tdr_now_ns() < end)
+	/* At least once: a process descheduled past end still turns the loop. */
+	do
 		tdr_loop_run_once(loop, 5);
+	while (tdr_now_ns() < end);
 }
 
 static char *get(const char *rel)

@@ -315,9 +315,9 @@ group_restart() {
 # load_under NAME SECONDS ACTION...: the guest-like workload while ACTION
 # runs. The property checked is behavioural, by counting, not timing: guest
 # I/O completes while xenstored is unavailable. ACTION causes the outage
-# and sets OUTAGE_OPS to the operations the workload completed between its
-# start and its end (read from the workload's count file); a daemon that
-# waited on xenstored would complete none. ACTION "nothing": the baseline,
+# and sets OUTAGE_OPS to the operations the workload completed during it
+# (read from the workload's count file); a daemon that waited on xenstored
+# would complete none. ACTION "nothing": the baseline,
 # reported for comparison only.
 load_under() {
 	local name=$1 secs=$2 out
@@ -351,13 +351,17 @@ load_ops() {
 	echo "${n:-0}"
 }
 
+# The count starts 3 s into each outage, past the daemon's 1 s statistics
+# period: a daemon that blocked at its next xenstore write would have done
+# that write by then, and complete nothing after it.
 freeze_xsd() {
 	local pid c0
 	read -r pid </run/xen/xenstored.pid
 	kill -STOP "$pid"
-	c0=$(load_ops)
 	info "xenstored ($pid) stopped"
-	bsleep 10
+	bsleep 3
+	c0=$(load_ops)
+	bsleep 7
 	OUTAGE_OPS=$(($(load_ops) - c0))
 	kill -CONT "$pid"
 	info "xenstored ($pid) continued"
@@ -366,8 +370,9 @@ freeze_xsd() {
 restart_xsd() {
 	local c0
 	xsdo kill-xsd
-	c0=$(load_ops)
 	info "xenstored: $XSDO_ACK"
+	bsleep 3
+	c0=$(load_ops)
 	bsleep 2
 	OUTAGE_OPS=$(($(load_ops) - c0))
 	xsdo start-xsd
@@ -401,7 +406,7 @@ group_xsrestart() {
 	local D=/tdr/xsrestart
 	start_load_daemon $D || return
 	expect xsr-before $D 1 "status" ok
-	load_under xsr 8 restart_xsd
+	load_under xsr 10 restart_xsd
 	# The daemon reconnected, set up its directory again and republished.
 	wait_key xsr-republished $D/state none 10000
 	local perms
