@@ -331,13 +331,18 @@ static int check_chain_blocks(struct vhd_file *vf, bool bitmaps, bool stats)
 				free(map);
 				return 1;
 			}
-			/* Only the sectors inside the disk: a last, partial block's
-			 * bits past its end say nothing (qemu sets them all). */
+			/*
+			 * Only the sectors inside the disk: a last, partial
+			 * block's bits past its end say nothing (qemu sets them
+			 * all), nor do those of a block past it (a BAT made for
+			 * growth, vhd-util create -S).
+			 */
 			uint64_t first = (uint64_t)b * m->spb, total = m->footer.current_size >> VHD_SECTOR_SHIFT;
-			uint32_t n = total - first < m->spb ? (uint32_t)(total - first) : m->spb;
+			uint32_t n = first >= total ? 0 :
+				     total - first < m->spb ? (uint32_t)(total - first) : m->spb;
 
 			for (uint32_t i = 0; i < n; i++)
-				present += (map[i / 8] >> (7 - i % 8)) & 1;
+				present += vhd_bitmap_test(map, i);
 		}
 		free(map);
 		if (!stats)
