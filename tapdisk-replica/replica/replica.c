@@ -540,6 +540,15 @@ static int switch_mode_check(struct replica *r, enum replica_mode m, char *msg, 
 	return 0;
 }
 
+/* The three fields that make a mode: what a mode's init and fini work on. */
+static void set_mode(struct replica *r, const struct replica_mode_ops *ops, void *priv,
+		     enum replica_mode m)
+{
+	r->ops = ops;
+	r->mode_priv = priv;
+	r->opts.mode = m;
+}
+
 /*
  * The old mode is idle (see switch_poll): replace it.  The new mode is set
  * up first and the old one freed only once that worked: a secondary on a
@@ -553,26 +562,19 @@ static int switch_mode(struct replica *r, enum replica_mode m, char *msg, size_t
 	void *old_priv = r->mode_priv, *new_priv;
 	int err;
 
-	r->mode_priv = NULL;
-	r->opts.mode = m;
-	r->ops = ops;
+	set_mode(r, ops, NULL, m);
 	tdr_clear_error();
 	err = ops->init(r);
 	if (err < 0) {
 		snprintf(msg, msglen, "start mode=%s: %s; still a %s", replica_mode_name(m),
 			 tdr_last_error(), replica_mode_name(old_mode));
-		r->mode_priv = old_priv;
-		r->opts.mode = old_mode;
-		r->ops = old_ops;
+		set_mode(r, old_ops, old_priv, old_mode);
 		return err;
 	}
 	new_priv = r->mode_priv;
-	r->mode_priv = old_priv;
-	r->opts.mode = old_mode;
+	set_mode(r, old_ops, old_priv, old_mode);
 	old_ops->fini(r);
-	r->mode_priv = new_priv;
-	r->opts.mode = m;
-	r->ops = ops;
+	set_mode(r, ops, new_priv, m);
 	r->state = REPLICA_STATE_NONE;
 	replica_notify(r);
 	return 0;
