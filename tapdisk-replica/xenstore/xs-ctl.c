@@ -673,6 +673,13 @@ static void scan_part_end(struct tdr_xs_ctl *x)
 	x->part_gen[0] = '\0';
 }
 
+/* The listing in parts is given up: nothing of it is taken. */
+static void scan_part_abandon(struct tdr_xs_ctl *x)
+{
+	scan_part_end(x);
+	x->scan_inflight = false;
+}
+
 /*
  * A part: "<generation>\0" and names, each with its NUL, after the first
  * part_len bytes of the list; an empty name ends the list.  A generation
@@ -692,16 +699,14 @@ static void scan_part_reply(void *arg, int err, const char *data, size_t len)
 		if (err != -ECONNRESET && err != -ENOENT)
 			TDR_WARN("xenstore: cannot list %s/request in parts: %s", x->dir,
 				 strerror(-err));
-		scan_part_end(x);
-		x->scan_inflight = false;
+		scan_part_abandon(x);
 		return;
 	}
 	glen = strnlen(data, len);
 	if (glen == len || glen >= sizeof(x->part_gen)) {
 		TDR_WARN("xenstore: a malformed part of the listing of %s/request; listing again",
 			 x->dir);
-		scan_part_end(x);
-		x->scan_inflight = false;
+		scan_part_abandon(x);
 		x->scan_again = true;
 		kick(x);
 		return;
@@ -731,8 +736,7 @@ static void scan_part_reply(void *arg, int err, const char *data, size_t len)
 			nb = realloc(x->part_buf, cap);
 			if (!nb) {
 				TDR_ERR("xenstore: out of memory listing %s/request", x->dir);
-				scan_part_end(x);
-				x->scan_inflight = false;
+				scan_part_abandon(x);
 				return;
 			}
 			x->part_buf = nb;
@@ -751,8 +755,7 @@ static void scan_part(struct tdr_xs_ctl *x)
 
 	snprintf(path, sizeof(path), "%s/request", x->dir);
 	if (xs_conn_directory_part(x->conn, path, x->part_len, scan_part_reply, x) < 0) {
-		scan_part_end(x);
-		x->scan_inflight = false;
+		scan_part_abandon(x);
 	}
 }
 
