@@ -21,6 +21,19 @@
 /* Stop reading options while this much option output is unsent. */
 #define NBD_HS_OUT_HIGH		(1u << 20)
 
+/* Stop reading requests while their buffers hold this much. */
+#define NBD_REQ_BYTES_HIGH	(256ull << 20)
+#define NBD_IOV_BATCH		64
+/*
+ * Idle request buffers a connection keeps for reuse.  Enough for the
+ * replies of a queue of 1 MiB requests to free their buffers in a burst
+ * before the next requests take them; freed with the connection.
+ */
+#define NBD_BUF_CACHE_BYTES	(32u << 20)
+
+static void conn_read(struct nbd_conn *c);
+static void conn_flush(struct nbd_conn *c);
+
 static uint64_t hs_limit_ns = NBD_HANDSHAKE_TIMEOUT_DEFAULT * 1000000000ull;
 
 void nbd_set_handshake_timeout(unsigned seconds)
@@ -44,18 +57,6 @@ void nbd_conn_handshake_done(struct nbd_conn *c)
 {
 	tdr_timer_cancel(&c->hs_timer);
 }
-/* Stop reading requests while their buffers hold this much. */
-#define NBD_REQ_BYTES_HIGH	(256ull << 20)
-#define NBD_IOV_BATCH		64
-/*
- * Idle request buffers a connection keeps for reuse.  Enough for the
- * replies of a queue of 1 MiB requests to free their buffers in a burst
- * before the next requests take them; freed with the connection.
- */
-#define NBD_BUF_CACHE_BYTES	(32u << 20)
-
-static void conn_read(struct nbd_conn *c);
-static void conn_flush(struct nbd_conn *c);
 
 static void conn_free(struct nbd_conn *c)
 {
