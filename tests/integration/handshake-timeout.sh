@@ -18,7 +18,7 @@ tdr_start --handshake-timeout 1 --tls on --tls-psk "$T/keys.psk" "aio:$T/disk.im
 
 out=$(PYTHONPATH=$TESTDIR "$PY" - "$SOCK" <<'PYEOF' 2>&1
 import socket, struct, sys, time, nbd
-from nbdwire import OPT_MAGIC, OPT_STARTTLS, REP_ACK, recv_exact
+from nbdwire import OPT_MAGIC, OPT_STARTTLS, REP_ACK, recv_exact, recv_option_reply
 path = sys.argv[1]
 
 def stalled(stage):
@@ -29,8 +29,7 @@ def stalled(stage):
         s.sendall(struct.pack('>I', 3))
     if stage == 'starttls':
         s.sendall(struct.pack('>QII', OPT_MAGIC, OPT_STARTTLS, 0))
-        _, _, rtype, ln = struct.unpack('>QIII', recv_exact(s, 20))
-        recv_exact(s, ln)
+        _, rtype, _ = recv_option_reply(s)
         assert rtype == REP_ACK, rtype
     s.settimeout(20)
     try:

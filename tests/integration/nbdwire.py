@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: BSD-3-Clause
-"""NBD wire constants and a receive helper for the integration tests'
+"""NBD wire constants and receive helpers for the integration tests'
 raw-socket clients (proto.md of the NetworkBlockDevice project).
 
 The tests run their Python from a here-document with PYTHONPATH set to
 this directory: `PYTHONPATH=$TESTDIR "$PY" - ARGS <<'PYEOF'`.
 """
+
+import struct
 
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = b"IHAVEOPT"
@@ -32,3 +34,11 @@ def recv_exact(s, n):
             raise EOFError("the server closed the connection")
         b += c
     return b
+
+
+def recv_option_reply(s):
+    """One option reply from socket s: (option, reply type, payload).
+    AssertionError if it does not start with the option reply magic."""
+    magic, opt, rtype, ln = struct.unpack(">QIII", recv_exact(s, 20))
+    assert magic == OPT_REPLY_MAGIC, "bad option reply magic %#x" % magic
+    return opt, rtype, recv_exact(s, ln)

@@ -22,7 +22,7 @@ tdr_start --tcp "127.0.0.1:$port" --export-name "$name" "aio:$T/disk.img"
 for addr in "$SOCK" "127.0.0.1:$port"; do
 	out=$(PYTHONPATH=$TESTDIR "$PY" - "$addr" 1000 <<'PYEOF' 2>&1
 import socket, struct, sys, time
-from nbdwire import OPT_MAGIC, REP_ACK, recv_exact
+from nbdwire import OPT_MAGIC, REP_ACK, recv_exact, recv_option_reply
 addr, nopts = sys.argv[1], int(sys.argv[2])
 if ':' in addr:
     host, port = addr.rsplit(':', 1)
@@ -41,9 +41,8 @@ s.settimeout(10)
 acks = total = 0
 try:
     while acks < nopts:
-        _, _, rtype, ln = struct.unpack('>QIII', recv_exact(s, 20))
-        recv_exact(s, ln)
-        total += 20 + ln
+        _, rtype, data = recv_option_reply(s)
+        total += 20 + len(data)
         if rtype == REP_ACK:
             acks += 1
 except (socket.timeout, EOFError) as e:

@@ -120,8 +120,8 @@ truncate -s 8M "$T/c.img"
 tdr_start "aio:$T/c.img"
 out=$(PYTHONPATH=$TESTDIR "$PY" - "$SOCK" "$DAEMON_PID" "$DAEMON_ERR" <<'PYEOF' 2>&1
 import os, signal, socket, struct, sys, time
-from nbdwire import (OPT_MAGIC, OPT_REPLY_MAGIC, OPT_STRUCTURED_REPLY, OPT_ABORT, OPT_GO, OPT_LIST,
-                     REP_ACK, REP_ERR_SHUTDOWN, recv_exact)
+from nbdwire import (OPT_MAGIC, OPT_STRUCTURED_REPLY, OPT_ABORT, OPT_GO, OPT_LIST,
+                     REP_ACK, REP_ERR_SHUTDOWN, recv_exact, recv_option_reply)
 path, pid, err = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
 def conn(flags=True):
@@ -135,9 +135,8 @@ def conn(flags=True):
 
 def option(s, opt, data=b''):
     s.sendall(struct.pack('>QII', OPT_MAGIC, opt, len(data)) + data)
-    magic, ropt, rtype, ln = struct.unpack('>QIII', recv_exact(s, 20))
-    payload = recv_exact(s, ln)
-    assert magic == OPT_REPLY_MAGIC and ropt == opt, (hex(magic), ropt, opt)
+    ropt, rtype, payload = recv_option_reply(s)
+    assert ropt == opt, (ropt, opt)
     return rtype, payload
 
 def eof(s, who):

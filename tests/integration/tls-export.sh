@@ -74,7 +74,7 @@ nbdinfo --json "$(psk_uri "$SOCK")" | grep -q '"TLS": true' || fail "--tls on: n
 out=$(PYTHONPATH=$TESTDIR "$PY" - "$SOCK" "$T/mitm.sock" "$T/keys.psk" "$T/disk.img" <<'PYEOF' 2>&1
 import socket, struct, sys, threading, nbd
 from nbdwire import (OPT_MAGIC, OPT_STARTTLS, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_POLICY,
-                     recv_exact as recvn)
+                     recv_exact as recvn, recv_option_reply)
 server, proxy_path, psk, image = sys.argv[1:5]
 def relay(a, b):
     try:
@@ -102,7 +102,7 @@ def mitm(lsock):
         print('client sent option %d, not STARTTLS' % opt)
         sys.exit(1)
     s.sendall(struct.pack('>QII', OPT_MAGIC, OPT_STRUCTURED_REPLY, 0))
-    _, _, rtype, _ = struct.unpack('>QIII', recvn(s, 20))
+    _, rtype, _ = recv_option_reply(s)
     if rtype != REP_ACK:
         print('the injected option was not acknowledged: %d' % rtype)
         sys.exit(1)
@@ -135,8 +135,7 @@ s.connect(server)
 recvn(s, 18)
 s.sendall(struct.pack('>I', 0))
 s.sendall(struct.pack('>QII', OPT_MAGIC, OPT_STARTTLS, 0))
-_, opt, rtype, ln = struct.unpack('>QIII', recvn(s, 20))
-recvn(s, ln)
+opt, rtype, _ = recv_option_reply(s)
 if (opt, rtype) != (OPT_STARTTLS, REP_ERR_POLICY):
     print('STARTTLS from a client without FIXED_NEWSTYLE: reply %#x, not NBD_REP_ERR_POLICY' % rtype)
     sys.exit(1)
