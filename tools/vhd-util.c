@@ -134,14 +134,31 @@ static int do_create(int argc, char **argv)
 	return r < 0 ? fail(&err, r) : 0;
 }
 
+/* The number of files in name's chain (name itself and its ancestors). */
+static int chain_depth(const char *name, int *depth, struct vhd_error *err)
+{
+	struct vhd_file *chain, *cur;
+	int r;
+
+	r = vhd_file_open(&chain, name, VHD_FILE_RDONLY | VHD_FILE_CHAIN, err);
+	if (r < 0)
+		return r;
+	*depth = 0;
+	for (cur = chain; cur; cur = cur->parent)
+		(*depth)++;
+	vhd_file_close(chain);
+	return 0;
+}
+
 static int do_snapshot(int argc, char **argv)
 {
-	const char *usage = "-n CHILD -p PARENT";
+	const char *usage = "-n CHILD -p PARENT [-l depth limit] [-S max size MiB] [-e]";
 	const char *name = NULL, *parent = NULL;
 	struct vhd_error err = { 0 };
-	int c, r;
+	uint64_t limit = 0, max_size = 0;
+	int c, r, depth;
 
-	while ((c = getopt(argc, argv, "n:p:bmh")) != -1) {
+	while ((c = getopt(argc, argv, "n:p:l:S:bemh")) != -1) {
 		switch (c) {
 		case 'n':
 			name = optarg;
@@ -149,7 +166,23 @@ static int do_snapshot(int argc, char **argv)
 		case 'p':
 			parent = optarg;
 			break;
+		case 'l':
+			if (parse_num(optarg, INT_MAX, &limit) < 0)
+				return value_error(c, optarg, "not a chain depth (a whole number; 0: no limit)");
+			break;
+		case 'S':
+			if (parse_size(optarg, &max_size) < 0)
+				return value_error(c, optarg, "not a size (MiB, or a number with a K, M, G or T suffix)");
+			break;
 		case 'b':
+			break;
+		case 'e':
+			/*
+			 * blktap: link to the given parent even if it is an
+			 * empty differencing disk.  That is what we always do:
+			 * skipping an empty hidden.vhd would make active.vhd a
+			 * child of the secondary disk and break the replica.
+			 */
 			break;
 		case 'm':
 			fprintf(stderr, "vhd-util snapshot: raw parents (-m) are not supported; the parent must be a VHD\n");
@@ -160,7 +193,17 @@ static int do_snapshot(int argc, char **argv)
 	}
 	if (!name || !parent || optind != argc)
 		return usage_error(usage);
-	r = vhd_file_snapshot(name, parent, &err);
+	if (limit) {
+		r = chain_depth(parent, &depth, &err);
+		if (r < 0)
+			return fail(&err, r);
+		if ((uint64_t)depth + 1 > limit) {
+			fprintf(stderr, "vhd-util snapshot: %s is a chain of %d; a child would make it %d, over the limit of %" PRIu64 " (-l); coalesce the chain first\n",
+				parent, depth, depth + 1, limit);
+			return 1;
+		}
+	}
+	r = vhd_file_snapshot_max(name, parent, max_size, &err);
 	return r < 0 ? fail(&err, r) : 0;
 }
 
@@ -248,18 +291,13 @@ static int do_query(int argc, char **argv)
 		}
 	}
 	if (d) {
-		struct vhd_file *chain, *cur;
-		int depth = 0;
+		int depth;
 
-		r = vhd_file_open(&chain, name, VHD_FILE_RDONLY | VHD_FILE_CHAIN, &err);
-		if (r < 0) {
+		r = chain_depth(name, &depth, &err);
+		if (r < 0)
 			ret = fail(&err, r);
-		} else {
-			for (cur = chain; cur; cur = cur->parent)
-				depth++;
+		else
 			printf("chain depth: %d\n", depth);
-			vhd_file_close(chain);
-		}
 	}
 	if (S && vhd_meta_dynamic(&vf->m))
 		printf("%" PRIu64 "\n",

@@ -70,6 +70,8 @@
 #define VHD_BLOCK_SIZE_DEFAULT (2u << 20)
 #define VHD_BLOCK_SIZE_MIN 512u
 #define VHD_BLOCK_SIZE_MAX (256u << 20)
+/* BAT entries are 32-bit sector numbers: the file must stay below 2 TiB. */
+#define VHD_MAX_DISK_SIZE (2040ull << 30)
 #define VHD_DATA_OFFSET_NONE 0xFFFFFFFFFFFFFFFFull
 /* Seconds between the Unix epoch and the VHD one (2000-01-01 00:00:00 UTC). */
 #define VHD_EPOCH_UNIX 946684800
@@ -425,6 +427,9 @@ int vhd_file_create_max(const char *path, uint64_t size, uint64_t max_size, uint
  * name, and MacX (absolute), W2ku (absolute) and W2ru (relative) locators.
  */
 int vhd_file_snapshot(const char *path, const char *parent, struct vhd_error *err);
+/* The same, with a BAT large enough for max_size bytes (as create_max). */
+int vhd_file_snapshot_max(const char *path, const char *parent, uint64_t max_size,
+			  struct vhd_error *err);
 
 /* Reads through the chain: a clear bit goes to the parent, or reads zeroes. */
 int vhd_file_read(struct vhd_file *vf, uint64_t sec, uint32_t secs, void *buf);

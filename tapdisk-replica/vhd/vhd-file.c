@@ -431,8 +431,7 @@ int vhd_file_create_max(const char *path, uint64_t size, uint64_t max_size, uint
 		return vhd_fail(err, VHD_ERR_BLOCK_SIZE,
 				"%s: bad block size %u (must be a power of two from %u bytes to %u MiB; 2 MiB if not given)",
 				path, block_size, VHD_BLOCK_SIZE_MIN, VHD_BLOCK_SIZE_MAX >> 20);
-	/* BAT entries are 32-bit sector numbers: the file must stay below 2 TiB. */
-	if (max_size > (2040ull << 30))
+	if (max_size > VHD_MAX_DISK_SIZE)
 		return vhd_fail(err, VHD_ERR_FOOTER_SIZE,
 				"%s: %llu bytes is more than a VHD can hold (2040 GiB)", path,
 				(unsigned long long)max_size);
@@ -471,6 +470,12 @@ static int relative_path(const char *from_dir, const char *to, char *out, size_t
 
 int vhd_file_snapshot(const char *path, const char *parent, struct vhd_error *err)
 {
+	return vhd_file_snapshot_max(path, parent, 0, err);
+}
+
+int vhd_file_snapshot_max(const char *path, const char *parent, uint64_t max_size,
+			  struct vhd_error *err)
+{
 	struct vhd_file *pf = NULL;
 	struct vhd_footer f;
 	struct vhd_header h;
@@ -508,8 +513,16 @@ int vhd_file_snapshot(const char *path, const char *parent, struct vhd_error *er
 
 	block_size = vhd_meta_dynamic(&pf->m) ? pf->m.header.block_size : VHD_BLOCK_SIZE_DEFAULT;
 	vhd_footer_init(&f, VHD_TYPE_DIFF, pf->m.footer.current_size);
+	if (max_size < f.current_size)
+		max_size = f.current_size;
+	if (max_size > VHD_MAX_DISK_SIZE) {
+		r = vhd_fail(err, VHD_ERR_FOOTER_SIZE,
+			     "%s: %llu bytes is more than a VHD can hold (2040 GiB)", path,
+			     (unsigned long long)max_size);
+		goto out;
+	}
 	vhd_header_init(&h, VHD_FOOTER_SIZE + VHD_HEADER_SIZE,
-			(uint32_t)((f.current_size + block_size - 1) / block_size), block_size);
+			(uint32_t)((max_size + block_size - 1) / block_size), block_size);
 	memcpy(h.parent_uuid, pf->m.footer.uuid, 16);
 	h.parent_timestamp = vhd_time_from_unix((int64_t)st.st_mtime);
 	base = strrchr(pabs, '/') ? strrchr(pabs, '/') + 1 : pabs;

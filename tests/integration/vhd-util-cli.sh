@@ -14,7 +14,9 @@
 #     create -S (MiB of metadata) and our -B (block size), query -f
 #     ("hidden: N"), read -p's disk type, --debug, check -t and our -T;
 #  5. a device is refused as not a file; a damaged footer copy at offset 0
-#     is what check says to repair, and repair mends it.
+#     is what check says to repair, and repair mends it;
+#  6. check -I, -B, -b, -s;
+#  7. snapshot -l, -S, -e.
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
 need_cmd md5sum touch dd cmp qemu-io sha256sum realpath
@@ -216,5 +218,26 @@ touch -d 2020-01-01 "$T/a7.vhd"
 run_vu 0 check -n "$T/c7.vhd" -I -t
 err_has "vhd-util check: warning: $T/c7.vhd: parent UUID mismatch"
 log "6: check -b/-s print each file's allocation, -B still finds overlaps, -I makes a replaced parent a warning"
+
+# ---- 7. snapshot -l (chain depth limit), -S (MiB the BAT is made for),
+#      -e (link to the given parent even when empty: always done here)
+"$VU" create -n "$T/a8.vhd" -s 16 || fail "vhd-util create failed"
+run_vu 0 snapshot -n "$T/b8.vhd" -p "$T/a8.vhd" -l 2
+run_vu 1 snapshot -n "$T/c8.vhd" -p "$T/b8.vhd" -l 2
+err_has "vhd-util snapshot: $T/b8.vhd is a chain of 2; a child would make it 3, over the limit of 2 (-l)"
+[ ! -e "$T/c8.vhd" ] || fail "a snapshot over the depth limit left $T/c8.vhd"
+run_vu 2 snapshot -n "$T/c8.vhd" -p "$T/b8.vhd" -l x
+err_has "-l 'x': not a chain depth"
+run_vu 0 snapshot -n "$T/c8.vhd" -p "$T/b8.vhd" -l 3 -S 1024 -e
+run_vu 0 query -n "$T/c8.vhd" -v -S -p -d
+assert_eq "query after snapshot -S 1024 -e over an empty parent" "16
+$T/b8.vhd
+chain depth: 3
+1024" "$(cat "$T/out")"
+run_vu 0 check -n "$T/c8.vhd"
+run_vu 1 snapshot -n "$T/d8.vhd" -p "$T/c8.vhd" -S 3000000
+err_has "more than a VHD can hold (2040 GiB)"
+[ ! -e "$T/d8.vhd" ] || fail "a refused snapshot -S left $T/d8.vhd"
+log "7: snapshot -l refuses a chain over the limit, -S sizes the BAT, -e keeps an empty parent"
 
 pass "vhd-util: bad usage, damaged files, blktap option meanings, repair of a footer copy"
