@@ -152,6 +152,23 @@ static int src_read(const struct vhd_src *src, void *buf, size_t len, uint64_t o
 	return 0;
 }
 
+/*
+ * Early XenServer tools ("tap", versions 0.1 and 1.1) set blktap's hidden
+ * byte without sealing the footer again; blktap accepts such a footer when
+ * its checksum is right with the byte cleared, and so do we, or those
+ * users' old snapshot chains would not open.
+ */
+static bool legacy_hidden_checksum(const struct vhd_footer *f)
+{
+	struct vhd_footer shown = *f;
+
+	if (!f->hidden || memcmp(f->creator_app, "tap", 3) ||
+	    (f->creator_version != 0x00000001u && f->creator_version != 0x00010001u))
+		return false;
+	shown.hidden = 0;
+	return vhd_footer_checksum(&shown) == f->checksum;
+}
+
 /* Checks one footer; returns VHD_OK or the defect, with a message in why. */
 static enum vhd_defect footer_defect(const struct vhd_footer *f, char *why, size_t len)
 {
@@ -162,7 +179,7 @@ static enum vhd_defect footer_defect(const struct vhd_footer *f, char *why, size
 		return VHD_ERR_FOOTER_COOKIE;
 	}
 	sum = vhd_footer_checksum(f);
-	if (sum != f->checksum) {
+	if (sum != f->checksum && !legacy_hidden_checksum(f)) {
 		snprintf(why, len, "bad checksum: stored 0x%08x, computed 0x%08x", f->checksum, sum);
 		return VHD_ERR_FOOTER_CHECKSUM;
 	}

@@ -857,6 +857,37 @@ START_TEST(rule_footer_checksum)
 }
 END_TEST
 
+static void e_hide(struct vhd_footer *f) { f->hidden = 1; }
+/* The same slip by a creator version blktap does not excuse (1.0). */
+static void e_hide_tap_1_0(struct vhd_footer *f)
+{
+	f->creator_version = 0x00010000;
+	vhd_footer_seal(f);
+	f->hidden = 1;
+}
+
+/*
+ * blktap's tolerance: a "tap" 0.1 or 1.1 footer whose hidden byte was set
+ * without a new checksum opens; any other creator's does not.
+ */
+START_TEST(rule_footer_checksum_legacy_hidden)
+{
+	struct vhd_error err;
+	struct vhd_file *vf = NULL;
+
+	make_dyn(pa);
+	rewrite_footers(pa, e_hide, false, true, true);
+	ck_assert_msg(vhd_file_check(pa, 0, &err) == 0, "%s", err.msg);
+	ck_assert_int_eq(vhd_file_open(&vf, pa, VHD_FILE_RDONLY, &err), 0);
+	ck_assert_uint_eq(vf->m.footer.hidden, 1);
+	vhd_file_close(vf);
+
+	make_dyn(pb);
+	rewrite_footers(pb, e_hide_tap_1_0, false, true, true);
+	expect_defect(pb, 0, VHD_ERR_FOOTER_CHECKSUM);
+}
+END_TEST
+
 START_TEST(rule_footer_version)
 {
 	make_dyn(pa);
@@ -1869,6 +1900,7 @@ static Suite *vhd_suite(void)
 	tcase_add_test(tc, rule_truncated_dynamic);
 	tcase_add_test(tc, rule_footer_cookie);
 	tcase_add_test(tc, rule_footer_checksum);
+	tcase_add_test(tc, rule_footer_checksum_legacy_hidden);
 	tcase_add_test(tc, rule_footer_version);
 	tcase_add_test(tc, rule_footer_features);
 	tcase_add_test(tc, rule_footer_type);
