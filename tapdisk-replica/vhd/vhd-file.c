@@ -386,6 +386,22 @@ int vhd_file_create(const char *path, uint64_t size, uint32_t type, uint32_t blo
 	return vhd_file_create_max(path, size, 0, type, block_size, err);
 }
 
+/*
+ * A dynamic header whose BAT holds max_size bytes (create -S, snapshot
+ * -S); refused past what 32-bit BAT entries can address.
+ */
+static int header_for_max(struct vhd_header *h, const char *path, uint64_t max_size,
+			  uint32_t block_size, struct vhd_error *err)
+{
+	if (max_size > VHD_MAX_DISK_SIZE)
+		return vhd_fail(err, VHD_ERR_FOOTER_SIZE,
+				"%s: %llu bytes is more than a VHD can hold (2040 GiB)", path,
+				(unsigned long long)max_size);
+	vhd_header_init(h, VHD_FOOTER_SIZE + VHD_HEADER_SIZE,
+			(uint32_t)((max_size + block_size - 1) / block_size), block_size);
+	return 0;
+}
+
 int vhd_file_create_max(const char *path, uint64_t size, uint64_t max_size, uint32_t type,
 			uint32_t block_size, struct vhd_error *err)
 {
@@ -431,13 +447,10 @@ int vhd_file_create_max(const char *path, uint64_t size, uint64_t max_size, uint
 		return vhd_fail(err, VHD_ERR_BLOCK_SIZE,
 				"%s: bad block size %u (must be a power of two from %u bytes to %u MiB; 2 MiB if not given)",
 				path, block_size, VHD_BLOCK_SIZE_MIN, VHD_BLOCK_SIZE_MAX >> 20);
-	if (max_size > VHD_MAX_DISK_SIZE)
-		return vhd_fail(err, VHD_ERR_FOOTER_SIZE,
-				"%s: %llu bytes is more than a VHD can hold (2040 GiB)", path,
-				(unsigned long long)max_size);
+	r = header_for_max(&h, path, max_size, block_size, err);
+	if (r < 0)
+		return r;
 	vhd_footer_init(&f, VHD_TYPE_DYNAMIC, size);
-	vhd_header_init(&h, VHD_FOOTER_SIZE + VHD_HEADER_SIZE,
-			(uint32_t)((max_size + block_size - 1) / block_size), block_size);
 	return write_dynamic(path, &f, &h, none, err);
 }
 
@@ -515,14 +528,9 @@ int vhd_file_snapshot_max(const char *path, const char *parent, uint64_t max_siz
 	vhd_footer_init(&f, VHD_TYPE_DIFF, pf->m.footer.current_size);
 	if (max_size < f.current_size)
 		max_size = f.current_size;
-	if (max_size > VHD_MAX_DISK_SIZE) {
-		r = vhd_fail(err, VHD_ERR_FOOTER_SIZE,
-			     "%s: %llu bytes is more than a VHD can hold (2040 GiB)", path,
-			     (unsigned long long)max_size);
+	r = header_for_max(&h, path, max_size, block_size, err);
+	if (r < 0)
 		goto out;
-	}
-	vhd_header_init(&h, VHD_FOOTER_SIZE + VHD_HEADER_SIZE,
-			(uint32_t)((max_size + block_size - 1) / block_size), block_size);
 	memcpy(h.parent_uuid, pf->m.footer.uuid, 16);
 	h.parent_timestamp = vhd_time_from_unix((int64_t)st.st_mtime);
 	base = strrchr(pabs, '/') ? strrchr(pabs, '/') + 1 : pabs;
