@@ -78,14 +78,19 @@ static void disk_close_images(struct td_disk *disk)
 	disk->top = disk->bottom = NULL;
 }
 
-static bool chain_has_path(struct td_image *img, const char *drv, const char *path)
+/*
+ * Whether path is already in the chain, whatever driver serves it there: a
+ * raw parent (served by aio) whose locators lead back to a VHD of the chain
+ * is as much a loop as a VHD that is its own ancestor.
+ */
+static bool chain_has_path(struct td_image *img, const char *path)
 {
 	char a[PATH_MAX], b[PATH_MAX];
 
 	if (!realpath(path, a))
 		return false;
 	for (; img; img = img->child)
-		if (strcmp(img->drv->name, drv) == 0 && realpath(img->params, b) && strcmp(a, b) == 0)
+		if (realpath(img->params, b) && strcmp(a, b) == 0)
 			return true;
 	return false;
 }
@@ -128,8 +133,8 @@ static int open_image_chain(struct td_disk *disk, const struct td_driver *drv, c
 			r = -ELOOP;
 			goto fail;
 		}
-		if (chain_has_path(cur, id.drv, id.path)) {
-			tdr_set_error("%s: parent chain loops: %s is already in the chain; fix the image's parent with vhd-util modify -p",
+		if (chain_has_path(cur, id.path)) {
+			tdr_set_error("%s: parent chain loops: %s is already in the chain; 'vhd-util query -n FILE -p' shows each file's parent: restore the file whose locators point back into the chain from a backup",
 				      cur->params, id.path);
 			r = -ELOOP;
 			goto fail;

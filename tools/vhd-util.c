@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "tdr/vhd.h"
@@ -150,12 +151,30 @@ static int chain_depth(const char *name, int *depth, struct vhd_error *err)
 	return 0;
 }
 
+/*
+ * A parent that is no VHD (no footer, or a block device, which VHDs never
+ * are here) may be a raw image given without -m: say so on the same line.
+ */
+static int snapshot_fail(const struct vhd_error *err, int r, bool raw, const char *parent)
+{
+	struct stat st;
+
+	if (!raw && (err->code == VHD_ERR_FOOTER_COOKIE ||
+		     (stat(parent, &st) == 0 && S_ISBLK(st.st_mode)))) {
+		fprintf(stderr, "vhd-util snapshot: %s; if %s is a raw image (a plain file or block device holding the disk), add -m\n",
+			err->msg, parent);
+		return 1;
+	}
+	return fail(err, r);
+}
+
 static int do_snapshot(int argc, char **argv)
 {
-	const char *usage = "-n CHILD -p PARENT [-l depth limit] [-S max size MiB] [-e]";
+	const char *usage = "-n CHILD -p PARENT [-m parent is raw] [-l depth limit] [-S max size MiB] [-e]";
 	const char *name = NULL, *parent = NULL;
 	struct vhd_error err = { 0 };
 	uint64_t limit = 0, max_size = 0;
+	bool raw = false;
 	int c, r, depth;
 
 	while ((c = getopt(argc, argv, "n:p:l:S:bemh")) != -1) {
@@ -185,8 +204,8 @@ static int do_snapshot(int argc, char **argv)
 			 */
 			break;
 		case 'm':
-			fprintf(stderr, "vhd-util snapshot: raw parents (-m) are not supported; the parent must be a VHD\n");
-			return 1;
+			raw = true;
+			break;
 		default:
 			return usage_error(usage);
 		}
@@ -194,17 +213,22 @@ static int do_snapshot(int argc, char **argv)
 	if (!name || !parent || optind != argc)
 		return usage_error(usage);
 	if (limit) {
-		r = chain_depth(parent, &depth, &err);
+		/* A raw parent is a chain of one: itself. */
+		depth = 1;
+		r = raw ? 0 : chain_depth(parent, &depth, &err);
 		if (r < 0)
-			return fail(&err, r);
+			return snapshot_fail(&err, r, raw, parent);
 		if ((uint64_t)depth + 1 > limit) {
 			fprintf(stderr, "vhd-util snapshot: %s is a chain of %d; a child would make it %d, over the limit of %" PRIu64 " (-l); coalesce the chain first\n",
 				parent, depth, depth + 1, limit);
 			return 1;
 		}
 	}
-	r = vhd_file_snapshot_max(name, parent, max_size, &err);
-	return r < 0 ? fail(&err, r) : 0;
+	if (raw)
+		r = vhd_file_snapshot_raw(name, parent, max_size, &err);
+	else
+		r = vhd_file_snapshot_max(name, parent, max_size, &err);
+	return r < 0 ? snapshot_fail(&err, r, raw, parent) : 0;
 }
 
 static int do_query(int argc, char **argv)
@@ -288,6 +312,7 @@ static int do_query(int argc, char **argv)
 			vhd_uuid_format(vf->m.header.parent_uuid, uuid);
 			printf("parent-uuid: %s\n", uuid);
 			printf("parent-name: %s\n", vf->m.parent_name);
+			printf("parent-raw: %s\n", vhd_meta_parent_raw(&vf->m) ? "yes" : "no");
 		}
 	}
 	if (d) {
@@ -348,8 +373,9 @@ static int check_chain_blocks(struct vhd_file *vf, bool bitmaps, bool stats)
 
 		if (!vhd_meta_dynamic(m)) {
 			if (stats)
-				printf("%s: %s disk, %" PRIu64 " bytes, all present\n", f->path,
-				       vhd_type_name(m->footer.type), m->footer.current_size);
+				printf("%s: %s%s, %" PRIu64 " bytes, all present\n", f->path,
+				       f->raw ? "raw image" : vhd_type_name(m->footer.type),
+				       f->raw ? "" : " disk", m->footer.current_size);
 			continue;
 		}
 		map = bitmaps ? malloc((size_t)m->bm_secs * VHD_SECTOR_SIZE) : NULL;
@@ -640,7 +666,8 @@ static void print_headers(const struct vhd_file *vf, bool hex)
 	printf("Block size          : %u (%u MB)\n", h->block_size, h->block_size >> 20);
 	printf("Parent name         : %s\n", vf->m.parent_name);
 	vhd_uuid_format(h->parent_uuid, uuid);
-	printf("Parent UUID         : %s\n", uuid);
+	printf("Parent UUID         : %s%s\n", uuid,
+	       vhd_meta_parent_raw(&vf->m) ? " (raw parent)" : "");
 	vhd_time_format(h->parent_timestamp, ts, sizeof(ts));
 	printf("Parent timestamp    : %s\n", ts);
 	printf("Checksum            : 0x%x|0x%x (%s)\n\n", h->checksum, vhd_header_checksum(h),

@@ -32,6 +32,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/types.h>
 
 #define VHD_SECTOR_SIZE 512u
@@ -339,6 +340,19 @@ static inline bool vhd_meta_dynamic(const struct vhd_meta *m)
 	return m->footer.type == VHD_TYPE_DYNAMIC || m->footer.type == VHD_TYPE_DIFF;
 }
 
+/*
+ * A differencing disk over a raw parent (a plain file or block device
+ * holding the virtual disk's bytes, no VHD metadata): blktap marks it with
+ * a nil parent UUID (vhd-util snapshot -m), and so do we.  The parent is
+ * found through the locators as for a VHD parent.
+ */
+static inline bool vhd_meta_parent_raw(const struct vhd_meta *m)
+{
+	static const uint8_t nil[16];
+
+	return m->footer.type == VHD_TYPE_DIFF && memcmp(m->header.parent_uuid, nil, 16) == 0;
+}
+
 /* Byte offset of block b's bitmap / of its data. */
 static inline uint64_t vhd_meta_block_off(const struct vhd_meta *m, uint32_t b)
 {
@@ -373,6 +387,22 @@ int vhd_resolve_parent(const struct vhd_meta *m, const char *child_path, char *o
 int vhd_check_parent(const struct vhd_meta *child, const char *child_path,
 		     const struct vhd_meta *parent, const char *parent_path, int64_t parent_mtime,
 		     unsigned flags, struct vhd_error *err);
+/*
+ * The same for a raw parent (vhd_meta_parent_raw) of parent_size bytes:
+ * there is no UUID to compare, so only the size and the timestamp.
+ */
+int vhd_check_raw_parent(const struct vhd_meta *child, const char *child_path,
+			 uint64_t parent_size, const char *parent_path, int64_t parent_mtime,
+			 unsigned flags, struct vhd_error *err);
+/*
+ * Checks that fd (path) can be a raw parent and gives its size: a regular
+ * file's length or a block device's size, a whole number of sectors, not
+ * zero and not over VHD_MAX_DISK_SIZE (what a VHD child over it can
+ * describe); and no VHD: a valid VHD footer at its end or start is
+ * refused with VHD_ERR_PARENT_UUID.  0 or -errno with err naming path and
+ * the defect.
+ */
+int vhd_raw_probe(int fd, const char *path, uint64_t *size, struct vhd_error *err);
 
 /* ------------------------------------------------------------------ */
 /* Synchronous files (vhd-file.c, vhd-ops.c) */
@@ -384,6 +414,13 @@ struct vhd_file {
 	struct vhd_meta m;
 	uint64_t next_free;	/* bytes: where the next block's bitmap goes */
 	struct vhd_file *parent;	/* opened with VHD_FILE_CHAIN */
+	/*
+	 * A raw parent (vhd_meta_parent_raw of its child): no VHD metadata.
+	 * m is zero but for footer.type (VHD_TYPE_NONE), footer.current_size
+	 * and file_size (its size), so reads and writes go straight to the
+	 * file, as for a fixed disk.
+	 */
+	bool raw;
 };
 
 /* vhd_file_open flags */
@@ -408,6 +445,19 @@ struct vhd_file {
 
 int vhd_file_open(struct vhd_file **out, const char *path, unsigned flags,
 		  struct vhd_error *err);
+/*
+ * Opens path as a raw image (a file or block device): read-only with
+ * VHD_FILE_RDONLY, else read-write; locked as vhd_file_open locks.
+ */
+int vhd_file_open_raw(struct vhd_file **out, const char *path, unsigned flags,
+		      struct vhd_error *err);
+/*
+ * vhd_check_parent or vhd_check_raw_parent, as parent is a VHD or raw:
+ * whether parent (which need not be child->parent) is the image child was
+ * made over.
+ */
+int vhd_file_check_parent(const struct vhd_file *child, const struct vhd_file *parent,
+			  int64_t parent_mtime, unsigned flags, struct vhd_error *err);
 /* Closes vf and its parents. */
 void vhd_file_close(struct vhd_file *vf);
 
@@ -429,6 +479,14 @@ int vhd_file_create_max(const char *path, uint64_t size, uint64_t max_size, uint
 int vhd_file_snapshot(const char *path, const char *parent, struct vhd_error *err);
 /* The same, with a BAT large enough for max_size bytes (as create_max). */
 int vhd_file_snapshot_max(const char *path, const char *parent, uint64_t max_size,
+			  struct vhd_error *err);
+/*
+ * A differencing disk over a raw parent (blktap's vhd-util snapshot -m):
+ * the parent's size (a whole number of sectors), the default block size,
+ * a nil parent UUID, the parent's mtime as parent timestamp, its name and
+ * the same three locators.  max_size as in vhd_file_snapshot_max.
+ */
+int vhd_file_snapshot_raw(const char *path, const char *parent, uint64_t max_size,
 			  struct vhd_error *err);
 
 /* Reads through the chain: a clear bit goes to the parent, or reads zeroes. */

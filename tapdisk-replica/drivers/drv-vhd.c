@@ -2005,8 +2005,35 @@ static int vhd_get_parent_id(struct td_image *img, struct td_parent_id *id)
 		tdr_set_error("%s", err.msg);
 		return r;
 	}
-	snprintf(id->drv, sizeof(id->drv), "vhd");
+	/* A raw parent (vhd-util snapshot -m) is served by the aio driver. */
+	snprintf(id->drv, sizeof(id->drv), "%s", vhd_meta_parent_raw(&s->m) ? "aio" : "vhd");
 	return 0;
+}
+
+/*
+ * A raw parent, served by aio: the library's rules (vhd_raw_probe: whole
+ * sectors, no VHD), so that the daemon serves no chain that vhd-util check
+ * refuses, then its size and timestamp.  Read once, at open.
+ */
+static int validate_raw_parent(struct vhd_state *s, struct td_image *img,
+			       struct td_image *parent, int64_t mtime, struct vhd_error *err)
+{
+	uint64_t size;
+	int fd, r;
+
+	if (strcmp(parent->drv->name, "aio") != 0)
+		return vhd_fail(err, VHD_ERR_PARENT_UUID,
+				"%s: made over a raw parent, but %s is served by driver %s", img->params,
+				parent->params, parent->drv->name);
+	fd = open(parent->params, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return vhd_fail(err, VHD_ERR_IO, "%s: cannot open: %s", parent->params,
+				strerror(errno));
+	r = vhd_raw_probe(fd, parent->params, &size, err);
+	close(fd);
+	if (r < 0)
+		return r;
+	return vhd_check_raw_parent(&s->m, img->params, size, parent->params, mtime, 0, err);
 }
 
 static int vhd_validate_parent(struct td_image *img, struct td_image *parent)
@@ -2016,16 +2043,19 @@ static int vhd_validate_parent(struct td_image *img, struct td_image *parent)
 	struct stat st;
 	int r;
 
-	if (parent->drv != &td_drv_vhd) {
+	if (stat(parent->params, &st) < 0)
+		st.st_mtime = 0;
+	if (vhd_meta_parent_raw(&s->m)) {
+		r = validate_raw_parent(s, img, parent, (int64_t)st.st_mtime, &err);
+	} else if (parent->drv != &td_drv_vhd) {
 		tdr_set_error("%s: parent %s is not a VHD image (driver %s)", img->params,
 			      parent->params, parent->drv->name);
 		return -EINVAL;
+	} else {
+		ps = parent->priv;
+		r = vhd_check_parent(&s->m, img->params, &ps->m, parent->params,
+				     (int64_t)st.st_mtime, 0, &err);
 	}
-	ps = parent->priv;
-	if (stat(parent->params, &st) < 0)
-		st.st_mtime = 0;
-	r = vhd_check_parent(&s->m, img->params, &ps->m, parent->params, (int64_t)st.st_mtime, 0,
-			     &err);
 	if (r < 0) {
 		tdr_set_error("%s", err.msg);
 		return r;

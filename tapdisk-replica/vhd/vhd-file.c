@@ -22,6 +22,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -119,6 +121,156 @@ struct visited {
 	int n;
 };
 
+/* Records a file of the chain; -ELOOP if it is there already or the chain is too deep. */
+static int visit(struct visited *seen, const struct stat *st, const char *path,
+		 struct vhd_error *err)
+{
+	if (!seen)
+		return 0;
+	for (int i = 0; i < seen->n; i++)
+		if (seen->dev[i] == st->st_dev && seen->ino[i] == st->st_ino)
+			return vhd_fail(err, VHD_ERR_PARENT_LOOP,
+					"%s: the parent chain loops back to this file", path);
+	if (seen->n == MAX_CHAIN)
+		return vhd_fail(err, VHD_ERR_PARENT_LOOP, "%s: the parent chain is deeper than %d",
+				path, MAX_CHAIN);
+	seen->dev[seen->n] = st->st_dev;
+	seen->ino[seen->n] = st->st_ino;
+	seen->n++;
+	return 0;
+}
+
+/* Whether the 512 bytes at off are a VHD footer with a good checksum. */
+static bool valid_footer_at(int fd, uint64_t off)
+{
+	uint8_t b[VHD_FOOTER_SIZE];
+	struct vhd_footer f;
+
+	if (full_pread(fd, b, sizeof(b), off) < 0)
+		return false;
+	vhd_footer_decode(&f, b);
+	return memcmp(f.cookie, VHD_COOKIE, 8) == 0 && f.checksum == vhd_footer_checksum(&f);
+}
+
+int vhd_raw_probe(int fd, const char *path, uint64_t *size, struct vhd_error *err)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) < 0)
+		return vhd_fail(err, VHD_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+	if (S_ISBLK(st.st_mode)) {
+		if (ioctl(fd, BLKGETSIZE64, size) < 0)
+			return vhd_fail(err, VHD_ERR_IO, "%s: cannot read the block device's size: %s",
+					path, strerror(errno));
+	} else if (S_ISREG(st.st_mode)) {
+		*size = (uint64_t)st.st_size;
+	} else {
+		return vhd_fail(err, VHD_ERR_IO,
+				"%s: not a regular file or block device; a raw image must be one", path);
+	}
+	if (*size == 0 || *size % VHD_SECTOR_SIZE)
+		return vhd_fail(err, VHD_ERR_PARENT_SIZE,
+				"%s: raw image of %llu bytes; it must be a non-zero whole number of 512-byte sectors",
+				path, (unsigned long long)*size);
+	if (*size > VHD_MAX_DISK_SIZE)
+		return vhd_fail(err, VHD_ERR_PARENT_SIZE,
+				"%s: raw image of %llu bytes, over the %llu bytes a VHD can describe",
+				path, (unsigned long long)*size, (unsigned long long)VHD_MAX_DISK_SIZE);
+	/*
+	 * Nothing else tells a raw parent from a VHD put where it was, or a
+	 * VHD given to snapshot -m by mistake: reading a VHD's metadata as
+	 * disk data would go unnoticed (a sparse VHD is small enough for any
+	 * child), so a valid footer at either end refuses it.
+	 */
+	if (valid_footer_at(fd, *size - VHD_FOOTER_SIZE) || valid_footer_at(fd, 0))
+		return vhd_fail(err, VHD_ERR_PARENT_UUID,
+				"%s: a VHD (it holds a valid VHD footer), not a raw image; a child made with snapshot -m (a nil parent UUID) must sit over a raw image, and a child of a VHD is made without -m",
+				path);
+	return 0;
+}
+
+/* A new vhd_file with path opened (read-only or read-write); nothing loaded yet. */
+static int file_open_fd(struct vhd_file **out, const char *path, bool rdonly,
+			struct vhd_error *err)
+{
+	struct vhd_file *vf = calloc(1, sizeof(*vf));
+	int r;
+
+	*out = NULL;
+	if (!vf)
+		return vhd_fail(err, VHD_ERR_NOMEM, "%s: out of memory", path);
+	vf->fd = -1;
+	vf->rdonly = rdonly;
+	vf->path = strdup(path);
+	if (!vf->path) {
+		r = vhd_fail(err, VHD_ERR_NOMEM, "%s: out of memory", path);
+		goto fail;
+	}
+	vf->fd = open(path, (rdonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+	if (vf->fd < 0) {
+		int e = errno;
+
+		vhd_fail(err, e == ENOENT ? VHD_ERR_PARENT_MISSING : VHD_ERR_IO,
+			 "%s: cannot open: %s", path, strerror(e));
+		/* the open's errno, not the defect's: EACCES stays EACCES */
+		r = -e;
+		goto fail;
+	}
+	*out = vf;
+	return 0;
+
+fail:
+	vhd_file_close(vf);
+	return r;
+}
+
+static int open_raw_internal(struct vhd_file **out, const char *path, unsigned flags,
+			     struct vhd_error *err, struct visited *seen)
+{
+	struct vhd_file *vf;
+	struct stat st;
+	uint64_t size;
+	int r;
+
+	*out = NULL;
+	r = file_open_fd(&vf, path, (flags & VHD_FILE_RDONLY) != 0, err);
+	if (r < 0)
+		return r;
+	vf->raw = true;
+	if (fstat(vf->fd, &st) < 0) {
+		r = vhd_fail(err, VHD_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+		goto fail;
+	}
+	r = visit(seen, &st, path, err);
+	if (r < 0)
+		goto fail;
+	r = vhd_raw_probe(vf->fd, path, &size, err);
+	if (r < 0)
+		goto fail;
+	r = (flags & VHD_FILE_NO_LOCK) ? 0 : vhd_lock_fd(vf->fd, !vf->rdonly, path, err);
+	if (r < 0)
+		goto fail;
+	vf->m.footer.type = VHD_TYPE_NONE;
+	vf->m.footer.current_size = size;
+	vf->m.file_size = size;
+	*out = vf;
+	return 0;
+
+fail:
+	vhd_file_close(vf);
+	return r;
+}
+
+int vhd_file_open_raw(struct vhd_file **out, const char *path, unsigned flags,
+		      struct vhd_error *err)
+{
+	if (err) {
+		err->code = VHD_OK;
+		err->msg[0] = '\0';
+	}
+	return open_raw_internal(out, path, flags, err, NULL);
+}
+
 /*
  * Readers share the file with tapdisk-replica processes serving it (which
  * hold shared locks too); a writer must have it alone.
@@ -138,6 +290,16 @@ int vhd_lock_fd(int fd, bool writer, const char *path, struct vhd_error *err)
 	return 0;
 }
 
+int vhd_file_check_parent(const struct vhd_file *child, const struct vhd_file *parent,
+			  int64_t parent_mtime, unsigned flags, struct vhd_error *err)
+{
+	if (parent->raw)
+		return vhd_check_raw_parent(&child->m, child->path, parent->m.footer.current_size,
+					    parent->path, parent_mtime, flags, err);
+	return vhd_check_parent(&child->m, child->path, &parent->m, parent->path, parent_mtime,
+				flags, err);
+}
+
 static int open_internal(struct vhd_file **out, const char *path, unsigned flags,
 			 struct vhd_error *err, struct visited *seen)
 {
@@ -147,24 +309,11 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 	int r;
 
 	*out = NULL;
-	vf = calloc(1, sizeof(*vf));
-	if (!vf)
-		return vhd_fail(err, VHD_ERR_NOMEM, "%s: out of memory", path);
-	vf->fd = -1;
-	vf->path = strdup(path);
-	if (!vf->path) {
-		r = vhd_fail(err, VHD_ERR_NOMEM, "%s: out of memory", path);
-		goto fail;
-	}
-	vf->rdonly = (flags & (VHD_FILE_RDONLY | VHD_FILE_USE_BACKUP | VHD_FILE_IGNORE_BACKUP |
-			       VHD_FILE_IGNORE_PARENT_UUID)) != 0;
-	vf->fd = open(path, (vf->rdonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
-	if (vf->fd < 0) {
-		r = -errno;
-		vhd_fail(err, errno == ENOENT ? VHD_ERR_PARENT_MISSING : VHD_ERR_IO,
-			 "%s: cannot open: %s", path, strerror(errno));
-		goto fail;
-	}
+	r = file_open_fd(&vf, path,
+			 (flags & (VHD_FILE_RDONLY | VHD_FILE_USE_BACKUP | VHD_FILE_IGNORE_BACKUP |
+				   VHD_FILE_IGNORE_PARENT_UUID)) != 0, err);
+	if (r < 0)
+		return r;
 	if (fstat(vf->fd, &st) < 0 || !S_ISREG(st.st_mode)) {
 		/*
 		 * A block device's size is not st_size, and a VHD in one
@@ -175,22 +324,9 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 			     S_ISBLK(st.st_mode) ? " (block devices are not supported)" : "");
 		goto fail;
 	}
-	if (seen) {
-		for (int i = 0; i < seen->n; i++)
-			if (seen->dev[i] == st.st_dev && seen->ino[i] == st.st_ino) {
-				r = vhd_fail(err, VHD_ERR_PARENT_LOOP,
-					     "%s: the parent chain loops back to this file", path);
-				goto fail;
-			}
-		if (seen->n == MAX_CHAIN) {
-			r = vhd_fail(err, VHD_ERR_PARENT_LOOP,
-				     "%s: the parent chain is deeper than %d", path, MAX_CHAIN);
-			goto fail;
-		}
-		seen->dev[seen->n] = st.st_dev;
-		seen->ino[seen->n] = st.st_ino;
-		seen->n++;
-	}
+	r = visit(seen, &st, path, err);
+	if (r < 0)
+		goto fail;
 	/* After the loop check: a chain that comes back to a locked file is a loop. */
 	r = (flags & VHD_FILE_NO_LOCK) ? 0 : vhd_lock_fd(vf->fd, !vf->rdonly, path, err);
 	if (r < 0)
@@ -220,9 +356,12 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 		r = vhd_resolve_parent(&vf->m, path, ppath, sizeof(ppath), err);
 		if (r < 0)
 			goto fail;
-		r = open_internal(&vf->parent, ppath,
-				  (flags | VHD_FILE_RDONLY) & ~(VHD_FILE_USE_BACKUP | VHD_FILE_IGNORE_BACKUP | VHD_FILE_NO_LOCK),
-				  err, seen);
+		if (vhd_meta_parent_raw(&vf->m))
+			r = open_raw_internal(&vf->parent, ppath, VHD_FILE_RDONLY, err, seen);
+		else
+			r = open_internal(&vf->parent, ppath,
+					  (flags | VHD_FILE_RDONLY) & ~(VHD_FILE_USE_BACKUP | VHD_FILE_IGNORE_BACKUP | VHD_FILE_NO_LOCK),
+					  err, seen);
 		if (r < 0) {
 			if (err && err->code != VHD_ERR_PARENT_LOOP && err->code != VHD_ERR_PARENT_MISSING &&
 			    err->code != VHD_ERR_PARENT_UUID && err->code != VHD_ERR_PARENT_INVALID &&
@@ -238,10 +377,10 @@ static int open_internal(struct vhd_file **out, const char *path, unsigned flags
 		}
 		if (stat(ppath, &pst) < 0)
 			pst.st_mtime = 0;
-		r = vhd_check_parent(&vf->m, path, &vf->parent->m, ppath, (int64_t)pst.st_mtime,
-				     ((flags & VHD_FILE_STRICT_TIME) ? VHD_PARENT_STRICT_TIME : 0) |
-				     ((flags & VHD_FILE_IGNORE_PARENT_UUID) ? VHD_PARENT_IGNORE_UUID : 0),
-				     &perr);
+		r = vhd_file_check_parent(vf, vf->parent, (int64_t)pst.st_mtime,
+					  ((flags & VHD_FILE_STRICT_TIME) ? VHD_PARENT_STRICT_TIME : 0) |
+					  ((flags & VHD_FILE_IGNORE_PARENT_UUID) ? VHD_PARENT_IGNORE_UUID : 0),
+					  &perr);
 		if (r < 0) {
 			if (err)
 				*err = perr;
@@ -486,8 +625,23 @@ int vhd_file_snapshot(const char *path, const char *parent, struct vhd_error *er
 	return vhd_file_snapshot_max(path, parent, 0, err);
 }
 
+static int snapshot(const char *path, const char *parent, uint64_t max_size, bool raw,
+		    struct vhd_error *err);
+
 int vhd_file_snapshot_max(const char *path, const char *parent, uint64_t max_size,
 			  struct vhd_error *err)
+{
+	return snapshot(path, parent, max_size, false, err);
+}
+
+int vhd_file_snapshot_raw(const char *path, const char *parent, uint64_t max_size,
+			  struct vhd_error *err)
+{
+	return snapshot(path, parent, max_size, true, err);
+}
+
+static int snapshot(const char *path, const char *parent, uint64_t max_size, bool raw,
+		    struct vhd_error *err)
 {
 	struct vhd_file *pf = NULL;
 	struct vhd_footer f;
@@ -498,14 +652,42 @@ int vhd_file_snapshot_max(const char *path, const char *parent, uint64_t max_siz
 	uint64_t off;
 	struct stat st;
 	const char *base;
+	bool blockdev;
 	int r, i;
 
-	r = vhd_file_open(&pf, parent, VHD_FILE_RDONLY, err);
+	if (raw)
+		r = vhd_file_open_raw(&pf, parent, VHD_FILE_RDONLY, err);
+	else
+		r = vhd_file_open(&pf, parent, VHD_FILE_RDONLY, err);
 	if (r < 0)
 		return r;
 	if (!realpath(parent, pabs) || stat(pabs, &st) < 0) {
 		r = vhd_fail(err, VHD_ERR_IO, "%s: cannot resolve: %s", parent, strerror(errno));
 		goto out;
+	}
+	/*
+	 * A block device is named by the path given, absolute but with its
+	 * symbolic links kept: /dev/vg0/lv stays that volume across reboots,
+	 * the /dev/dm-N it points to need not, and a raw parent has no UUID
+	 * to catch the wrong one.  For the same reason no relative locator,
+	 * and the whole path as parent name: nothing is looked for beside the
+	 * child.
+	 */
+	blockdev = raw && S_ISBLK(st.st_mode);
+	if (blockdev) {
+		char cwd[PATH_MAX];
+		int n;
+
+		if (parent[0] == '/')
+			n = snprintf(pabs, sizeof(pabs), "%s", parent);
+		else if (getcwd(cwd, sizeof(cwd)))
+			n = snprintf(pabs, sizeof(pabs), "%s/%s", cwd, parent);
+		else
+			n = -1;
+		if (n < 0 || (size_t)n >= sizeof(pabs)) {
+			r = vhd_fail(err, VHD_ERR_LOCATOR, "%s: parent path %s too long", path, parent);
+			goto out;
+		}
 	}
 	/* The child's directory, absolute. */
 	snprintf(tmp, sizeof(tmp), "%s", path);
@@ -531,9 +713,11 @@ int vhd_file_snapshot_max(const char *path, const char *parent, uint64_t max_siz
 	r = header_for_max(&h, path, max_size, block_size, err);
 	if (r < 0)
 		goto out;
-	memcpy(h.parent_uuid, pf->m.footer.uuid, 16);
+	/* A raw parent has none: its nil UUID is what marks it raw. */
+	if (!raw)
+		memcpy(h.parent_uuid, pf->m.footer.uuid, 16);
 	h.parent_timestamp = vhd_time_from_unix((int64_t)st.st_mtime);
-	base = strrchr(pabs, '/') ? strrchr(pabs, '/') + 1 : pabs;
+	base = strrchr(pabs, '/') && !blockdev ? strrchr(pabs, '/') + 1 : pabs;
 	if (vhd_utf16_encode(base, h.parent_name, sizeof(h.parent_name), true) < 0) {
 		/* Fails for bad UTF-8 too: a name that fits when unbounded is not UTF-8. */
 		uint8_t wide[4 * NAME_MAX + 4];
@@ -546,9 +730,9 @@ int vhd_file_snapshot_max(const char *path, const char *parent, uint64_t max_siz
 		goto out;
 	}
 
-	/* Locators after the BAT: MacX and W2ku absolute, W2ru relative. */
+	/* Locators after the BAT: MacX and W2ku absolute, W2ru relative (not for a device). */
 	off = h.table_offset + (((uint64_t)h.max_bat_entries * 4 + 511) & ~511ull);
-	for (i = 0; i < 3; i++) {
+	for (i = 0; i < (blockdev ? 2 : 3); i++) {
 		static const uint32_t codes[3] = { VHD_PLAT_MACX, VHD_PLAT_W2KU, VHD_PLAT_W2RU };
 		uint8_t enc[2 * PATH_MAX + 16];
 		ssize_t len;

@@ -127,12 +127,15 @@ int vhd_file_coalesce(const char *child, vhd_progress_fn progress, void *arg,
 		goto out;
 	}
 	/* The parent is written: it and its chain must be valid first. */
-	r = vhd_file_open(&pf, ppath, VHD_FILE_CHAIN, err);
+	if (vhd_meta_parent_raw(&cf->m))
+		r = vhd_file_open_raw(&pf, ppath, 0, err);
+	else
+		r = vhd_file_open(&pf, ppath, VHD_FILE_CHAIN, err);
 	if (r < 0)
 		goto out;
 	if (stat(ppath, &st) < 0)
 		st.st_mtime = 0;
-	r = vhd_check_parent(&cf->m, child, &pf->m, ppath, (int64_t)st.st_mtime, 0, &perr);
+	r = vhd_file_check_parent(cf, pf, (int64_t)st.st_mtime, 0, &perr);
 	if (r < 0) {
 		if (err)
 			*err = perr;

@@ -773,35 +773,23 @@ int vhd_resolve_parent(const struct vhd_meta *m, const char *child_path, char *o
 			child_path, tried);
 }
 
-int vhd_check_parent(const struct vhd_meta *child, const char *child_path,
-		     const struct vhd_meta *parent, const char *parent_path, int64_t parent_mtime,
-		     unsigned flags, struct vhd_error *err)
+/*
+ * The checks a VHD and a raw parent share: not larger than the child, and
+ * its modification time against the child's parent timestamp.  uuid_warned:
+ * a UUID mismatch was let through (-I), whose warning a timestamp one must
+ * not replace.
+ */
+static int check_parent_size_time(const struct vhd_meta *child, const char *child_path,
+				  uint64_t parent_size, const char *parent_path,
+				  int64_t parent_mtime, unsigned flags, bool uuid_warned,
+				  struct vhd_error *err)
 {
-	char want[37], have[37];
-	bool uuid_warned = false;
 	uint32_t ts;
 
-	if (err) {
-		err->code = VHD_OK;
-		err->msg[0] = '\0';
-	}
-	if (memcmp(child->header.parent_uuid, parent->footer.uuid, 16)) {
-		int r;
-
-		vhd_uuid_format(child->header.parent_uuid, want);
-		vhd_uuid_format(parent->footer.uuid, have);
-		r = vhd_fail(err, VHD_ERR_PARENT_UUID,
-			     "%s: parent UUID mismatch: it was made over %s but %s is %s; the parent was replaced, do not use this chain",
-			     child_path, want, parent_path, have);
-		if (!(flags & VHD_PARENT_IGNORE_UUID))
-			return r;
-		uuid_warned = true;
-	}
-	if (parent->footer.current_size > child->footer.current_size)
+	if (parent_size > child->footer.current_size)
 		return vhd_fail(err, VHD_ERR_PARENT_SIZE,
 				"%s: parent %s (%llu bytes) is larger than the child (%llu bytes)",
-				child_path, parent_path,
-				(unsigned long long)parent->footer.current_size,
+				child_path, parent_path, (unsigned long long)parent_size,
 				(unsigned long long)child->footer.current_size);
 	ts = vhd_time_from_unix(parent_mtime);
 	/* A replaced parent's timestamp differs too: keep the UUID warning. */
@@ -818,4 +806,51 @@ int vhd_check_parent(const struct vhd_meta *child, const char *child_path,
 			return r;
 	}
 	return 0;
+}
+
+int vhd_check_parent(const struct vhd_meta *child, const char *child_path,
+		     const struct vhd_meta *parent, const char *parent_path, int64_t parent_mtime,
+		     unsigned flags, struct vhd_error *err)
+{
+	char want[37], have[37];
+	bool uuid_warned = false;
+
+	if (err) {
+		err->code = VHD_OK;
+		err->msg[0] = '\0';
+	}
+	if (vhd_meta_parent_raw(child))
+		return vhd_fail(err, VHD_ERR_PARENT_UUID,
+				"%s: made over a raw parent (nil parent UUID), but %s is a VHD; the parent was replaced, do not use this chain",
+				child_path, parent_path);
+	if (memcmp(child->header.parent_uuid, parent->footer.uuid, 16)) {
+		int r;
+
+		vhd_uuid_format(child->header.parent_uuid, want);
+		vhd_uuid_format(parent->footer.uuid, have);
+		r = vhd_fail(err, VHD_ERR_PARENT_UUID,
+			     "%s: parent UUID mismatch: it was made over %s but %s is %s; the parent was replaced, do not use this chain",
+			     child_path, want, parent_path, have);
+		if (!(flags & VHD_PARENT_IGNORE_UUID))
+			return r;
+		uuid_warned = true;
+	}
+	return check_parent_size_time(child, child_path, parent->footer.current_size, parent_path,
+				      parent_mtime, flags, uuid_warned, err);
+}
+
+int vhd_check_raw_parent(const struct vhd_meta *child, const char *child_path,
+			 uint64_t parent_size, const char *parent_path, int64_t parent_mtime,
+			 unsigned flags, struct vhd_error *err)
+{
+	if (err) {
+		err->code = VHD_OK;
+		err->msg[0] = '\0';
+	}
+	if (!vhd_meta_parent_raw(child))
+		return vhd_fail(err, VHD_ERR_PARENT_UUID,
+				"%s: made over a VHD parent, but %s is a raw image; the parent was replaced, do not use this chain",
+				child_path, parent_path);
+	return check_parent_size_time(child, child_path, parent_size, parent_path, parent_mtime,
+				      flags, false, err);
 }

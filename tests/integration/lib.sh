@@ -263,11 +263,20 @@ one_line_error() {
 # vhd-util, and `serve` of replica:mode=secondary over it with its export on
 # $T/export.sock and a control socket.  Sets EXPURI, SVM, VHDUTIL, CTL and
 # defines ctl (tdr-ctl replica on minor 0) and state.
+#
+# With SECONDARY_RAW=1 the secondary disk is a raw (sparse) file,
+# $T/secondary.img, and hidden a differencing VHD over it (vhd-util
+# snapshot -m); else a dynamic VHD, $T/secondary.vhd.
 secondary_chain() {
 	VHDUTIL=$TDR_BUILDDIR/tools/vhd-util
 	CTL=$TDR_BUILDDIR/tools/tdr-ctl
-	"$VHDUTIL" create -n "$T/secondary.vhd" -s "$1"
-	"$VHDUTIL" snapshot -n "$T/hidden.vhd" -p "$T/secondary.vhd"
+	if [ -n "${SECONDARY_RAW:-}" ]; then
+		truncate -s "${1}M" "$T/secondary.img"
+		"$VHDUTIL" snapshot -n "$T/hidden.vhd" -p "$T/secondary.img" -m
+	else
+		"$VHDUTIL" create -n "$T/secondary.vhd" -s "$1"
+		"$VHDUTIL" snapshot -n "$T/hidden.vhd" -p "$T/secondary.vhd"
+	fi
 	"$VHDUTIL" snapshot -n "$T/active.vhd" -p "$T/hidden.vhd"
 	EXPURI=$(tdr_uri "$T/export.sock")
 	tdr_start --control "$T/ctl.sock" "replica:mode=secondary,addr=unix:$T/export.sock|vhd:$T/active.vhd"
@@ -293,12 +302,21 @@ secondary_with_view() {
 # secondary_is_view: after secondary_chain's daemon stopped, the secondary
 # disk, read by qemu-img (which knows nothing of our code), equals
 # $T/view.raw byte for byte, and vhd-util check passes on all three files.
+# With SECONDARY_RAW=1 the raw secondary disk itself is compared, and must
+# have kept its size.
 secondary_is_view() {
-	qemu-img convert -f vpc -O raw "$T/secondary.vhd" "$T/secondary.raw"
-	truncate -s "$(stat -c %s "$T/view.raw")" "$T/secondary.raw"
-	same_file "$T/view.raw" "$T/secondary.raw"
-	local f
-	for f in secondary hidden active; do
+	local f files="secondary hidden active"
+	if [ -n "${SECONDARY_RAW:-}" ]; then
+		assert_eq "raw secondary disk's size" "$(stat -c %s "$T/view.raw")" \
+			"$(stat -c %s "$T/secondary.img")"
+		same_file "$T/view.raw" "$T/secondary.img"
+		files="hidden active"
+	else
+		qemu-img convert -f vpc -O raw "$T/secondary.vhd" "$T/secondary.raw"
+		truncate -s "$(stat -c %s "$T/view.raw")" "$T/secondary.raw"
+		same_file "$T/view.raw" "$T/secondary.raw"
+	fi
+	for f in $files; do
 		"$VHDUTIL" check -n "$T/$f.vhd" >/dev/null || fail "vhd-util check $f.vhd failed"
 	done
 }

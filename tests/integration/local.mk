@@ -69,6 +69,11 @@ TESTS += tests/integration/replica-close-failover.sh
 EXTRA_DIST += tests/integration/replica-close-failover.sh
 TESTS += tests/integration/replica-restart-failover.sh
 EXTRA_DIST += tests/integration/replica-restart-failover.sh
+# The same two flows over a raw secondary disk (hidden: vhd-util snapshot -m).
+TESTS += tests/integration/replica-secondary-raw.sh
+EXTRA_DIST += tests/integration/replica-secondary-raw.sh
+TESTS += tests/integration/replica-restart-failover-raw.sh
+EXTRA_DIST += tests/integration/replica-restart-failover-raw.sh
 
 # The replication demo itself (tools/replication-demo), shortened.
 TESTS += tests/integration/replication-demo.sh

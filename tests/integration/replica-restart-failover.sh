@@ -46,4 +46,4 @@ st=0
 tdr_stop "$DAEMON_PID" || st=$?
 assert_eq "exit status" 0 "$st"
 secondary_is_view
-pass "SIGKILL while replicating, restart, failover: secondary disk == SVM view"
+pass "SIGKILL while replicating${SECONDARY_RAW:+ (raw secondary disk)}, restart, failover: secondary disk == SVM view"

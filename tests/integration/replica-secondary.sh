@@ -55,4 +55,4 @@ grep -q 'state done' "$T/ck.err" || fail "checkpoint after done: $(cat "$T/ck.er
 tdr_stop "$DAEMON_PID"
 # The secondary disk, read by qemu, is exactly what the SVM saw.
 secondary_is_view
-pass "secondary flow: sync, start, copy-before-write, checkpoint, failover; secondary disk == SVM view"
+pass "secondary flow${SECONDARY_RAW:+ over a raw secondary disk}: sync, start, copy-before-write, checkpoint, failover; secondary disk == SVM view"

@@ -16,7 +16,10 @@
 #  5. a device is refused as not a file; a damaged footer copy at offset 0
 #     is what check says to repair, and repair mends it;
 #  6. check -I, -B, -b, -s;
-#  7. snapshot -l, -S, -e.
+#  7. snapshot -l, -S, -e;
+#  8. snapshot -m (a raw parent): without -m a raw parent is refused with
+#     the hint; with it, query, check, read through the daemon, coalesce
+#     into the raw file, and the raw parent's own refusals.
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
 need_cmd md5sum touch dd cmp qemu-io sha256sum realpath
@@ -239,5 +242,110 @@ run_vu 1 snapshot -n "$T/d8.vhd" -p "$T/c8.vhd" -S 3000000
 err_has "more than a VHD can hold (2040 GiB)"
 [ ! -e "$T/d8.vhd" ] || fail "a refused snapshot -S left $T/d8.vhd"
 log "7: snapshot -l refuses a chain over the limit, -S sizes the BAT, -e keeps an empty parent"
+
+# ---- 8. snapshot -m: a differencing child over a raw image
+head -c $((6 << 20)) /dev/urandom >"$T/base.img"
+cp "$T/base.img" "$T/base.orig"
+run_vu 1 snapshot -n "$T/r1.vhd" -p "$T/base.img"
+err_has "vhd-util snapshot: $T/base.img: footer: bad cookie"
+err_has "if $T/base.img is a raw image (a plain file or block device holding the disk), add -m"
+[ ! -e "$T/r1.vhd" ] || fail "a refused snapshot left $T/r1.vhd"
+run_vu 0 snapshot -n "$T/r1.vhd" -p "$T/base.img" -m -l 2
+run_vu 1 snapshot -n "$T/r2.vhd" -p "$T/r1.vhd" -l 2
+err_has "$T/r1.vhd is a chain of 2; a child would make it 3"
+run_vu 0 query -n "$T/r1.vhd" -v -p -d -i
+grep -qx 6 "$T/out" || fail "query -v of a raw parent's child: $(cat "$T/out")"
+grep -qx "$T/base.img" "$T/out" || fail "query -p: $(cat "$T/out")"
+grep -qx "chain depth: 2" "$T/out" || fail "query -d: $(cat "$T/out")"
+grep -qx "parent-uuid: 00000000-0000-0000-0000-000000000000" "$T/out" || fail "query -i: $(cat "$T/out")"
+grep -qx "parent-raw: yes" "$T/out" || fail "query -i: $(cat "$T/out")"
+run_vu 0 check -n "$T/r1.vhd" -s
+grep -qF "$T/base.img: raw image, 6291456 bytes, all present" "$T/out" ||
+	fail "check -s of a raw parent: $(cat "$T/out")"
+# The daemon reads the raw bytes through the child (the whole disk, byte
+# for byte), and writes into the child only.
+tdr_start "vhd:$T/r1.vhd"
+nbdcopy "$URI" "$T/served.img"
+same_file "$T/base.orig" "$T/served.img"
+qemu-io -f raw -c 'write -P 0xa5 1536k 1m' -c 'write -P 0x5a 6143k 1k' "$URI" >/dev/null ||
+	fail "qemu-io write through the raw parent's child failed"
+cp "$T/base.orig" "$T/want.img"
+head -c $((1 << 20)) /dev/zero | tr '\0' '\245' | dd of="$T/want.img" bs=1k seek=1536 conv=notrunc status=none
+head -c 1024 /dev/zero | tr '\0' '\132' | dd of="$T/want.img" bs=1k seek=6143 conv=notrunc status=none
+nbdcopy "$URI" "$T/served.img"
+same_file "$T/want.img" "$T/served.img"
+tdr_stop "$DAEMON_PID"
+cmp "$T/base.img" "$T/base.orig" || fail "a write through the child reached the raw parent"
+run_vu 0 coalesce -n "$T/r1.vhd"
+cmp "$T/base.img" "$T/want.img" || fail "coalesce into the raw parent: not the child's view"
+assert_eq "raw parent's size after coalesce" $((6 << 20)) "$(stat -c %s "$T/base.img")"
+# A raw parent cut to an odd size, grown past the child, or gone.
+head -c 1000 /dev/zero >"$T/odd.img"
+run_vu 1 snapshot -n "$T/r3.vhd" -p "$T/odd.img" -m
+err_has "$T/odd.img: raw image of 1000 bytes; it must be a non-zero whole number of 512-byte sectors"
+[ ! -e "$T/r3.vhd" ] || fail "a refused snapshot -m left $T/r3.vhd"
+truncate -s $((7 << 20)) "$T/base.img"
+run_vu 1 check -n "$T/r1.vhd"
+err_has "is larger than the child (6291456 bytes) [parent-size]"
+rm "$T/base.img"
+run_vu 1 check -n "$T/r1.vhd"
+err_has "[parent-missing]"
+# A VHD put where the raw parent was, or given to -m: refused, by vhd-util
+# and by the daemon, never read as disk data.
+"$VU" create -n "$T/base.img" -s 6 || fail "vhd-util create failed"
+run_vu 1 check -n "$T/r1.vhd"
+err_has "$T/base.img: a VHD (it holds a valid VHD footer), not a raw image;"
+err_has "[parent-uuid]"
+st=0
+"$TDR_BIN" serve --socket "$T/never.sock" "vhd:$T/r1.vhd" </dev/null >/dev/null 2>"$T/serve.err" || st=$?
+[ "$st" -ne 0 ] || fail "the daemon served a raw parent's child over a VHD"
+one_line_error "$T/serve.err" | grep -qF "$T/base.img: a VHD (it holds a valid VHD footer), not a raw image" ||
+	fail "daemon's refusal: $(cat "$T/serve.err")"
+run_vu 1 snapshot -n "$T/r4.vhd" -p "$T/base.img" -m
+err_has "a child of a VHD is made without -m"
+[ ! -e "$T/r4.vhd" ] || fail "a refused snapshot -m left $T/r4.vhd"
+# A raw image where a VHD parent was: its footer is missing, so it is invalid.
+"$VU" create -n "$T/vp.vhd" -s 6 || fail "vhd-util create failed"
+run_vu 0 snapshot -n "$T/vc.vhd" -p "$T/vp.vhd"
+cp "$T/base.orig" "$T/vp.vhd"
+run_vu 1 check -n "$T/vc.vhd"
+err_has "[parent-invalid]"
+log "8: snapshot -m: a raw parent's child is checked, served, coalesced into the raw file; a VHD is never taken for a raw parent"
+
+# ---- 8b. a block device as raw parent (a loop device; root only): the
+#      locators keep the path given (a symbolic link here, as /dev/vg/lv
+#      is), the daemon serves it with aio, coalesce writes into it.
+loopdev=""
+if [ "$(id -u)" = 0 ] && command -v losetup >/dev/null; then
+	cp "$T/base.orig" "$T/loop.img"
+	loopdev=$(losetup --find --show "$T/loop.img" 2>"$T/losetup.err") || loopdev=""
+fi
+if [ -n "$loopdev" ]; then
+	trap 'losetup -d "$loopdev" 2>/dev/null; _tdr_cleanup' EXIT
+	ln -s "$loopdev" "$T/lv"
+	run_vu 1 snapshot -n "$T/b1.vhd" -p "$T/lv"
+	err_has "if $T/lv is a raw image (a plain file or block device holding the disk), add -m"
+	run_vu 0 snapshot -n "$T/b1.vhd" -p "$T/lv" -m
+	run_vu 0 query -n "$T/b1.vhd" -v -p -i
+	grep -qx 6 "$T/out" || fail "query -v of a block device's child: $(cat "$T/out")"
+	grep -qx "$loopdev" "$T/out" || fail "query -p: $(cat "$T/out")"
+	grep -qx "parent-name: $T/lv" "$T/out" || fail "parent name of a block device: $(cat "$T/out")"
+	run_vu 0 read -n "$T/b1.vhd" -p
+	assert_eq "locators naming the link, not $loopdev" 2 "$(grep -c "decoded name : $T/lv\$" "$T/out")"
+	! grep -q "W2ru" "$T/out" || fail "a relative locator for a block device: $(cat "$T/out")"
+	tdr_start "vhd:$T/b1.vhd"
+	nbdcopy "$URI" "$T/served.img"
+	same_file "$T/base.orig" "$T/served.img"
+	qemu-io -f raw -c 'write -P 0xa5 1536k 1m' -c 'write -P 0x5a 6143k 1k' "$URI" >/dev/null ||
+		fail "qemu-io write through the block device's child failed"
+	tdr_stop "$DAEMON_PID"
+	run_vu 0 coalesce -n "$T/b1.vhd"
+	losetup -d "$loopdev"
+	trap _tdr_cleanup EXIT
+	same_file "$T/want.img" "$T/loop.img"
+	log "8b: snapshot -m over a block device ($loopdev through a link): served, coalesced into it"
+else
+	log "8b: NOT RUN: no loop device here (not root, no losetup, or: $(cat "$T/losetup.err" 2>/dev/null))"
+fi
 
 pass "vhd-util: bad usage, damaged files, blktap option meanings, repair of a footer copy"

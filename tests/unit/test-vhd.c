@@ -71,6 +71,16 @@ static void raw_write(const char *path, const void *buf, size_t len, off_t off)
 	close(fd);
 }
 
+/* A new file holding exactly buf (a raw image). */
+static void raw_create(const char *path, const void *buf, size_t len)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pwrite(fd, buf, len, 0), (ssize_t)len);
+	close(fd);
+}
+
 static off_t file_size(const char *path)
 {
 	struct stat st;
@@ -685,6 +695,65 @@ START_TEST(coalesce_keeps_content)
 	free(before);
 	free(after);
 	free(data);
+}
+END_TEST
+
+/*
+ * A differencing disk over a raw parent (blktap's snapshot -m): a nil parent
+ * UUID, the raw file's size; reads fall through to the raw bytes, writes
+ * land in the child only, and a coalesce writes them into the raw file.
+ */
+START_TEST(raw_parent_roundtrip)
+{
+	const uint64_t size = 5 * MIB + 3 * 512;	/* not a whole number of blocks */
+	const uint32_t secs = (uint32_t)(size / 512);
+	static const uint8_t nil[16];
+	struct vhd_error err;
+	struct vhd_file *vf;
+	char *base = malloc(size), *want = malloc(size), *got = malloc(size);
+	char data[300 * 512];
+
+	fill_random(base, size, 41);
+	raw_create(pa, base, size);
+	ck_assert_msg(vhd_file_snapshot_raw(pb, pa, 0, &err) == 0, "%s", err.msg);
+	vf = xopen(pb, VHD_FILE_CHAIN);
+	ck_assert_uint_eq(vf->m.footer.type, VHD_TYPE_DIFF);
+	ck_assert(vhd_meta_parent_raw(&vf->m));
+	ck_assert_mem_eq(vf->m.header.parent_uuid, nil, 16);
+	ck_assert_uint_eq(vf->m.footer.current_size, size);
+	ck_assert_uint_eq(vf->m.header.block_size, VHD_BLOCK_SIZE_DEFAULT);
+	ck_assert_str_eq(vf->m.parent_name, "a.vhd");
+	ck_assert_ptr_nonnull(vf->parent);
+	ck_assert(vf->parent->raw);
+	ck_assert_uint_eq(vf->parent->m.footer.current_size, size);
+	ck_assert_ptr_null(vf->parent->parent);
+	ck_assert_int_eq(vhd_file_read(vf, 0, secs, got), 0);
+	ck_assert(memcmp(got, base, size) == 0);
+
+	/* writes into the child, across a block boundary and up to the last sector */
+	memcpy(want, base, size);
+	fill_random(data, sizeof(data), 42);
+	ck_assert_int_eq(vhd_file_write(vf, 4096 - 100, 300, data), 0);
+	memcpy(want + (4096 - 100) * 512, data, sizeof(data));
+	ck_assert_int_eq(vhd_file_write(vf, secs - 1, 1, data), 0);
+	memcpy(want + (size_t)(secs - 1) * 512, data, 512);
+	ck_assert_int_eq(vhd_file_read(vf, 0, secs, got), 0);
+	ck_assert(memcmp(got, want, size) == 0);
+	vhd_file_close(vf);
+	raw_read(pa, got, size, 0);
+	ck_assert_msg(memcmp(got, base, size) == 0, "a write reached the raw parent");
+	ck_assert_int_eq(file_size(pa), (off_t)size);
+	ck_assert_msg(vhd_file_check(pb, VHD_FILE_CHAIN, &err) == 0, "%s", err.msg);
+
+	progress_calls = 0;
+	ck_assert_msg(vhd_file_coalesce(pb, on_progress, NULL, &err) == 0, "%s", err.msg);
+	ck_assert_uint_eq(progress_calls, 3);	/* blocks 0 and 1 (the first write), 2 (the last sector) */
+	raw_read(pa, got, size, 0);
+	ck_assert(memcmp(got, want, size) == 0);
+	ck_assert_int_eq(file_size(pa), (off_t)size);
+	free(base);
+	free(want);
+	free(got);
 }
 END_TEST
 
@@ -1344,6 +1413,83 @@ START_TEST(rule_parent_size)
 }
 END_TEST
 
+/* What a raw parent's child refuses: each with its defect and the file named. */
+START_TEST(raw_parent_defects)
+{
+	char buf[4096];
+	struct vhd_error err;
+	struct vhd_file *vf = NULL;
+
+	/* not a whole number of sectors, or empty: no child made */
+	memset(buf, 7, sizeof(buf));
+	raw_create(pa, buf, 1000);
+	ck_assert_int_eq(vhd_file_snapshot_raw(pb, pa, 0, &err), -EINVAL);
+	ck_assert_int_eq(err.code, VHD_ERR_PARENT_SIZE);
+	ck_assert_ptr_nonnull(strstr(err.msg, pa));
+	ck_assert_int_eq(access(pb, F_OK), -1);
+	ck_assert_int_eq(truncate(pa, 0), 0);
+	ck_assert_int_eq(vhd_file_snapshot_raw(pb, pa, 0, &err), -EINVAL);
+	ck_assert_int_eq(err.code, VHD_ERR_PARENT_SIZE);
+	/* a directory is no raw image */
+	ck_assert_int_lt(vhd_file_snapshot_raw(pb, dir, 0, &err), 0);
+	ck_assert_int_eq(err.code, VHD_ERR_IO);
+	ck_assert_ptr_nonnull(strstr(err.msg, "regular file or block device"));
+
+	/* a raw parent that grew past the child */
+	ck_assert_int_eq(truncate(pa, 4 * MIB), 0);
+	ck_assert_msg(vhd_file_snapshot_raw(pb, pa, 0, &err) == 0, "%s", err.msg);
+	ck_assert_int_eq(truncate(pa, 4 * MIB + 512), 0);
+	expect_defect(pb, VHD_FILE_CHAIN, VHD_ERR_PARENT_SIZE);
+	ck_assert_int_lt(vhd_file_coalesce(pb, NULL, NULL, &err), 0);
+	ck_assert_int_eq(err.code, VHD_ERR_PARENT_SIZE);
+
+	/* a missing raw parent */
+	ck_assert_int_eq(unlink(pa), 0);
+	expect_defect(pb, VHD_FILE_CHAIN, VHD_ERR_PARENT_MISSING);
+
+	/*
+	 * A VHD where the raw parent was: refused when the chain is opened,
+	 * never read as disk data (a dynamic VHD of 4 MiB is far smaller
+	 * than the child, so only its footer gives it away); and a VHD
+	 * given as a raw parent makes no child.  Fixed and dynamic alike.
+	 */
+	ck_assert_int_eq(vhd_file_create(pa, 4 * MIB, VHD_TYPE_DYNAMIC, 0, &err), 0);
+	expect_defect(pb, VHD_FILE_CHAIN, VHD_ERR_PARENT_UUID);
+	ck_assert_int_eq(vhd_file_check(pb, VHD_FILE_CHAIN, &err), -ESTALE);
+	ck_assert_ptr_nonnull(strstr(err.msg, "a VHD (it holds a valid VHD footer), not a raw image"));
+	ck_assert_int_eq(vhd_file_snapshot_raw(pc, pa, 0, &err), -ESTALE);
+	ck_assert_int_eq(access(pc, F_OK), -1);
+	ck_assert_int_eq(unlink(pa), 0);
+	ck_assert_int_eq(vhd_file_create(pa, 2 * MIB, VHD_TYPE_FIXED, 0, &err), 0);
+	expect_defect(pb, VHD_FILE_CHAIN, VHD_ERR_PARENT_UUID);
+	/* the library's own check, given a VHD opened as one */
+	vf = xopen(pb, 0);
+	{
+		struct vhd_file *pf = xopen(pa, VHD_FILE_RDONLY);
+
+		ck_assert_int_eq(vhd_file_check_parent(vf, pf, 0, 0, &err), -ESTALE);
+		ck_assert_int_eq(err.code, VHD_ERR_PARENT_UUID);
+		ck_assert_ptr_nonnull(strstr(err.msg, "raw parent"));
+		vhd_file_close(pf);
+	}
+	vhd_file_close(vf);
+
+	/* a raw image where a VHD parent was: no VHD, so an invalid parent */
+	ck_assert_int_eq(unlink(pb), 0);
+	ck_assert_int_eq(vhd_file_snapshot(pb, pa, &err), 0);
+	ck_assert_int_eq(unlink(pa), 0);
+	raw_create(pa, buf, sizeof(buf));
+	ck_assert_int_eq(truncate(pa, 2 * MIB), 0);
+	expect_defect(pb, VHD_FILE_CHAIN, VHD_ERR_PARENT_INVALID);
+	/* and the library's raw check, given that child */
+	vf = xopen(pb, 0);
+	ck_assert_int_eq(vhd_check_raw_parent(&vf->m, pb, 4 * MIB, pa, 0, 0, &err), -ESTALE);
+	ck_assert_int_eq(err.code, VHD_ERR_PARENT_UUID);
+	ck_assert_ptr_nonnull(strstr(err.msg, "raw image"));
+	vhd_file_close(vf);
+}
+END_TEST
+
 START_TEST(rule_parent_loop)
 {
 	struct vhd_error err;
@@ -1879,6 +2025,7 @@ static Suite *vhd_suite(void)
 	tcase_add_test(tc, end_at_moves_footer);
 	tcase_add_test(tc, coalesce_keeps_content);
 	tcase_add_test(tc, coalesce_refuses_larger_child);
+	tcase_add_test(tc, raw_parent_roundtrip);
 	tcase_add_test(tc, repair_from_backup);
 	tcase_add_test(tc, repair_backup_copy);
 	tcase_add_test(tc, scrub_stale_data);
@@ -1930,6 +2077,7 @@ static Suite *vhd_suite(void)
 	tcase_add_test(tc, rule_parent_timestamp);
 	tcase_add_test(tc, rule_parent_size);
 	tcase_add_test(tc, rule_parent_loop);
+	tcase_add_test(tc, raw_parent_defects);
 	tcase_add_test(tc, rule_fixed_size);
 	suite_add_tcase(s, tc);
 	return s;
