@@ -2013,7 +2013,9 @@ static int vhd_get_parent_id(struct td_image *img, struct td_parent_id *id)
 /*
  * A raw parent, served by aio: the library's rules (vhd_raw_probe: whole
  * sectors, no VHD), so that the daemon serves no chain that vhd-util check
- * refuses, then its size and timestamp.  Read once, at open.
+ * refuses, then its size and timestamp.  Read once, at open, through a
+ * descriptor of its own: aio's is O_DIRECT, which the probe's unaligned
+ * 512-byte reads would fail on.
  */
 static int validate_raw_parent(struct vhd_state *s, struct td_image *img,
 			       struct td_image *parent, int64_t mtime, struct vhd_error *err)

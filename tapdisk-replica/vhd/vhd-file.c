@@ -620,26 +620,6 @@ static int relative_path(const char *from_dir, const char *to, char *out, size_t
 	return n < len ? 0 : -ENAMETOOLONG;
 }
 
-int vhd_file_snapshot(const char *path, const char *parent, struct vhd_error *err)
-{
-	return vhd_file_snapshot_max(path, parent, 0, err);
-}
-
-static int snapshot(const char *path, const char *parent, uint64_t max_size, bool raw,
-		    struct vhd_error *err);
-
-int vhd_file_snapshot_max(const char *path, const char *parent, uint64_t max_size,
-			  struct vhd_error *err)
-{
-	return snapshot(path, parent, max_size, false, err);
-}
-
-int vhd_file_snapshot_raw(const char *path, const char *parent, uint64_t max_size,
-			  struct vhd_error *err)
-{
-	return snapshot(path, parent, max_size, true, err);
-}
-
 static int snapshot(const char *path, const char *parent, uint64_t max_size, bool raw,
 		    struct vhd_error *err)
 {
@@ -776,6 +756,23 @@ out:
 		free(loc_data[i]);
 	vhd_file_close(pf);
 	return r;
+}
+
+int vhd_file_snapshot(const char *path, const char *parent, struct vhd_error *err)
+{
+	return vhd_file_snapshot_max(path, parent, 0, err);
+}
+
+int vhd_file_snapshot_max(const char *path, const char *parent, uint64_t max_size,
+			  struct vhd_error *err)
+{
+	return snapshot(path, parent, max_size, false, err);
+}
+
+int vhd_file_snapshot_raw(const char *path, const char *parent, uint64_t max_size,
+			  struct vhd_error *err)
+{
+	return snapshot(path, parent, max_size, true, err);
 }
 
 /* ------------------------------------------------------------------ */
