@@ -28,6 +28,8 @@ struct tdr_loop {
 
 	struct tdr_defer *defer_head, *defer_tail;
 	struct tdr_prepare *prepares;
+
+	struct tdr_loop_poll_stats poll;
 };
 
 uint64_t tdr_now_ns(void)
@@ -318,6 +320,107 @@ void tdr_loop_remove_prepare(struct tdr_loop *loop, struct tdr_prepare *p)
 	}
 }
 
+/* -------------------------------------------------------------- poll */
+
+void tdr_loop_set_poll_max(struct tdr_loop *loop, uint64_t max_ns)
+{
+	loop->poll.max_ns = max_ns;
+	if (loop->poll.window_ns > max_ns)
+		loop->poll.window_ns = max_ns;
+}
+
+void tdr_loop_get_poll_stats(const struct tdr_loop *loop, struct tdr_loop_poll_stats *st)
+{
+	*st = loop->poll;
+}
+
+int tdr_loop_parse_poll_us(const char *s, uint64_t *max_ns)
+{
+	unsigned long us;
+	char *end;
+
+	if (*s < '0' || *s > '9')
+		return -EINVAL;
+	errno = 0;
+	us = strtoul(s, &end, 10);
+	if (*end || errno || us > TDR_LOOP_POLL_MAX_US)
+		return -EINVAL;
+	*max_ns = (uint64_t)us * 1000;
+	return 0;
+}
+
+/*
+ * Looks for events without sleeping until one comes, the window closes or
+ * the first timer is due.  Returns epoll_wait's answer (0: none came).
+ */
+static int poll_events(struct tdr_loop *loop, uint64_t start)
+{
+	uint64_t end = start + loop->poll.window_ns;
+	int nfds;
+
+	if (loop->nheap && loop->heap[0]->deadline_ns < end)
+		end = loop->heap[0]->deadline_ns;
+	loop->poll.polls++;
+	do {
+		nfds = epoll_wait(loop->epfd, loop->events, LOOP_MAX_EVENTS, 0);
+	} while (nfds == 0 && tdr_now_ns() < end);
+	if (nfds > 0)
+		loop->poll.hits++;
+	return nfds;
+}
+
+/*
+ * After a sleep of slept_ns (from the start of the poll).  The sleep
+ * includes the wake-up itself, which on a virtual CPU can take longer than
+ * the wait for the event did, so a sleep up to POLL_IDLE_FACTOR times the
+ * maximum still says "busy": a window that long might have caught the
+ * event, so it grows toward the maximum.  A longer sleep means the loop
+ * is going idle, where polling only burns CPU time: the window halves,
+ * and closes once below its starting size.
+ */
+#define POLL_IDLE_FACTOR 4
+
+static void poll_adapt(struct tdr_loop *loop, uint64_t slept_ns)
+{
+	struct tdr_loop_poll_stats *p = &loop->poll;
+
+	if (slept_ns > POLL_IDLE_FACTOR * p->max_ns) {
+		p->window_ns /= 2;
+		if (p->window_ns < TDR_LOOP_POLL_START_NS)
+			p->window_ns = 0;
+	} else if (slept_ns > p->window_ns) {
+		p->window_ns = p->window_ns ? p->window_ns * 2 : TDR_LOOP_POLL_START_NS;
+		if (p->window_ns > p->max_ns)
+			p->window_ns = p->max_ns;
+	}
+}
+
+/* One wait of at most timeout_ms (-1: no limit), polling first if enabled. */
+static int wait_events(struct tdr_loop *loop, int timeout_ms)
+{
+	uint64_t start = 0;
+	int nfds;
+
+	if (!loop->poll.max_ns || timeout_ms == 0)
+		return epoll_wait(loop->epfd, loop->events, LOOP_MAX_EVENTS, timeout_ms);
+	start = tdr_now_ns();
+	if (loop->poll.window_ns) {
+		nfds = poll_events(loop, start);
+		if (nfds != 0)
+			return nfds;
+		if (timeout_ms > 0) {
+			/* The window is at most 10 ms: take what it used off the wait. */
+			uint64_t used_ms = (tdr_now_ns() - start) / 1000000;
+
+			timeout_ms = used_ms >= (uint64_t)timeout_ms ? 0 : timeout_ms - (int)used_ms;
+		}
+	}
+	nfds = epoll_wait(loop->epfd, loop->events, LOOP_MAX_EVENTS, timeout_ms);
+	if (nfds >= 0)
+		poll_adapt(loop, tdr_now_ns() - start);
+	return nfds;
+}
+
 /* --------------------------------------------------------------- run */
 
 int tdr_loop_run_once(struct tdr_loop *loop, int timeout_ms)
@@ -339,7 +442,7 @@ int tdr_loop_run_once(struct tdr_loop *loop, int timeout_ms)
 			timeout_ms = tms;
 	}
 
-	nfds = epoll_wait(loop->epfd, loop->events, LOOP_MAX_EVENTS, timeout_ms);
+	nfds = wait_events(loop, timeout_ms);
 	if (nfds < 0) {
 		if (errno != EINTR)
 			return -errno;

@@ -49,6 +49,9 @@ static void usage(FILE *out)
 		"      --readahead SIZE     read-ahead for sequential reads of raw images\n"
 		"                           (aio), in whole MiB: 8M (default), 32M, 0 (off);\n"
 		"                           a bare number is KiB, as in read_ahead_kb\n"
+		"      --poll-max-us N      before sleeping, look for requests and completions\n"
+		"                           for up to N microseconds (adaptive; 0, the default:\n"
+		"                           never); costs CPU time while busy, lowers latency\n"
 		"      --tls MODE           off (default), on (offered) or require\n"
 		"      --tls-psk FILE       TLS with a pre-shared key file (psktool -u NAME -p FILE)\n"
 		"      --tls-certificates DIR\n"
@@ -100,6 +103,7 @@ static int cmd_serve(int argc, char **argv)
 		{ "export-name", required_argument, NULL, 'e' },
 		{ "read-only", no_argument, NULL, 'r' },
 		{ "readahead", required_argument, NULL, 'A' },
+		{ "poll-max-us", required_argument, NULL, 'O' },
 		{ "tls", required_argument, NULL, 'T' },
 		{ "tls-psk", required_argument, NULL, 'K' },
 		{ "tls-certificates", required_argument, NULL, 'C' },
@@ -149,6 +153,10 @@ static int cmd_serve(int argc, char **argv)
 			td_set_readahead(window);
 			break;
 		}
+		case 'O':
+			if (tdr_loop_parse_poll_us(optarg, &o.poll_max_ns) < 0)
+				return usage_error(TDR_LOOP_POLL_ERROR, optarg);
+			break;
 		case 'T':
 			if (nbd_tls_parse_mode(optarg, &o.tls.mode) < 0)
 				return usage_error("bad --tls '%s'; use off, on or require", optarg);

@@ -250,6 +250,7 @@ int tdr_serve(const struct tdr_serve_opts *o)
 		tdr_set_error("cannot create the event loop: %s; check system limits", strerror(errno));
 		goto out;
 	}
+	tdr_loop_set_poll_max(ctx.loop, o->poll_max_ns);
 	/* Signals are blocked before anything slow happens, so a SIGTERM
 	 * during start-up is not lost: it stops us once the loop runs. */
 	ret = setup_signals(&ctx);

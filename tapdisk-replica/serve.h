@@ -10,6 +10,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "tdr/nbd.h"
 
@@ -24,6 +25,7 @@ struct tdr_serve_opts {
 	const char *xs_dir;		/* xenstore control directory, or NULL */
 	const char *xs_path;		/* xenstored socket or device; NULL: the default */
 	struct nbd_tls_config tls;	/* --tls, --tls-psk, --tls-certificates, --tls-verify-peer */
+	uint64_t poll_max_ns;		/* --poll-max-us: the event loop's adaptive polling; 0: off */
 };
 
 /*

@@ -82,6 +82,37 @@ void tdr_loop_add_prepare(struct tdr_loop *loop, struct tdr_prepare *p, tdr_defe
 void tdr_loop_remove_prepare(struct tdr_loop *loop, struct tdr_prepare *p);
 
 /*
+ * Adaptive polling.  Before it sleeps in epoll_wait, the loop can look for
+ * events without sleeping for a while: a process that waits for the next
+ * NBD request or disk completion only a few microseconds at a time then
+ * skips the wake-up of a sleeping thread (tens of microseconds on a
+ * virtual CPU), so more of the client's requests reach the disk.  The
+ * window adapts between 0 and max_ns: it doubles (from
+ * TDR_LOOP_POLL_START_NS) after a sleep that ended within 4 x max_ns, and
+ * halves after a longer one, closing below TDR_LOOP_POLL_START_NS, so an
+ * idle loop soon spends no CPU time on it.
+ * max_ns 0 (the default) never polls.
+ */
+#define TDR_LOOP_POLL_START_NS 4000ull
+#define TDR_LOOP_POLL_MAX_US 10000ul	/* the largest max a user may set */
+
+struct tdr_loop_poll_stats {
+	uint64_t max_ns;	/* as set */
+	uint64_t window_ns;	/* the current window */
+	uint64_t polls;		/* waits that polled first */
+	uint64_t hits;		/* ... and found an event while polling */
+};
+
+void tdr_loop_set_poll_max(struct tdr_loop *loop, uint64_t max_ns);
+void tdr_loop_get_poll_stats(const struct tdr_loop *loop, struct tdr_loop_poll_stats *st);
+/*
+ * Parses a --poll-max-us argument: decimal microseconds from 0 to
+ * TDR_LOOP_POLL_MAX_US.  Returns 0, or -EINVAL.
+ */
+int tdr_loop_parse_poll_us(const char *s, uint64_t *max_ns);
+#define TDR_LOOP_POLL_ERROR "bad --poll-max-us '%s'; give microseconds from 0 (off) to 10000"
+
+/*
  * Runs one iteration: deferred calls, prepare hooks, one epoll_wait of at most
  * timeout_ms (-1: until the next timer or event), the ready callbacks and the
  * expired timers.  Returns the number of callbacks run, or -errno.

@@ -53,6 +53,7 @@ struct daemon {
 	const char *nbd_dir;
 	bool control_is_dir;	/* the control path is the default directory, not --control's */
 	struct tdr_loop *loop;
+	uint64_t poll_max_ns;	/* --poll-max-us */
 	struct tdr_io_ctx *io;
 	struct ctl_server *ctl;
 	struct tdr_list minors;
@@ -263,6 +264,7 @@ static int setup(struct daemon *d, const char *control)
 		tdr_set_error("cannot create the event loop: %s; check system limits", strerror(errno));
 		return -ENOMEM;
 	}
+	tdr_loop_set_poll_max(d->loop, d->poll_max_ns);
 	signal(SIGPIPE, SIG_IGN);
 	sigemptyset(&set);
 	sigaddset(&set, SIGTERM);
@@ -364,6 +366,7 @@ int tdr_daemon_main(int argc, char **argv, const char *prog)
 		{ "log-level", required_argument, NULL, 'l' },
 		{ "syslog", no_argument, NULL, 'S' },
 		{ "readahead", required_argument, NULL, 'A' },
+		{ "poll-max-us", required_argument, NULL, 'O' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -403,9 +406,13 @@ int tdr_daemon_main(int argc, char **argv, const char *prog)
 			td_set_readahead(window);
 			break;
 		}
+		case 'O':
+			if (tdr_loop_parse_poll_us(optarg, &d.poll_max_ns) < 0)
+				return usage_error(prog, TDR_LOOP_POLL_ERROR, optarg);
+			break;
 		case 'h':
 			printf("Usage: %s daemon [--control PATH] [--nbd-dir DIR] [--log-level LEVEL] [--syslog]\n"
-			       "       [--readahead SIZE]\n"
+			       "       [--readahead SIZE] [--poll-max-us N]\n"
 			       "\n"
 			       "Starts with no disk; tap-ctl or tdr-ctl open disks over the control socket\n"
 			       "(default: a socket ctlPID in $TDR_CONTROL_DIR or " BLKTAP_CONTROL_DIR ").\n"
@@ -413,6 +420,8 @@ int tdr_daemon_main(int argc, char **argv, const char *prog)
 			       DEFAULT_NBD_DIR ").\n"
 			       "--readahead: read-ahead for sequential reads of raw (aio) images, whole\n"
 			       "MiB, default 8M, 0 turns it off.\n"
+			       "--poll-max-us: before sleeping, look for requests and completions for up\n"
+			       "to N microseconds (adaptive; 0, the default: never).\n"
 			       "SIGTERM or SIGINT closes every disk (drain, flush) and exits.\n", prog);
 			return 0;
 		case ':':

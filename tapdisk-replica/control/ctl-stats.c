@@ -142,6 +142,17 @@ static void replica_json(FILE *out, struct td_image *img)
 	fputc('}', out);
 }
 
+/* The process's event loop, which all its disks share: --poll-max-us. */
+static void poll_json(FILE *out, const struct tdr_loop *loop)
+{
+	struct tdr_loop_poll_stats st;
+
+	tdr_loop_get_poll_stats(loop, &st);
+	fprintf(out, ", \"poll\": {\"max_ns\": %llu, \"window_ns\": %llu, \"polls\": %llu, \"hits\": %llu}",
+		(unsigned long long)st.max_ns, (unsigned long long)st.window_ns,
+		(unsigned long long)st.polls, (unsigned long long)st.hits);
+}
+
 static void minor_json(FILE *out, struct ctl_minor *m)
 {
 	struct td_disk *disk = m->disk;
@@ -172,6 +183,7 @@ static void minor_json(FILE *out, struct ctl_minor *m)
 	rep = replica_find(disk);
 	if (rep)
 		replica_json(out, rep);
+	poll_json(out, m->srv->loop);
 	fputc('}', out);
 }
 

@@ -73,6 +73,9 @@ refuse "read-ahead not in whole MiB" 2 serve --socket "$S" --readahead 3K "aio:$
 refuse "read-ahead too large" 2 serve --socket "$S" --readahead 1G "aio:$T/disk.img"
 refuse "read-ahead not a size" 2 serve --socket "$S" --readahead lots "aio:$T/disk.img"
 refuse "daemon: negative read-ahead" 2 daemon --readahead -8M
+refuse "poll window too long" 2 serve --socket "$S" --poll-max-us 10001 "aio:$T/disk.img"
+refuse "poll window with a unit" 2 serve --socket "$S" --poll-max-us 200us "aio:$T/disk.img"
+refuse "daemon: negative poll window" 2 daemon --poll-max-us -1
 refuse "option without its value" 2 serve "aio:$T/disk.img" --socket
 refuse "bad --tcp" 2 serve --tcp nonsense "aio:$T/disk.img"
 refuse "bad --tcp port" 2 serve --tcp 127.0.0.1:99999 "aio:$T/disk.img"

@@ -4,7 +4,9 @@
 #
 # Four clients at once, each writing its own 8 MiB range (with several
 # requests in flight per connection) and reading it back; then the whole
-# image is verified byte-exact through the export and in the file.
+# image is verified byte-exact through the export and in the file.  Twice:
+# with the event loop as by default, then with adaptive polling
+# (--poll-max-us), whose counters tdr-ctl stats must report.
 # shellcheck source=tests/integration/lib.sh
 . "$(dirname "$0")/lib.sh"
 need_cmd qemu-io nbdcopy cmp truncate
@@ -12,8 +14,9 @@ need_cmd qemu-io nbdcopy cmp truncate
 tdr_setup
 
 M=$((1024 * 1024))
-mkraw "$T/disk.img" 40M
-tdr_start "aio:$T/disk.img"
+CTL="$TDR_BUILDDIR/tools/tdr-ctl"
+export TDR_CONTROL_DIR="$T"
+[ -x "$CTL" ] || fail "tdr-ctl not built: $CTL"
 
 client() {
 	local i=$1 base=$(($1 * 8 * M)) pat off args=()
@@ -30,6 +33,12 @@ client() {
 	qemu-io -f raw "$URI" "${args[@]}" >"$T/client-$i.out" 2>&1 || return 1
 	! grep -qiE 'verification failed|failed|error' "$T/client-$i.out"
 }
+
+# round OPTION...: one run on a fresh image, the daemon started with OPTIONs.
+round() {
+mkraw "$T/disk.img" 40M
+rm -f "$T/out.img"
+tdr_start "$@" "aio:$T/disk.img"
 
 pids=()
 for i in 0 1 2 3; do
@@ -56,7 +65,24 @@ PYEOF
 
 nbdcopy "$URI" "$T/out.img" || fail "nbdcopy export -> file failed"
 same_file "$T/expect.img" "$T/out.img"
+}
 
+round
 tdr_stop || fail "daemon exited with status $? on SIGTERM"
+same_file "$T/expect.img" "$T/disk.img"
+
+round --poll-max-us 200 --control "$T"
+"$CTL" stats -p "$DAEMON_PID" -m 0 >"$T/stats.json" 2>"$T/stats.err" ||
+	fail "tdr-ctl stats failed: $(cat "$T/stats.err")"
+# The window's size at any moment depends on timing; its bounds do not.
+"$PY" - "$T/stats.json" <<'PYEOF' || fail "poll counters: $(cat "$T/stats.json")"
+import json, sys
+p = json.load(open(sys.argv[1]))["poll"]
+assert sorted(p) == ["hits", "max_ns", "polls", "window_ns"], p
+assert p["max_ns"] == 200000, p
+assert 0 <= p["window_ns"] <= 200000, p
+assert 0 <= p["hits"] <= p["polls"], p
+PYEOF
+tdr_stop || fail "daemon (--poll-max-us 200) exited with status $? on SIGTERM"
 same_file "$T/expect.img" "$T/disk.img"
 pass

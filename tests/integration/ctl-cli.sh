@@ -60,6 +60,7 @@ assert s["minor"] == 0 and s["state"] == 0
 assert s["size"] == 8192, s["size"]
 assert s["images"][0]["type"] == "aio"
 assert "replica" not in s
+assert s["poll"] == {"max_ns": 0, "window_ns": 0, "polls": 0, "hits": 0}, s["poll"]
 d = s["images"][0]["driver"]
 ra = ["readahead_" + k for k in ("streams", "hits", "misses", "deep", "chunks", "unused",
                                  "invalidated", "reading", "memory")]

@@ -314,6 +314,125 @@ START_TEST(run_until_stop)
 }
 END_TEST
 
+/* ----------------------------------------------------------- polling */
+
+START_TEST(poll_parse)
+{
+	uint64_t ns = 42;
+
+	ck_assert_int_eq(tdr_loop_parse_poll_us("0", &ns), 0);
+	ck_assert_uint_eq(ns, 0);
+	ck_assert_int_eq(tdr_loop_parse_poll_us("200", &ns), 0);
+	ck_assert_uint_eq(ns, 200000);
+	ck_assert_int_eq(tdr_loop_parse_poll_us("10000", &ns), 0);
+	ck_assert_uint_eq(ns, 10000000);
+	ns = 42;
+	ck_assert_int_eq(tdr_loop_parse_poll_us("10001", &ns), -EINVAL);
+	ck_assert_int_eq(tdr_loop_parse_poll_us("", &ns), -EINVAL);
+	ck_assert_int_eq(tdr_loop_parse_poll_us("-1", &ns), -EINVAL);
+	ck_assert_int_eq(tdr_loop_parse_poll_us(" 5", &ns), -EINVAL);
+	ck_assert_int_eq(tdr_loop_parse_poll_us("5us", &ns), -EINVAL);
+	ck_assert_int_eq(tdr_loop_parse_poll_us("99999999999999999999999", &ns), -EINVAL);
+	ck_assert_uint_eq(ns, 42);
+}
+END_TEST
+
+static void run_timer_wait(uint64_t delay_ns)
+{
+	struct tdr_timer t;
+
+	nfired = 0;
+	tdr_timer_init(&t, loop, record_timer, (void *)0L);
+	tdr_timer_arm(&t, delay_ns);
+	while (!nfired)
+		ck_assert_int_ge(tdr_loop_run_once(loop, -1), 0);
+}
+
+/*
+ * The window's rules, not its timing: a timer cannot fire early, so a wait
+ * for one of 1 ms sleeps longer than any window below it, and one of 30 ms
+ * longer than 4 x a 1 ms maximum.  (A wait of 1 ms counts as within a 1 s
+ * maximum unless the machine stalls for seconds.)
+ */
+START_TEST(poll_window_adapts)
+{
+	struct tdr_loop_poll_stats st;
+	struct pipe_ctx p = { 0 };
+
+	tdr_loop_get_poll_stats(loop, &st);
+	ck_assert_uint_eq(st.max_ns, 0);
+	/* Off by default: waits never poll. */
+	run_timer_wait(1000000);
+	tdr_loop_get_poll_stats(loop, &st);
+	ck_assert_uint_eq(st.window_ns, 0);
+	ck_assert_uint_eq(st.polls, 0);
+
+	tdr_loop_set_poll_max(loop, 1000000000);
+	/* A short sleep opens the window... */
+	run_timer_wait(1000000);
+	tdr_loop_get_poll_stats(loop, &st);
+	ck_assert_uint_eq(st.max_ns, 1000000000);
+	ck_assert_uint_eq(st.window_ns, TDR_LOOP_POLL_START_NS);
+	ck_assert_uint_eq(st.polls, 0);
+	/* ... and each one longer than the window doubles it, after a poll that found nothing. */
+	run_timer_wait(1000000);
+	tdr_loop_get_poll_stats(loop, &st);
+	ck_assert_uint_eq(st.window_ns, 2 * TDR_LOOP_POLL_START_NS);
+	ck_assert_uint_eq(st.polls, 1);
+	ck_assert_uint_eq(st.hits, 0);
+
+	/* An event already there is found by the poll and dispatched; the window stays. */
+	ck_assert_int_eq(pipe(p.fds), 0);
+	ck_assert_int_eq(tdr_loop_watch_fd(loop, &p.w, p.fds[0], EPOLLIN, pipe_cb, &p), 0);
+	ck_assert_int_eq(write(p.fds[1], "x", 1), 1);
+	ck_assert_int_eq(tdr_loop_run_once(loop, -1), 1);
+	ck_assert_int_eq(p.calls, 1);
+	tdr_loop_get_poll_stats(loop, &st);
+	ck_assert_uint_eq(st.window_ns, 2 * TDR_LOOP_POLL_START_NS);
+	ck_assert_uint_eq(st.polls, 2);
+	ck_assert_uint_eq(st.hits, 1);
+	tdr_loop_unwatch_fd(&p.w);
+	close(p.fds[0]);
+	close(p.fds[1]);
+
+	/* run_once(0) never sleeps, so it never polls either. */
+	ck_assert_int_eq(tdr_loop_run_once(loop, 0), 0);
+	tdr_loop_get_poll_stats(loop, &st);
+	ck_assert_uint_eq(st.polls, 2);
+
+	/* A sleep longer than 4 x the maximum halves the window: the loop goes idle. */
+	tdr_loop_set_poll_max(loop, 1000000);
+	run_timer_wait(30000000);
+	tdr_loop_get_poll_stats(loop, &st);
+	ck_assert_uint_eq(st.window_ns, TDR_LOOP_POLL_START_NS);
+	ck_assert_uint_eq(st.polls, 3);
+	/* ... and closes it once below the starting size. */
+	run_timer_wait(30000000);
+	tdr_loop_get_poll_stats(loop, &st);
+	ck_assert_uint_eq(st.window_ns, 0);
+	ck_assert_uint_eq(st.polls, 4);
+	ck_assert_uint_eq(st.hits, 1);
+
+	/* A lower maximum takes the window down with it. */
+	tdr_loop_set_poll_max(loop, 1000000000);
+	run_timer_wait(1000000);
+	run_timer_wait(1000000);
+	tdr_loop_get_poll_stats(loop, &st);
+	ck_assert_uint_eq(st.window_ns, 2 * TDR_LOOP_POLL_START_NS);
+	tdr_loop_set_poll_max(loop, 5000);
+	tdr_loop_get_poll_stats(loop, &st);
+	ck_assert_uint_eq(st.window_ns, 5000);
+	ck_assert_uint_eq(st.polls, 5);
+
+	/* Off again: the window closes and waits no longer poll. */
+	tdr_loop_set_poll_max(loop, 0);
+	run_timer_wait(1000000);
+	tdr_loop_get_poll_stats(loop, &st);
+	ck_assert_uint_eq(st.window_ns, 0);
+	ck_assert_uint_eq(st.polls, 5);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("loop");
@@ -330,6 +449,8 @@ int main(void)
 	tcase_add_test(tc, defer_cancel_within_batch);
 	tcase_add_test(tc, prepare_runs_every_turn);
 	tcase_add_test(tc, run_until_stop);
+	tcase_add_test(tc, poll_parse);
+	tcase_add_test(tc, poll_window_adapts);
 	suite_add_tcase(s, tc);
 	return check_run(s, CHECK_RUN_FORK);
 }
