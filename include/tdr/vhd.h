@@ -284,6 +284,15 @@ struct vhd_error {
 	char msg[640];		/* "<file>: <defect>[; <what to do>]" */
 };
 
+/* err (may be NULL) to VHD_OK with no message, as each call that fills it starts. */
+static inline void vhd_error_clear(struct vhd_error *err)
+{
+	if (err) {
+		err->code = VHD_OK;
+		err->msg[0] = '\0';
+	}
+}
+
 /* Short stable name of a defect ("footer-checksum", ...). */
 const char *vhd_defect_name(enum vhd_defect d);
 /* Records a defect in err (if non-NULL); returns the matching -errno. */

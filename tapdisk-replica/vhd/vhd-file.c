@@ -152,18 +152,16 @@ static bool valid_footer_at(int fd, uint64_t off)
 	return memcmp(f.cookie, VHD_COOKIE, 8) == 0 && f.checksum == vhd_footer_checksum(&f);
 }
 
-int vhd_raw_probe(int fd, const char *path, uint64_t *size, struct vhd_error *err)
+/* vhd_raw_probe for a caller that has fstat'ed fd already (st). */
+static int raw_probe_stat(int fd, const struct stat *st, const char *path, uint64_t *size,
+			  struct vhd_error *err)
 {
-	struct stat st;
-
-	if (fstat(fd, &st) < 0)
-		return vhd_fail(err, VHD_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
-	if (S_ISBLK(st.st_mode)) {
+	if (S_ISBLK(st->st_mode)) {
 		if (ioctl(fd, BLKGETSIZE64, size) < 0)
 			return vhd_fail(err, VHD_ERR_IO, "%s: cannot read the block device's size: %s",
 					path, strerror(errno));
-	} else if (S_ISREG(st.st_mode)) {
-		*size = (uint64_t)st.st_size;
+	} else if (S_ISREG(st->st_mode)) {
+		*size = (uint64_t)st->st_size;
 	} else {
 		return vhd_fail(err, VHD_ERR_IO,
 				"%s: not a regular file or block device; a raw image must be one", path);
@@ -187,6 +185,15 @@ int vhd_raw_probe(int fd, const char *path, uint64_t *size, struct vhd_error *er
 				"%s: a VHD (it holds a valid VHD footer), not a raw image; a child made with snapshot -m (a nil parent UUID) must sit over a raw image, and a child of a VHD is made without -m",
 				path);
 	return 0;
+}
+
+int vhd_raw_probe(int fd, const char *path, uint64_t *size, struct vhd_error *err)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) < 0)
+		return vhd_fail(err, VHD_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+	return raw_probe_stat(fd, &st, path, size, err);
 }
 
 /* A new vhd_file with path opened (read-only or read-write); nothing loaded yet. */
@@ -244,7 +251,7 @@ static int open_raw_internal(struct vhd_file **out, const char *path, unsigned f
 	r = visit(seen, &st, path, err);
 	if (r < 0)
 		goto fail;
-	r = vhd_raw_probe(vf->fd, path, &size, err);
+	r = raw_probe_stat(vf->fd, &st, path, &size, err);
 	if (r < 0)
 		goto fail;
 	r = (flags & VHD_FILE_NO_LOCK) ? 0 : vhd_lock_fd(vf->fd, !vf->rdonly, path, err);
@@ -264,10 +271,7 @@ fail:
 int vhd_file_open_raw(struct vhd_file **out, const char *path, unsigned flags,
 		      struct vhd_error *err)
 {
-	if (err) {
-		err->code = VHD_OK;
-		err->msg[0] = '\0';
-	}
+	vhd_error_clear(err);
 	return open_raw_internal(out, path, flags, err, NULL);
 }
 
@@ -406,10 +410,7 @@ int vhd_file_open(struct vhd_file **out, const char *path, unsigned flags,
 {
 	struct visited seen = { .n = 0 };
 
-	if (err) {
-		err->code = VHD_OK;
-		err->msg[0] = '\0';
-	}
+	vhd_error_clear(err);
 	return open_internal(out, path, flags, err, &seen);
 }
 

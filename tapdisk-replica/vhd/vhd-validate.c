@@ -610,10 +610,7 @@ int vhd_meta_load(struct vhd_meta *m, const struct vhd_src *src, unsigned flags,
 	int r;
 
 	memset(m, 0, sizeof(*m));
-	if (err) {
-		err->code = VHD_OK;
-		err->msg[0] = '\0';
-	}
+	vhd_error_clear(err);
 	m->file_size = src->size;
 	if (src->size < VHD_FOOTER_SIZE)
 		return vhd_fail(err, VHD_ERR_TRUNCATED,
@@ -815,10 +812,7 @@ int vhd_check_parent(const struct vhd_meta *child, const char *child_path,
 	char want[37], have[37];
 	bool uuid_warned = false;
 
-	if (err) {
-		err->code = VHD_OK;
-		err->msg[0] = '\0';
-	}
+	vhd_error_clear(err);
 	if (vhd_meta_parent_raw(child))
 		return vhd_fail(err, VHD_ERR_PARENT_UUID,
 				"%s: made over a raw parent (nil parent UUID), but %s is a VHD; the parent was replaced, do not use this chain",
@@ -843,10 +837,7 @@ int vhd_check_raw_parent(const struct vhd_meta *child, const char *child_path,
 			 uint64_t parent_size, const char *parent_path, int64_t parent_mtime,
 			 unsigned flags, struct vhd_error *err)
 {
-	if (err) {
-		err->code = VHD_OK;
-		err->msg[0] = '\0';
-	}
+	vhd_error_clear(err);
 	if (!vhd_meta_parent_raw(child))
 		return vhd_fail(err, VHD_ERR_PARENT_UUID,
 				"%s: made over a VHD parent, but %s is a raw image; the parent was replaced, do not use this chain",
