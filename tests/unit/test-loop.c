@@ -348,6 +348,17 @@ static void run_timer_wait(uint64_t delay_ns)
 		ck_assert_int_ge(tdr_loop_run_once(loop, -1), 0);
 }
 
+/* The loop's window and counters are exactly these. */
+static void expect_poll(uint64_t window_ns, uint64_t polls, uint64_t hits)
+{
+	struct tdr_loop_poll_stats st;
+
+	tdr_loop_get_poll_stats(loop, &st);
+	ck_assert_uint_eq(st.window_ns, window_ns);
+	ck_assert_uint_eq(st.polls, polls);
+	ck_assert_uint_eq(st.hits, hits);
+}
+
 /*
  * The window's rules, not its timing: a timer cannot fire early, so a wait
  * for one of 1 ms sleeps longer than any window below it, and one of 30 ms
@@ -363,23 +374,17 @@ START_TEST(poll_window_adapts)
 	ck_assert_uint_eq(st.max_ns, 0);
 	/* Off by default: waits never poll. */
 	run_timer_wait(1000000);
-	tdr_loop_get_poll_stats(loop, &st);
-	ck_assert_uint_eq(st.window_ns, 0);
-	ck_assert_uint_eq(st.polls, 0);
+	expect_poll(0, 0, 0);
 
 	tdr_loop_set_poll_max(loop, 1000000000);
-	/* A short sleep opens the window... */
-	run_timer_wait(1000000);
 	tdr_loop_get_poll_stats(loop, &st);
 	ck_assert_uint_eq(st.max_ns, 1000000000);
-	ck_assert_uint_eq(st.window_ns, TDR_LOOP_POLL_START_NS);
-	ck_assert_uint_eq(st.polls, 0);
+	/* A short sleep opens the window... */
+	run_timer_wait(1000000);
+	expect_poll(TDR_LOOP_POLL_START_NS, 0, 0);
 	/* ... and each one longer than the window doubles it, after a poll that found nothing. */
 	run_timer_wait(1000000);
-	tdr_loop_get_poll_stats(loop, &st);
-	ck_assert_uint_eq(st.window_ns, 2 * TDR_LOOP_POLL_START_NS);
-	ck_assert_uint_eq(st.polls, 1);
-	ck_assert_uint_eq(st.hits, 0);
+	expect_poll(2 * TDR_LOOP_POLL_START_NS, 1, 0);
 
 	/* An event already there is found by the poll and dispatched; the window stays. */
 	ck_assert_int_eq(pipe(p.fds), 0);
@@ -387,49 +392,35 @@ START_TEST(poll_window_adapts)
 	ck_assert_int_eq(write(p.fds[1], "x", 1), 1);
 	ck_assert_int_eq(tdr_loop_run_once(loop, -1), 1);
 	ck_assert_int_eq(p.calls, 1);
-	tdr_loop_get_poll_stats(loop, &st);
-	ck_assert_uint_eq(st.window_ns, 2 * TDR_LOOP_POLL_START_NS);
-	ck_assert_uint_eq(st.polls, 2);
-	ck_assert_uint_eq(st.hits, 1);
+	expect_poll(2 * TDR_LOOP_POLL_START_NS, 2, 1);
 	tdr_loop_unwatch_fd(&p.w);
 	close(p.fds[0]);
 	close(p.fds[1]);
 
 	/* run_once(0) never sleeps, so it never polls either. */
 	ck_assert_int_eq(tdr_loop_run_once(loop, 0), 0);
-	tdr_loop_get_poll_stats(loop, &st);
-	ck_assert_uint_eq(st.polls, 2);
+	expect_poll(2 * TDR_LOOP_POLL_START_NS, 2, 1);
 
 	/* A sleep longer than 4 x the maximum halves the window: the loop goes idle. */
 	tdr_loop_set_poll_max(loop, 1000000);
 	run_timer_wait(30000000);
-	tdr_loop_get_poll_stats(loop, &st);
-	ck_assert_uint_eq(st.window_ns, TDR_LOOP_POLL_START_NS);
-	ck_assert_uint_eq(st.polls, 3);
+	expect_poll(TDR_LOOP_POLL_START_NS, 3, 1);
 	/* ... and closes it once below the starting size. */
 	run_timer_wait(30000000);
-	tdr_loop_get_poll_stats(loop, &st);
-	ck_assert_uint_eq(st.window_ns, 0);
-	ck_assert_uint_eq(st.polls, 4);
-	ck_assert_uint_eq(st.hits, 1);
+	expect_poll(0, 4, 1);
 
 	/* A lower maximum takes the window down with it. */
 	tdr_loop_set_poll_max(loop, 1000000000);
 	run_timer_wait(1000000);
 	run_timer_wait(1000000);
-	tdr_loop_get_poll_stats(loop, &st);
-	ck_assert_uint_eq(st.window_ns, 2 * TDR_LOOP_POLL_START_NS);
+	expect_poll(2 * TDR_LOOP_POLL_START_NS, 5, 1);
 	tdr_loop_set_poll_max(loop, 5000);
-	tdr_loop_get_poll_stats(loop, &st);
-	ck_assert_uint_eq(st.window_ns, 5000);
-	ck_assert_uint_eq(st.polls, 5);
+	expect_poll(5000, 5, 1);
 
 	/* Off again: the window closes and waits no longer poll. */
 	tdr_loop_set_poll_max(loop, 0);
 	run_timer_wait(1000000);
-	tdr_loop_get_poll_stats(loop, &st);
-	ck_assert_uint_eq(st.window_ns, 0);
-	ck_assert_uint_eq(st.polls, 5);
+	expect_poll(0, 5, 1);
 }
 END_TEST
 
